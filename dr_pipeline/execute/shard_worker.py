@@ -1,0 +1,249 @@
+"""Reinforce one input shard: read -> decode + seeded augment -> captioners + teachers -> write.
+
+``ShardProcessor`` holds the loaded models (one per process / Ray actor, loaded once) and
+turns one input shard into one committed output shard of the same name. CPU work
+(reading, decoding, rendering the augmented views) runs in a background thread pool and
+overlaps with model compute through a small bounded queue, so memory stays bounded by
+``queue depth x batch size`` whatever the shard size.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dr_pipeline import augment
+from dr_pipeline.config import EnsembleSpec, JobConfig, to_dict
+from dr_pipeline.corpus.readers import Rejected, Sample, iter_shard, shard_name
+from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.models.captioner import Captioner, load_captioner
+from dr_pipeline.models.teachers import Teacher, load_teacher
+from dr_pipeline.shards.parquet_io import ReinforcedRows, ShardWriter
+from dr_pipeline.shards.schema import SCHEMA_VERSION, ShardLayout, TeacherLayout
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGE_PIXELS = 64_000_000   # larger declared sizes are rejected before decoding (bombs)
+
+
+@dataclass
+class Prepared:
+    """A decoded sample with its augmentation params and the rendered views, ready for the models."""
+    key: str
+    uid: str | None
+    url: str | None
+    sha256: str
+    width: int
+    height: int
+    caption: str
+    params: np.ndarray                         # uint16 [n_aug, 8]
+    views: dict[int, torch.Tensor]             # image size -> uint8 [n_aug, 3, S, S]
+    center: dict[int, torch.Tensor]            # captioner image size -> uint8 [3, S, S]
+
+
+@dataclass
+class Batch:
+    prepared: list[Prepared] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def prepare(sample: Sample, job: JobConfig, view_sizes: set[int], center_sizes: set[int]) -> Prepared | Rejected:
+    """Decode one sample and render its seeded views; bad input becomes a reasoned rejection."""
+    if not sample.image:
+        return Rejected(sample.key, "no_image")
+    caption = (sample.caption or "").strip()
+    if not caption:
+        return Rejected(sample.key, "no_caption")
+    try:
+        img = Image.open(io.BytesIO(sample.image))
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            return Rejected(sample.key, "too_large", f"{w}x{h} pixels")
+        img.load()
+        img = img.convert("RGB")
+    except Exception as e:  # PIL raises many types for corrupt data
+        return Rejected(sample.key, "undecodable", f"{type(e).__name__}: {e}")
+    if min(w, h) < job.min_image_side:
+        return Rejected(sample.key, "too_small", f"{w}x{h}")
+    params = augment.sample_all(job.aug, job.seed, sample.key, w, h)
+    views = {s: torch.stack([augment.replay(img, p, s, job.aug) for p in params]) for s in view_sizes}
+    center = {s: augment.center_view(img, s) for s in center_sizes}
+    return Prepared(sample.key, sample.uid, sample.url, hashlib.sha256(sample.image).hexdigest(), w, h,
+                    caption, augment.pack(params), views, center)
+
+
+class ShardProcessor:
+    """Loads the ensemble once; ``process(url, dataset)`` reinforces and commits one shard."""
+
+    def __init__(self, job: JobConfig, ensemble: EnsembleSpec, teacher_ids: list[str] | None = None,
+                 with_captioners: bool = True):
+        self.job, self.ensemble = job, ensemble
+        self.device = resolve_device(job.execution.device)
+        specs = [t for t in ensemble.teachers if teacher_ids is None or t.id in teacher_ids]
+        self.teachers: list[Teacher] = [load_teacher(t, ensemble, self.device) for t in specs]
+        self.captioners: list[Captioner] = (
+            [load_captioner(c, ensemble, self.device) for c in ensemble.captioners] if with_captioners else [])
+        self.layout = ShardLayout(job.aug.n_aug, tuple(TeacherLayout(t.id, t.dim) for t in self.teachers),
+                                  tuple(c.id for c in ensemble.captioners))
+
+    # ---------------------------------------------------------------- metadata
+    def file_metadata(self, shard: str, config_hash: str) -> dict:
+        by_id = {t.id: t for t in self.ensemble.teachers}
+        return {
+            "schema_version": SCHEMA_VERSION, "shard": shard, "seed": self.job.seed,
+            "aug": to_dict(self.job.aug), "config_hash": config_hash,
+            "teachers": [{**to_dict(by_id[t.id]), "dim": t.dim} for t in self.teachers],
+            "captioners": [{**to_dict(c), "k": self.job.captions.k} for c in self.ensemble.captioners],
+        }
+
+    # ---------------------------------------------------------------- CPU stage
+    def batches(self, url: str) -> Iterator[Batch]:
+        """Read + decode + augment in a thread pool, ``batch_size`` samples per batch."""
+        view_sizes = {t.image_size for t in self.teachers}
+        center_sizes = {c.image_size for c in self.captioners}
+        bs = self.job.execution.batch_size
+        batch, pending = Batch(), []
+        with ThreadPoolExecutor(self.job.execution.decode_threads) as pool:
+            def flush() -> Batch:
+                out = Batch(rejected=batch.rejected)
+                for r in pool.map(lambda s: prepare(s, self.job, view_sizes, center_sizes), pending):
+                    (out.rejected if isinstance(r, Rejected) else out.prepared).append(r)
+                return out
+            for item in iter_shard(url, self.job.input.storage_options):
+                if isinstance(item, Rejected):
+                    batch.rejected.append(item)
+                else:
+                    pending.append(item)
+                if len(pending) >= bs:
+                    yield flush()
+                    batch, pending = Batch(), []
+            if pending or batch.rejected:
+                yield flush()
+
+    def prefetched(self, url: str, depth: int = 2) -> Iterator[Batch]:
+        """``batches(url)`` run ahead in a background thread so decoding overlaps model compute."""
+        q: queue.Queue = queue.Queue(maxsize=depth)
+        done = object()
+        stop = threading.Event()
+
+        def run() -> None:
+            try:
+                for b in self.batches(url):
+                    while not stop.is_set():
+                        try:
+                            q.put(b, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(done)
+            except BaseException as e:  # re-raised in the consumer
+                q.put(e)
+
+        t = threading.Thread(target=run, name=f"decode-{shard_name(url)}", daemon=True)
+        t.start()
+        try:
+            while (item := q.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            t.join(timeout=10)
+
+    # ---------------------------------------------------------------- model stage
+    @torch.inference_mode()
+    def reinforce(self, prepared: list[Prepared], captions_rejected: dict[str, Counter]) -> ReinforcedRows:
+        keys = [p.key for p in prepared]
+        rows = ReinforcedRows(
+            keys=keys, uids=[p.uid for p in prepared], urls=[p.url for p in prepared],
+            image_sha256=[p.sha256 for p in prepared], widths=[p.width for p in prepared],
+            heights=[p.height for p in prepared], captions=[p.caption for p in prepared],
+            aug_params=np.stack([p.params for p in prepared]))
+        for c in self.captioners:
+            out = c.caption(torch.stack([p.center[c.image_size] for p in prepared]), keys,
+                            self.job.seed, self.job.captions.k)
+            rows.syn[c.id] = out.captions
+            captions_rejected[c.id].update(out.rejected)
+        for c in self.ensemble.captioners:
+            rows.syn.setdefault(c.id, [[] for _ in prepared])
+        n_aug = self.job.aug.n_aug
+        for t in self.teachers:
+            views = torch.cat([p.views[t.image_size] for p in prepared])
+            rows.image_emb[t.id] = t.encode_images(views).reshape(len(prepared), n_aug, t.dim)
+            rows.text_emb[t.id], rows.syn_emb[t.id] = self.embed_texts(t, rows)
+        return rows
+
+    def embed_texts(self, t: Teacher, rows: ReinforcedRows) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """GT and synthetic captions, each distinct string embedded once."""
+        unique = list(dict.fromkeys(rows.captions + [s for caps in rows.syn.values() for row in caps for s in row]))
+        emb = t.encode_texts(unique) if unique else torch.zeros(0, t.dim)
+        index = {s: i for i, s in enumerate(unique)}
+        gt = emb[[index[s] for s in rows.captions]]
+        syn = {cap: [emb[[index[s] for s in row]] if row else torch.zeros(0, t.dim) for row in per_row]
+               for cap, per_row in rows.syn.items()}
+        return gt, syn
+
+    # ---------------------------------------------------------------- one shard
+    def process(self, url: str, dataset: DatasetDir, config_hash: str) -> dict:
+        """Reinforce shard ``url`` and commit it into ``dataset``. Returns the committed stats."""
+        name = shard_name(url)
+        t0 = time.time()
+        tmp = dataset.new_tmp_file(name)
+        writer = ShardWriter(tmp, self.layout, self.file_metadata(name, config_hash),
+                             self.job.output.compression_level)
+        rejected: list[list[str]] = []
+        reasons: Counter = Counter()
+        captions_rejected: dict[str, Counter] = {c.id: Counter() for c in self.captioners}
+        n_read = 0
+        written: set[str] = set()
+        try:
+            for batch in self.prefetched(url):
+                n_read += len(batch.prepared) + len(batch.rejected)
+                for r in batch.rejected:
+                    reasons[r.reason] += 1
+                    rejected.append([r.key, r.reason, r.detail[:200]])
+                if batch.prepared:
+                    writer.write(self.reinforce(batch.prepared, captions_rejected))
+                    written.update(p.key for p in batch.prepared)
+            writer.close()
+        except BaseException:
+            writer.close()
+            _unlink(tmp)
+            raise
+        stats = {
+            "schema_version": SCHEMA_VERSION, "shard": name, "input_url": url, "config_hash": config_hash,
+            "n_read": n_read, "n_written": writer.rows, "n_rejected": sum(reasons.values()),
+            "rejected_by_reason": dict(sorted(reasons.items())), "rejected_keys": rejected,
+            "captions_rejected": {k: dict(v) for k, v in captions_rejected.items()},
+            "teachers": [t.id for t in self.teachers], "captioners": [c.id for c in self.ensemble.captioners],
+            "seconds": round(time.time() - t0, 3),
+        }
+        assert stats["n_read"] == stats["n_written"] + stats["n_rejected"], stats
+        return dataset.commit(name, tmp, stats)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,230 @@
+"""CoCa synthetic captions: each image encoded once, all B·k captions decoded as one batch.
+
+Sampling is reproducible per caption: row (seed, key, caption index, attempt) pre-draws one
+uniform per decoding step from a Philox stream keyed by sha256 of those values, and picks its
+token by inverse CDF over the filtered distribution. A caption therefore does not depend on the
+batch it was decoded in, nor on its position there.
+
+The decoding loop follows open_clip's ``CoCa.generate`` step for step (same stop tokens, same
+min/max length rules), so greedy decoding here emits exactly the tokens of
+``generate(generation_type="top_k", top_k=1, seq_len=max_len, min_seq_len=min_len)``.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import open_clip
+import torch
+
+from dr_pipeline.config import CaptionerSpec, EnsembleSpec
+from dr_pipeline.models.teachers import autocast, create, views_to_input
+
+SOT, EOT = "<start_of_text>", "<end_of_text>"
+
+
+@dataclass
+class CaptionBatch:
+    captions: list[list[str]]      # per image: up to k clean captions, in caption-index order
+    rejected: collections.Counter = field(default_factory=collections.Counter)  # reason -> rejected samples
+
+
+# --------------------------------------------------------------------------- text hygiene
+
+_SENTENCE_END = re.compile(r"\.(\s|$)")
+
+
+def clean_caption(text: str) -> str:
+    """Drop special tokens and anything after end-of-text, cut at the first sentence end, tidy spaces."""
+    text = text.split(EOT, 1)[0].replace(SOT, " ")
+    m = _SENTENCE_END.search(text)          # "3.5 m" is no sentence end; "left . a" is
+    if m:
+        text = text[:m.start()]
+    text = " ".join(text.split())
+    # BPE decoding leaves spaces before punctuation ("a dog , running"); rejoin them.
+    text = re.sub(r"\s+([,;:!?])", r"\1", text)
+    return text.strip(" ,;:")
+
+
+def is_degenerate(text: str, min_words: int = 2) -> bool:
+    """Too short, mostly non-alphabetic, or dominated by one repeated word ("a 2 2 2 2")."""
+    words = text.lower().split()
+    n = len(words)
+    if n < min_words:
+        return True
+    if sum(any(c.isalpha() for c in w) for w in words) < 0.5 * n:
+        return True
+    counts = collections.Counter(words)
+    if len(counts) == 1:
+        return True
+    if n >= 4 and counts.most_common(1)[0][1] > 0.5 * n:
+        return True
+    return any(words[i] == words[i + 1] == words[i + 2] for i in range(n - 2))  # "dog dog dog"
+
+
+# --------------------------------------------------------------------------- seeded uniforms
+
+def row_uniforms(seed: int, key: str, index: int, attempt: int, n: int, salt: str = "") -> np.ndarray:
+    """n uniforms in [0, 1) for one caption row, a pure function of its identity."""
+    digest = hashlib.sha256(f"caption\x00{salt}\x00{seed}\x00{key}\x00{index}\x00{attempt}".encode()).digest()
+    bits = np.random.Philox(key=np.frombuffer(digest[:16], dtype=np.uint64)).random_raw(n)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53   # top 53 bits, like random()
+
+
+def pick_tokens(logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_k: int,
+                top_p: float, prefilter: int = 256) -> torch.Tensor:
+    """Next token per row: argmax if ``u`` is None, else temperature -> top-k -> top-p -> inverse CDF.
+
+    Each row's token is a function of its own logits and uniform only. Cut-offs are value
+    thresholds (tokens tied at the boundary are all kept) and the CDF runs in vocabulary order,
+    so neither depends on how a sort orders ties, nor on the other rows.
+    """
+    if u is None:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / max(temperature, 1e-6)
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if top_p < 1.0:
+        # Sorted probabilities (values only). A top-`prefilter` slice is enough when the nucleus
+        # ends inside it, which is the usual case for a trained captioner; else sort everything.
+        vals = probs.topk(min(prefilter, vocab), dim=-1).values
+        if ((vals.cumsum(dim=-1) - vals)[:, -1] < top_p).any():
+            vals = probs.sort(dim=-1, descending=True).values
+        inside = (vals.cumsum(dim=-1) - vals) < top_p        # smallest prefix reaching top_p
+        tau = vals.gather(1, inside.sum(dim=-1, keepdim=True) - 1)
+        probs = probs * (probs >= tau)
+    cdf = probs.double().cumsum(dim=-1)
+    target = (u.to(cdf) * cdf[:, -1]).unsqueeze(1)
+    choice = torch.searchsorted(cdf, target, right=True)
+    # u * total may round up to total: never step past the last token with mass.
+    last = vocab - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+    return torch.minimum(choice, last).squeeze(1)
+
+
+# --------------------------------------------------------------------------- captioner
+
+class Captioner:
+    """A frozen CoCa model with a batched, seeded decoding loop."""
+
+    def __init__(self, spec: CaptionerSpec, model: torch.nn.Module, tokenizer, device: str = "cpu") -> None:
+        self.spec = spec
+        self.id = spec.id
+        self.image_size = spec.image_size
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
+        self.sot = int(getattr(tokenizer, "sot_token_id", 49406))
+        self.eot = int(getattr(tokenizer, "eot_token_id", 49407))
+        # open_clip's generate treats the pad id (0, which is also "!") as a stop token; so do we.
+        self.pad = int(getattr(model, "pad_id", 0))
+        if not getattr(model.text_decoder, "batch_first", True):
+            raise ValueError(f"captioner '{spec.id}': text decoder must run batch-first")
+
+    # -- building blocks (a KV-cached decoder can replace next_logits alone)
+
+    def encode_images(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,S,S] -> the decoder's image tokens [B, T, W]; done once per image."""
+        x = views_to_input(views, self.image_size, self.mean, self.std, self.device)
+        with torch.inference_mode(), autocast(self.device):
+            _, image_embs = self.model._encode_image(x)
+        return image_embs
+
+    def next_logits(self, image_embs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] for the token after prefix ``tokens`` [N, t] (full-prefix recompute).
+
+        Same computation as ``CoCa.forward(...)["logits"][:, -1]`` in open_clip's ``generate``
+        (``MultimodalTransformer.forward`` unrolled), except that only the last position goes
+        through the final norm and the vocabulary projection.
+        """
+        _, x = self.model.text(tokens)
+        dec = self.model.text_decoder
+        t = tokens.shape[1]
+        for block, cross in zip(dec.resblocks, dec.cross_attn):
+            x = block(x, attn_mask=dec.attn_mask[:t, :t])
+            x = cross(x, k_x=image_embs, v_x=image_embs)
+        return (dec.ln_final(x[:, -1]) @ dec.text_projection).float()
+
+    def decode(self, image_embs: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
+        """Token ids [N, L] laid out like ``CoCa.generate``: SOT, tokens, EOT, then pad for rows
+        that stopped early. ``uniforms`` [N, max_len] samples; None decodes greedily."""
+        s = self.spec.sampling
+        n, max_len = image_embs.shape[0], s.max_len
+        out = torch.full((n, max_len), self.pad, dtype=torch.long, device=self.device)
+        out[:, 0] = self.sot
+        active = torch.arange(n, device=self.device)
+        length = 1
+        with torch.inference_mode(), autocast(self.device):
+            for t in range(1, max_len):          # t = prefix length = position being filled
+                if active.numel() == 0:
+                    break
+                logits = self.next_logits(image_embs[active], out[active, :t])
+                if t < s.min_len:
+                    logits[:, self.eot] = float("-inf")
+                if t == max_len - 1:             # last slot: forced end, as generate does
+                    tok = torch.full_like(active, self.eot)
+                else:
+                    u = None if uniforms is None else uniforms[active.cpu(), t]
+                    tok = pick_tokens(logits, u, s.temperature, s.top_k, s.top_p)
+                out[active, t] = tok
+                length = t + 1
+                active = active[(tok != self.eot) & (tok != self.pad)]   # finished rows stop here
+        return out[:, :length]
+
+    def text_of(self, row: torch.Tensor) -> str:
+        ids = row.tolist()[1:]
+        for stop in (self.eot, self.pad):
+            if stop in ids:
+                ids = ids[:ids.index(stop)]
+        return clean_caption(self.tokenizer.decode(ids))
+
+    # -- the public entry point
+
+    def caption(self, views: torch.Tensor, keys: list[str], seed: int, k: int,
+                greedy: bool = False) -> CaptionBatch:
+        """Up to k clean captions per image. Empty/degenerate samples are redrawn with attempt+1
+        (at most ``sampling.max_attempts`` draws per caption), then dropped; every rejected draw
+        is counted in ``rejected`` by reason. Greedy (or temperature 0) decodes once, unseeded."""
+        if len(keys) != views.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {views.shape[0]} views")
+        s = self.spec.sampling
+        greedy = greedy or s.temperature == 0
+        captions: list[list[str | None]] = [[None] * k for _ in keys]
+        rejected: collections.Counter = collections.Counter()
+        if k == 0 or not keys:
+            return CaptionBatch([[] for _ in keys], rejected)
+        image_embs = self.encode_images(views)
+        pending = [(i, j) for i in range(len(keys)) for j in range(k)]
+        for attempt in range(1 if greedy else s.max_attempts):
+            if not pending:
+                break
+            rows = torch.tensor([i for i, _ in pending], device=self.device)
+            u = None if greedy else torch.from_numpy(np.stack(
+                [row_uniforms(seed, keys[i], j, attempt, s.max_len, self.id) for i, j in pending]))
+            tokens = self.decode(image_embs[rows], u).cpu()
+            still: list[tuple[int, int]] = []
+            for (i, j), row in zip(pending, tokens):
+                text = self.text_of(row)
+                reason = "empty" if not text else "degenerate" if is_degenerate(text) else None
+                if reason:
+                    rejected[reason] += 1
+                    still.append((i, j))
+                else:
+                    captions[i][j] = text
+            pending = still
+        return CaptionBatch([[c for c in caps if c is not None] for caps in captions], rejected)
+
+    def __repr__(self) -> str:
+        return f"Captioner({self.id!r}, {self.spec.model}, size={self.image_size})"
+
+
+def load_captioner(spec: CaptionerSpec, ensemble: EnsembleSpec, device: str = "cpu") -> Captioner:
+    model = create("captioner", spec, ensemble, device)
+    return Captioner(spec, model, open_clip.get_tokenizer(spec.model), device)

@@ -1,0 +1,230 @@
+"""CLIP teachers: open_clip models that turn uint8 views and captions into unit-norm embeddings.
+
+Every teacher loads through one path, ``open_clip.create_model(model, pretrained=...)``: an
+open_clip pretrained tag, a local checkpoint file (``.safetensors``/``.pt``; open_clip loads it
+with ``load_state_dict(strict=True)``), or an ``hf-hub:org/repo`` id given as the *model* (open_clip
+reads the config and weights from the repo and ignores ``pretrained``). ``check_ensemble`` checks
+all of that without loading anything, so a typo fails before a cluster spins up.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from dr_pipeline.config import CaptionerSpec, ConfigError, EnsembleSpec, TeacherSpec
+
+_REGISTERED: set[str] = set()
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MAKE_HINT = "dr make-teachers"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def model_configs_dir(ensemble: EnsembleSpec) -> Path | None:
+    """The ensemble's folder of extra model JSONs (always a path, relative to the ensemble file)."""
+    if not ensemble.model_configs:
+        return None
+    p = Path(ensemble.model_configs)
+    # Not ensemble.resolve(): it leaves a bare word such as "models" alone, taking it for a tag.
+    return p if p.is_absolute() else Path(ensemble.source) / p
+
+
+def register_model_configs(ensemble: EnsembleSpec) -> None:
+    """Register the ensemble's model JSON folder with open_clip (once per folder per process)."""
+    folder = model_configs_dir(ensemble)
+    if folder is None:
+        return
+    folder = folder.resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"ensemble '{ensemble.name}': model_configs folder not found: {folder} "
+                          "(fix model_configs; it is relative to the ensemble file)")
+    if str(folder) not in _REGISTERED:
+        open_clip.add_model_config(folder)
+        _REGISTERED.add(str(folder))
+
+
+def is_local_path(p: str | None) -> bool:
+    """Same rule as ``EnsembleSpec.resolve``: a string with '/' or '.' that is no URL or hf-hub id."""
+    return not (p is None or p.startswith(("hf-hub:", "local-dir:")) or "://" in p
+                or ("/" not in p and "." not in p))
+
+
+def is_tiny(model: str, ensemble: EnsembleSpec) -> bool:
+    """A model defined by the ensemble's own model_configs folder (test/dev models we may fake)."""
+    folder = model_configs_dir(ensemble)
+    return folder is not None and (folder / f"{model}.json").is_file()
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; plain fp32 elsewhere (CPU runs are tests and must be exact)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def views_to_input(views: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor,
+                   device: torch.device) -> torch.Tensor:
+    """uint8 [B,3,S,S] -> float32 normalized [B,3,S,S] on ``device``; refuses a wrong size."""
+    if views.dtype != torch.uint8 or views.ndim != 4 or views.shape[1] != 3:
+        raise ValueError(f"expected uint8 views [B,3,S,S], got {views.dtype} {tuple(views.shape)}")
+    if views.shape[-2:] != (size, size):
+        raise ValueError(f"views are {tuple(views.shape[-2:])}, this model needs {size}x{size}")
+    x = views.to(device, non_blocking=True).float().div_(255.0)
+    return (x - mean) / std
+
+
+# --------------------------------------------------------------------------- checks
+
+def _check_entry(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleSpec,
+                 ens_file: str) -> None:
+    who = f"{kind} '{spec.id}'"
+    model, pretrained = spec.model, spec.pretrained
+    cfg: dict | None = None
+    if model.startswith("hf-hub:"):
+        if not _HF_ID.match(model[len("hf-hub:"):]):
+            raise ConfigError(f"{who}: malformed hf-hub id '{model}' (use hf-hub:org/repo)")
+        if pretrained is not None:
+            raise ConfigError(f"{who}: open_clip ignores pretrained='{pretrained}' for an hf-hub: model "
+                              "(weights come from the repo); remove pretrained")
+        return
+    if model.startswith("local-dir:"):
+        d = Path(model[len("local-dir:"):])
+        if not (d / "open_clip_config.json").is_file():
+            raise ConfigError(f"{who}: no open_clip_config.json in {d} (fix the local-dir: path)")
+        return
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        close = difflib.get_close_matches(model, open_clip.list_models(), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"{who}: unknown open_clip model '{model}' ({hint}see open_clip.list_models())")
+
+    if pretrained is None:
+        fix = f"run `{MAKE_HINT} {ens_file}` after setting a checkpoint path" if is_tiny(model, ensemble) \
+            else "set an open_clip tag, e.g. one of open_clip.list_pretrained_tags_by_model()"
+        raise ConfigError(f"{who}: no pretrained weights given ({fix}); random teachers are never used")
+    if pretrained.startswith("hf-hub:"):
+        raise ConfigError(f"{who}: open_clip 3 does not load pretrained='{pretrained}' for a named model; "
+                          f"set model: {pretrained} and remove pretrained")
+    if is_local_path(pretrained):
+        path = Path(ensemble.resolve(pretrained) or "")
+        if not path.is_file():
+            fix = f"run `{MAKE_HINT} {ens_file}`" if is_tiny(model, ensemble) else "download it or fix the path"
+            raise ConfigError(f"{who}: checkpoint not found: {path} ({fix})")
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if pretrained not in tags:
+            raise ConfigError(f"{who}: unknown pretrained tag '{pretrained}' for '{model}' "
+                              f"(known: {', '.join(tags) or 'none'})")
+
+    # Geometry must match the architecture: a ViT's position embedding fixes both sizes.
+    size = cfg.get("vision_cfg", {}).get("image_size")
+    if isinstance(size, int) and size != spec.image_size:
+        raise ConfigError(f"{who}: image_size {spec.image_size} but '{model}' takes {size} (set image_size: {size})")
+    if isinstance(spec, TeacherSpec):
+        ctx = cfg.get("text_cfg", {}).get("context_length", 77)
+        if spec.context_length is not None and spec.context_length != ctx:
+            raise ConfigError(f"{who}: context_length {spec.context_length} but '{model}' has {ctx} "
+                              f"(set context_length: {ctx} or omit it)")
+    else:
+        _check_captioner(who, spec, cfg)
+
+
+def _check_captioner(who: str, spec: CaptionerSpec, cfg: dict) -> None:
+    if "multimodal_cfg" not in cfg:
+        raise ConfigError(f"{who}: '{spec.model}' is not a CoCa model (pick a coca_* model)")
+    s = spec.sampling
+    ctx = cfg["multimodal_cfg"].get("context_length", 77)
+    if not (1 <= s.min_len < s.max_len <= ctx):
+        raise ConfigError(f"{who}: need 1 <= sampling.min_len < sampling.max_len <= {ctx} "
+                          f"(got {s.min_len}, {s.max_len})")
+    if not (0 < s.top_p <= 1) or s.top_k < 0 or s.temperature < 0 or s.max_attempts < 1:
+        raise ConfigError(f"{who}: sampling needs 0 < top_p <= 1, top_k >= 0, temperature >= 0, "
+                          f"max_attempts >= 1 (got {s})")
+
+
+def _ensemble_file(ensemble: EnsembleSpec) -> str:
+    guess = Path(ensemble.source) / f"{ensemble.name}.yaml"
+    return str(guess) if guess.is_file() else "<ensemble file>"
+
+
+def check_ensemble(ensemble: EnsembleSpec) -> None:
+    """Fast sanity check; loads no weights. Raises ConfigError naming the entry, problem and fix."""
+    register_model_configs(ensemble)
+    f = _ensemble_file(ensemble)
+    for t in ensemble.teachers:
+        _check_entry("teacher", t, ensemble, f)
+    for c in ensemble.captioners:
+        _check_entry("captioner", c, ensemble, f)
+
+
+def create(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleSpec, device: str,
+           force_quick_gelu: bool = False) -> torch.nn.Module:
+    """The single load path for teachers and captioners: check, then open_clip.create_model."""
+    register_model_configs(ensemble)
+    _check_entry(kind, spec, ensemble, _ensemble_file(ensemble))
+    model = open_clip.create_model(spec.model, pretrained=ensemble.resolve(spec.pretrained),
+                                   force_quick_gelu=force_quick_gelu, device=device)
+    return model.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- teacher
+
+class Teacher:
+    """One frozen CLIP teacher. Inputs at ``image_size``; outputs float32 unit vectors [B, dim]."""
+
+    def __init__(self, spec: TeacherSpec, model: torch.nn.Module, tokenizer, device: str = "cpu",
+                 text_batch_size: int = 256) -> None:
+        self.spec = spec
+        self.id = spec.id
+        self.image_size = spec.image_size
+        self.logit_scale = spec.logit_scale
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.text_batch_size = text_batch_size
+        self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
+        self.dim = int(self._encode_tokens(tokenizer([""])).shape[1])
+
+    def encode_images(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,S,S] -> float32 [B, dim], unit norm, on the teacher's device."""
+        x = views_to_input(views, self.image_size, self.mean, self.std, self.device)
+        with torch.inference_mode(), autocast(self.device):
+            z = self.model.encode_image(x)
+        return F.normalize(z.float(), dim=-1)  # normalize in fp32: bf16 norms are off by ~1e-2
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Captions -> float32 [B, dim], unit norm, on the teacher's device.
+
+        The tokenizer truncates long captions (last token forced to end-of-text). CLIP's text
+        tower adds its whole positional table, so every batch is padded to the context length
+        anyway; sorting by length would save nothing, so sub-batches keep the input order.
+        """
+        if not texts:
+            return torch.empty(0, self.dim, device=self.device)
+        return torch.cat([self._encode_tokens(self.tokenizer(texts[i:i + self.text_batch_size]))
+                          for i in range(0, len(texts), self.text_batch_size)])
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), autocast(self.device):
+            z = self.model.encode_text(tokens.to(self.device))
+        return F.normalize(z.float(), dim=-1)
+
+    def __repr__(self) -> str:
+        return f"Teacher({self.id!r}, {self.spec.model}, dim={self.dim}, size={self.image_size})"
+
+
+def load_teacher(spec: TeacherSpec, ensemble: EnsembleSpec, device: str = "cpu") -> Teacher:
+    model = create("teacher", spec, ensemble, device, force_quick_gelu=spec.force_quick_gelu)
+    ctx = int(getattr(model, "context_length", 0) or 0)
+    if spec.context_length is not None and ctx and spec.context_length != ctx:
+        raise ConfigError(f"teacher '{spec.id}': context_length {spec.context_length} but the model has {ctx} "
+                          f"(set context_length: {ctx} or omit it)")
+    tokenizer = open_clip.get_tokenizer(spec.model, context_length=spec.context_length or ctx or None)
+    return Teacher(spec, model, tokenizer, device)

@@ -1,0 +1,153 @@
+"""Typed, frozen configs of the student trainer (``jobs/configs/train-*.yaml``).
+
+Loaded with :func:`dr_pipeline.config.load_yaml`: unknown keys are an error. Every field
+is documented here; ``jobs/configs/train-tiny.yaml`` and ``train-mci0-dfndr.yaml`` are
+worked examples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dr_pipeline.config import AugSpec, ConfigError, load_yaml
+
+ARCHS = ("tiny", "mci0", "mci1", "mci2", "mci3", "mci4")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Which student to train. ``None`` fields take the architecture's default (students.ARCHS)."""
+    arch: str = "mci0"
+    image_size: int | None = None          # 256 for MCi, 64 for tiny
+    context_length: int | None = None      # 77 for MCi, 32 for tiny
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)   # MobileCLIP2 students: no normalization
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    init_logit_scale: float = 1 / 0.07     # learned; stored as its log; clamped to max_logit_scale
+    max_logit_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"student.arch must be one of {', '.join(ARCHS)} (got {self.arch!r})")
+        if self.image_size is not None and self.image_size < 32:
+            raise ConfigError(f"student.image_size must be >= 32 (got {self.image_size})")
+        if not (0 < self.init_logit_scale <= self.max_logit_scale):
+            raise ConfigError("student: need 0 < init_logit_scale <= max_logit_scale")
+
+
+@dataclass(frozen=True)
+class ForeignTeacher:
+    """A teacher inside DataCompDR-layout tars, where teachers are concatenated along D."""
+    id: str
+    dim: int
+    logit_scale: float = 100.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the reinforced data and the base corpus are, and how to read them.
+
+    ``reinforced``: a dataset directory written by ``dr reinforce`` (Parquet shards + markers;
+    only committed shards are read), Parquet shard URLs, or DataCompDR-layout tars (this
+    project's ``dr export`` or released DataCompDR / DFNDR shards; brace patterns and globs
+    work). ``base``: the base corpus (webdataset tars or img2dataset Parquet); default: the
+    dataset's ``job.yaml`` ``input.urls``. Shards are joined by shard name, samples by
+    ``join_key`` (``key``: the base ``__key__``; ``uid``: the base json's uid, as released
+    DataCompDR keys are uids).
+    """
+    reinforced: str | tuple[str, ...]
+    base: str | tuple[str, ...] | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    teachers: tuple[str, ...] | None = None       # teacher ids to distill from (None: every teacher in the data)
+    captioners: tuple[str, ...] | None = None     # synthetic-caption sources (None: all)
+    foreign_teachers: tuple[ForeignTeacher, ...] = ()   # DataCompDR tars: teacher ids + dims in concat order
+    foreign_aug: AugSpec = field(default_factory=AugSpec)   # DataCompDR magnitudes are at foreign_aug.size
+    exclude_shards: tuple[str, ...] = ()          # shard names held out (e.g. for evaluation)
+    join_key: str = "key"
+    verify_sha256: bool = True                    # Parquet rows: base image bytes must hash to image_sha256
+    resampled: bool = False                       # draw shards with replacement (long runs, many ranks)
+    shuffle_shards: bool = True                   # per-epoch shard order from (seed, epoch)
+    num_workers: int = 2                          # DataLoader workers per rank
+
+    def __post_init__(self) -> None:
+        if self.join_key not in ("key", "uid"):
+            raise ConfigError(f"data.join_key must be 'key' or 'uid' (got {self.join_key!r})")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
+        if self.teachers is not None and not self.teachers:
+            raise ConfigError("data.teachers: give at least one teacher id, or leave it out for all")
+        dims = [t.id for t in self.foreign_teachers]
+        if len(set(dims)) != len(dims):
+            raise ConfigError(f"data.foreign_teachers: duplicate ids {dims}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """L = Σ_c w_c [(1−λ)·L_CLIP^c + λ·L_Distill^c] over caption kinds c ∈ {gt, syn} (REFERENCE.md)."""
+    lam: float = 1.0                     # λ: distillation weight; the CLIP loss gets 1 − λ
+    gt_weight: float = 1.0               # ground-truth caption terms
+    syn_weight: float = 1.0              # synthetic caption terms
+    teacher_logit_scales: dict[str, float] = field(default_factory=dict)   # override the shards' scales
+    local_loss: bool = False             # rows of the local batch only (same value/gradients, less memory)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"loss.lam must be in [0, 1] (got {self.lam})")
+        if self.gt_weight < 0 or self.syn_weight < 0 or self.gt_weight + self.syn_weight == 0:
+            raise ConfigError("loss: gt_weight and syn_weight must be >= 0 and not both 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_steps: int = 10_000
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-6
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None       # e.g. 0.9995 (MobileCLIP2-S0); None: no EMA
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError("optim: need lr > 0 and 0 <= min_lr <= lr")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps must be >= 0")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError("optim.ema_decay must be in (0, 1) or null")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError("optim.grad_clip must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str                          # checkpoints/, metrics.jsonl, curve.png, train_config.yaml
+    data: DataConfig
+    steps: int
+    batch_size: int                       # per rank; global batch = batch_size × world size
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0                         # augmentation / caption choice and model init
+    precision: str = "auto"               # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
+    device: str = "auto"                  # auto | cpu | cuda
+    checkpoint_every: int = 1000          # steps; a checkpoint is also written at the end
+    keep_checkpoints: int = 0             # keep the newest N step checkpoints (0: keep all)
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError("steps must be >= 1")
+        if self.batch_size < 2:
+            raise ConfigError("batch_size must be >= 2 (contrastive targets need other samples)")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision must be auto, bf16 or fp32 (got {self.precision!r})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda (got {self.device!r})")
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.keep_checkpoints < 0:
+            raise ConfigError("checkpoint_every and log_every must be >= 1, keep_checkpoints >= 0")
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Relative paths inside the file resolve against the working directory (like job configs)."""
+    return load_yaml(TrainConfig, Path(path))

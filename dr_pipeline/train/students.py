@@ -1,0 +1,181 @@
+"""MCi student models: a timm FastViT-MCi image tower + an open_clip text transformer.
+
+The module layout and parameter names mirror open_clip's ``CustomTextCLIP`` with a timm
+tower (``visual.trunk.*``, ``text.*``, ``logit_scale``), so a trained MCi0/2/3/4 student's
+state dict loads into ``open_clip.create_model("MobileCLIP2-S0/S2/S3/S4")`` (MCi1:
+``MobileCLIP-S1``) unchanged. Images go in as uint8 [B, 3, S, S]; the model converts and
+normalizes them itself (mean/std in the spec), so loaders never ship floats.
+
+``tiny`` is the same FastViT-MCi code (RepMixer stages, attention stage with conditional
+positional encoding, re-parameterizable branches) at one block per stage and 16→128
+channels, with a 2-layer text tower: it trains at 64 px on a CPU in milliseconds.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dr_pipeline.train.config import StudentConfig
+
+_TEXT_BIG = dict(vocab_size=49408, no_causal_mask=True)
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """Everything needed to rebuild a student (stored as a plain dict in checkpoints)."""
+    arch: str
+    timm_model: str
+    timm_kwargs: dict[str, Any]
+    embed_dim: int
+    image_size: int
+    text_width: int
+    text_heads: int
+    text_layers: int
+    context_length: int
+    vocab_size: int = 49408
+    no_causal_mask: bool = True
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    init_logit_scale: float = 1 / 0.07
+    max_logit_scale: float = 100.0
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudentSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown student spec keys {sorted(unknown)}")
+        d = dict(d)
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+# Published stage layouts (REFERENCE.md "MCi students"); the text towers are those of
+# open_clip's MobileCLIP(2) configs. OpenCLIP model with the same layout in the comment.
+ARCHS: dict[str, dict[str, Any]] = {
+    "mci0": dict(timm_model="fastvit_mci0", embed_dim=512, text_width=512, text_heads=8,   # MobileCLIP2-S0
+                 text_layers=12, image_size=256, context_length=77),
+    "mci1": dict(timm_model="fastvit_mci1", embed_dim=512, text_width=512, text_heads=8,   # MobileCLIP-S1
+                 text_layers=12, image_size=256, context_length=77),
+    "mci2": dict(timm_model="fastvit_mci2", embed_dim=512, text_width=512, text_heads=8,   # MobileCLIP2-S2
+                 text_layers=12, image_size=256, context_length=77),
+    "mci3": dict(timm_model="fastvit_mci3", embed_dim=768, text_width=768, text_heads=12,  # MobileCLIP2-S3
+                 text_layers=12, image_size=256, context_length=77),
+    "mci4": dict(timm_model="fastvit_mci4", embed_dim=768, text_width=768, text_heads=12,  # MobileCLIP2-S4
+                 text_layers=12, image_size=256, context_length=77),
+    "tiny": dict(timm_model="fastvit_mci0", embed_dim=32, text_width=64, text_heads=2,
+                 text_layers=2, image_size=64, context_length=32,
+                 timm_kwargs=dict(layers=[1, 1, 1, 1], embed_dims=[16, 32, 64, 128])),
+}
+
+
+def resolve_spec(cfg: StudentConfig) -> StudentSpec:
+    a = dict(ARCHS[cfg.arch])
+    return StudentSpec(
+        arch=cfg.arch, timm_model=a["timm_model"], timm_kwargs=a.get("timm_kwargs", {}),
+        embed_dim=a["embed_dim"], image_size=cfg.image_size or a["image_size"],
+        text_width=a["text_width"], text_heads=a["text_heads"], text_layers=a["text_layers"],
+        context_length=cfg.context_length or a["context_length"], mean=cfg.mean, std=cfg.std,
+        init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale, **_TEXT_BIG)
+
+
+class VisualTower(nn.Module):
+    """open_clip ``TimmModel`` layout with ``proj=None``: the timm head is the projection."""
+
+    def __init__(self, spec: StudentSpec):
+        super().__init__()
+        import timm
+
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.timm_kwargs.items()}
+        self.trunk = timm.create_model(spec.timm_model, pretrained=False, num_classes=spec.embed_dim,
+                                       global_pool="avg", **kwargs)
+        self.head = nn.Sequential()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+class Student(nn.Module):
+    def __init__(self, spec: StudentSpec):
+        super().__init__()
+        from open_clip.model import CLIPTextCfg, _build_text_tower
+
+        self.spec = spec
+        self.visual = VisualTower(spec)
+        self.text = _build_text_tower(spec.embed_dim, CLIPTextCfg(
+            context_length=spec.context_length, vocab_size=spec.vocab_size, width=spec.text_width,
+            heads=spec.text_heads, layers=spec.text_layers, no_causal_mask=spec.no_causal_mask))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(spec.init_logit_scale)))
+        self.register_buffer("pixel_mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, S, S] (or float in [0, 255]) -> normalized float."""
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.visual(self.preprocess(images))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.text(tokens)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One call for DDP: (image features, text features, logit scale = exp(log scale))."""
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        self.logit_scale.clamp_(0, math.log(self.spec.max_logit_scale))
+
+    def reparameterize(self) -> "Student":
+        """An inference copy with every multi-branch block fused (same outputs, eval mode)."""
+        from timm.utils import reparameterize_model
+
+        m = copy.deepcopy(self).eval()
+        m.visual = reparameterize_model(m.visual, inplace=True)
+        return m
+
+
+def build_student(spec: StudentSpec, seed: int | None = None) -> Student:
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return Student(spec)
+    return Student(spec)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(context_length: int):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
+
+
+def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
+    """CLIP BPE tokens [N, context_length] (truncated, end-of-text kept), as open_clip does."""
+    return _tokenizer(context_length)(texts, context_length)
+
+
+def image_param_count(spec: StudentSpec) -> int:
+    """Parameters of the image tower, counted without allocating weights (meta device)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in VisualTower(spec).parameters())
+
+
+__all__ = ["ARCHS", "StudentSpec", "Student", "resolve_spec", "build_student", "tokenize", "image_param_count"]

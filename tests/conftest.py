@@ -51,3 +51,35 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_ensemble(tmp_path_factory) -> str:
+    """A copy of teachers/tiny.yaml (+ model JSONs) whose checkpoints live in a temp folder."""
+    import shutil
+
+    from dr_pipeline.models.tiny import make_tiny_checkpoints
+
+    d = tmp_path_factory.mktemp("teachers")
+    shutil.copy(REPO / "teachers" / "tiny.yaml", d / "tiny.yaml")
+    shutil.copytree(REPO / "teachers" / "models", d / "models")
+    make_tiny_checkpoints(str(d / "tiny.yaml"))
+    return str(d / "tiny.yaml")
+
+
+def write_job(path, **overrides) -> str:
+    """Write a job YAML (dict overrides merged one level deep) and return its path."""
+    import yaml
+
+    job = {"input": {"urls": ""}, "output": {"path": ""}, "teachers": "", "seed": 0,
+           "aug": {"n_aug": 2, "size": 64}, "captions": {"k": 2},
+           "execution": {"min_actors": 1, "max_actors": 2, "cpus_per_actor": 1, "batch_size": 5,
+                         "max_attempts": 2, "device": "cpu", "decode_threads": 1}}
+    for k, v in overrides.items():
+        job[k] = {**job[k], **v} if isinstance(v, dict) and isinstance(job.get(k), dict) else v
+    with open(path, "w") as f:
+        yaml.safe_dump(job, f)
+    return str(path)

@@ -60,7 +60,8 @@ def make_tiny_checkpoints(ensemble_path: str, force: bool = False) -> list[str]:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp), metadata={"model": entry.model, "id": entry.id, "seed": str(seed_for(entry.id))})
+        # One metadata key only: safetensors writes the metadata map in arbitrary order.
+        save_file(state, str(tmp), metadata={"dr_tiny": f"id={entry.id} model={entry.model} seed={seed_for(entry.id)}"})
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint behind
         written.append(str(path))
     return written

@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install everything (pip is a no-op when it is already there).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DR     := $(VENV)/bin/dr
+STAMP  := $(VENV)/.installed-stamp
+DEMO   ?= out/demo
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(DR) make-corpus $(DEMO)/corpus --shards 4 --per-shard 32 --seed 0
+	$(DR) make-teachers teachers/tiny.yaml
+	$(DR) reinforce --config jobs/configs/demo.yaml
+	$(DR) validate $(DEMO)/dataset
+	$(DR) inspect $(DEMO)/dataset --out $(DEMO)/contact_sheet.png
+	$(DR) export $(DEMO)/dataset --format datacompdr --out $(DEMO)/datacompdr
+	@echo
+	@echo "base corpus      : $(DEMO)/corpus/{tar,parquet}/"
+	@echo "reinforced shards: $(DEMO)/dataset/shards/*.parquet  (markers: _markers/, manifest.json)"
+	@echo "contact sheet    : $(DEMO)/contact_sheet.png"
+	@echo "DataCompDR export: $(DEMO)/datacompdr/*.tar"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m dr_pipeline.bench --out BENCHMARKS.md
+
+clean:
+	rm -rf out .pytest_cache

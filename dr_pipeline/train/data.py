@@ -1,0 +1,248 @@
+"""The training loader: base shards joined with reinforcement shards, augmentation replayed.
+
+Per sample (REFERENCE.md / DESIGN.md "Training"): the augmentation index drawn uniformly
+from (seed, epoch, key), that stored augmentation replayed at the student resolution, the
+GT caption, one synthetic caption drawn uniformly, and every selected teacher's embeddings
+of exactly that view and those captions (``sources.load_index``).
+
+**Order and sharding.** Each rank reads a list of shards per epoch: a seeded permutation,
+``shards[rank::world]`` when there are at least as many shards as ranks, otherwise every
+shard with its records striped across ranks (record j of a shard belongs to rank j % world);
+in resampled mode each rank draws its shards with replacement from (seed, epoch, rank).
+Every record of the rank's shards is a *slot*, addressed by (shard index, record index).
+Loader worker w of n handles the slots whose running number is ≡ w (mod n) and yields one
+item per slot -- a sample, or a counted skip -- so the in-order DataLoader returns the
+rank's slots in sequence whatever n is. Consequences: no worker or rank can run dry while
+another has data (no DDP hang when shards < ranks × workers); the batches do not depend
+on the worker count; and a resumed run restarts exactly at the (epoch, shard, record) after
+the last sample of its last step, reading nothing before that shard. The price: every
+worker reads the bytes of all its rank's shards (it decodes only its own slots).
+
+**Skips.** A base record without a reinforcement row, a row whose image bytes, size or
+caption do not match, a row with inconsistent counts, an undecodable image or a
+reinforcement row without a base record is never trained on and never shifts the pairing;
+each is counted by reason in ``TrainStream.skipped``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dr_pipeline import augment
+from dr_pipeline.corpus.readers import Rejected, Sample, ShardReadError, iter_shard
+from dr_pipeline.train.config import DataConfig
+from dr_pipeline.train.sources import DATACOMPDR, DataPlan, Entry, ShardIndex, ShardPair, load_index
+from dr_pipeline.train.students import tokenize
+
+log = logging.getLogger(__name__)
+Item = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Where a rank's stream stands: the next slot to read is (epoch, shard, record)."""
+    epoch: int = 0
+    shard: int = 0
+    record: int = 0
+
+    def as_list(self) -> list[int]:
+        return [self.epoch, self.shard, self.record]
+
+
+def rank_shards(plan: DataPlan, cfg: DataConfig, seed: int, epoch: int, rank: int,
+                world: int) -> tuple[list[ShardPair], bool]:
+    """The rank's shards for ``epoch`` and whether their records are striped across ranks."""
+    pairs = list(plan.pairs)
+    if cfg.resampled:
+        rng = np.random.default_rng([seed, epoch, rank, 0x5EED])
+        n = max(1, math.ceil(len(pairs) / world))
+        return [pairs[i] for i in rng.integers(0, len(pairs), size=n)], False
+    if cfg.shuffle_shards:
+        order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(pairs))
+        pairs = [pairs[i] for i in order]
+    if len(pairs) >= world:
+        return pairs[rank::world], False
+    return pairs, True
+
+
+class JoinedDataset(IterableDataset):
+    """One epoch of one rank's slot stream, starting at ``start`` (see the module docstring)."""
+
+    def __init__(self, plan: DataPlan, cfg: DataConfig, seed: int, image_size: int, context_length: int,
+                 rank: int = 0, world: int = 1, start: StreamState = StreamState()):
+        super().__init__()
+        self.plan, self.cfg, self.seed = plan, cfg, seed
+        self.image_size, self.context_length = image_size, context_length
+        self.rank, self.world, self.start = rank, world, start
+
+    def __iter__(self) -> Iterator[Item]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)
+        shards, striped = rank_shards(self.plan, self.cfg, self.seed, self.start.epoch, self.rank, self.world)
+        running = 0                                    # slots of this rank since `start`
+        for s in range(self.start.shard, len(shards)):
+            first = self.start.record if s == self.start.shard else 0
+            for j, make in self._slots(shards[s], first):
+                if striped and j % self.world != self.rank:
+                    continue
+                if running % nw == wid:
+                    item = make()
+                    item["pos"] = (s, j)
+                    yield item
+                running += 1
+
+    # ------------------------------------------------------------------ slots of one shard
+    def _slots(self, pair: ShardPair, first: int) -> Iterator[tuple[int, Any]]:
+        """(record index, thunk -> item) for every record of the shard from ``first`` on."""
+        so = dict(self.cfg.storage_options)
+        index = load_index(pair, self.plan, self.seed, self.start.epoch, self.cfg.join_key, so)
+        matched: set[str] = set()
+        j = 0
+        try:
+            for rec in iter_shard(pair.base_url, so):
+                jk = rec.key if isinstance(rec, Rejected) or self.cfg.join_key == "key" else rec.uid
+                dup = jk in matched
+                if jk is not None:
+                    matched.add(jk)
+                if j >= first:
+                    yield j, (lambda rec=rec, jk=jk, dup=dup: self._item(pair, rec, jk, dup, index))
+                j += 1
+        except ShardReadError as e:
+            log.warning("base shard %s unreadable after %d records: %s", pair.base_url, j, e)
+            if j >= first:
+                yield j, (lambda: _skip(pair.name, "?", "base_unreadable"))
+            j += 1
+        for key, entry in index.entries.items():       # reinforcement rows without a base record
+            if key not in matched:
+                if j >= first:
+                    yield j, (lambda key=key: _skip(pair.name, key, "missing_base"))
+                j += 1
+
+    # ------------------------------------------------------------------ one sample
+    def _item(self, pair: ShardPair, rec: Sample | Rejected, jk: str | None, dup: bool, index: ShardIndex) -> Item:
+        if isinstance(rec, Rejected):
+            return _skip(pair.name, rec.key, f"base_{rec.reason}")
+        if jk is None:
+            return _skip(pair.name, rec.key, "no_join_key")
+        if dup:
+            return _skip(pair.name, rec.key, "duplicate_base_key")
+        entry = index.entries.get(jk)
+        if entry is None:
+            return _skip(pair.name, rec.key, index.error or "missing_reinforcement")
+        if entry.error:
+            return _skip(pair.name, rec.key, entry.error)
+        if not rec.caption:
+            return _skip(pair.name, rec.key, "no_caption")
+        if entry.caption is not None and entry.caption != rec.caption:
+            return _skip(pair.name, rec.key, "mismatched_caption")
+        if self.cfg.verify_sha256 and entry.sha256 and hashlib.sha256(rec.image).hexdigest() != entry.sha256:
+            return _skip(pair.name, rec.key, "mismatched_image")
+        try:
+            img = Image.open(io.BytesIO(rec.image))
+            img.load()
+        except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
+            return _skip(pair.name, rec.key, "bad_image")
+        if entry.width is not None and (img.width, img.height) != (entry.width, entry.height):
+            return _skip(pair.name, rec.key, "mismatched_size")
+        try:
+            params = self._params(entry, img)
+        except ValueError:
+            return _skip(pair.name, rec.key, "bad_aug_params")
+        image = augment.replay(img, params, self.image_size, self.plan.aug)
+        syn = entry.syn_caption if entry.syn_caption is not None else rec.caption
+        return {
+            "key": rec.key, "shard": pair.name, "image": image,
+            "tokens": tokenize([rec.caption, syn], self.context_length),
+            "teachers": {t: torch.from_numpy(v) for t, v in entry.emb.items()},
+            "aug_index": entry.aug_index, "syn_index": entry.syn_index,
+            "caption": rec.caption, "syn_caption": syn,
+        }
+
+    def _params(self, entry: Entry, img: Image.Image) -> augment.AugParams:
+        if self.plan.kind == DATACOMPDR:
+            return augment.from_datacompdr(entry.aug, img.width, img.height, self.plan.aug)
+        return augment.unpack(np.asarray(entry.aug))[0]
+
+
+def _skip(shard: str, key: str, reason: str) -> Item:
+    return {"skip": reason, "key": key, "shard": shard}
+
+
+def _identity(x: Item) -> Item:
+    return x
+
+
+def collate(items: list[Item]) -> dict[str, Any]:
+    """Samples -> a batch: uint8 images [B,3,S,S], tokens [B,2,ctx] (GT, synthetic), teacher
+    embeddings {id: float32 [B,3,D]} (image view, GT caption, synthetic caption)."""
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "tokens": torch.stack([it["tokens"] for it in items]),
+        "teachers": {t: torch.stack([it["teachers"][t] for it in items]) for t in items[0]["teachers"]},
+        "keys": [it["key"] for it in items],
+        "aug_index": torch.tensor([it["aug_index"] for it in items]),
+        "syn_index": torch.tensor([it["syn_index"] for it in items]),
+    }
+
+
+class TrainStream:
+    """A rank's endless stream of fixed-size batches over epochs, with an exact resume state.
+
+    Iterating yields ``(batch, state)``; ``state`` is where to restart to get the batches
+    that follow. ``skipped`` counts skips by reason; ``samples`` counts samples batched.
+    """
+
+    def __init__(self, plan: DataPlan, cfg: DataConfig, seed: int, batch_size: int, image_size: int,
+                 context_length: int, rank: int = 0, world: int = 1, state: StreamState = StreamState(),
+                 pin_memory: bool = False, max_empty_epochs: int = 3):
+        self.plan, self.cfg, self.seed, self.batch_size = plan, cfg, seed, batch_size
+        self.image_size, self.context_length = image_size, context_length
+        self.rank, self.world, self.state = rank, world, state
+        self.pin_memory, self.max_empty_epochs = pin_memory, max_empty_epochs
+        self.skipped: Counter[str] = Counter()
+        self.samples = 0
+
+    def epoch_items(self, start: StreamState) -> Iterator[Item]:
+        ds = JoinedDataset(self.plan, self.cfg, self.seed, self.image_size, self.context_length,
+                           self.rank, self.world, start)
+        nw = self.cfg.num_workers
+        loader = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity,
+                            prefetch_factor=8 if nw else None, pin_memory=self.pin_memory)
+        return iter(loader)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], StreamState]]:
+        start = self.state
+        buf: list[Item] = []
+        empty = 0
+        while True:
+            got = 0
+            for item in self.epoch_items(start):
+                s, j = item["pos"]
+                if "skip" in item:
+                    self.skipped[item["skip"]] += 1
+                else:
+                    buf.append(item)
+                    got += 1
+                if len(buf) == self.batch_size:
+                    self.samples += len(buf)
+                    batch, buf = collate(buf), []
+                    yield batch, StreamState(start.epoch, s, j + 1)
+            empty = empty + 1 if got == 0 else 0
+            if empty >= self.max_empty_epochs:
+                raise RuntimeError(
+                    f"rank {self.rank}: {empty} epoch(s) in a row gave no usable sample "
+                    f"(skips so far: {dict(self.skipped)}); check data.base / data.reinforced pairing")
+            start = StreamState(start.epoch + 1, 0, 0)

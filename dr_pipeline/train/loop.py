@@ -1,0 +1,271 @@
+"""``dr train``: the student training loop (single process, torchrun DDP, or Ray Train).
+
+AdamW (β from the config, decoupled weight decay on weights only, as open_clip), linear
+warmup then cosine decay to ``min_lr`` (a pure function of the step), gradient clipping,
+bf16 autocast on CUDA, optional EMA, checkpoints every ``checkpoint_every`` steps and at the
+end. ``resume`` continues exactly: model, optimizer, EMA and every rank's data position come
+from the checkpoint, so the resumed run computes the same steps as an uninterrupted one.
+
+Multi-GPU: ``torchrun --nproc-per-node N -m dr_pipeline.train.loop --config C`` (or ``dr
+train`` under torchrun), or ``jobs/train_ray.py`` for Ray Train; both give each rank its
+process group, and ``batch_size`` is per rank.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+from torch import nn
+
+from dr_pipeline.config import ConfigError, to_dict
+from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.train import checkpoint as ckpt
+from dr_pipeline.train.config import OptimConfig, TrainConfig, load_train_config
+from dr_pipeline.train.data import StreamState, TrainStream
+from dr_pipeline.train.distributed import DistEnv, all_gather_ints, mean_across_ranks, setup, teardown
+from dr_pipeline.train.loss import KINDS, DistillClipLoss
+from dr_pipeline.train.metrics import MetricsLog
+from dr_pipeline.train.sources import DataPlan, make_plan
+from dr_pipeline.train.students import Student, build_student, resolve_spec
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, o: OptimConfig, total_steps: int) -> float:
+    """Linear warmup over ``warmup_steps`` then cosine from ``lr`` to ``min_lr`` at ``total_steps``."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    t = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * t)) * (o.lr - o.min_lr)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's rule: no weight decay on biases, norms, gains and the logit scale."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    e_params = [p for p in ema.parameters()]
+    m_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: str | None
+    losses: list[float] = field(default_factory=list)      # per step, this run, rank 0's value
+    skipped: dict[str, int] = field(default_factory=dict)
+    samples: int = 0
+
+
+class Trainer:
+    """Holds the state of one run; ``run()`` trains until ``cfg.steps`` (or ``stop_after``)."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, resume: str | None = None):
+        self.cfg, self.env = cfg, env
+        self.out = DatasetDir(cfg.out_dir)
+        self.plan: DataPlan = make_plan(cfg.data)
+        self.spec = resolve_spec(cfg.student)
+        unknown = set(cfg.loss.teacher_logit_scales) - {t.id for t in self.plan.teachers}
+        if unknown:
+            raise ConfigError(f"loss.teacher_logit_scales names teachers not trained on: {sorted(unknown)}")
+        self.scales = {t.id: float(cfg.loss.teacher_logit_scales.get(t.id, t.logit_scale)) for t in self.plan.teachers}
+        self.loss_fn = DistillClipLoss(self.scales, cfg.loss.lam, cfg.loss.gt_weight, cfg.loss.syn_weight,
+                                       cfg.loss.local_loss)
+        self.student: Student = build_student(self.spec, seed=cfg.seed).to(env.device)
+        self.ema = self._new_ema() if cfg.optim.ema_decay else None
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(param_groups(self.student, o.weight_decay), lr=o.lr, betas=o.betas,
+                                           eps=o.eps)
+        self.step, state = 0, StreamState()
+        path = ckpt.resolve(resume if resume not in (None, "latest") else cfg.out_dir) if resume else None
+        if resume and resume != "latest" and path is None:
+            raise ConfigError(f"--resume {resume}: no checkpoint there")
+        if path is not None:
+            state = self._load(path)
+        elif resume == "latest":
+            log.info("no checkpoint in %s yet: starting at step 0", cfg.out_dir)
+        self.model: nn.Module = self.student
+        if env.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        self.stream = TrainStream(self.plan, cfg.data, cfg.seed, cfg.batch_size, self.spec.image_size,
+                                  self.spec.context_length, env.rank, env.world, state,
+                                  pin_memory=env.device.type == "cuda")
+        self.amp = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+        self.metrics = MetricsLog(self.out, self.step if path else None) if env.is_main else None
+        if env.is_main:
+            self.out.write_bytes("train_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+
+    def _new_ema(self) -> Student:
+        ema = copy.deepcopy(self.student)
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        return ema
+
+    def _load(self, path: str) -> StreamState:
+        ck = ckpt.load_checkpoint(path)
+        if ck["student"] != self.spec.to_dict():
+            raise ConfigError(f"{path} holds a different student ({ck['student']['arch']}, "
+                              f"image {ck['student']['image_size']}) than the config")
+        self.student.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ck["ema"] if "ema" in ck else self.student.state_dict())
+        self.step = int(ck["step"])
+        data = ck["data"]
+        if data["world"] == self.env.world:
+            state = StreamState(*data["states"][self.env.rank])
+        else:  # positions are per rank: with another world size, continue at the next epoch
+            state = StreamState(max(s[0] for s in data["states"]) + 1, 0, 0)
+            log.warning("checkpoint from %d rank(s), running %d: data restarts at epoch %d",
+                        data["world"], self.env.world, state.epoch)
+        if self.env.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+        return state
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        dev = self.env.device
+        kinds = self.loss_fn.kinds()
+        images = batch["image"].to(dev, non_blocking=True)
+        tokens = batch["tokens"].to(dev, non_blocking=True)
+        text = torch.cat([tokens[:, KINDS.index(c)] for c in kinds])
+        teachers = {t: {"image": v[:, 0].to(dev), "gt": v[:, 1].to(dev), "syn": v[:, 2].to(dev)}
+                    for t, v in batch["teachers"].items() if t in self.scales}
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+            img_f, txt_f, scale = self.model(images, text)
+        b = images.shape[0]
+        parts = self.loss_fn(img_f, {c: txt_f[i * b:(i + 1) * b] for i, c in enumerate(kinds)}, scale, teachers)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        if self.cfg.optim.grad_clip:
+            parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.student.clamp_logit_scale()
+        if self.ema is not None:
+            ema_update(self.ema, self.student, self.cfg.optim.ema_decay)
+        return parts
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop_after: int | None = None) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        result = TrainResult(step=self.step, checkpoint=None)
+        last_ckpt_step = self.step
+        t_log, samples_log = time.perf_counter(), 0
+        stream = iter(self.stream)
+        state = self.stream.state
+        start = self.step
+        while self.step < cfg.steps and (stop_after is None or self.step - start < stop_after):
+            batch, state = next(stream)
+            lr = lr_at(self.step, cfg.optim, cfg.steps)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            parts = self.train_step(batch)
+            self.step += 1
+            samples_log += cfg.batch_size * env.world
+            result.losses.append(float(parts["loss"].detach()))
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                now = time.perf_counter()
+                self._log(parts, lr, state, samples_log / max(now - t_log, 1e-9))
+                t_log, samples_log = now, 0
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                result.checkpoint = self.save(state)
+                last_ckpt_step = self.step
+        if self.metrics is not None:
+            self.metrics.flush()
+        result.step = self.step
+        result.skipped = dict(self.stream.skipped)
+        result.samples = self.stream.samples
+        if result.checkpoint is None and last_ckpt_step == self.step and self.step > 0:
+            result.checkpoint = ckpt.resolve(cfg.out_dir)
+        return result
+
+    def _log(self, parts: dict[str, torch.Tensor], lr: float, state: StreamState, samples_per_s: float) -> None:
+        values = {k: float(v.detach()) for k, v in parts.items()}
+        values["skipped"] = float(sum(self.stream.skipped.values()))
+        values = mean_across_ranks(values, self.env)            # a collective: every rank logs
+        values["skipped"] = round(values["skipped"] * self.env.world)
+        if self.metrics is None:
+            return
+        row = {"step": self.step, "epoch": state.epoch, "lr": lr,
+               "logit_scale": float(self.student.logit_scale.exp()), "samples_per_s": samples_per_s, **values}
+        self.metrics.append(row)
+        parts_txt = " ".join(f"{k} {values[k]:.4f}" for k in ("contrastive_loss", "distill_loss") if k in values)
+        print(f"step {self.step}/{self.cfg.steps} | loss {values['loss']:.4f} ({parts_txt}) | lr {lr:.3g} | "
+              f"scale {row['logit_scale']:.1f} | {samples_per_s:.1f} samples/s | epoch {state.epoch} | "
+              f"skipped {values['skipped']}", flush=True)
+
+    def save(self, state: StreamState) -> str | None:
+        states = all_gather_ints(state.as_list(), self.env)      # a collective: every rank calls
+        if not self.env.is_main:
+            return None
+        payload = {
+            "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "data": {"world": self.env.world, "states": states}, "student": self.spec.to_dict(),
+            "teachers": [{"id": t.id, "dim": t.dim, "logit_scale": self.scales[t.id]} for t in self.plan.teachers],
+            "config": to_dict(self.cfg), "skipped": dict(self.stream.skipped),
+        }
+        if self.ema is not None:
+            payload["ema"] = self.ema.state_dict()
+        path = ckpt.save_checkpoint(self.out, self.step, payload, self.cfg.keep_checkpoints)
+        if self.metrics is not None:
+            self.metrics.flush()
+        return path
+
+
+def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None,
+          device: torch.device | None = None) -> TrainResult:
+    """Train per ``cfg``. ``resume``: None, "latest" (the run's newest checkpoint, if any) or a
+    checkpoint path. ``stop_after``: stop after that many steps of this run (a preemption
+    stand-in for tests; no extra checkpoint is written)."""
+    env = setup(cfg.device, device)
+    try:
+        return Trainer(cfg, env, resume).run(stop_after)
+    finally:
+        teardown(env)
+
+
+def train_main(config_path: str, resume: str | None = None) -> int:
+    """Entry point of ``dr train --config C [--resume latest|PATH]``; returns the exit code."""
+    cfg = load_train_config(config_path)
+    res = train(cfg, resume)
+    if res.checkpoint:
+        print(f"done: step {res.step}, checkpoint {res.checkpoint}, {res.samples} samples, "
+              f"skipped {sum(res.skipped.values())} {res.skipped or ''}".rstrip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dr_pipeline.train.loop", description="train a student (torchrun-friendly)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return train_main(a.config, a.resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

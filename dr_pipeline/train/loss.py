@@ -1,0 +1,143 @@
+"""Multi-teacher CLIP distillation loss (MobileCLIP / MobileCLIP2, REFERENCE.md "Loss").
+
+For each caption kind c ∈ {gt, syn} (ground-truth, synthetic) with weight w_c::
+
+    L = Σ_c w_c · [ (1 − λ) · L_CLIP^c + λ · L_Distill^c ]
+
+    L_CLIP^c    = 1/(2b) Σ_rows [ CE(ŝ Φ_img Φ_txtᵀ, I) + CE(ŝ Φ_txt Φ_imgᵀ, I) ]
+    L_Distill^c = 1/(2b) Σ_k Σ_rows [ KL(S_τk(Ψ_img^k, Ψ_txt^k) ‖ S_τ̂(Φ_img, Φ_txt))
+                                    + KL(S_τk(Ψ_txt^k, Ψ_img^k) ‖ S_τ̂(Φ_txt, Φ_img)) ]
+
+Φ = student, Ψ^k = teacher k, S_τ(U, V) = row-wise softmax of U·Vᵀ·scale (scale = 1/τ:
+each teacher's own stored logit scale, the student's learned one), b = the *global* batch.
+
+**KL form.** This is the paper's form: the per-teacher KL terms are *summed*. (The public
+trainer instead averages the K teacher softmaxes and takes the cross-entropy with the
+student's log-softmax; its gradient is ours divided by K and its value differs by the
+teachers' entropy. ``tests/test_train_loss.py`` checks both facts.)
+
+**Several ranks.** Features are gathered from every rank with the gradient-carrying
+``torch.distributed.nn.functional.all_gather``, so the softmax of each row runs over the
+global batch and its targets (the diagonal, the teacher rows) are the right ones. Two modes
+give the same value (mean over ranks) and the same DDP-averaged gradients:
+``local_loss=False`` computes all global rows on every rank (simple, b² memory);
+``local_loss=True`` computes only this rank's rows against all columns, scaled by the world
+size so DDP's gradient averaging yields the global gradient (memory b_local·b). Every rank
+must hold the same number of rows.
+
+Embeddings are L2-normalized here (teacher embeddings are stored in bf16, so their norm is
+only ≈ 1). The loss runs in float32 even under autocast.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("gt", "syn")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """Concatenate ``x`` from every rank in rank order (``x`` itself when not distributed)."""
+    rank, world = _world()
+    if world == 1:
+        return x
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x.contiguous()), dim=0)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    parts[rank] = x
+    return torch.cat(parts, dim=0)
+
+
+def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Σ over rows of KL(softmax(teacher row) ‖ softmax(student row))."""
+    return F.kl_div(F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
+                    reduction="sum", log_target=True)
+
+
+class DistillClipLoss(nn.Module):
+    """(1−λ)·CLIP + λ·multi-teacher KL distillation, for GT and synthetic captions.
+
+    ``teacher_scales`` maps the teacher ids to use (any subset of those in the data) to
+    their logit scale 1/τ_k. ``forward`` returns named parts: ``loss`` (what to backprop)
+    = ``contrastive_loss`` + ``distill_loss`` (both already weighted), plus the unweighted
+    per-kind terms ``clip_gt``, ``clip_syn``, ``distill_gt``, ``distill_syn`` for logging.
+    A term whose coefficient is 0 is computed without gradient (logged only), and a caption
+    kind whose weight is 0 is skipped entirely.
+    """
+
+    def __init__(self, teacher_scales: Mapping[str, float], lam: float = 1.0, gt_weight: float = 1.0,
+                 syn_weight: float = 1.0, local_loss: bool = False):
+        super().__init__()
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        if lam > 0 and not teacher_scales:
+            raise ValueError("distillation (lam > 0) needs at least one teacher")
+        self.teacher_scales = {str(k): float(v) for k, v in teacher_scales.items()}
+        self.lam = float(lam)
+        self.weights = {"gt": float(gt_weight), "syn": float(syn_weight)}
+        self.local_loss = local_loss
+
+    def kinds(self) -> list[str]:
+        return [c for c in KINDS if self.weights[c] > 0]
+
+    def forward(self, image: torch.Tensor, texts: Mapping[str, torch.Tensor], logit_scale: torch.Tensor,
+                teachers: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        """image [b, d]; texts {"gt"/"syn": [b, d]}; teachers {id: {"image"/"gt"/"syn": [b, D_k]}}."""
+        device_type = image.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._forward(image, texts, logit_scale, teachers or {})
+
+    def _forward(self, image, texts, logit_scale, teachers) -> dict[str, torch.Tensor]:
+        rank, world = _world()
+        b = image.shape[0]
+        # Global mode: every rank computes all 2·b·world rows. Local mode: its own 2·b rows;
+        # the mean over ranks (DDP's gradient average) is then the global loss.
+        rows = slice(rank * b, (rank + 1) * b) if self.local_loss else slice(None)
+        norm = 1.0 / (2.0 * b) if self.local_loss else 1.0 / (2.0 * b * world)
+        missing = [t for t in self.teacher_scales if t not in teachers] if self.lam > 0 else []
+        if missing:
+            raise KeyError(f"teacher embeddings missing for {missing} (have {sorted(teachers)})")
+        scale = logit_scale.float()
+        img_all = gather_rows(F.normalize(image.float(), dim=-1), with_grad=True)
+        t_img = {t: self._teacher(teachers[t]["image"]) for t in self.teacher_scales} if self.lam > 0 else {}
+
+        out: dict[str, torch.Tensor] = {}
+        contrastive = distill = image.new_zeros((), dtype=torch.float32)
+        for c in self.kinds():
+            txt_all = gather_rows(F.normalize(texts[c].float(), dim=-1), with_grad=True)
+            s_it = scale * img_all[rows] @ txt_all.T          # student logits, image -> text rows
+            s_ti = scale * txt_all[rows] @ img_all.T          # student logits, text -> image rows
+            labels = torch.arange(img_all.shape[0], device=image.device)[rows]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.lam < 1):
+                clip = (F.cross_entropy(s_it, labels, reduction="sum")
+                        + F.cross_entropy(s_ti, labels, reduction="sum")) * norm
+            out[f"clip_{c}"] = clip
+            contrastive = contrastive + self.weights[c] * (1 - self.lam) * clip
+            if self.lam > 0:
+                kd = image.new_zeros((), dtype=torch.float32)
+                for t, s_t in self.teacher_scales.items():
+                    ti, tt = t_img[t], self._teacher(teachers[t][c])
+                    kd = kd + _kl_rows(s_t * ti[rows] @ tt.T, s_it) + _kl_rows(s_t * tt[rows] @ ti.T, s_ti)
+                out[f"distill_{c}"] = kd * norm
+                distill = distill + self.weights[c] * self.lam * out[f"distill_{c}"]
+        out["contrastive_loss"] = contrastive
+        out["distill_loss"] = distill
+        out["loss"] = contrastive + distill
+        return out
+
+    @staticmethod
+    def _teacher(x: torch.Tensor) -> torch.Tensor:
+        return gather_rows(F.normalize(x.float(), dim=-1), with_grad=False)

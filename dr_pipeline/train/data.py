@@ -77,38 +77,45 @@ def rank_shards(plan: DataPlan, cfg: DataConfig, seed: int, epoch: int, rank: in
 
 
 class JoinedDataset(IterableDataset):
-    """One epoch of one rank's slot stream, starting at ``start`` (see the module docstring)."""
+    """A rank's slot stream from ``start`` on, epoch after epoch (``epochs``: how many; None:
+    endless). Each worker ends every epoch with one ``{"epoch_end": e}`` marker; as every
+    worker emits exactly one, the in-order DataLoader still returns slots in sequence."""
 
     def __init__(self, plan: DataPlan, cfg: DataConfig, seed: int, image_size: int, context_length: int,
-                 rank: int = 0, world: int = 1, start: StreamState = StreamState()):
+                 rank: int = 0, world: int = 1, start: StreamState = StreamState(), epochs: int | None = None):
         super().__init__()
         self.plan, self.cfg, self.seed = plan, cfg, seed
         self.image_size, self.context_length = image_size, context_length
-        self.rank, self.world, self.start = rank, world, start
+        self.rank, self.world, self.start, self.epochs = rank, world, start, epochs
 
     def __iter__(self) -> Iterator[Item]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
-        shards, striped = rank_shards(self.plan, self.cfg, self.seed, self.start.epoch, self.rank, self.world)
         running = 0                                    # slots of this rank since `start`
-        for s in range(self.start.shard, len(shards)):
-            first = self.start.record if s == self.start.shard else 0
-            for j, make in self._slots(shards[s], first):
-                if striped and j % self.world != self.rank:
-                    continue
-                if running % nw == wid:
-                    item = make()
-                    item["pos"] = (s, j)
-                    yield item
-                running += 1
+        epoch = self.start.epoch
+        while self.epochs is None or epoch < self.start.epoch + self.epochs:
+            shards, striped = rank_shards(self.plan, self.cfg, self.seed, epoch, self.rank, self.world)
+            first_shard = self.start.shard if epoch == self.start.epoch else 0
+            for s in range(first_shard, len(shards)):
+                first = self.start.record if (epoch, s) == (self.start.epoch, self.start.shard) else 0
+                for j, make in self._slots(shards[s], epoch, first):
+                    if striped and j % self.world != self.rank:
+                        continue
+                    if running % nw == wid:
+                        item = make()
+                        item["pos"] = (epoch, s, j)
+                        yield item
+                    running += 1
+            yield {"epoch_end": epoch}
+            epoch += 1
 
     # ------------------------------------------------------------------ slots of one shard
-    def _slots(self, pair: ShardPair, first: int) -> Iterator[tuple[int, Any]]:
+    def _slots(self, pair: ShardPair, epoch: int, first: int) -> Iterator[tuple[int, Any]]:
         """(record index, thunk -> item) for every record of the shard from ``first`` on."""
         so = dict(self.cfg.storage_options)
-        index = load_index(pair, self.plan, self.seed, self.start.epoch, self.cfg.join_key, so)
+        index = load_index(pair, self.plan, self.seed, epoch, self.cfg.join_key, so)
         matched: set[str] = set()
         j = 0
         try:
@@ -203,6 +210,7 @@ class TrainStream:
 
     Iterating yields ``(batch, state)``; ``state`` is where to restart to get the batches
     that follow. ``skipped`` counts skips by reason; ``samples`` counts samples batched.
+    ``max_empty_epochs`` epochs in a row without a usable sample raise (never a silent hang).
     """
 
     def __init__(self, plan: DataPlan, cfg: DataConfig, seed: int, batch_size: int, image_size: int,
@@ -214,35 +222,39 @@ class TrainStream:
         self.pin_memory, self.max_empty_epochs = pin_memory, max_empty_epochs
         self.skipped: Counter[str] = Counter()
         self.samples = 0
+        tokenize(["warm up"], context_length)          # load the BPE once here; forked workers inherit it
 
-    def epoch_items(self, start: StreamState) -> Iterator[Item]:
+    def items(self) -> Iterator[Item]:
         ds = JoinedDataset(self.plan, self.cfg, self.seed, self.image_size, self.context_length,
-                           self.rank, self.world, start)
+                           self.rank, self.world, self.state)
         nw = self.cfg.num_workers
         loader = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity,
-                            prefetch_factor=8 if nw else None, pin_memory=self.pin_memory)
+                            prefetch_factor=16 if nw else None, pin_memory=self.pin_memory)
         return iter(loader)
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], StreamState]]:
-        start = self.state
         buf: list[Item] = []
-        empty = 0
-        while True:
-            got = 0
-            for item in self.epoch_items(start):
-                s, j = item["pos"]
-                if "skip" in item:
-                    self.skipped[item["skip"]] += 1
-                else:
-                    buf.append(item)
-                    got += 1
-                if len(buf) == self.batch_size:
-                    self.samples += len(buf)
-                    batch, buf = collate(buf), []
-                    yield batch, StreamState(start.epoch, s, j + 1)
-            empty = empty + 1 if got == 0 else 0
-            if empty >= self.max_empty_epochs:
-                raise RuntimeError(
-                    f"rank {self.rank}: {empty} epoch(s) in a row gave no usable sample "
-                    f"(skips so far: {dict(self.skipped)}); check data.base / data.reinforced pairing")
-            start = StreamState(start.epoch + 1, 0, 0)
+        markers, got, empty = 0, 0, 0
+        for item in self.items():
+            if "epoch_end" in item:
+                markers += 1
+                if markers < max(1, self.cfg.num_workers):
+                    continue
+                markers = 0
+                empty = empty + 1 if got == 0 else 0
+                got = 0
+                if empty >= self.max_empty_epochs:
+                    raise RuntimeError(
+                        f"rank {self.rank}: {empty} epoch(s) in a row gave no usable sample "
+                        f"(skips so far: {dict(self.skipped)}); check data.base / data.reinforced pairing")
+                continue
+            if "skip" in item:
+                self.skipped[item["skip"]] += 1
+                continue
+            buf.append(item)
+            got += 1
+            if len(buf) == self.batch_size:
+                self.samples += len(buf)
+                e, s, j = item["pos"]
+                batch, buf = collate(buf), []
+                yield batch, StreamState(e, s, j + 1)

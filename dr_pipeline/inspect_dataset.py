@@ -74,7 +74,7 @@ def contact_sheet(root: str, out_png: str, n_images: int = 4, tile: int = 128,
             if len(images) == len(wanted):
                 break
     n_aug = spec.n_aug
-    text_w = 360
+    text_w = 560
     sheet = Image.new("RGB", (tile * (n_aug + 1) + text_w, tile * len(wanted)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, (key, i) in enumerate(wanted.items()):
@@ -88,7 +88,8 @@ def contact_sheet(root: str, out_png: str, n_images: int = 4, tile: int = 128,
         lines = [f"{key}  GT: {rows.captions[i]}"]
         for cap, per_row in rows.syn.items():
             lines += [f"[{cap}] {c}" for c in per_row[i]]
-        text = "\n".join(textwrap.fill(t, 58) for t in lines)
+        max_lines = tile // 12           # one caption per line, shortened to fit the tile
+        text = "\n".join(textwrap.shorten(t, 92, placeholder=" ...") for t in lines[:max_lines])
         draw.multiline_text((tile * (n_aug + 1) + 6, r * tile + 4), text, fill="black", spacing=2)
     sheet.save(out_png)
     return out_png

@@ -104,13 +104,23 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
 
 
 def load_yaml(cls: type, path: str | Path) -> Any:
+    """Load a config file with ``yaml.safe_load`` (no Python tags, nothing executed)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        raise ConfigError(f"config file not found: {path} (check the path)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem} (fix the file; only plain YAML, "
+                          "no !!python tags, is accepted)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{path}: top level must be a mapping of keys to values")
     return from_dict(cls, data, where=str(path))
 
 
@@ -129,16 +139,33 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "session", "credential")
+SECRET_WORDS = ("secret", "password", "passwd", "token", "key_id", "access_key", "session", "credential",
+                "_key", "apikey", "auth", "connection_string", "signature")
+SECRET_NAMES = ("key", "pass", "pwd")    # exact names: s3fs's access key id is plain `key`
+REDACTED = "***"
+
+
+def is_secret_name(name: object) -> bool:
+    n = str(name).lower()
+    return n in SECRET_NAMES or any(w in n for w in SECRET_WORDS)
 
 
 def redact(obj: Any) -> Any:
     """Copy of a plain dict/list tree with secret-looking values replaced (for logs and dumps)."""
     if isinstance(obj, dict):
-        return {k: ("***" if any(w in str(k).lower() for w in SECRET_WORDS) else redact(v))
-                for k, v in obj.items()}
-    if isinstance(obj, list):
+        return {k: (REDACTED if is_secret_name(k) else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
+    return obj
+
+
+def strip_redacted(obj: Any) -> Any:
+    """Drop values ``redact`` replaced, so options read back from a dumped config fall back to
+    the environment's credentials instead of passing '***' as one."""
+    if isinstance(obj, dict):
+        return {k: strip_redacted(v) for k, v in obj.items() if v != REDACTED}
+    if isinstance(obj, list):
+        return [strip_redacted(v) for v in obj]
     return obj
 
 
@@ -260,12 +287,24 @@ class InputSpec:
     urls: str | tuple[str, ...]               # path, brace pattern, glob or s3:// URL(s)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        urls = [self.urls] if isinstance(self.urls, str) else list(self.urls)
+        if not urls or any(not u.strip() for u in urls):
+            raise ConfigError("input.urls is empty; set input.urls to shard file(s), a brace pattern, "
+                              "a glob or a directory")
+
 
 @dataclass(frozen=True)
 class OutputSpec:
     path: str
     storage_options: dict[str, Any] = field(default_factory=dict)
     compression_level: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.path.strip():
+            raise ConfigError("output.path is empty; set output.path to a new folder or s3:// prefix")
+        if not 1 <= self.compression_level <= 22:
+            raise ConfigError(f"output.compression_level must be in 1..22 (zstd), got {self.compression_level}")
 
 
 @dataclass(frozen=True)
@@ -313,6 +352,12 @@ class JobConfig:
     execution: ExecutionSpec = field(default_factory=ExecutionSpec)
     min_image_side: int = 8           # smaller images are rejected ("too_small")
     source: str = ""                  # folder of the job file (relative teacher path resolves here)
+
+    def __post_init__(self) -> None:
+        if not self.teachers.strip():
+            raise ConfigError("teachers is empty; set teachers: to an ensemble file such as teachers/tiny.yaml")
+        if self.min_image_side < 1:
+            raise ConfigError(f"min_image_side must be >= 1 (got {self.min_image_side})")
 
     def ensemble_path(self) -> Path:
         p = Path(self.teachers)

@@ -5,7 +5,6 @@ stored params* (not re-sampled), and their synthetic captions: what the teachers
 """
 from __future__ import annotations
 
-import io
 import textwrap
 from collections import Counter
 
@@ -13,9 +12,10 @@ import yaml
 from PIL import Image, ImageDraw
 
 from dr_pipeline import augment
-from dr_pipeline.config import AugSpec, from_dict
+from dr_pipeline.config import AugSpec, from_dict, strip_redacted
 from dr_pipeline.corpus.readers import Sample, expand_urls, iter_shard, shard_name
 from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.images import decode_image
 from dr_pipeline.shards.parquet_io import read_shard
 
 
@@ -30,7 +30,9 @@ def summarize(root: str, storage_options: dict | None = None) -> dict:
             cap_rej.update(c)
     written = sum(m["n_written"] for m in markers.values())
     nbytes = sum(m["bytes"] for m in markers.values())
-    first = next(iter(markers), None)
+    manifest = ds.read_json("manifest.json") or {}
+    failed = {f["shard"]: f["error"] for f in manifest.get("failed", [])}
+    first = next((n for n, m in markers.items() if m["n_written"]), next(iter(markers), None))
     meta: dict = {}
     syn_counts: list[int] = []
     if first:
@@ -40,7 +42,11 @@ def summarize(root: str, storage_options: dict | None = None) -> dict:
     return {
         "dataset": root, "shards": len(markers), "samples": written,
         "read": sum(m["n_read"] for m in markers.values()),
-        "rejected": dict(reasons), "captions_rejected": dict(cap_rej),
+        "rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(reasons.most_common()),
+        "rejected_by_shard": {n: m["rejected_by_reason"] for n, m in markers.items() if m["n_rejected"]},
+        "failed_shards": failed,
+        "captions_rejected": dict(cap_rej),
         "teachers": [f"{t['id']} ({t['model']}, dim {t['dim']}, {t['image_size']}px)" for t in meta.get("teachers", [])],
         "captioners": [c["id"] for c in meta.get("captioners", [])],
         "n_aug": meta.get("aug", {}).get("n_aug"), "seed": meta.get("seed"),
@@ -50,7 +56,17 @@ def summarize(root: str, storage_options: dict | None = None) -> dict:
 
 
 def render_summary(s: dict) -> str:
-    lines = [f"{k:>20}: {v}" for k, v in s.items()]
+    lines = []
+    for k, v in s.items():
+        if k == "rejected_by_reason":
+            lines.append(f"{k:>20}: " + (", ".join(f"{r} {n}" for r, n in v.items()) or "none"))
+        elif k == "rejected_by_shard":
+            lines += [f"{'rejected in ' + n:>20}: " + ", ".join(f"{r} {c}" for r, c in sorted(rs.items()))
+                      for n, rs in v.items()]
+        elif k == "failed_shards":
+            lines += [f"{'FAILED ' + n:>20}: {err}" for n, err in v.items()]
+        else:
+            lines.append(f"{k:>20}: {v}")
     return "\n".join(lines)
 
 
@@ -58,19 +74,20 @@ def contact_sheet(root: str, out_png: str, n_images: int = 4, tile: int = 128,
                   storage_options: dict | None = None) -> str:
     ds = DatasetDir(root, storage_options)
     job = yaml.safe_load(ds.read_text("job.yaml"))
-    markers = ds.markers()
+    markers = {n: m for n, m in ds.markers().items() if m["n_written"]}
     if not markers:
-        raise FileNotFoundError(f"{root}: no committed shard to inspect")
+        raise FileNotFoundError(f"{root}: no committed shard with samples to inspect")
     name = next(iter(markers))
     rows, meta = read_shard(ds.shard_url(name), storage_options)
     spec = from_dict(AugSpec, meta["aug"])
-    base_url = next(u for u in expand_urls(job["input"]["urls"], job["input"]["storage_options"] or None)
-                    if shard_name(u) == name)
+    # Secrets were redacted from job.yaml: use what is left plus the caller's options.
+    input_so = strip_redacted(job["input"]["storage_options"] or {}) or storage_options or None
+    base_url = next(u for u in expand_urls(job["input"]["urls"], input_so) if shard_name(u) == name)
     wanted = {k: i for i, k in enumerate(rows.keys[:n_images])}
     images: dict[str, Image.Image] = {}
-    for item in iter_shard(base_url, job["input"]["storage_options"] or None):
-        if isinstance(item, Sample) and item.key in wanted:
-            images[item.key] = Image.open(io.BytesIO(item.image)).convert("RGB")
+    for item in iter_shard(base_url, input_so):
+        if isinstance(item, Sample) and item.key in wanted and item.key not in images:
+            images[item.key] = decode_image(item.image)     # the decode the teachers saw
             if len(images) == len(wanted):
                 break
     n_aug = spec.n_aug

@@ -1,11 +1,19 @@
 """``dr validate``: check every shard of a reinforced dataset against its contract.
 
 Problems are collected, not raised: the report names every bad shard and what is wrong,
-and the CLI exits non-zero if there is any.
+and the CLI exits non-zero if there is any. Checked per shard: the marker parses and its
+counts add up (read = written + rejected, by reason and by key); the data file exists and
+matches the marker's size and sha256 (a flipped byte, a truncated or replaced file); it
+parses as Parquet with the contract's schema and as many rows as the marker says; every
+base key is written or rejected; the manifest agrees. Across shards: input shards without a
+committed output are errors (with the job's error, from the manifest, when it failed);
+keys that occur in several shards are a warning (rows join base shards by shard name and
+key, so this is legal, but usually a sign of an un-deduplicated corpus).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -16,13 +24,14 @@ import torch
 import yaml
 
 from dr_pipeline import augment
-from dr_pipeline.config import AugSpec, from_dict
+from dr_pipeline.config import AugSpec, from_dict, strip_redacted
 from dr_pipeline.corpus.readers import Rejected, expand_urls, iter_shard, shard_name
 from dr_pipeline.execute.dataset_dir import DatasetDir
 from dr_pipeline.shards.parquet_io import decode_table
 from dr_pipeline.shards.schema import SCHEMA_VERSION, layout_from_metadata, read_metadata
 
 NORM_TOL = 2e-2      # bf16 has an 8-bit mantissa: |x| of a unit vector is off by ~1e-3 per element
+MARKER_FIELDS = ("n_read", "n_written", "n_rejected", "rejected_by_reason", "rejected_keys", "bytes", "sha256")
 
 
 @dataclass
@@ -31,6 +40,7 @@ class ValidationReport:
     samples: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)     # (shard, message)
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    rejected: Counter = field(default_factory=Counter)                 # reason -> count, all markers
 
     @property
     def ok(self) -> bool:
@@ -41,6 +51,9 @@ class ValidationReport:
 
     def render(self) -> str:
         lines = [f"{self.shards} committed shard(s), {self.samples} samples checked"]
+        if self.rejected:
+            lines.append(f"{sum(self.rejected.values())} rejected: "
+                         + ", ".join(f"{r} {n}" for r, n in self.rejected.most_common()))
         lines += [f"WARNING {s}: {m}" for s, m in self.warnings]
         lines += [f"ERROR   {s}: {m}" for s, m in self.problems]
         lines.append("OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
@@ -64,10 +77,6 @@ def check_rows(name: str, table: pa.Table, marker: dict, rep: ValidationReport) 
     rep.samples += n
     if n != marker["n_written"]:
         rep.add(name, f"{n} rows but the marker says n_written={marker['n_written']}")
-    if marker["n_read"] != marker["n_written"] + marker["n_rejected"]:
-        rep.add(name, f"n_read {marker['n_read']} != n_written {marker['n_written']} + n_rejected {marker['n_rejected']}")
-    if sum(marker["rejected_by_reason"].values()) != marker["n_rejected"] or len(marker["rejected_keys"]) != marker["n_rejected"]:
-        rep.add(name, "rejection counts by reason / rejected keys do not add up to n_rejected")
     dup = [k for k, c in Counter(rows.keys).items() if c > 1]
     if dup:
         rep.add(name, f"{len(dup)} duplicate key(s), e.g. {dup[0]!r}")
@@ -111,6 +120,84 @@ def check_base(name: str, url: str, written: list[str], marker: dict, storage_op
         rep.add(name, f"{sum(extra.values())} output/rejected key(s) not in the base shard, e.g. {next(iter(extra))!r}")
 
 
+def check_marker(name: str, marker: dict, rep: ValidationReport) -> bool:
+    """The marker's own counts add up. False if it lacks fields (then nothing else is checked)."""
+    lacking = [f for f in MARKER_FIELDS if f not in marker]
+    if lacking:
+        rep.add(name, f"marker lacks {', '.join(lacking)} (corrupted marker; delete it and re-run the job)")
+        return False
+    try:
+        reasons = Counter({str(r): int(c) for r, c in marker["rejected_by_reason"].items()})
+        by_key = Counter(str(entry[1]) for entry in marker["rejected_keys"])
+        n_read, n_written, n_rejected = (int(marker[f]) for f in ("n_read", "n_written", "n_rejected"))
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError) as e:
+        rep.add(name, f"marker counts are malformed ({type(e).__name__}: {e}); delete it and re-run the job")
+        return False
+    rep.rejected.update(reasons)
+    if n_read != n_written + n_rejected:
+        rep.add(name, f"n_read {n_read} != n_written {n_written} + n_rejected {n_rejected}")
+    if sum(reasons.values()) != n_rejected or len(marker["rejected_keys"]) != n_rejected:
+        rep.add(name, "rejection counts by reason / rejected keys do not add up to n_rejected")
+    elif +by_key != +reasons:
+        rep.add(name, f"rejected keys by reason {dict(by_key)} differ from rejected_by_reason {dict(reasons)}")
+    return True
+
+
+def _markers(ds: DatasetDir, rep: ValidationReport) -> dict[str, dict]:
+    """Every marker file, parsed; an unparsable one is reported (DatasetDir.markers would raise)."""
+    out: dict[str, dict] = {}
+    try:
+        paths = ds.fs.ls(ds._p("_markers"), detail=False)
+    except FileNotFoundError:
+        return out
+    for p in sorted(paths):
+        base = p.rsplit("/", 1)[-1]
+        if not base.endswith(".json") or base.startswith("."):
+            continue
+        name = base[:-5]
+        try:
+            marker = json.loads(_read_bytes(ds, f"_markers/{base}"))
+            if not isinstance(marker, dict):
+                raise ValueError(f"expected a JSON object, got {type(marker).__name__}")
+        except (ValueError, UnicodeDecodeError) as e:
+            rep.add(name, f"marker _markers/{base} unreadable ({type(e).__name__}: {str(e)[:120]}); "
+                          "delete it and re-run the job for this shard")
+            continue
+        out[name] = marker
+    return out
+
+
+def _key_hashes(keys: list) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little")
+                     for k in keys], dtype=np.uint64)
+
+
+def check_cross_shard_duplicates(ds: DatasetDir, hashes: dict[str, np.ndarray], rep: ValidationReport) -> None:
+    """Warn about keys written by more than one shard (8-byte key hashes: bounded memory)."""
+    names = [n for n, h in hashes.items() if len(h)]
+    if len(names) < 2:
+        return
+    allh = np.concatenate([hashes[n] for n in names])
+    sid = np.concatenate([np.full(len(hashes[n]), i) for i, n in enumerate(names)])
+    order = np.argsort(allh, kind="stable")
+    allh, sid = allh[order], sid[order]
+    cross = (allh[1:] == allh[:-1]) & (sid[1:] != sid[:-1])
+    if not cross.any():
+        return
+    dup = set(allh[1:][cross].tolist())
+    shards = sorted({names[i] for i in np.concatenate([sid[1:][cross], sid[:-1][cross]]).tolist()})
+    example = "?"
+    try:
+        table = pq.read_table(pa.BufferReader(_read_bytes(ds, f"shards/{shards[0]}.parquet")), columns=["key"])
+        keys = table.column("key").to_pylist()
+        example = next(k for k, h in zip(keys, _key_hashes(keys).tolist()) if h in dup)
+    except Exception:  # noqa: BLE001 - the example is a courtesy
+        pass
+    rep.warnings.append((",".join(shards), f"{len(dup)} key(s) occur in more than one shard, e.g. {example!r} "
+                         "(legal: rows join base shards by shard name + key; deduplicate the base corpus "
+                         "if these are the same samples)"))
+
+
 def validate_dataset(root: str, storage_options: dict | None = None, check_base_keys: bool = True) -> ValidationReport:
     ds = DatasetDir(root, storage_options)
     rep = ValidationReport()
@@ -118,21 +205,37 @@ def validate_dataset(root: str, storage_options: dict | None = None, check_base_
     if job_text is None:
         rep.add("-", f"{root} has no job.yaml: not a dr_pipeline dataset (or not written yet)")
         return rep
-    job = yaml.safe_load(job_text)
-    markers = ds.markers()
-    input_so = storage_options if job["input"]["storage_options"] in ({}, None) else job["input"]["storage_options"]
     try:
-        inputs = {shard_name(u): u for u in expand_urls(job["input"]["urls"], input_so)}
+        job = yaml.safe_load(job_text)
+        job_input = job["input"]
+    except (yaml.YAMLError, TypeError, KeyError) as e:
+        rep.add("-", f"job.yaml unreadable ({type(e).__name__}); restore it from the job config")
+        return rep
+    markers = _markers(ds, rep)
+    try:
+        manifest = ds.read_json("manifest.json")
+    except ValueError as e:
+        manifest = None
+        rep.add("-", f"manifest.json unreadable ({type(e).__name__}); re-run the job to rewrite it")
+    failed = {f.get("shard"): f for f in (manifest or {}).get("failed", []) if isinstance(f, dict)}
+    # Secrets were redacted from job.yaml: use the options left (else the caller's) and the environment.
+    input_so = strip_redacted(job_input.get("storage_options") or {}) or storage_options or {}
+    try:
+        inputs = {shard_name(u): u for u in expand_urls(job_input["urls"], input_so)}
     except Exception as e:
         inputs = {}
         rep.warnings.append(("-", f"base corpus not readable, base-key checks skipped ({e})"))
         check_base_keys = False
-    for name in sorted(set(inputs) - set(markers)):
-        rep.add(name, "missing: input shard has no committed output shard")
-    for name in sorted(set(ds.data_files()) - set(markers)):
+    for name in sorted(set(inputs) - set(markers) - {p[0] for p in rep.problems}):
+        why = f" (the job failed it: {failed[name].get('error')})" if name in failed else ""
+        rep.add(name, f"missing: input shard has no committed output shard{why}")
+    for name in sorted(set(ds.data_files()) - set(markers) - {p[0] for p in rep.problems}):
         rep.warnings.append((name, "data file without marker (uncommitted, ignored by readers)"))
+    hashes: dict[str, np.ndarray] = {}
     for name, marker in markers.items():
         rep.shards += 1
+        if not check_marker(name, marker, rep):
+            continue
         rel = marker.get("data_file", f"shards/{name}.parquet")
         try:
             data = _read_bytes(ds, rel)
@@ -152,18 +255,21 @@ def validate_dataset(root: str, storage_options: dict | None = None, check_base_
         except Exception as e:
             rep.add(name, f"contract check failed: {type(e).__name__}: {e}")
             continue
+        keys = table.column("key").to_pylist()
+        hashes[name] = _key_hashes(keys)
         if check_base_keys and name in inputs:
             try:
-                check_base(name, inputs[name], table.column("key").to_pylist(), marker, input_so or {}, rep)
+                check_base(name, inputs[name], keys, marker, input_so, rep)
             except Exception as e:
                 rep.add(name, f"base shard not readable for the key check: {type(e).__name__}: {e}")
-    manifest = ds.read_json("manifest.json")
+    check_cross_shard_duplicates(ds, hashes, rep)
     if manifest is None:
         rep.warnings.append(("-", "no manifest.json (job not finished?)"))
     else:
         for name, m in manifest.get("shards", {}).items():
-            if name in markers and m["sha256"] != markers[name]["sha256"]:
-                rep.add(name, "manifest checksum differs from the marker")
+            if name in markers and (m.get("sha256") != markers[name].get("sha256")
+                                    or m.get("n_written") != markers[name].get("n_written")):
+                rep.add(name, "manifest entry (checksum / n_written) differs from the marker")
     return rep
 
 
@@ -171,4 +277,4 @@ def rejected_reasons(marker: dict) -> Counter:
     return Counter(marker["rejected_by_reason"])
 
 
-__all__ = ["validate_dataset", "ValidationReport", "Rejected", "np"]
+__all__ = ["validate_dataset", "ValidationReport", "Rejected", "check_marker"]

@@ -31,6 +31,16 @@ def _copy_tiny(dst: Path) -> Path:
     return dst / "tiny.yaml"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from 2 OpenMP threads, and on a busy 2-core box every op then
+    waits on a thread barrier (~20x slower). One thread keeps this file fast and steady."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_yaml(tmp_path_factory) -> Path:
     path = _copy_tiny(tmp_path_factory.mktemp("tiny"))

@@ -2,8 +2,17 @@
 
 `iter_shard` streams one shard and yields a `Sample` per good record and a `Rejected`
 per bad one, so a caller can account for every record (read = written + rejected).
-A shard that cannot be read at all raises `ShardReadError`. Nothing is ever extracted
-to disk: tar members are read into memory one sample at a time.
+A shard that cannot be read at all raises `ShardReadError`; when retrying cannot help
+(file not found, not a tar/Parquet file, wrong Parquet schema) it raises the subclass
+`PermanentShardError`, which the runner does not retry. Nothing is ever extracted to disk:
+tar members are read into memory one sample at a time, links and unsafe member names
+(absolute, `..`) are never followed, and members larger than `MAX_MEMBER_BYTES` are skipped
+unread. Captions are normalized here, once, for every consumer (reinforcement, trainer,
+validate): decoded as UTF-8 (invalid bytes -> U+FFFD), stripped, capped at
+`MAX_CAPTION_CHARS` characters.
+
+Rejection reasons produced here: no_image, no_key, duplicate_key, truncated,
+bad_member_name, too_large (docs/bad-data.md lists them all).
 """
 from __future__ import annotations
 
@@ -25,6 +34,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tar member suffixes, in pri
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image")    # parquet columns, in priority order
 CAPTION_COLUMNS = ("caption", "txt")
 PARQUET_BATCH = 256
+MAX_CAPTION_CHARS = 2000            # longer captions are cut (a teacher's tokenizer sees far fewer)
+MAX_MEMBER_BYTES = 64 << 20         # a bigger tar member / Parquet image cell -> too_large, unread
 
 
 @dataclass
@@ -40,12 +51,28 @@ class Sample:
 @dataclass
 class Rejected:
     key: str
-    reason: str  # snake_case: no_image, duplicate_key, truncated, bad_member_name, no_key
+    reason: str  # snake_case: no_image, duplicate_key, truncated, bad_member_name, no_key, too_large
     detail: str = ""
 
 
 class ShardReadError(RuntimeError):
     """The shard cannot be read at all; the message names the URL and the problem."""
+
+
+class PermanentShardError(ShardReadError):
+    """A ShardReadError that retrying cannot fix (missing file, not a tar/Parquet, wrong schema)."""
+
+
+def clean_caption(text: str | None, meta: dict | None = None) -> str | None:
+    """Strip and cap a caption (``MAX_CAPTION_CHARS``); notes a cut in ``meta``."""
+    if text is None:
+        return None
+    text = text.strip()
+    if len(text) > MAX_CAPTION_CHARS:
+        if meta is not None:
+            meta["_caption_truncated_from"] = len(text)
+        text = text[:MAX_CAPTION_CHARS].rstrip()
+    return text
 
 
 # --------------------------------------------------------------------------- URLs
@@ -72,7 +99,7 @@ def _expand_one(pattern: str, so: dict | None) -> list[str]:
         found = fs.glob(path, detail=True)
         hits = [_to_url(fs, pattern, p) for p, info in found.items() if info.get("type") == "file"]
         if not hits:
-            raise ShardReadError(f"{pattern}: pattern matches no files")
+            raise ShardReadError(f"{pattern}: pattern matches no files (fix input.urls)")
         return hits
     if pattern.endswith(SHARD_EXTENSIONS):
         # A concrete shard: existence is iter_shard's job (saves one request per URL).
@@ -82,11 +109,11 @@ def _expand_one(pattern: str, so: dict | None) -> list[str]:
         hits = [_to_url(fs, pattern, p) for p in fs.ls(path, detail=False)
                 if p.endswith(SHARD_EXTENSIONS)]
         if not hits:
-            raise ShardReadError(f"{pattern}: directory holds no .tar or .parquet shards")
+            raise ShardReadError(f"{pattern}: directory holds no .tar or .parquet shards (fix input.urls)")
         return hits
     if fs.isfile(path):
         return [_to_url(fs, pattern, path)]  # unusual extension: iter_shard will say so
-    raise ShardReadError(f"{pattern}: no such file or directory")
+    raise ShardReadError(f"{pattern}: no such file or directory (fix input.urls)")
 
 
 def expand_urls(urls: str | Sequence[str], storage_options: dict | None = None) -> list[str]:
@@ -119,7 +146,7 @@ def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[Sample
         return _iter_tar(url, storage_options)
     if path.endswith(".parquet"):
         return _iter_parquet(url, storage_options)
-    raise ShardReadError(f"{url}: unsupported shard extension (expected .tar or .parquet)")
+    raise PermanentShardError(f"{url}: unsupported shard extension (expected .tar or .parquet)")
 
 
 def _open(url: str, storage_options: dict | None):
@@ -128,7 +155,7 @@ def _open(url: str, storage_options: dict | None):
     try:
         return fsspec.open(url, "rb", **(storage_options or {})).open()
     except FileNotFoundError as e:
-        raise ShardReadError(f"{url}: file not found") from e
+        raise PermanentShardError(f"{url}: file not found") from e
     except (OSError, ValueError, ImportError) as e:
         raise ShardReadError(f"{url}: cannot open ({type(e).__name__}: {e})") from e
 
@@ -145,7 +172,15 @@ def _split_member(name: str) -> tuple[str, str] | None:
 
 
 def _unsafe(name: str) -> bool:
-    return name.startswith("/") or ".." in name.split("/")
+    """Absolute, drive-letter, parent-directory or NUL-holding member names."""
+    parts = name.replace("\\", "/").split("/")
+    return (name.startswith(("/", "\\")) or ".." in parts or "\0" in name
+            or (len(name) > 1 and name[1] == ":" and name[0].isalpha()))
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    return ("symlink" if member.issym() else "hard link" if member.islnk() else
+            "device" if member.isdev() else "special member")
 
 
 class _Group:
@@ -158,6 +193,7 @@ class _Group:
         self.json: bytes | None = None
         self.url: bytes | None = None
         self.bad_name: str | None = None
+        self.too_large: str | None = None
 
     def add(self, suffix: str, data: bytes) -> None:
         if suffix in IMAGE_EXTENSIONS:
@@ -175,6 +211,8 @@ class _Group:
     def finish(self) -> Sample | Rejected:
         if self.bad_name is not None:
             return Rejected(self.key, "bad_member_name", self.bad_name)
+        if self.too_large is not None:
+            return Rejected(self.key, "too_large", self.too_large)
         if self.image is None:
             return Rejected(self.key, "no_image")
         meta: dict = {}
@@ -196,6 +234,7 @@ class _Group:
                 meta["_caption_decode_error"] = True
         elif isinstance(meta.get("caption"), str):
             caption = meta["caption"]  # img2dataset also keeps the caption in the json
+        caption = clean_caption(caption, meta)
         url = self.url.decode("utf-8", errors="replace").strip() if self.url is not None else None
         if url is None and isinstance(meta.get("url"), str):
             url = meta["url"]
@@ -212,7 +251,7 @@ def _iter_tar(url: str, so: dict | None) -> Iterator[Sample | Rejected]:
             f.seek(0)
             if not f.read(1):
                 return  # zero-byte file: an empty shard, not an error
-            raise ShardReadError(f"{url}: not a tar archive ({e})") from e
+            raise PermanentShardError(f"{url}: not a tar archive ({e})") from e
         with tar:
             seen: set[str] = set()
             group: _Group | None = None
@@ -227,8 +266,8 @@ def _iter_tar(url: str, so: dict | None) -> Iterator[Sample | Rejected]:
 
             try:
                 for member in tar:
-                    if not member.isfile():
-                        continue  # directories, links, devices: never followed
+                    if member.isdir():
+                        continue
                     parts = _split_member(member.name)
                     if parts is None:
                         continue
@@ -239,7 +278,12 @@ def _iter_tar(url: str, so: dict | None) -> Iterator[Sample | Rejected]:
                         group = _Group(key)
                     if _unsafe(member.name):
                         group.bad_name = member.name
+                    elif not member.isfile():    # links, devices, fifos: never followed
+                        group.bad_name = f"{member.name} ({_member_kind(member)})"
                     elif group.wanted(suffix):
+                        if member.size > MAX_MEMBER_BYTES:
+                            group.too_large = f"{member.name}: {member.size} bytes (limit {MAX_MEMBER_BYTES})"
+                            continue        # never read: the stream skips its data
                         fobj = tar.extractfile(member)
                         assert fobj is not None
                         group.add(suffix, fobj.read())
@@ -267,6 +311,10 @@ def _image_column(schema: pa.Schema) -> str | None:
     return next((c for c in IMAGE_COLUMNS if c in schema.names), None)
 
 
+def _is_bytes(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
 def _image_bytes(value: object) -> bytes | None:
     if isinstance(value, dict):  # Hugging Face Image feature: struct<bytes, path>
         value = value.get("bytes")
@@ -278,20 +326,25 @@ def _iter_parquet(url: str, so: dict | None) -> Iterator[Sample | Rejected]:
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowException, OSError) as e:
-            raise ShardReadError(f"{url}: not a Parquet file ({e})") from e
+            raise PermanentShardError(f"{url}: not a Parquet file ({e})") from e
         schema = pf.schema_arrow
         image_col = _image_column(schema)
         missing = [] if "key" in schema.names else ["key"]
         if image_col is None:
             missing.append("image (one of: " + ", ".join(IMAGE_COLUMNS) + ")")
         if missing:
-            raise ShardReadError(f"{url}: missing required column(s) {', '.join(missing)}; "
-                                 f"has {schema.names}")
+            raise PermanentShardError(f"{url}: missing required column(s) {', '.join(missing)}; "
+                                      f"has {schema.names}")
         t = schema.field(image_col).type
-        if not (pa.types.is_binary(t) or pa.types.is_large_binary(t)
-                or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)):
-            raise ShardReadError(f"{url}: image column {image_col!r} has type {t}, expected binary")
+        if not (_is_bytes(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
+                                 and _is_bytes(t.field("bytes").type))):
+            raise PermanentShardError(f"{url}: image column {image_col!r} has type {t}, expected binary")
         caption_col = next((c for c in CAPTION_COLUMNS if c in schema.names), None)
+        if caption_col is not None:
+            ct = schema.field(caption_col).type
+            if not (_is_bytes(ct) or pa.types.is_string(ct) or pa.types.is_large_string(ct)
+                    or pa.types.is_null(ct)):
+                raise PermanentShardError(f"{url}: caption column {caption_col!r} has type {ct}, expected string")
         known = {"key", image_col, caption_col, "url", "uid"}
         seen: set[str] = set()
         row = 0
@@ -303,7 +356,7 @@ def _iter_parquet(url: str, so: dict | None) -> Iterator[Sample | Rejected]:
                     if key is None:
                         yield Rejected(f"<row {row - 1}>", "no_key")
                         continue
-                    key = str(key)
+                    key = key.decode("utf-8", errors="replace") if isinstance(key, bytes) else str(key)
                     if key in seen:
                         yield Rejected(key, "duplicate_key")
                         continue
@@ -312,10 +365,20 @@ def _iter_parquet(url: str, so: dict | None) -> Iterator[Sample | Rejected]:
                     if image is None:
                         yield Rejected(key, "no_image")
                         continue
+                    if len(image) > MAX_MEMBER_BYTES:
+                        yield Rejected(key, "too_large", f"{len(image)} bytes (limit {MAX_MEMBER_BYTES})")
+                        continue
+                    meta = {k: v for k, v in rec.items() if k not in known}
                     caption = rec.get(caption_col) if caption_col else None
                     if isinstance(caption, bytes):
-                        caption = caption.decode("utf-8", errors="replace")
-                    meta = {k: v for k, v in rec.items() if k not in known}
-                    yield Sample(key, image, caption, rec.get("url"), rec.get("uid"), meta)
+                        try:
+                            caption = caption.decode("utf-8")
+                        except UnicodeDecodeError:
+                            caption = caption.decode("utf-8", errors="replace")
+                            meta["_caption_decode_error"] = True
+                    caption = clean_caption(caption, meta)
+                    url_, uid = rec.get("url"), rec.get("uid")
+                    yield Sample(key, image, caption, url_ if isinstance(url_, str) else None,
+                                 uid if isinstance(uid, str) else None, meta)
         except (pa.ArrowException, OSError) as e:
             raise ShardReadError(f"{url}: corrupt Parquet data after {row} rows ({e})") from e

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import sys
 
 import torch
@@ -22,6 +21,7 @@ from dr_pipeline.corpus.readers import Sample, expand_urls, iter_shard, shard_na
 from dr_pipeline.execute.dataset_dir import DatasetDir
 from dr_pipeline.execute.runner import JobReport, Plan, write_manifest
 from dr_pipeline.execute.shard_worker import ShardProcessor
+from dr_pipeline.images import decode_image
 from dr_pipeline.models.teachers import check_ensemble
 from dr_pipeline.shards.parquet_io import ReinforcedRows, ShardWriter, read_shard
 from dr_pipeline.shards.schema import SCHEMA_VERSION, TeacherLayout, layout_from_metadata
@@ -58,7 +58,7 @@ def _embed_shard(proc: ShardProcessor, rows: ReinforcedRows, base_url: str, stor
         seen.add(item.key)
         if hashlib.sha256(item.image).hexdigest() != rows.image_sha256[i]:
             raise ValueError(f"{base_url}: image of {item.key!r} changed since reinforcement (sha256 differs)")
-        pending.append((i, Image.open(io.BytesIO(item.image)).convert("RGB")))
+        pending.append((i, decode_image(item.image)))   # the decode reinforcement used (same pixels)
         if len(pending) >= bs:
             flush()
     if pending:

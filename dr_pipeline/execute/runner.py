@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from dr_pipeline.config import ConfigError, EnsembleSpec, JobConfig, redact, to_dict
-from dr_pipeline.corpus.readers import ShardReadError, expand_urls, shard_name
+from dr_pipeline.corpus.readers import PermanentShardError, ShardReadError, expand_urls, shard_name
 from dr_pipeline.execute.dataset_dir import DatasetDir
 from dr_pipeline.models.teachers import check_ensemble
 from dr_pipeline.shards.schema import SCHEMA_VERSION
@@ -140,7 +140,7 @@ def _retry_loop(todo: list[str], submit, wait_one, report: JobReport, max_attemp
         if error is None:
             report.committed.append(stats)
             progress.update(stats)
-        elif attempt < max_attempts:
+        elif attempt < max_attempts and not error.startswith(f"{PermanentShardError.__name__}:"):  # retry can't fix it
             log.warning("shard %s failed (attempt %d/%d): %s", url, attempt, max_attempts, error)
             pending.append((url, attempt + 1))
         else:

@@ -9,7 +9,6 @@ overlaps with model compute through a small bounded queue, so memory stays bound
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import queue
@@ -22,20 +21,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 
 from dr_pipeline import augment
 from dr_pipeline.config import EnsembleSpec, JobConfig, to_dict
-from dr_pipeline.corpus.readers import Rejected, Sample, iter_shard, shard_name
+from dr_pipeline.corpus.readers import Rejected, Sample, clean_caption, iter_shard, shard_name
 from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.images import MAX_IMAGE_PIXELS, ImageRejected, decode_image  # noqa: F401 (re-export)
 from dr_pipeline.models.captioner import Captioner, load_captioner
 from dr_pipeline.models.teachers import Teacher, load_teacher
 from dr_pipeline.shards.parquet_io import ReinforcedRows, ShardWriter
 from dr_pipeline.shards.schema import SCHEMA_VERSION, ShardLayout, TeacherLayout
 
 log = logging.getLogger(__name__)
-
-MAX_IMAGE_PIXELS = 64_000_000   # larger declared sizes are rejected before decoding (bombs)
 
 
 @dataclass
@@ -66,26 +63,34 @@ def resolve_device(name: str) -> str:
 
 
 def prepare(sample: Sample, job: JobConfig, view_sizes: set[int], center_sizes: set[int]) -> Prepared | Rejected:
-    """Decode one sample and render its seeded views; bad input becomes a reasoned rejection."""
-    if not sample.image:
+    """Decode one sample and render its seeded views; bad input becomes a reasoned rejection.
+
+    Checks in order: image present (no_image), caption present (no_caption), decode
+    (empty_image, undecodable, too_large: see ``dr_pipeline.images``), size (too_small).
+    Captions are already stripped and capped by the reader; the cap is re-applied here for
+    samples built elsewhere. Width/height are those of the decoded image the params refer to.
+    A failure while rendering the views is a ``render_error`` rejection (a bug to look at,
+    never a lost shard).
+    """
+    if sample.image is None:
         return Rejected(sample.key, "no_image")
-    caption = (sample.caption or "").strip()
+    caption = clean_caption(sample.caption) or ""
     if not caption:
         return Rejected(sample.key, "no_caption")
     try:
-        img = Image.open(io.BytesIO(sample.image))
-        w, h = img.size
-        if w * h > MAX_IMAGE_PIXELS:
-            return Rejected(sample.key, "too_large", f"{w}x{h} pixels")
-        img.load()
-        img = img.convert("RGB")
-    except Exception as e:  # PIL raises many types for corrupt data
-        return Rejected(sample.key, "undecodable", f"{type(e).__name__}: {e}")
+        img = decode_image(sample.image)
+    except ImageRejected as e:
+        return Rejected(sample.key, e.reason, e.detail)
+    w, h = img.size
     if min(w, h) < job.min_image_side:
         return Rejected(sample.key, "too_small", f"{w}x{h}")
-    params = augment.sample_all(job.aug, job.seed, sample.key, w, h)
-    views = {s: torch.stack([augment.replay(img, p, s, job.aug) for p in params]) for s in view_sizes}
-    center = {s: augment.center_view(img, s) for s in center_sizes}
+    try:
+        params = augment.sample_all(job.aug, job.seed, sample.key, w, h)
+        views = {s: torch.stack([augment.replay(img, p, s, job.aug) for p in params]) for s in view_sizes}
+        center = {s: augment.center_view(img, s) for s in center_sizes}
+    except Exception as e:  # noqa: BLE001 - one odd image must not fail its whole shard
+        log.warning("%s: rendering views failed: %s: %s", sample.key, type(e).__name__, e)
+        return Rejected(sample.key, "render_error", f"{type(e).__name__}: {e}"[:200])
     return Prepared(sample.key, sample.uid, sample.url, hashlib.sha256(sample.image).hexdigest(), w, h,
                     caption, augment.pack(params), views, center)
 
@@ -189,14 +194,14 @@ class ShardProcessor:
         n_aug = self.job.aug.n_aug
         for t in self.teachers:
             views = torch.cat([p.views[t.image_size] for p in prepared])
-            rows.image_emb[t.id] = t.encode_images(views).reshape(len(prepared), n_aug, t.dim)
+            rows.image_emb[t.id] = t.encode_images(views).cpu().reshape(len(prepared), n_aug, t.dim)
             rows.text_emb[t.id], rows.syn_emb[t.id] = self.embed_texts(t, rows)
         return rows
 
     def embed_texts(self, t: Teacher, rows: ReinforcedRows) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """GT and synthetic captions, each distinct string embedded once."""
         unique = list(dict.fromkeys(rows.captions + [s for caps in rows.syn.values() for row in caps for s in row]))
-        emb = t.encode_texts(unique) if unique else torch.zeros(0, t.dim)
+        emb = t.encode_texts(unique).cpu() if unique else torch.zeros(0, t.dim)
         index = {s: i for i, s in enumerate(unique)}
         gt = emb[[index[s] for s in rows.captions]]
         syn = {cap: [emb[[index[s] for s in row]] if row else torch.zeros(0, t.dim) for row in per_row]

@@ -1,13 +1,16 @@
 """CoCa synthetic captions: each image encoded once, all B·k captions decoded as one batch.
 
 Sampling is reproducible per caption: row (seed, key, caption index, attempt) pre-draws one
-uniform per decoding step from a Philox stream keyed by sha256 of those values, and picks its
-token by inverse CDF over the filtered distribution. A caption therefore does not depend on the
-batch it was decoded in, nor on its position there.
+uniform per decoding step from a Philox stream keyed by sha256 of those values (plus the
+captioner id, so two captioners do not share streams), and picks its token by inverse CDF over
+the filtered distribution. A caption therefore does not depend on the batch it was decoded in,
+nor on its position there.
 
-The decoding loop follows open_clip's ``CoCa.generate`` step for step (same stop tokens, same
-min/max length rules), so greedy decoding here emits exactly the tokens of
-``generate(generation_type="top_k", top_k=1, seq_len=max_len, min_seq_len=min_len)``.
+The decoding loop follows open_clip's ``CoCa.generate`` step for step, so greedy decoding here
+emits exactly the tokens of ``generate(generation_type="top_k", top_k=1, seq_len=max_len,
+min_seq_len=min_len)``: ``max_len`` counts the start token and the (forced) final end-of-text,
+end-of-text is suppressed while the prefix is shorter than ``min_len``, and a row stops at
+end-of-text or at the pad id 0 (generate's rule; a trained CoCa never emits 0, its loss ignores it).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import open_clip
 import torch
 
 from dr_pipeline.config import CaptionerSpec, EnsembleSpec
-from dr_pipeline.models.teachers import autocast, create, views_to_input
+from dr_pipeline.models.teachers import autocast, load_model, views_to_input
 
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 
@@ -70,7 +73,7 @@ def is_degenerate(text: str, min_words: int = 2) -> bool:
 def row_uniforms(seed: int, key: str, index: int, attempt: int, n: int, salt: str = "") -> np.ndarray:
     """n uniforms in [0, 1) for one caption row, a pure function of its identity."""
     digest = hashlib.sha256(f"caption\x00{salt}\x00{seed}\x00{key}\x00{index}\x00{attempt}".encode()).digest()
-    bits = np.random.Philox(key=np.frombuffer(digest[:16], dtype=np.uint64)).random_raw(n)
+    bits = np.random.Philox(key=np.frombuffer(digest[:16], dtype="<u8")).random_raw(n)
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53   # top 53 bits, like random()
 
 
@@ -226,5 +229,5 @@ class Captioner:
 
 
 def load_captioner(spec: CaptionerSpec, ensemble: EnsembleSpec, device: str = "cpu") -> Captioner:
-    model = create("captioner", spec, ensemble, device)
+    model = load_model("captioner", spec, ensemble, device)
     return Captioner(spec, model, open_clip.get_tokenizer(spec.model), device)

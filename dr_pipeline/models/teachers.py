@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import re
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def is_tiny(model: str, ensemble: EnsembleSpec) -> bool:
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; plain fp32 elsewhere (CPU runs are tests and must be exact)."""
+    """bf16 autocast on CUDA; plain fp32 on CPU (tiny models, exact comparisons in tests)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -149,22 +150,84 @@ def _check_captioner(who: str, spec: CaptionerSpec, cfg: dict) -> None:
 
 
 def _ensemble_file(ensemble: EnsembleSpec) -> str:
+    """Best guess at the ensemble's file for error hints (EnsembleSpec keeps only its folder)."""
     guess = Path(ensemble.source) / f"{ensemble.name}.yaml"
-    return str(guess) if guess.is_file() else "<ensemble file>"
+    if not guess.is_file():
+        return "<ensemble file>"
+    try:
+        return str(guess.relative_to(Path.cwd()))
+    except ValueError:
+        return str(guess)
+
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+MAX_HEADER_BYTES = 100 << 20
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header (JSON; no tensor data read, nothing unpickled)."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if not 0 < n <= MAX_HEADER_BYTES:
+            raise ValueError("no safetensors header")
+        header = json.loads(fh.read(n))
+    return {k: v["shape"] for k, v in header.items() if isinstance(v, dict) and "shape" in v}
+
+
+def _check_fields(who: str, spec: TeacherSpec | CaptionerSpec) -> None:
+    if spec.interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"{who}: interpolation '{spec.interpolation}' is not one of {', '.join(INTERPOLATIONS)}")
+    if any(not s > 0 for s in spec.std):
+        raise ConfigError(f"{who}: std {list(spec.std)} must be > 0 per channel (use [1, 1, 1] for no scaling)")
+    if isinstance(spec, TeacherSpec) and not spec.logit_scale > 0:
+        raise ConfigError(f"{who}: logit_scale must be > 0 (got {spec.logit_scale}); CLIP models use ~100")
+
+
+def _check_checkpoint_shapes(who: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleSpec) -> None:
+    """A local .safetensors checkpoint must fit its model's config (catches swapped checkpoints)."""
+    if spec.model.startswith(("hf-hub:", "local-dir:")) or not is_local_path(spec.pretrained):
+        return
+    path = Path(ensemble.resolve(spec.pretrained) or "")
+    if path.suffix != ".safetensors":
+        return
+    try:
+        shapes = _safetensors_shapes(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{who}: {path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                          "re-download or re-create it") from None
+    cfg = open_clip.get_model_config(spec.model) or {}
+    embed = cfg.get("embed_dim")
+    for k in ("visual.proj", "text_projection", "text.text_projection"):
+        if isinstance(embed, int) and len(shapes.get(k, [])) == 2 and shapes[k][1] != embed:
+            raise ConfigError(f"{who}: checkpoint {path.name} has embedding width {shapes[k][1]} but '{spec.model}' "
+                              f"has {embed}: the checkpoint belongs to another model (fix model: or pretrained:)")
+    ctx = cfg.get("text_cfg", {}).get("context_length")
+    pos = shapes.get("positional_embedding", [])
+    if isinstance(ctx, int) and len(pos) == 2 and pos[0] != ctx:
+        raise ConfigError(f"{who}: checkpoint {path.name} has text context {pos[0]} but '{spec.model}' has {ctx}: "
+                          "the checkpoint belongs to another model (fix model: or pretrained:)")
 
 
 def check_ensemble(ensemble: EnsembleSpec) -> None:
-    """Fast sanity check; loads no weights. Raises ConfigError naming the entry, problem and fix."""
+    """Fast sanity check; loads no weights. Raises ConfigError naming the entry, problem and fix.
+
+    Per entry: the model exists, weights are given and exist, image size / context length match
+    the architecture, interpolation/std/logit_scale are sane, and a local .safetensors
+    checkpoint's header (shapes only) fits the model.
+    """
     register_model_configs(ensemble)
     f = _ensemble_file(ensemble)
-    for t in ensemble.teachers:
-        _check_entry("teacher", t, ensemble, f)
-    for c in ensemble.captioners:
-        _check_entry("captioner", c, ensemble, f)
+    for kind, specs in (("teacher", ensemble.teachers), ("captioner", ensemble.captioners)):
+        for spec in specs:
+            who = f"{kind} '{spec.id}'"
+            _check_fields(who, spec)
+            _check_entry(kind, spec, ensemble, f)
+            _check_checkpoint_shapes(who, spec, ensemble)
 
 
-def create(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleSpec, device: str,
-           force_quick_gelu: bool = False) -> torch.nn.Module:
+def load_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleSpec, device: str,
+               force_quick_gelu: bool = False) -> torch.nn.Module:
     """The single load path for teachers and captioners: check, then open_clip.create_model."""
     register_model_configs(ensemble)
     _check_entry(kind, spec, ensemble, _ensemble_file(ensemble))
@@ -221,7 +284,7 @@ class Teacher:
 
 
 def load_teacher(spec: TeacherSpec, ensemble: EnsembleSpec, device: str = "cpu") -> Teacher:
-    model = create("teacher", spec, ensemble, device, force_quick_gelu=spec.force_quick_gelu)
+    model = load_model("teacher", spec, ensemble, device, force_quick_gelu=spec.force_quick_gelu)
     ctx = int(getattr(model, "context_length", 0) or 0)
     if spec.context_length is not None and ctx and spec.context_length != ctx:
         raise ConfigError(f"teacher '{spec.id}': context_length {spec.context_length} but the model has {ctx} "

@@ -207,7 +207,7 @@ class Trainer:
         if self.metrics is None:
             return
         row = {"step": self.step, "epoch": state.epoch, "lr": lr,
-               "logit_scale": float(self.student.logit_scale.exp()), "samples_per_s": samples_per_s, **values}
+               "logit_scale": float(self.student.logit_scale.detach().exp()), "samples_per_s": samples_per_s, **values}
         self.metrics.append(row)
         parts_txt = " ".join(f"{k} {values[k]:.4f}" for k in ("contrastive_loss", "distill_loss") if k in values)
         print(f"step {self.step}/{self.cfg.steps} | loss {values['loss']:.4f} ({parts_txt}) | lr {lr:.3g} | "

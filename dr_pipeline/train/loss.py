@@ -16,8 +16,8 @@ trainer instead averages the K teacher softmaxes and takes the cross-entropy wit
 student's log-softmax; its gradient is ours divided by K and its value differs by the
 teachers' entropy. ``tests/test_train_loss.py`` checks both facts.)
 
-**Several ranks.** Features are gathered from every rank with the gradient-carrying
-``torch.distributed.nn.functional.all_gather``, so the softmax of each row runs over the
+**Several ranks.** Features are gathered from every rank with a gradient-carrying all-gather
+(``gather_rows``), so the softmax of each row runs over the
 global batch and its targets (the diagonal, the teacher rows) are the right ones. Two modes
 give the same value (mean over ranks) and the same DDP-averaged gradients:
 ``local_loss=False`` computes all global rows on every rank (simple, b² memory);
@@ -46,15 +46,33 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGather(torch.autograd.Function):
+    """All-gather whose backward hands each rank the sum over ranks of the gradient of its
+    rows (what ``torch.distributed.nn.functional.all_gather`` does; that one is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, world = _world()
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_rows(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
-    """Concatenate ``x`` from every rank in rank order (``x`` itself when not distributed)."""
+    """Concatenate ``x`` from every rank in rank order (``x`` itself when not distributed).
+    ``with_grad``: gradients flow back to the rank that owns each row."""
     rank, world = _world()
     if world == 1:
         return x
     if with_grad:
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(x.contiguous()), dim=0)
+        return _AllGather.apply(x)
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
     parts[rank] = x

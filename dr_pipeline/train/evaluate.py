@@ -1,0 +1,204 @@
+"""``dr eval``: zero-shot classification and image↔text retrieval of a trained student.
+
+``data`` is either
+- a labelled image folder (``DATA/<class name>/*.jpg|png|webp``): zero-shot classification,
+  class names from the folder names (``_`` → space), CLIP-style prompt templates; or
+- base-corpus shards (tar / img2dataset Parquet; a path, directory, brace pattern or glob),
+  typically a held-out shard: retrieval R@1/R@5 over its (image, caption) pairs, plus
+  zero-shot classification of the samples whose json carries a synthetic-corpus ``label``
+  with one object (tasks ``shape`` and ``colour``).
+Images are resized (shortest side) and center-cropped to the student resolution. The
+student is re-parameterized first (identical outputs, faster); the EMA weights are used when
+the checkpoint has them.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import torch
+from PIL import Image
+
+from dr_pipeline.augment import center_view
+from dr_pipeline.config import ConfigError
+from dr_pipeline.corpus.readers import Sample, ShardReadError, expand_urls, iter_shard
+from dr_pipeline.train import checkpoint as ckpt
+from dr_pipeline.train.students import Student, StudentSpec, build_student, tokenize
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "folder": ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}."),
+    "shape": ("a photo of a {}.", "a {} shape.", "a drawing of a {}.", "a {} on a background."),
+    "colour": ("a {} shape.", "a {} object.", "something {} on a background.", "a photo of a {} thing."),
+}
+
+
+@dataclass
+class EvalData:
+    pairs: list[tuple[bytes, str]] = field(default_factory=list)                   # retrieval
+    tasks: dict[str, tuple[list[bytes], list[int], list[str]]] = field(default_factory=dict)  # images, labels, classes
+
+
+def load_student(checkpoint: str, device: torch.device | str = "cpu", use_ema: bool = True) -> tuple[Student, dict]:
+    """(re-parameterized student in eval mode, checkpoint dict) from a file or a run directory."""
+    path = ckpt.resolve(checkpoint)
+    if path is None:
+        raise ConfigError(f"{checkpoint}: no checkpoint there (expected a .pt file or a run directory)")
+    ck = ckpt.load_checkpoint(path)
+    model = build_student(StudentSpec.from_dict(ck["student"]))
+    model.load_state_dict(ck["ema"] if use_ema and "ema" in ck else ck["model"])
+    ck["path"] = path
+    return model.reparameterize().to(device), ck
+
+
+# --------------------------------------------------------------------------- data
+
+def _is_image_folder(data: str) -> bool:
+    p = Path(data)
+    return p.is_dir() and any(c.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in c.iterdir())
+                              for c in p.iterdir())
+
+
+def load_eval_data(data: str, storage_options: dict | None = None, limit: int | None = None) -> EvalData:
+    out = EvalData()
+    if _is_image_folder(data):
+        classes = sorted(c.name for c in Path(data).iterdir() if c.is_dir())
+        images, labels = [], []
+        for i, c in enumerate(classes):
+            for f in sorted((Path(data) / c).iterdir()):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    images.append(f.read_bytes())
+                    labels.append(i)
+        out.tasks["folder"] = (images, labels, [c.replace("_", " ") for c in classes])
+        return out
+    try:
+        urls = expand_urls(data, storage_options)
+    except ShardReadError as e:
+        raise ConfigError(f"eval data: {e}") from None
+    labelled: dict[str, tuple[list[bytes], list[str]]] = {"shape": ([], []), "colour": ([], [])}
+    for url in urls:
+        for s in iter_shard(url, storage_options):
+            if not isinstance(s, Sample) or not s.caption:
+                continue
+            out.pairs.append((s.image, s.caption))
+            objs = (s.meta.get("label") or {}).get("objects") if isinstance(s.meta.get("label"), dict) else None
+            if objs and len(objs) == 1:
+                for task in labelled:
+                    if isinstance(objs[0].get(task), str):
+                        labelled[task][0].append(s.image)
+                        labelled[task][1].append(objs[0][task])
+            if limit and len(out.pairs) >= limit:
+                break
+    for task, (images, names) in labelled.items():
+        classes = sorted(set(names) | _known_classes(task, names))
+        if len(classes) >= 2:
+            out.tasks[task] = (images, [classes.index(n) for n in names], classes)
+    return out
+
+
+def _known_classes(task: str, names: list[str]) -> set[str]:
+    """The synthetic corpus' full class list when the labels come from it (fixed chance level)."""
+    from dr_pipeline.corpus import synthetic
+
+    known = {"shape": set(synthetic.SHAPES), "colour": set(synthetic.COLOURS)}.get(task, set())
+    return known if set(names) <= known else set()
+
+
+# --------------------------------------------------------------------------- metrics
+
+def _decode(b: bytes, size: int) -> torch.Tensor:
+    return center_view(Image.open(io.BytesIO(b)), size)
+
+
+@torch.no_grad()
+def embed_images(model: Student, images: Sequence[bytes], batch_size: int = 64) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    feats = [model.encode_image(torch.stack([_decode(b, model.spec.image_size) for b in images[i:i + batch_size]]).to(dev))
+             for i in range(0, len(images), batch_size)]
+    return torch.cat(feats).float().cpu()
+
+
+@torch.no_grad()
+def embed_texts(model: Student, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    feats = [model.encode_text(tokenize(list(texts[i:i + batch_size]), model.spec.context_length).to(dev))
+             for i in range(0, len(texts), batch_size)]
+    return torch.cat(feats).float().cpu()
+
+
+def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Pair i is (image i, text i). R@k: fraction whose match ranks in the top k."""
+    sim = img @ txt.T
+    n = sim.shape[0]
+    target = torch.arange(n)
+    out = {}
+    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
+        rank = (s > s[target, target].unsqueeze(1)).sum(1)       # how many beat the true match
+        for k in ks:
+            out[f"{name}_R@{k}"] = float((rank < k).float().mean())
+    return out
+
+
+def zero_shot_metrics(model: Student, img: torch.Tensor, labels: Sequence[int], classes: Sequence[str],
+                      templates: Sequence[str]) -> dict[str, float]:
+    cls = []
+    for c in classes:
+        e = embed_texts(model, [t.format(c) for t in templates]).mean(0)
+        cls.append(e / e.norm())
+    logits = img @ torch.stack(cls).T
+    y = torch.tensor(list(labels))
+    out = {"top1": float((logits.argmax(1) == y).float().mean()), "n": len(y), "n_classes": len(classes),
+           "chance": 1.0 / len(classes)}
+    if len(classes) >= 5:
+        out["top5"] = float((logits.topk(5, dim=1).indices == y.unsqueeze(1)).any(1).float().mean())
+    return out
+
+
+def evaluate(checkpoint: str, data: str, device: str | None = None, limit: int | None = None) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, ck = load_student(checkpoint, dev)
+    ed = load_eval_data(data, limit=limit)
+    if not ed.pairs and not ed.tasks:
+        raise ConfigError(f"eval data {data}: no image-caption pairs and no labelled images found")
+    res: dict = {"checkpoint": ck["path"], "step": int(ck["step"]), "arch": ck["student"]["arch"], "data": data}
+    if len(ed.pairs) >= 2:
+        img = embed_images(model, [p[0] for p in ed.pairs])
+        res["retrieval"] = {"n": len(ed.pairs), **retrieval_metrics(img, embed_texts(model, [p[1] for p in ed.pairs]))}
+    res["zeroshot"] = {}
+    for task, (images, labels, classes) in ed.tasks.items():
+        res["zeroshot"][task] = zero_shot_metrics(model, embed_images(model, images), labels, classes,
+                                                  TEMPLATES.get(task, TEMPLATES["folder"]))
+    return res
+
+
+def format_table(res: dict) -> str:
+    lines = [f"checkpoint {res['checkpoint']} (step {res['step']}, {res['arch']})", f"data       {res['data']}"]
+    if "retrieval" in res:
+        r = res["retrieval"]
+        lines.append(f"{'retrieval (n=' + str(r['n']) + ')':<26}{'R@1':>8}{'R@5':>8}")
+        for d in ("image_to_text", "text_to_image"):
+            lines.append(f"  {d:<24}{r[f'{d}_R@1']:>8.3f}{r[f'{d}_R@5']:>8.3f}")
+    if res.get("zeroshot"):
+        lines.append(f"{'zero-shot':<26}{'top1':>8}{'top5':>8}{'chance':>8}{'n':>6}")
+        for task, z in res["zeroshot"].items():
+            top5 = f"{z['top5']:>8.3f}" if "top5" in z else f"{'-':>8}"
+            lines.append(f"  {task + ' (' + str(z['n_classes']) + ' classes)':<24}{z['top1']:>8.3f}{top5}"
+                         f"{z['chance']:>8.3f}{z['n']:>6}")
+    return "\n".join(lines)
+
+
+def eval_main(checkpoint: str, data: str, out_json: str | None = None) -> int:
+    """Entry point of ``dr eval --checkpoint C --data D [--out J]``; returns the exit code."""
+    res = evaluate(checkpoint, data)
+    print(format_table(res))
+    if out_json:
+        with fsspec.open(out_json, "w") as f:
+            json.dump(res, f, indent=1, sort_keys=True)
+        print(f"wrote {out_json}")
+    return 0

@@ -1,0 +1,320 @@
+"""The training loader: join, replay, choices, skips, sharding, resume state, foreign tars."""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import os
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from dr_pipeline import augment
+from dr_pipeline.config import AugSpec, ConfigError
+from dr_pipeline.corpus.readers import Sample, iter_shard
+from dr_pipeline.corpus.synthetic import make_corpus
+from dr_pipeline.shards.datacompdr import write_datacompdr_tar
+from dr_pipeline.shards.parquet_io import ShardWriter, read_shard
+from dr_pipeline.shards.schema import layout_from_metadata
+from dr_pipeline.train.config import DataConfig, ForeignTeacher
+from dr_pipeline.train.data import JoinedDataset, StreamState, TrainStream
+from dr_pipeline.train.fake_reinforce import VIEW, image_embedding, make_fake_reinforced, text_embedding
+from dr_pipeline.train.sources import choose, make_plan
+from dr_pipeline.train.students import tokenize
+
+TEACHERS = [("ta", 8, 70.0), ("tb", 12, 60.0)]
+CAPTIONERS = ("c1", "c2")
+SPEC = AugSpec(n_aug=3, size=64)
+SIZE, CTX, SEED = 48, 32, 7          # student size differs from the generation size on purpose
+N_SHARDS, PER_SHARD = 3, 6
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    make_corpus(str(root / "corpus"), n_shards=N_SHARDS, per_shard=PER_SHARD, seed=0)
+    make_fake_reinforced(str(root / "corpus" / "tar"), str(root / "ds"), TEACHERS, CAPTIONERS, k=3,
+                         aug=SPEC, seed=3, drop_syn=4)
+    return root
+
+
+def _cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(**{"reinforced": str(root / "ds"), "num_workers": 0, **kw})
+
+
+def _epoch(cfg: DataConfig, rank=0, world=1, start=StreamState(), workers=0, epochs=1) -> list[dict]:
+    ds = JoinedDataset(make_plan(cfg), cfg, SEED, SIZE, CTX, rank, world, start, epochs=epochs)
+    if workers == 0:
+        items = list(ds)
+    else:
+        items = list(DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=lambda x: x))
+    return [it for it in items if "epoch_end" not in it]
+
+
+class Truth:
+    """Independent view of the data: base samples and reinforcement rows read directly."""
+
+    def __init__(self, root: Path):
+        self.base = {s.key: s for n in range(N_SHARDS)
+                     for s in iter_shard(str(root / "corpus" / "tar" / f"shard-{n:05d}.tar")) if isinstance(s, Sample)}
+        self.rows = {}
+        for n in range(N_SHARDS):
+            rows, meta = read_shard(str(root / "ds" / "shards" / f"shard-{n:05d}.parquet"))
+            for i, k in enumerate(rows.keys):
+                self.rows[k] = (rows, i)
+
+    def check(self, item: dict, size: int = SIZE) -> None:
+        key = item["key"]
+        rows, i = self.rows[key]
+        s = self.base[key]
+        a, js = item["aug_index"], item["syn_index"]
+        assert 0 <= a < SPEC.n_aug
+        img = Image.open(io.BytesIO(s.image))
+        params = augment.unpack(rows.aug_params[i])[a]
+        # the image is exactly the stored augmentation a, replayed at the student size
+        assert torch.equal(item["image"], augment.replay(img, params, size, SPEC))
+        pool = [(c, j) for c in CAPTIONERS for j in range(len(rows.syn[c][i]))]
+        c, j = pool[js]
+        assert item["caption"] == s.caption and item["syn_caption"] == rows.syn[c][i][j]
+        assert torch.equal(item["tokens"], tokenize([s.caption, rows.syn[c][i][j]], CTX))
+        for t, dim, _ in TEACHERS:
+            emb = item["teachers"][t]
+            assert torch.equal(emb[0], rows.image_emb[t][i, a].float())
+            assert torch.equal(emb[1], rows.text_emb[t][i].float())
+            assert torch.equal(emb[2], rows.syn_emb[t][c][i][j].float())
+            # ... and those rows really are the teachers' embeddings of this view and these captions
+            view = augment.replay(img, params, VIEW, SPEC)
+            torch.testing.assert_close(emb[0], image_embedding(t, dim, view), atol=1e-2, rtol=0)
+            torch.testing.assert_close(emb[1], text_embedding(t, dim, s.caption), atol=1e-2, rtol=0)
+            torch.testing.assert_close(emb[2], text_embedding(t, dim, item["syn_caption"]), atol=1e-2, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def truth(world):
+    return Truth(world)
+
+
+def test_sample_holds_rows_of_replayed_augmentation_and_chosen_captions(world, truth):
+    items = _epoch(_cfg(world))
+    assert len(items) == N_SHARDS * PER_SHARD and not [it for it in items if "skip" in it]
+    for it in items:
+        truth.check(it)
+        assert it["aug_index"] == choose(SEED, 0, it["key"], SPEC.n_aug, "aug")
+    # a row with a dropped synthetic caption (k_i < k) only offers the captions it has
+    short = [it for it in items if len(truth.rows[it["key"]][0].syn["c1"][truth.rows[it["key"]][1]]) == 2]
+    assert short
+    # choices are redrawn per epoch, deterministically
+    again = _epoch(_cfg(world), start=StreamState(epoch=1))
+    assert [it["key"] for it in again] != [it["key"] for it in items]   # shard order reshuffled
+    by_key = {it["key"]: it for it in again}
+    assert any(by_key[it["key"]]["aug_index"] != it["aug_index"] for it in items)
+    for it in again[:4]:
+        truth.check(it)
+    assert [(it["aug_index"], it["syn_index"]) for it in _epoch(_cfg(world))] == \
+           [(it["aug_index"], it["syn_index"]) for it in items]
+
+
+def test_choice_is_uniform():
+    counts = Counter(choose(0, e, f"k{i}", 5, "aug") for e in range(4) for i in range(2000))
+    assert set(counts) == set(range(5))
+    assert all(abs(c / 8000 - 0.2) < 0.02 for c in counts.values())
+
+
+def test_parquet_base_corpus_gives_the_same_samples(world):
+    via_tar = _epoch(_cfg(world))
+    via_parquet = _epoch(_cfg(world, base=str(world / "corpus" / "parquet")))
+    assert [it["key"] for it in via_parquet] == [it["key"] for it in via_tar]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(via_tar, via_parquet))
+
+
+def test_teacher_and_captioner_subset_by_id(world):
+    items = _epoch(_cfg(world, teachers=("tb",), captioners=("c2",)))
+    assert all(set(it["teachers"]) == {"tb"} for it in items)
+    assert all(it["syn_caption"].split()[2:3] == ["c2"] or "c2" in it["syn_caption"] for it in items)
+    with pytest.raises(ConfigError, match="not in the reinforced data"):
+        make_plan(_cfg(world, teachers=("nope",)))
+
+
+# --------------------------------------------------------------------------- DataCompDR tars
+
+def _export(world: Path, out: Path, member: str = "npz", poison_key: str | None = None) -> None:
+    out.mkdir(exist_ok=True)
+    for n in range(N_SHARDS):
+        rows, meta = read_shard(str(world / "ds" / "shards" / f"shard-{n:05d}.parquet"))
+        path = out / f"shard-{n:05d}.tar"
+        with open(path, "wb") as f:
+            write_datacompdr_tar(f, rows, meta)
+        if member == "npz" and poison_key is None:
+            continue
+        _rewrite_members(path, member, poison_key)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('DR_EVIL_MARKER', '/tmp/dr-evil')}",))
+
+
+def _rewrite_members(path: Path, member: str, poison_key: str | None) -> None:
+    """npz -> bf16 pth.gz (as released shards); the poisoned key gets a pickle payload."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            key, ext = m.name.split(".", 1)
+            if ext == "npz" and member == "pth.gz":
+                with np.load(io.BytesIO(data)) as z:
+                    obj = {k: torch.from_numpy(z[k]).to(torch.bfloat16) for k in z.files}
+                buf = io.BytesIO()
+                torch.save(_Evil() if key == poison_key else obj, buf)
+                data, m = gzip.compress(buf.getvalue()), tarfile.TarInfo(f"{key}.pth.gz")
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+
+
+def _tar_cfg(world: Path, tars: Path, **kw) -> DataConfig:
+    return DataConfig(reinforced=str(tars), base=str(world / "corpus" / "tar"), num_workers=0,
+                      foreign_teachers=tuple(ForeignTeacher(t, d, s) for t, d, s in TEACHERS), foreign_aug=SPEC, **kw)
+
+
+def test_datacompdr_tars_give_the_same_samples_as_parquet(world, truth, tmp_path):
+    _export(world, tmp_path / "npz")
+    ref = _epoch(_cfg(world))
+    got = _epoch(_tar_cfg(world, tmp_path / "npz"))
+    assert [it["key"] for it in got] == [it["key"] for it in ref]
+    for a, b in zip(got, ref):
+        assert (a["aug_index"], a["syn_index"], a["syn_caption"]) == (b["aug_index"], b["syn_index"], b["syn_caption"])
+        assert torch.equal(a["image"], b["image"])
+        for t, _, _ in TEACHERS:
+            assert torch.equal(a["teachers"][t], b["teachers"][t])
+    truth.check(got[0])
+    with pytest.raises(ConfigError, match="foreign_teachers"):
+        make_plan(DataConfig(reinforced=str(tmp_path / "npz"), base=str(world / "corpus" / "tar")))
+
+
+def test_released_bf16_pth_gz_loads_safely_and_pickle_is_refused(world, tmp_path, monkeypatch):
+    marker = tmp_path / "EXECUTED"
+    monkeypatch.setenv("DR_EVIL_MARKER", str(marker))
+    _export(world, tmp_path / "pth", member="pth.gz")
+    ref = _epoch(_cfg(world))
+    got = _epoch(_tar_cfg(world, tmp_path / "pth"))
+    assert [it["key"] for it in got] == [it["key"] for it in ref]
+    assert all(torch.equal(a["teachers"]["ta"], b["teachers"]["ta"]) for a, b in zip(got, ref))
+
+    first = sorted(k for k in Truth(world).rows if k.startswith("00001"))[2]   # 3rd sample of shard 1
+    _export(world, tmp_path / "evil", member="pth.gz", poison_key=first)
+    got = _epoch(_tar_cfg(world, tmp_path / "evil"))
+    assert not marker.exists()                                   # the payload never ran
+    skipped = Counter(it["skip"] for it in got if "skip" in it)
+    assert skipped == {"reinforcement_unreadable": PER_SHARD - 2}  # that sample and the rest of its shard
+    assert len([it for it in got if "skip" not in it]) == N_SHARDS * PER_SHARD - (PER_SHARD - 2)
+
+
+# --------------------------------------------------------------------------- skips
+
+def _damage(world: Path, out: Path) -> dict[str, str]:
+    """Copy the dataset; damage shard 0's rows in known ways. Returns key -> expected reason."""
+    shutil.copytree(world / "ds", out)
+    path = out / "shards" / "shard-00000.parquet"
+    rows, meta = read_shard(str(path))
+    k = rows.keys
+    expected = {k[0]: "missing_reinforcement", k[1]: "mismatched_image", k[2]: "mismatched_caption",
+                k[3]: "mismatched_syn_count", "ghost": "missing_base"}
+    keep = [i for i in range(len(rows)) if i != 0]
+    sub = dataclasses.replace(
+        rows, keys=[k[i] for i in keep] + ["ghost"], uids=[rows.uids[i] for i in keep] + ["ghost"],
+        urls=[rows.urls[i] for i in keep] + [None], image_sha256=[rows.image_sha256[i] for i in keep] + ["0" * 64],
+        widths=[rows.widths[i] for i in keep] + [10], heights=[rows.heights[i] for i in keep] + [10],
+        captions=[rows.captions[i] for i in keep] + ["x"],
+        aug_params=np.concatenate([rows.aug_params[keep], rows.aug_params[:1]]),
+        syn={c: [rows.syn[c][i] for i in keep] + [[]] for c in CAPTIONERS},
+        image_emb={t: torch.cat([v[keep], v[:1]]) for t, v in rows.image_emb.items()},
+        text_emb={t: torch.cat([v[keep], v[:1]]) for t, v in rows.text_emb.items()},
+        syn_emb={t: {c: [d[c][i] for i in keep] + [d[c][0][:0]] for c in CAPTIONERS} for t, d in rows.syn_emb.items()})
+    sub.image_sha256[0] = "f" * 64                                 # row of k[1]
+    sub.captions[1] = "a caption the teachers never saw"           # row of k[2]
+    sub.syn["c1"][2] = sub.syn["c1"][2][:-1]                       # row of k[3]: 1 caption, 2 embeddings... fewer
+    w = ShardWriter(str(path), layout_from_metadata(meta), meta)
+    w.write(sub)
+    w.close()
+    return expected
+
+
+def test_missing_and_mismatched_rows_are_counted_never_misaligned(world, truth, tmp_path):
+    expected = _damage(world, tmp_path / "ds")
+    (tmp_path / "ds" / "_markers" / "shard-00002.json").unlink()   # uncommitted: not read at all
+    cfg = DataConfig(reinforced=str(tmp_path / "ds"), num_workers=0)
+    plan = make_plan(cfg)
+    assert [p.name for p in plan.pairs] == ["shard-00000", "shard-00001"] and plan.base_only == ("shard-00002",)
+    items = _epoch(cfg)
+    skips = {it["key"]: it["skip"] for it in items if "skip" in it}
+    assert skips == expected
+    good = [it for it in items if "skip" not in it]
+    assert len(good) == 2 * PER_SHARD - 4
+    for it in good:
+        truth.check(it)
+    stream = TrainStream(plan, cfg, SEED, batch_size=4, image_size=SIZE, context_length=CTX)
+    batches = iter(stream)
+    for _ in range(2):
+        next(batches)
+    assert stream.skipped == Counter(expected.values())
+
+
+def test_no_usable_sample_raises_instead_of_hanging(world, tmp_path):
+    make_corpus(str(tmp_path / "other"), n_shards=N_SHARDS, per_shard=PER_SHARD, seed=1, formats=("tar",))
+    cfg = DataConfig(reinforced=str(world / "ds"), base=str(tmp_path / "other" / "tar"), num_workers=0)
+    stream = TrainStream(make_plan(cfg), cfg, SEED, batch_size=4, image_size=SIZE, context_length=CTX)
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        next(iter(stream))
+    # same keys, other images and captions: every row is refused, 3 epochs in a row
+    assert sum(stream.skipped.values()) == 3 * N_SHARDS * PER_SHARD
+    assert set(stream.skipped) <= {"mismatched_caption", "mismatched_image"}
+
+
+# --------------------------------------------------------------------------- sharding and order
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ranks_times_workers_cover_every_sample_once(world, world_size):
+    """3 shards; 2 ranks x 2 workers and 4 ranks x 2 workers (more workers than shards)."""
+    cfg = _cfg(world)
+    per_rank = [_epoch(cfg, rank=r, world=world_size, workers=2) for r in range(world_size)]
+    keys = [it["key"] for items in per_rank for it in items]
+    assert sorted(keys) == sorted(Truth(world).base) and len(set(keys)) == len(keys)
+    assert all(per_rank)
+    for r in range(world_size):   # the worker count does not change a rank's sequence
+        assert [it["key"] for it in _epoch(cfg, rank=r, world=world_size, workers=0)] == \
+               [it["key"] for it in per_rank[r]]
+
+
+@pytest.mark.timeout(120)
+def test_resampled_mode_feeds_every_rank_of_a_large_world(world):
+    cfg = _cfg(world, resampled=True)
+    plan = make_plan(cfg)
+    for rank in (0, 7):
+        stream = iter(TrainStream(plan, cfg, SEED, batch_size=4, image_size=SIZE, context_length=CTX,
+                                  rank=rank, world=16))
+        batches = [next(stream)[0]["keys"] for _ in range(12)]   # > one pass over the data
+        assert len({k for b in batches for k in b}) > PER_SHARD
+
+
+@pytest.mark.timeout(120)
+def test_stream_state_restarts_exactly_after_the_last_batch(world):
+    cfg = _cfg(world)
+    plan = make_plan(cfg)
+    full = iter(TrainStream(plan, cfg, SEED, batch_size=5, image_size=SIZE, context_length=CTX))
+    seen = [next(full) for _ in range(6)]              # 30 samples: crosses an epoch boundary (18 / epoch)
+    state = seen[3][1]
+    resumed = iter(TrainStream(plan, dataclasses.replace(cfg, num_workers=2), SEED, batch_size=5,
+                               image_size=SIZE, context_length=CTX, state=state))
+    for want, _ in seen[4:]:
+        got, _ = next(resumed)
+        assert got["keys"] == want["keys"]
+        assert torch.equal(got["image"], want["image"])
+        assert torch.equal(got["teachers"]["ta"], want["teachers"]["ta"])

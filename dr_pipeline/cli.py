@@ -54,7 +54,12 @@ def cmd_reinforce(a: argparse.Namespace) -> int:
     if report.failed:
         print(f"{len(report.failed)} shard(s) failed:", file=sys.stderr)
         for f in report.failed:
-            print(f"  {f['shard']}: {f['error']} ({f['attempts']} attempts)", file=sys.stderr)
+            kind = ", permanent: not retried" if f.get("permanent") else ""
+            print(f"  {f['shard']}: {f['error']} ({f['attempts']} attempt(s){kind})", file=sys.stderr)
+    if report.error:
+        print(f"error: {report.error}", file=sys.stderr)
+    if not report.ok:
+        print("rerun the same command to retry what is missing (committed shards are kept)", file=sys.stderr)
         return 1
     return 0
 
@@ -113,10 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("reinforce", help="run a reinforcement job (Ray)")
     s.add_argument("--config", required=True, help="jobs/configs/<job>.yaml")
-    s.add_argument("--address", help="Ray cluster address (default: the job's, else a local Ray)")
+    s.add_argument("--address", help="Ray cluster address: 'auto', host:port or ray://host:port "
+                                     "(default: the job's, else $RAY_ADDRESS, else a new local Ray)")
     s.add_argument("--output", help="override output.path")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--force", action="store_true", help="redo a dataset made by a different config")
+    s.add_argument("--force", action="store_true",
+                   help="redo a dataset made by a different config (its shards are uncommitted, then rewritten); "
+                        "without it a changed config is refused: use --output for a new location")
     s.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
     s.set_defaults(fn=cmd_reinforce)
 

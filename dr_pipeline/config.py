@@ -78,6 +78,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _sub(where: str, name: str) -> str:
+    """'job.yaml' + 'aug' -> 'job.yaml: aug'; 'job.yaml: aug' + 'n_aug' -> 'job.yaml: aug.n_aug'."""
+    if not where:
+        return name
+    return f"{where}: {name}" if where.endswith((".yaml", ".yml")) else f"{where}.{name}"
+
+
 def from_dict(cls: type, data: dict, where: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys are an error, never ignored."""
     hints = typing.get_type_hints(cls)
@@ -90,7 +97,7 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         raise ConfigError(f"{where or cls.__name__}: unknown key '{k}'{hint}")
     kwargs = {}
     for f in dataclasses.fields(cls):
-        sub = f"{where}.{f.name}" if where else f.name
+        sub = _sub(where, f.name)
         if f.name in data:
             kwargs[f.name] = _convert(hints[f.name], data[f.name], sub)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
@@ -319,14 +326,18 @@ class CaptionSpec:
 @dataclass(frozen=True)
 class ExecutionSpec:
     """How the job runs. Nothing here changes the output bytes, so it is not in the config hash."""
-    address: str | None = None        # None: start a local Ray; "auto" or ray://... for a cluster
+    address: str | None = None        # None: a new local Ray (or $RAY_ADDRESS); "auto" / host:port / ray://... for a cluster
     num_cpus: int | None = None       # for a local Ray instance
-    min_actors: int = 1
-    max_actors: int = 2
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
+    num_gpus: int | None = None       # for a local Ray instance (None: what Ray detects)
+    min_actors: int = 1               # fewer ready actors than this for actor_start_timeout_s fails the job
+    max_actors: int = 2               # actors asked for (capped by the number of shards to do)
+    cpus_per_actor: float = 1.0       # Ray resources per model actor; also its torch threads
+    gpus_per_actor: float = 0.0       # 1 = one actor per GPU; 0.5 = two actors share a GPU
+    actor_start_timeout_s: float = 600.0   # how long the pool may stay below min_actors (placement, autoscaling)
     batch_size: int = 32
-    max_attempts: int = 3
+    max_attempts: int = 3             # per shard, counting the first; permanent errors (403/404) get one
+    io_attempts: int = 6              # per storage call on transient errors (backoff with jitter)
+    io_backoff_s: float = 0.5         # first backoff ceiling; doubles per retry (capped at 20 s)
     device: str = "auto"              # auto | cpu | cuda
     decode_threads: int = 2
 
@@ -337,6 +348,10 @@ class ExecutionSpec:
             raise ConfigError("execution: need 1 <= min_actors <= max_actors")
         if self.max_attempts < 1:
             raise ConfigError("execution.max_attempts must be >= 1")
+        if self.io_attempts < 1 or self.io_backoff_s < 0:
+            raise ConfigError("execution: need io_attempts >= 1 and io_backoff_s >= 0")
+        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.actor_start_timeout_s <= 0:
+            raise ConfigError("execution: need cpus_per_actor >= 0, gpus_per_actor >= 0, actor_start_timeout_s > 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"execution.device must be auto, cpu or cuda (got {self.device!r})")
 

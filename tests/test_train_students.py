@@ -17,19 +17,24 @@ def test_image_towers_have_the_published_sizes(arch):
     assert n == pytest.approx(PUBLISHED[arch], rel=0.005)
 
 
-@pytest.mark.parametrize("arch,size", [("tiny", 64), ("mci0", 64)])
-def test_reparameterized_student_matches_the_unfused_one(arch, size):
-    spec = resolve_spec(StudentConfig(arch=arch, image_size=size))
-    model = build_student(spec, seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():   # move weights and BatchNorm statistics away from their init values
-        for p in model.visual.parameters():
+def _perturb(module: torch.nn.Module, g: torch.Generator) -> None:
+    """Move weights and BatchNorm statistics away from their init values (fusion must use them)."""
+    with torch.no_grad():
+        for p in module.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-        for name, b in model.visual.named_buffers():
+        for name, b in module.named_buffers():
             if name.endswith("running_mean"):
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
             elif name.endswith("running_var"):
                 b.copy_(0.5 + torch.rand(b.shape, generator=g))
+
+
+def test_reparameterized_student_matches_the_unfused_one():
+    spec = resolve_spec(StudentConfig(arch="tiny", image_size=64))
+    size = spec.image_size
+    model = build_student(spec, seed=0)
+    g = torch.Generator().manual_seed(0)
+    _perturb(model.visual, g)
     model.eval()
     images = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=g)
     tokens = tokenize(["a red circle", "a blue square", "a green star on the left"], spec.context_length)
@@ -44,6 +49,24 @@ def test_reparameterized_student_matches_the_unfused_one(arch, size):
     assert not fused.training
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_reparameterized_mci0_image_tower_matches_the_unfused_one():
+    from timm.utils import reparameterize_model
+
+    from dr_pipeline.train.students import VisualTower
+
+    tower = VisualTower(resolve_spec(StudentConfig(arch="mci0")))
+    g = torch.Generator().manual_seed(1)
+    _perturb(tower, g)
+    tower.eval()
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        before = tower(x)
+        fused = reparameterize_model(tower)        # a copy, as Student.reparameterize does
+        after = fused(x)
+    assert sum(p.numel() for p in fused.parameters()) < sum(p.numel() for p in tower.parameters())
+    torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-4)
 
 
 def test_mci0_student_state_dict_loads_into_open_clip_mobileclip2_s0():

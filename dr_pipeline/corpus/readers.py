@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
+from dr_pipeline.execute.retry import PermanentError
+
 SHARD_EXTENSIONS = (".tar", ".parquet")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tar member suffixes, in priority order
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image")    # parquet columns, in priority order
@@ -59,8 +61,10 @@ class ShardReadError(RuntimeError):
     """The shard cannot be read at all; the message names the URL and the problem."""
 
 
-class PermanentShardError(ShardReadError):
-    """A ShardReadError that retrying cannot fix (missing file, not a tar/Parquet, wrong schema)."""
+class PermanentShardError(ShardReadError, PermanentError):
+    """A ShardReadError that retrying cannot fix (missing file, not a tar/Parquet, wrong schema).
+
+    Also a ``retry.PermanentError``, so storage retries and the runner never retry it."""
 
 
 def clean_caption(text: str | None, meta: dict | None = None) -> str | None:

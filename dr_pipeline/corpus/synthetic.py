@@ -97,6 +97,8 @@ def _background(kind: str, rgb: tuple[int, int, int], w: int, h: int,
         step = int(rng.integers(10, 20))
         d = np.hypot(xx % step - step / 2, yy % step - step / 2)
         mix = (d < step / 5).astype(np.float32)
+    elif kind == "noise":          # split corpora only (SPLIT_BACKGROUNDS): a grainy texture
+        mix = rng.random((h, w), dtype=np.float32) * 0.6
     else:
         raise ValueError(f"unknown background {kind!r}")
     pixels = base + mix[..., None] * (alt - base)
@@ -246,4 +248,257 @@ def make_corpus(out_dir: str, n_shards: int = 4, per_shard: int = 32, seed: int 
             with fsspec.open(url, "wb", **so) as f:
                 (_write_tar if fmt == "tar" else _write_parquet)(f, samples)
             written[fmt].append(url)
+    return [u for fmt in formats for u in written[fmt]]
+
+
+# =========================================================================== splits
+# The splits of the learning-efficiency experiment (`dr make-corpus --split clean|web|test`):
+#
+#   clean  accurate compositional captions: what the teachers and the captioner learn from
+#          (stands in for DFN-2B / MSCOCO-38k);
+#   web    the base corpus to reinforce: other images, captions corrupted like alt-text by
+#          ``WebNoise`` (attributes missing, wrong or replaced by unrelated words, objects
+#          left out, boilerplate added, some captions unrelated to the image);
+#   test   held out: single-object images in a ``zeroshot/<colour>_<shape>/`` folder for
+#          zero-shot classification (96 classes; `dr eval` reads the layout) plus shards of
+#          multi-object scenes with clean captions for retrieval.
+#
+# Every split draws from its own RNG stream (seed, split, shard, idx), so no image repeats
+# across splits and ``make_corpus`` above is untouched. Split images are square-ish
+# (128-176 px, aspect 0.9-1.1) so a centre crop keeps every object, objects are a little
+# larger than in the demo corpus, backgrounds add a noise texture, and JPEG quality varies.
+
+SPLITS = ("clean", "web", "test")
+_STREAM = {"clean": 101, "web": 102, "test": 103, "zeroshot": 104}
+_NOISE_STREAM = 7
+SPLIT_SIDE = (128, 176)
+SPLIT_ASPECT = (0.9, 1.1)
+SPLIT_BACKGROUNDS = BACKGROUNDS + ("noise",)
+SPLIT_RADIUS = {"small": 0.11, "large": 0.18}
+SPLIT_JPEG_QUALITY = {"clean": (80, 95), "web": (50, 90), "test": (80, 95), "zeroshot": (80, 95)}
+ZEROSHOT_DIR = "zeroshot"
+ZEROSHOT_LABELS = "zeroshot.jsonl"
+
+# Alt-text boilerplate. None of these words is a colour, shape, size or position word, so a
+# caption's attribute words always come from the scene (or from a designed "wrong" draw).
+JUNK_CAPTIONS = (
+    "click here to download", "free shipping on all orders", "home page banner", "untitled design",
+    "our team at the annual meeting", "view from the hotel room", "best deals of the week",
+    "wedding invitation card", "a man riding a bike on the street", "sunset over the ocean",
+    "cute dog playing in the park", "fresh vegetables at the market", "new collection now available",
+    "photo by the author", "a cup of coffee on a table", "map of the city", "image not available",
+    "summer sale up to fifty percent off", "family vacation photos", "screenshot of the app",
+)
+JUNK_WORDS = ("vector", "stock", "icon", "logo", "clipart", "hd", "wallpaper", "png", "design",
+              "art", "image", "free", "template", "abstract", "illustration", "sticker")
+GENERIC_NOUNS = ("shape", "object", "thing", "figure")
+AFFIXES = ("stock illustration", "free vector", "hd wallpaper", "clip art", "icon set",
+           "royalty free image", "download png", "graphic design element", "img 2041", "photo 17")
+AFFIX_SEP = " - "
+
+
+@dataclass(frozen=True)
+class AttrNoise:
+    """How one attribute of an object phrase is corrupted: left out, replaced by another value
+    of the same kind (wrong), or replaced by an unrelated word (junk); correct otherwise."""
+    missing: float = 0.0
+    wrong: float = 0.0
+    junk: float = 0.0
+
+    @property
+    def correct(self) -> float:
+        return 1.0 - self.missing - self.wrong - self.junk
+
+    def __post_init__(self) -> None:
+        if min(self.missing, self.wrong, self.junk) < 0 or self.correct < -1e-12:
+            raise ValueError(f"noise rates must be >= 0 and sum to <= 1: {self}")
+
+
+@dataclass(frozen=True)
+class WebNoise:
+    """The web split's caption noise. ``unrelated``: the caption is boilerplate about something
+    else. Otherwise every object after the first is left out with ``drop_object``, and each of
+    its attributes is corrupted per its ``AttrNoise`` (a missing shape becomes a generic noun,
+    "shape"/"thing"); the background phrase is left out (``background.missing``) or names a
+    wrong colour; ``affix`` adds alt-text boilerplate before or after the caption."""
+    unrelated: float = 0.2
+    drop_object: float = 0.3
+    colour: AttrNoise = AttrNoise(missing=0.2, wrong=0.1, junk=0.05)
+    shape: AttrNoise = AttrNoise(missing=0.15, wrong=0.1, junk=0.05)
+    size: AttrNoise = AttrNoise(missing=0.5, wrong=0.1)
+    position: AttrNoise = AttrNoise(missing=0.5, wrong=0.1)
+    background: AttrNoise = AttrNoise(missing=0.6, wrong=0.1)
+    affix: float = 0.4
+
+
+DEFAULT_WEB_NOISE = WebNoise()
+
+
+def _noisy(rng: np.random.Generator, noise: AttrNoise, value: str, choices: Sequence[str],
+           junk: Sequence[str]) -> tuple[str, str | None]:
+    """(outcome, word): outcome in correct/missing/wrong/junk. Always two draws (fixed stream use)."""
+    r, pick = rng.random(), rng.random()
+    if r < noise.missing:
+        return "missing", None
+    if r < noise.missing + noise.wrong:
+        others = [c for c in choices if c != value]
+        return "wrong", others[int(pick * len(others))]
+    if r < noise.missing + noise.wrong + noise.junk:
+        return "junk", junk[int(pick * len(junk))]
+    return "correct", value
+
+
+def web_caption(attrs: SceneAttrs, rng: np.random.Generator, noise: WebNoise = DEFAULT_WEB_NOISE) -> str:
+    """A noisy alt-text-like caption of the scene (see ``WebNoise``)."""
+    if rng.random() < noise.unrelated:
+        return JUNK_CAPTIONS[int(rng.integers(len(JUNK_CAPTIONS)))]
+    phrases = []
+    for i, o in enumerate(attrs.objects):
+        if i > 0 and rng.random() < noise.drop_object:
+            continue
+        _, size = _noisy(rng, noise.size, o.size, SIZES, JUNK_WORDS)
+        _, colour = _noisy(rng, noise.colour, o.colour, list(COLOURS), JUNK_WORDS)
+        kind, shape = _noisy(rng, noise.shape, o.shape, SHAPES, JUNK_WORDS)
+        if kind == "missing":
+            shape = GENERIC_NOUNS[int(rng.integers(len(GENERIC_NOUNS)))]
+        _, pos = _noisy(rng, noise.position, o.position, POSITIONS, ())
+        words = ["a"] + [w for w in (size, colour, shape) if w] + ([_PHRASES[pos]] if pos else [])
+        phrases.append(" ".join(words))
+    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    _, bg = _noisy(rng, noise.background, attrs.background_colour, list(COLOURS), ())
+    if bg:
+        text += f", on a plain {bg} background" if attrs.background == "plain" else f", on a {bg} {attrs.background} background"
+    if rng.random() < noise.affix:
+        affix = AFFIXES[int(rng.integers(len(AFFIXES)))]
+        text = f"{affix}{AFFIX_SEP}{text}" if rng.random() < 0.5 else f"{text}{AFFIX_SEP}{affix}"
+    return text
+
+
+def render_split_scene(rng: np.random.Generator, width: int, height: int,
+                       force: tuple[str, str] | None = None) -> tuple[Image.Image, SceneAttrs, list[dict]]:
+    """One split scene: (image, attributes, per-object geometry {cx, cy, r} in pixels).
+
+    ``force=(colour, shape)`` draws a single object of that colour and shape (zero-shot test
+    images); otherwise 1-3 objects at distinct positions. Object colours differ from the
+    background colour, so the object is always visible.
+    """
+    colours = list(COLOURS)
+    if force is not None:
+        f_colour, f_shape = force
+        bgs = [c for c in colours if c != f_colour]
+        bg_colour = bgs[int(rng.integers(len(bgs)))]
+    else:
+        bg_colour = colours[int(rng.integers(len(colours)))]
+    bg_kind = SPLIT_BACKGROUNDS[int(rng.integers(len(SPLIT_BACKGROUNDS)))]
+    n = 1 if force is not None else int(rng.integers(1, 4))
+    positions = rng.choice(len(POSITIONS), size=n, replace=False)
+    fg = [c for c in colours if c != bg_colour]
+    objects = []
+    for p in positions:
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        colour = fg[int(rng.integers(len(fg)))]
+        size = SIZES[int(rng.integers(len(SIZES)))]
+        if force is not None:
+            colour, shape = force
+        objects.append(ShapeAttrs(shape=shape, colour=colour, size=size, position=POSITIONS[int(p)]))
+    attrs = SceneAttrs(objects=tuple(objects), background_colour=bg_colour, background=bg_kind)
+    img = _background(bg_kind, COLOURS[bg_colour], width, height, rng)
+    draw = ImageDraw.Draw(img)
+    m = min(width, height)
+    geometry = []
+    for o in objects:
+        fx, fy = _CENTRES[o.position]
+        jx, jy = rng.uniform(-0.04, 0.04, size=2)
+        cx, cy, r = (fx + jx) * width, (fy + jy) * height, SPLIT_RADIUS[o.size] * m
+        _draw_shape(draw, o.shape, cx, cy, r, COLOURS[o.colour])
+        geometry.append({"cx": round(float(cx), 3), "cy": round(float(cy), 3), "r": round(float(r), 3)})
+    return img, attrs, geometry
+
+
+def _split_size(rng: np.random.Generator) -> tuple[int, int]:
+    side = int(rng.integers(SPLIT_SIDE[0], SPLIT_SIDE[1] + 1))
+    aspect = float(rng.uniform(*SPLIT_ASPECT))
+    return side, int(np.clip(round(side * aspect), SPLIT_SIDE[0], SPLIT_SIDE[1]))
+
+
+def _jpeg(img: Image.Image, rng: np.random.Generator, stream: str) -> bytes:
+    lo, hi = SPLIT_JPEG_QUALITY[stream]
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(rng.integers(lo, hi + 1)))
+    return buf.getvalue()
+
+
+def make_split_sample(split: str, seed: int, shard: int, idx: int,
+                      noise: WebNoise = DEFAULT_WEB_NOISE) -> dict:
+    """One sample of a split, same fields as ``make_sample``. The label (json) always holds the
+    true attributes and geometry; only a web sample's caption is noisy (its clean caption is in
+    ``label["clean_caption"]``). Captions use a noise RNG of their own, so a web image does not
+    depend on the noise rates."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    rng = np.random.default_rng([seed, _STREAM[split], shard, idx])
+    width, height = _split_size(rng)
+    img, attrs, geometry = render_split_scene(rng, width, height)
+    clean = caption_for(attrs)
+    caption = clean
+    if split == "web":
+        caption = web_caption(attrs, np.random.default_rng([seed, _STREAM[split], shard, idx, _NOISE_STREAM]), noise)
+    key = sample_key(shard, idx)
+    uid = sample_uid(seed, f"{split}:{key}")
+    label = {**attrs.to_dict(), "geometry": geometry, "split": split, "clean_caption": clean}
+    return {"key": key, "uid": uid, "url": f"https://synthetic.example/{split}/{uid}.jpg",
+            "caption": caption, "jpg": _jpeg(img, rng, split), "width": width, "height": height,
+            "label": label}
+
+
+def zeroshot_classes() -> list[tuple[str, str]]:
+    """The 96 (colour, shape) classes of the zero-shot test set, in folder-name order."""
+    return sorted(((c, s) for c in COLOURS for s in SHAPES), key=lambda cs: f"{cs[0]}_{cs[1]}")
+
+
+def make_zeroshot_sample(seed: int, cls: int, j: int) -> dict:
+    """Image ``j`` of zero-shot class ``cls``: one object of that colour and shape, everything
+    else (size, position, background, image size) random."""
+    colour, shape = zeroshot_classes()[cls]
+    rng = np.random.default_rng([seed, _STREAM["zeroshot"], cls, j])
+    width, height = _split_size(rng)
+    img, attrs, geometry = render_split_scene(rng, width, height, force=(colour, shape))
+    key = f"zs{cls:03d}{j:04d}"
+    return {"key": key, "class": f"{colour}_{shape}", "jpg": _jpeg(img, rng, "zeroshot"),
+            "width": width, "height": height, "caption": caption_for(attrs),
+            "label": {**attrs.to_dict(), "geometry": geometry}}
+
+
+def make_split(split: str, out_dir: str, n_shards: int = 4, per_shard: int = 256, seed: int = 0,
+               formats: Sequence[str] = ("tar", "parquet"), per_class: int = 4,
+               noise: WebNoise = DEFAULT_WEB_NOISE, storage_options: dict | None = None) -> list[str]:
+    """Write a split: shards under ``{out_dir}/{tar,parquet}/`` as ``make_corpus`` lays them out;
+    for ``test`` also ``{out_dir}/zeroshot/<colour>_<shape>/<key>.jpg`` (``per_class`` images per
+    class, all 96 classes) and ``{out_dir}/zeroshot.jsonl`` (key, class, label, geometry).
+    Returns the written shard URLs (tar first, then parquet)."""
+    unknown = set(formats) - {"tar", "parquet"}
+    if unknown:
+        raise ValueError(f"unknown formats {sorted(unknown)}; expected 'tar' and/or 'parquet'")
+    so = storage_options or {}
+    out = out_dir.rstrip("/")
+    written: dict[str, list[str]] = {fmt: [] for fmt in formats}
+    for shard in range(n_shards):
+        samples = [make_split_sample(split, seed, shard, i, noise) for i in range(per_shard)]
+        for fmt in formats:
+            url = f"{out}/{fmt}/shard-{shard:05d}.{fmt}"
+            with fsspec.open(url, "wb", **so) as f:
+                (_write_tar if fmt == "tar" else _write_parquet)(f, samples)
+            written[fmt].append(url)
+    if split == "test" and per_class > 0:
+        lines = []
+        for cls, (colour, shape) in enumerate(zeroshot_classes()):
+            for j in range(per_class):
+                s = make_zeroshot_sample(seed, cls, j)
+                with fsspec.open(f"{out}/{ZEROSHOT_DIR}/{s['class']}/{s['key']}.jpg", "wb", **so) as f:
+                    f.write(s["jpg"])
+                lines.append(json.dumps({"key": s["key"], "class": s["class"], "width": s["width"],
+                                         "height": s["height"], "caption": s["caption"], "label": s["label"]},
+                                        sort_keys=True))
+        with fsspec.open(f"{out}/{ZEROSHOT_LABELS}", "w", **so) as f:
+            f.write("\n".join(lines) + "\n")
     return [u for fmt in formats for u in written[fmt]]

@@ -9,6 +9,7 @@ overlaps with model compute through a small bounded queue, so memory stays bound
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import queue
@@ -26,6 +27,7 @@ from dr_pipeline import augment
 from dr_pipeline.config import EnsembleSpec, JobConfig, to_dict
 from dr_pipeline.corpus.readers import Rejected, Sample, clean_caption, iter_shard, shard_name
 from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.execute.retry import PermanentError, RetryPolicy, describe, is_permanent, redact_url, retry_call
 from dr_pipeline.images import MAX_IMAGE_PIXELS, ImageRejected, decode_image  # noqa: F401 (re-export)
 from dr_pipeline.models.captioner import Captioner, load_captioner
 from dr_pipeline.models.teachers import Teacher, load_teacher
@@ -143,6 +145,20 @@ class ShardProcessor:
             if pending or batch.rejected:
                 yield flush()
 
+    def _opened(self, url: str) -> Iterator[Batch]:
+        """``batches(url)`` whose start (open + first batch) is retried on transient storage
+        errors with backoff: until a batch is handed out nothing is consumed, so starting
+        over is safe. A failure later in the shard fails the attempt (the runner retries it)."""
+        def start() -> Iterator[Batch]:
+            it = self.batches(url)
+            try:
+                first = next(it)
+            except StopIteration:
+                return iter(())
+            return itertools.chain([first], it)
+        ex = self.job.execution
+        return retry_call(start, f"read {redact_url(url)}", RetryPolicy(ex.io_attempts, ex.io_backoff_s))
+
     def prefetched(self, url: str, depth: int = 2) -> Iterator[Batch]:
         """``batches(url)`` run ahead in a background thread so decoding overlaps model compute."""
         q: queue.Queue = queue.Queue(maxsize=depth)
@@ -151,7 +167,7 @@ class ShardProcessor:
 
         def run() -> None:
             try:
-                for b in self.batches(url):
+                for b in self._opened(url):
                     while not stop.is_set():
                         try:
                             q.put(b, timeout=0.1)
@@ -231,9 +247,12 @@ class ShardProcessor:
                     writer.write(self.reinforce(batch.prepared, captions_rejected))
                     written.update(p.key for p in batch.prepared)
             writer.close()
-        except BaseException:
+        except BaseException as e:
             writer.close()
             _unlink(tmp)
+            if isinstance(e, Exception) and not isinstance(e, PermanentError) and is_permanent(e):
+                # say "do not retry" in a form that survives the trip to the driver
+                raise PermanentError(f"{name}: {describe(e)}") from e
             raise
         stats = {
             "schema_version": SCHEMA_VERSION, "shard": name, "input_url": url, "config_hash": config_hash,
@@ -244,7 +263,10 @@ class ShardProcessor:
             "seconds": round(time.time() - t0, 3),
         }
         assert stats["n_read"] == stats["n_written"] + stats["n_rejected"], stats
-        return dataset.commit(name, tmp, stats)
+        try:
+            return dataset.commit(name, tmp, stats)
+        finally:
+            _unlink(tmp)
 
 
 def _unlink(path: str) -> None:

@@ -177,7 +177,8 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
 
 def _check_fields(who: str, spec: TeacherSpec | CaptionerSpec) -> None:
     if spec.interpolation not in INTERPOLATIONS:
-        raise ConfigError(f"{who}: interpolation '{spec.interpolation}' is not one of {', '.join(INTERPOLATIONS)}")
+        raise ConfigError(f"{who}: unknown interpolation '{spec.interpolation}' "
+                          f"(set interpolation: to one of {', '.join(INTERPOLATIONS)})")
     if any(not s > 0 for s in spec.std):
         raise ConfigError(f"{who}: std {list(spec.std)} must be > 0 per channel (use [1, 1, 1] for no scaling)")
     if isinstance(spec, TeacherSpec) and not spec.logit_scale > 0:

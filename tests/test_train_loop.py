@@ -1,0 +1,208 @@
+"""dr train / dr eval: loss goes down, exact resume, DDP on two gloo ranks, configs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dr_pipeline.config import AugSpec, ConfigError
+from dr_pipeline.corpus.synthetic import make_corpus
+from dr_pipeline.train.checkpoint import load_checkpoint, resolve
+from dr_pipeline.train.config import DataConfig, OptimConfig, StudentConfig, TrainConfig, load_train_config
+from dr_pipeline.train.evaluate import eval_main
+from dr_pipeline.train.fake_reinforce import make_fake_reinforced
+from dr_pipeline.train.loop import lr_at, train, train_main
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small reinforced dataset in the project's layout: 3 shards x 8 samples, two teachers."""
+    root = tmp_path_factory.mktemp("train-loop")
+    make_corpus(str(root / "corpus"), n_shards=3, per_shard=8, seed=0, formats=("tar",))
+    make_fake_reinforced(str(root / "corpus" / "tar"), str(root / "ds"), [("ta", 16, 70.0), ("tb", 24, 60.0)],
+                         captioners=("coca",), k=2, aug=AugSpec(n_aug=2, size=64), seed=1)
+    return root
+
+
+def _cfg(dataset: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(out_dir=str(out), steps=6, batch_size=4, seed=0, checkpoint_every=3, log_every=1,
+                student=StudentConfig(arch="tiny", image_size=32),
+                data=DataConfig(reinforced=str(dataset / "ds"), num_workers=0),
+                optim=OptimConfig(lr=2e-3, min_lr=1e-5, warmup_steps=2, weight_decay=0.1, ema_decay=0.9))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            _assert_same_state(a[k], b[k])
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_resume_after_k_steps_reproduces_the_uninterrupted_run(dataset, tmp_path):
+    full = train(_cfg(dataset, tmp_path / "a"))
+    assert full.step == 6 and len(full.losses) == 6
+
+    cfg = _cfg(dataset, tmp_path / "b")
+    first = train(cfg, stop_after=3)                                    # "preempted" after the step-3 checkpoint
+    assert first.step == 3
+    rest = train(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=2)), resume="latest")
+    assert rest.step == 6
+    assert first.losses + rest.losses == full.losses                   # bit-identical steps
+    a = load_checkpoint(resolve(str(tmp_path / "a")))
+    b = load_checkpoint(resolve(str(tmp_path / "b")))
+    for part in ("model", "ema", "data"):
+        _assert_same_state(a[part], b[part])
+    _assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def _dr(*args: str) -> int:
+    """``dr ...`` through the CLI when it has the sub-command, else the function it wires."""
+    from dr_pipeline import cli
+
+    sub = cli.build_parser()._subparsers._group_actions[0].choices   # noqa: SLF001
+    if args[0] in sub:
+        return cli.main(list(args))
+    opts = dict(zip(args[1::2], args[2::2]))
+    if args[0] == "train":
+        return train_main(opts["--config"], opts.get("--resume"))
+    return eval_main(opts["--checkpoint"], opts["--data"], opts.get("--out"))
+
+
+def _plain(obj) -> bool:
+    if isinstance(obj, dict):
+        return all(isinstance(k, (str, int)) and _plain(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_plain(v) for v in obj)
+    return obj is None or isinstance(obj, (torch.Tensor, str, int, float, bool))
+
+
+def test_dr_train_reduces_the_loss_and_dr_eval_loads_its_checkpoint(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = {"out_dir": str(out), "steps": 24, "batch_size": 8, "seed": 0, "log_every": 1, "checkpoint_every": 8,
+              "keep_checkpoints": 2, "student": {"arch": "tiny", "image_size": 32},
+              "data": {"reinforced": str(dataset / "ds"), "exclude_shards": ["shard-00002"], "num_workers": 0},
+              "loss": {"lam": 0.5, "gt_weight": 1.0, "syn_weight": 1.0},
+              "optim": {"lr": 3e-3, "min_lr": 1e-5, "warmup_steps": 3, "weight_decay": 0.1}}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert _dr("train", "--config", str(path)) == 0
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    losses = [r["loss"] for r in rows]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert all(r["contrastive_loss"] + r["distill_loss"] == pytest.approx(r["loss"]) for r in rows)
+    assert rows[0]["lr"] < rows[2]["lr"] and rows[-1]["lr"] < rows[10]["lr"]      # warmup, then decay
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["step-00000016.pt", "step-00000024.pt"]
+    raw = torch.load(out / "checkpoints" / "step-00000024.pt", weights_only=True)  # nothing pickled
+    assert _plain(raw) and raw["step"] == 24
+
+    report = tmp_path / "eval.json"
+    assert _dr("eval", "--checkpoint", str(out), "--data", str(dataset / "corpus" / "tar" / "shard-00002.tar"),
+               "--out", str(report)) == 0
+    res = json.loads(report.read_text())
+    assert res["step"] == 24 and res["retrieval"]["n"] == 8
+    for k in ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5"):
+        assert 0.0 <= res["retrieval"][k] <= 1.0
+    assert res["retrieval"]["image_to_text_R@5"] >= res["retrieval"]["image_to_text_R@1"]
+    assert set(res["zeroshot"]) <= {"shape", "colour"} and res["zeroshot"]
+    assert "R@1" in capsys.readouterr().out
+
+
+def test_lr_schedule_warmup_then_cosine_to_min_lr():
+    o = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    assert lr_at(0, o, 100) == pytest.approx(1e-4) and lr_at(9, o, 100) == pytest.approx(1e-3)
+    assert lr_at(10, o, 100) == pytest.approx(1e-3)
+    assert lr_at(55, o, 100) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert lr_at(100, o, 100) == pytest.approx(1e-5)
+    decay = [lr_at(s, o, 100) for s in range(10, 101)]
+    assert decay == sorted(decay, reverse=True)
+
+
+def test_train_configs_in_jobs_load_and_typos_are_refused(tmp_path):
+    paths = sorted((REPO / "jobs" / "configs").glob("train-*.yaml"))
+    assert {p.name for p in paths} >= {"train-tiny.yaml", "train-mci0-dfndr.yaml"}
+    for p in paths:
+        load_train_config(p)
+    dfndr = load_train_config(REPO / "jobs" / "configs" / "train-mci0-dfndr.yaml")
+    assert (dfndr.optim.betas, dfndr.optim.weight_decay, dfndr.optim.ema_decay) == ((0.9, 0.95), 0.2, 0.9995)
+    assert [t.logit_scale for t in dfndr.data.foreign_teachers] == [70.0, 60.0] and dfndr.loss.lam == 1.0
+    bad = yaml.safe_load((REPO / "jobs" / "configs" / "train-tiny.yaml").read_text())
+    bad["optim"]["warmup_step"] = 5
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="did you mean 'warmup_steps'"):
+        load_train_config(tmp_path / "bad.yaml")
+
+
+def test_resume_from_a_missing_checkpoint_is_a_clear_error(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(_cfg(dataset, tmp_path / "c"), resume=str(tmp_path / "nowhere"))
+
+
+# --------------------------------------------------------------------------- DDP, two gloo ranks
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank: int, world: int, port: int, cfg: TrainConfig, resume: str | None, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from dr_pipeline.train import loop
+
+    captured = {}
+    orig = loop.Trainer.run
+
+    def run(self, stop_after=None):
+        res = orig(self, stop_after)
+        captured.update({k: v.detach().clone() for k, v in self.student.named_parameters()})
+        return res
+
+    loop.Trainer.run = run
+    res = train(cfg, resume=resume)
+    torch.save({"params": captured, "losses": torch.tensor(res.losses)}, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.timeout(240)
+def test_ddp_on_two_gloo_ranks_keeps_replicas_equal_and_resumes_per_rank(dataset, tmp_path):
+    import torch.multiprocessing as mp
+
+    def run(c: TrainConfig, resume: str | None) -> tuple[dict, dict]:
+        mp.start_processes(_ddp_rank, args=(2, _free_port(), c, resume, str(tmp_path)), nprocs=2, start_method="fork")
+        r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+        _assert_same_state(r0["params"], r1["params"])                # DDP replicas stay identical
+        # (BatchNorm running statistics are per rank: DDP broadcasts rank 0's before each forward)
+        assert torch.equal(r0["losses"], r1["losses"])                 # the global loss, on both ranks
+        return r0, load_checkpoint(resolve(c.out_dir))
+
+    cfg = _cfg(dataset, tmp_path / "ddp", steps=4, checkpoint_every=2, batch_size=3,
+               optim=OptimConfig(lr=2e-3, warmup_steps=1))
+    full, _ = run(dataclasses.replace(cfg, out_dir=str(tmp_path / "full")), None)
+    _, ck = run(dataclasses.replace(cfg, steps=2), None)
+    assert ck["step"] == 2 and ck["data"] == {"world": 2, "states": [[0, 0, 6], [0, 0, 6]]}
+    resumed, ck = run(cfg, "latest")
+    # 3 shards of 8 on 2 ranks: rank 0 reads two shards, rank 1 one; 4 steps x 3 samples = 12 each
+    assert ck["step"] == 4 and ck["data"] == {"world": 2, "states": [[0, 1, 4], [1, 0, 4]]}
+    assert torch.equal(resumed["losses"], full["losses"][2:])
+    _assert_same_state(full["params"], resumed["params"])             # resumed DDP run == uninterrupted

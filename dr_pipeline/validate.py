@@ -111,6 +111,8 @@ def check_base(name: str, url: str, written: list[str], marker: dict, storage_op
                rep: ValidationReport) -> None:
     """Every key of the base shard is written or rejected, and nothing else appears."""
     base = Counter(item.key for item in iter_shard(url, storage_options))
+    if sum(base.values()) != marker["n_read"]:
+        rep.add(name, f"the base shard has {sum(base.values())} record(s) but the marker says n_read={marker['n_read']}")
     got = Counter(written) + Counter(k for k, _, _ in marker["rejected_keys"])
     missing = base - got
     extra = got - base

@@ -133,6 +133,31 @@ def test_handled_samples_are_written_sensibly(nasty_run, tiny_ensemble):
         assert int(diff.max()) <= 1, key
 
 
+def test_add_teacher_decodes_nasty_images_like_reinforcement(nasty_run, tiny_ensemble, tmp_path):
+    """dr add-teacher goes through the same decode: a copy of teacher a under a new id gets a's embeddings
+    for every written sample, RGBA / palette / 16-bit / CMYK / EXIF included."""
+    import shutil
+
+    import yaml
+    copy = tmp_path / "ds"
+    shutil.copytree(nasty_run["out"], copy)
+    ens = yaml.safe_load(Path(tiny_ensemble).read_text())
+    ens["teachers"] = [{**ens["teachers"][0], "id": "tiny-vit-c"}]
+    variant = Path(tiny_ensemble).with_name("nasty-c.yaml")
+    variant.write_text(yaml.safe_dump(ens))
+    assert dr(["add-teacher", str(copy), "--teachers", str(variant), "--teacher", "tiny-vit-c"]) == 0
+    ds = DatasetDir(str(copy))
+    n = 0
+    for name, m in ds.markers().items():
+        rows, _ = read_shard(ds.shard_url(name))
+        a, c = rows.image_emb["tiny-vit-a"], rows.image_emb["tiny-vit-c"]
+        assert a.shape == c.shape
+        if len(rows):
+            assert int((a.view(torch.uint16).int() - c.view(torch.uint16).int()).abs().max()) <= 1, name
+        n += len(rows)
+    assert n == 21
+
+
 def test_nothing_written_outside_the_output_and_no_payload_ran(nasty_run):
     base, corpus = nasty_run["base"], nasty_run["corpus"]
     new = _tree(base) - nasty_run["before"]

@@ -94,12 +94,13 @@ def test_yaml_python_tags_are_refused(tmp_path):
 
 # --------------------------------------------------------------------------- no pickle out, no secrets
 
-SECRETS = {"key": "AKIDSENTINELKEY0001", "secret": "SENTINEL-SECRET-VALUE-0002", "token": "SENTINEL-TOKEN-0003",
+SECRETS = {"key": "AKIDSENTINELKEY0001", "secret": "SENTINEL-SECRET-VALUE-0002",
            "client_kwargs": {"aws_session_token": "SENTINEL-SESSION-0004"}}
 
 
 def test_redact_covers_storage_option_shapes():
-    so = {"endpoint_url": "http://h", **SECRETS, "password": "p", "account_key": "a", "connection_string": "c",
+    so = {"endpoint_url": "http://h", **SECRETS, "token": "SENTINEL-TOKEN-0003", "password": "p", "account_key": "a",
+          "connection_string": "c",
           "nested": [{"api_key": "x"}], "anon": False}
     r = redact(so)
     text = json.dumps(r)
@@ -157,11 +158,11 @@ def test_s3_job_outputs_no_pickle_and_no_secret_anywhere(tiny_ensemble, s3_bucke
     assert dr(["validate", f"s3://{bucket}/ds"]) == 1                 # the missing shard, nothing else
     texts = [err.getvalue(), capfd.readouterr().out, capfd.readouterr().err, caplog.text]
     texts += [fs.cat_file(p).decode("utf-8", "replace") for p in fs.find(f"{bucket}/ds") if not p.endswith(".parquet")]
-    texts += [json.dumps(pq.read_metadata(io.BytesIO(fs.cat_file(p))).metadata, default=str)
-              for p in fs.find(f"{bucket}/ds") if p.endswith(".parquet")]
+    texts += [v.decode("utf-8", "replace") for p in fs.find(f"{bucket}/ds") if p.endswith(".parquet")
+              for v in (pq.read_metadata(io.BytesIO(fs.cat_file(p))).metadata or {}).values()]
     blob = "\n".join(texts)
     assert "shard-00009" in blob and "missing: input shard has no committed output shard" in blob
-    for value in ("AKIDSENTINELKEY0001", "SENTINEL-SECRET-VALUE-0002", "SENTINEL-TOKEN-0003", "SENTINEL-SESSION-0004"):
+    for value in ("AKIDSENTINELKEY0001", "SENTINEL-SECRET-VALUE-0002", "SENTINEL-SESSION-0004"):
         assert value not in blob, value
 
 

@@ -24,7 +24,7 @@ from dr_pipeline.shards.datacompdr import write_datacompdr_tar
 from dr_pipeline.shards.parquet_io import ShardWriter, read_shard
 from dr_pipeline.shards.schema import layout_from_metadata
 from dr_pipeline.train.config import DataConfig, ForeignTeacher
-from dr_pipeline.train.data import JoinedDataset, StreamState, TrainStream
+from dr_pipeline.train.data import JoinedDataset, StreamState, TrainStream, unchunk
 from dr_pipeline.train.fake_reinforce import VIEW, image_embedding, make_fake_reinforced, text_embedding
 from dr_pipeline.train.sources import choose, make_plan
 from dr_pipeline.train.students import tokenize
@@ -34,6 +34,15 @@ CAPTIONERS = ("c1", "c2")
 SPEC = AugSpec(n_aug=3, size=64)
 SIZE, CTX, SEED = 48, 32, 7          # student size differs from the generation size on purpose
 N_SHARDS, PER_SHARD = 3, 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is as fast, and immune to a busy machine's spin-waits."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +55,15 @@ def world(tmp_path_factory):
 
 
 def _cfg(root: Path, **kw) -> DataConfig:
-    return DataConfig(**{"reinforced": str(root / "ds"), "num_workers": 0, **kw})
+    return DataConfig(**{"reinforced": str(root / "ds"), "num_workers": 0, "worker_chunk": 4, **kw})
 
 
 def _epoch(cfg: DataConfig, rank=0, world=1, start=StreamState(), workers=0, epochs=1) -> list[dict]:
     ds = JoinedDataset(make_plan(cfg), cfg, SEED, SIZE, CTX, rank, world, start, epochs=epochs)
     if workers == 0:
-        items = list(ds)
+        items = list(unchunk(iter(ds)))
     else:
-        items = list(DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=lambda x: x))
+        items = list(unchunk(iter(DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=lambda x: x))))
     return [it for it in items if "epoch_end" not in it]
 
 
@@ -179,7 +188,7 @@ def _rewrite_members(path: Path, member: str, poison_key: str | None) -> None:
 
 
 def _tar_cfg(world: Path, tars: Path, **kw) -> DataConfig:
-    return DataConfig(reinforced=str(tars), base=str(world / "corpus" / "tar"), num_workers=0,
+    return DataConfig(reinforced=str(tars), base=str(world / "corpus" / "tar"), num_workers=0, worker_chunk=5,
                       foreign_teachers=tuple(ForeignTeacher(t, d, s) for t, d, s in TEACHERS), foreign_aug=SPEC, **kw)
 
 
@@ -291,6 +300,14 @@ def test_ranks_times_workers_cover_every_sample_once(world, world_size):
     for r in range(world_size):   # the worker count does not change a rank's sequence
         assert [it["key"] for it in _epoch(cfg, rank=r, world=world_size, workers=0)] == \
                [it["key"] for it in per_rank[r]]
+
+
+@pytest.mark.timeout(120)
+def test_order_is_independent_of_worker_count_and_chunk_size(world):
+    """Two epochs (chunks continue across the boundary), several worker / chunk layouts."""
+    seqs = [[(it["key"], it["aug_index"], it["pos"]) for it in
+             _epoch(_cfg(world, worker_chunk=chunk), workers=nw, epochs=2)] for nw, chunk in [(0, 1), (2, 4), (2, 7)]]
+    assert len(seqs[0]) == 2 * N_SHARDS * PER_SHARD and seqs[0] == seqs[1] == seqs[2]
 
 
 @pytest.mark.timeout(120)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from dr_pipeline.config import AugSpec, ConfigError
 from dr_pipeline.corpus.synthetic import make_corpus
@@ -21,6 +22,15 @@ from dr_pipeline.train.loop import lr_at, train, train_main
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is as fast, and immune to a busy machine's spin-waits."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +135,17 @@ def test_dr_train_reduces_the_loss_and_dr_eval_loads_its_checkpoint(dataset, tmp
     assert res["retrieval"]["image_to_text_R@5"] >= res["retrieval"]["image_to_text_R@1"]
     assert set(res["zeroshot"]) <= {"shape", "colour"} and res["zeroshot"]
     assert "R@1" in capsys.readouterr().out
+
+    # a labelled image folder: DATA/<class>/<image>
+    folder = tmp_path / "folder"
+    for n, colour in enumerate(["red", "blue", "green"]):
+        (folder / colour).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40 + 8 * i, 48), colour).save(folder / colour / f"{i}.png")
+    assert _dr("eval", "--checkpoint", str(out / "checkpoints" / "step-00000024.pt"), "--data", str(folder),
+               "--out", str(report)) == 0
+    z = json.loads(report.read_text())["zeroshot"]["folder"]
+    assert (z["n"], z["n_classes"], z["chance"]) == (6, 3, pytest.approx(1 / 3)) and 0 <= z["top1"] <= 1
 
 
 def test_lr_schedule_warmup_then_cosine_to_min_lr():

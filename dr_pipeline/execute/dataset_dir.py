@@ -67,19 +67,28 @@ class DatasetDir:
     def marker_rel(self, name: str) -> str:
         return f"{MARKERS}/{name}.json"
 
+    def _fresh(self, rel: str) -> str:
+        """The path of ``rel`` with this instance's cached listings of it dropped: object-store
+        file systems cache listings (and answer "not found" from a cached parent listing),
+        while other processes write here."""
+        path = self._p(rel)
+        if not self.local:
+            self.fs.invalidate_cache(path)
+        return path
+
     def _io(self, what: str, rel: str, fn):
         """Run one storage call with retries; errors name the operation and the (redacted) URL."""
         return retry_call(fn, f"{what} {redact_url(self.url(rel))}", self.retry)
 
     # ---------------------------------------------------------------- reading
     def exists(self, rel: str) -> bool:
-        return self._io("stat", rel, lambda: self.fs.exists(self._p(rel)))
+        return self._io("stat", rel, lambda: self.fs.exists(self._fresh(rel)))
 
     def read_bytes(self, rel: str) -> bytes | None:
         """The file's bytes, or None if it does not exist."""
         def read():
             try:
-                return self.fs.cat_file(self._p(rel))
+                return self.fs.cat_file(self._fresh(rel))
             except FileNotFoundError:
                 return None
         return self._io("read", rel, read)
@@ -96,9 +105,8 @@ class DatasetDir:
         """Entries of a folder, fresh (listings of object stores are cached per fs instance,
         and other processes write here); [] if the folder does not exist."""
         def ls():
-            self.fs.invalidate_cache(self._p(rel))
             try:
-                return self.fs.ls(self._p(rel), detail=True)
+                return self.fs.ls(self._fresh(rel), detail=True)
             except FileNotFoundError:
                 return []
         return self._io("list", rel, ls)
@@ -113,6 +121,7 @@ class DatasetDir:
             return {}
         paths = [self._p(self.marker_rel(n)) for n in names]
         # one concurrent batch on object stores (a resume of 100k shards must not take 100k round trips)
+        self._fresh(MARKERS)
         got = self._io("read", MARKERS, lambda: self.fs.cat(paths, on_error="return"))
         out = {}
         for n, p in zip(names, paths):

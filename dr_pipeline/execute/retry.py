@@ -161,10 +161,15 @@ def is_permanent(e: BaseException) -> bool:
 
 
 def describe(e: BaseException) -> str:
-    """``Type: message`` plus the HTTP status found anywhere in the chain."""
-    msg = f"{type(e).__name__}: {e}"
-    status = next((s for s in map(http_status, _chain(e)) if s is not None), None)
-    return f"{msg} (HTTP {status})" if status is not None and f"{status}" not in msg else msg
+    """``Type: message`` plus the HTTP status and error code found anywhere in the chain."""
+    # our own wrappers' messages already read "what: Type: message"
+    msg = str(e) if type(e) in (PermanentError, RetriesExhausted) else f"{type(e).__name__}: {e}"
+    chain = _chain(e)
+    status = next((s for s in map(http_status, chain) if s is not None), None)
+    code = next((c for c in map(_error_code, chain) if c is not None), None)
+    extra = " ".join(x for x in (f"HTTP {status}" if status is not None else "", code or "")
+                     if x and x not in msg)
+    return f"{msg} ({extra})" if extra else msg
 
 
 def redact_url(url: str) -> str:

@@ -76,8 +76,73 @@ def views_to_input(views: torch.Tensor, size: int, mean: torch.Tensor, std: torc
         raise ValueError(f"expected uint8 views [B,3,S,S], got {views.dtype} {tuple(views.shape)}")
     if views.shape[-2:] != (size, size):
         raise ValueError(f"views are {tuple(views.shape[-2:])}, this model needs {size}x{size}")
-    x = views.to(device, non_blocking=True).float().div_(255.0)
+    x = to_device(views, device).float().div_(255.0)
     return (x - mean) / std
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device copy; on CUDA through pinned (page-locked) memory so the copy is a true
+    asynchronous DMA on the current stream (a pageable source makes ``non_blocking`` a sync copy)."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        if not x.is_pinned():
+            x = x.pin_memory()
+        return x.to(device, non_blocking=True)
+    return x.to(device)
+
+
+# --------------------------------------------------------------------------- text towers, unpadded
+
+def _text_tower(model: torch.nn.Module):
+    """The parts of a CLIP text tower that can run on a sequence cut after its pooled token, or None.
+
+    Exact only when every position attends causally (a position never sees a later one) and the
+    pooled position is found from the tokens themselves (argmax = end-of-text, or first eos):
+    then positions past the last row's pooled token change nothing that is read.
+    """
+    from open_clip.transformer import TextTransformer
+
+    t = getattr(model, "text", None)
+    if isinstance(t, TextTransformer):
+        if t.cls_emb is not None or t.attn_mask is None or t.use_pad_mask:
+            return None
+        parts = (t.token_embedding, t.positional_embedding, t.transformer, t.attn_mask, t.ln_final,
+                 t.pool_type, getattr(t, "eos_id", None), t.text_projection)
+    elif t is None and all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer",
+                                                       "attn_mask", "ln_final", "text_projection")):
+        if model.attn_mask is None:
+            return None
+        parts = (model.token_embedding, model.positional_embedding, model.transformer, model.attn_mask,
+                 model.ln_final, getattr(model, "text_pool_type", "argmax"), getattr(model, "text_eos_id", None),
+                 model.text_projection)
+    else:
+        return None
+    if parts[5] not in ("argmax", "eos") or not getattr(parts[2], "batch_first", False):
+        return None
+    return parts
+
+
+def pooled_positions(tokens: torch.Tensor, pool_type: str, eos_id: int | None) -> torch.Tensor:
+    """The position each row's text embedding is read at (open_clip's ``text_global_pool``)."""
+    if pool_type == "argmax":
+        return tokens.argmax(dim=-1)
+    return (tokens == eos_id).int().argmax(dim=-1)
+
+
+def encode_text_unpadded(parts, tokens: torch.Tensor) -> torch.Tensor:
+    """``encode_text`` (unnormalized) on ``tokens`` [B, ctx] run only up to the batch's last pooled
+    position: same result as the full context, up to float rounding (tests check it)."""
+    from open_clip.transformer import text_global_pool
+
+    tok_emb, pos_emb, transformer, mask, ln_final, pool_type, eos_id, proj = parts
+    length = int(pooled_positions(tokens, pool_type, eos_id).max()) + 1
+    tokens = tokens[:, :length]
+    cast = transformer.get_cast_dtype()
+    x = tok_emb(tokens).to(cast) + pos_emb[:length].to(cast)
+    x = ln_final(transformer(x, attn_mask=mask[:length, :length]))
+    x = text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
 
 
 # --------------------------------------------------------------------------- checks
@@ -254,6 +319,7 @@ class Teacher:
         self.text_batch_size = text_batch_size
         self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
+        self._unpadded = _text_tower(model)      # None: this tower needs the full context
         self.dim = int(self._encode_tokens(tokenizer([""])).shape[1])
 
     def encode_images(self, views: torch.Tensor) -> torch.Tensor:
@@ -266,18 +332,33 @@ class Teacher:
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Captions -> float32 [B, dim], unit norm, on the teacher's device.
 
-        The tokenizer truncates long captions (last token forced to end-of-text). CLIP's text
-        tower adds its whole positional table, so every batch is padded to the context length
-        anyway; sorting by length would save nothing, so sub-batches keep the input order.
+        The tokenizer truncates long captions (last token forced to end-of-text). Captions are
+        length-bucketed: sorted by token count, cut into sub-batches of ``text_batch_size``, and
+        each sub-batch runs only up to its longest caption's end-of-text instead of the full
+        context (exact for causal towers pooled at end-of-text, see ``encode_text_unpadded``;
+        other towers get the full context). Rows come back in input order.
         """
         if not texts:
             return torch.empty(0, self.dim, device=self.device)
-        return torch.cat([self._encode_tokens(self.tokenizer(texts[i:i + self.text_batch_size]))
-                          for i in range(0, len(texts), self.text_batch_size)])
+        tokens = self.tokenizer(texts)
+        if self._unpadded is None:
+            return torch.cat([self._encode_tokens(tokens[i:i + self.text_batch_size])
+                              for i in range(0, len(texts), self.text_batch_size)])
+        _, _, _, _, _, pool_type, eos_id, _ = self._unpadded
+        order = torch.argsort(pooled_positions(tokens, pool_type, eos_id), stable=True)
+        out = torch.empty(len(texts), self.dim, device=self.device)
+        for i in range(0, len(texts), self.text_batch_size):
+            rows = order[i:i + self.text_batch_size]
+            out[rows.to(self.device)] = self._encode_tokens(tokens[rows])
+        return out
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = to_device(tokens, self.device)
         with torch.inference_mode(), autocast(self.device):
-            z = self.model.encode_text(tokens.to(self.device))
+            if getattr(self, "_unpadded", None) is not None:
+                z = encode_text_unpadded(self._unpadded, tokens)
+            else:
+                z = self.model.encode_text(tokens)
         return F.normalize(z.float(), dim=-1)
 
     def __repr__(self) -> str:

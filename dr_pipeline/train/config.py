@@ -68,12 +68,15 @@ class DataConfig:
     resampled: bool = False                       # draw shards with replacement (long runs, many ranks)
     shuffle_shards: bool = True                   # per-epoch shard order from (seed, epoch)
     num_workers: int = 2                          # DataLoader workers per rank
+    worker_chunk: int = 16                        # consecutive samples a worker decodes and ships together
 
     def __post_init__(self) -> None:
         if self.join_key not in ("key", "uid"):
             raise ConfigError(f"data.join_key must be 'key' or 'uid' (got {self.join_key!r})")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
+        if self.worker_chunk < 1:
+            raise ConfigError("data.worker_chunk must be >= 1")
         if self.teachers is not None and not self.teachers:
             raise ConfigError("data.teachers: give at least one teacher id, or leave it out for all")
         dims = [t.id for t in self.foreign_teachers]

@@ -9,14 +9,15 @@ of exactly that view and those captions (``sources.load_index``).
 ``shards[rank::world]`` when there are at least as many shards as ranks, otherwise every
 shard with its records striped across ranks (record j of a shard belongs to rank j % world);
 in resampled mode each rank draws its shards with replacement from (seed, epoch, rank).
-Every record of the rank's shards is a *slot*, addressed by (shard index, record index).
-Loader worker w of n handles the slots whose running number is ≡ w (mod n) and yields one
-item per slot -- a sample, or a counted skip -- so the in-order DataLoader returns the
-rank's slots in sequence whatever n is. Consequences: no worker or rank can run dry while
-another has data (no DDP hang when shards < ranks × workers); the batches do not depend
-on the worker count; and a resumed run restarts exactly at the (epoch, shard, record) after
-the last sample of its last step, reading nothing before that shard. The price: every
-worker reads the bytes of all its rank's shards (it decodes only its own slots).
+Every record of the rank's shards is a *slot*, addressed by (epoch, shard index, record
+index). Slots are cut into chunks of ``data.worker_chunk``, dealt round-robin to the loader
+workers; a worker decodes its chunks and ships each collated, and yields exactly one item
+per chunk -- samples and counted skips alike -- so the in-order DataLoader returns the
+rank's slots in sequence whatever the worker count. Consequences: no worker or rank can run
+dry while another has data (no DDP hang when shards < ranks × workers); the batches do not
+depend on the worker count; and a resumed run restarts exactly at the slot after the last
+sample of its last step, reading nothing before that shard. The price: every worker reads
+the bytes of all its rank's shards (it decodes only its own chunks).
 
 **Skips.** A base record without a reinforcement row, a row whose image bytes, size or
 caption do not match, a row with inconsistent counts, an undecodable image or a
@@ -40,7 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dr_pipeline import augment
-from dr_pipeline.corpus.readers import Rejected, Sample, ShardReadError, iter_shard
+from dr_pipeline.corpus.readers import Rejected, Sample, ShardReadError, clean_caption, iter_shard
 from dr_pipeline.train.config import DataConfig
 from dr_pipeline.train.sources import DATACOMPDR, DataPlan, Entry, ShardIndex, ShardPair, load_index
 from dr_pipeline.train.students import tokenize
@@ -78,8 +79,12 @@ def rank_shards(plan: DataPlan, cfg: DataConfig, seed: int, epoch: int, rank: in
 
 class JoinedDataset(IterableDataset):
     """A rank's slot stream from ``start`` on, epoch after epoch (``epochs``: how many; None:
-    endless). Each worker ends every epoch with one ``{"epoch_end": e}`` marker; as every
-    worker emits exactly one, the in-order DataLoader still returns slots in sequence."""
+    endless), in *chunks*: runs of ``data.worker_chunk`` consecutive slots, dealt round-robin
+    to the loader workers. A worker decodes its chunks and ships each one collated (a few
+    tensors per chunk, not per sample); an epoch's last chunk may be shorter. Each worker
+    ends every epoch with one ``{"epoch_end": e}`` marker. As every chunk and marker is one
+    item of exactly one worker, in the order the in-order DataLoader fetches them, the
+    flattened stream (``unchunk``) is the rank's slots in sequence for any worker count."""
 
     def __init__(self, plan: DataPlan, cfg: DataConfig, seed: int, image_size: int, context_length: int,
                  rank: int = 0, world: int = 1, start: StreamState = StreamState(), epochs: int | None = None):
@@ -93,7 +98,8 @@ class JoinedDataset(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
-        running = 0                                    # slots of this rank since `start`
+        size = self.cfg.worker_chunk
+        chunk, filled, mine = 0, 0, []                 # chunks since `start`; slots in the open one
         epoch = self.start.epoch
         while self.epochs is None or epoch < self.start.epoch + self.epochs:
             shards, striped = rank_shards(self.plan, self.cfg, self.seed, epoch, self.rank, self.world)
@@ -103,11 +109,19 @@ class JoinedDataset(IterableDataset):
                 for j, make in self._slots(shards[s], epoch, first):
                     if striped and j % self.world != self.rank:
                         continue
-                    if running % nw == wid:
+                    if chunk % nw == wid:
                         item = make()
                         item["pos"] = (epoch, s, j)
-                        yield item
-                    running += 1
+                        mine.append(item)
+                    filled += 1
+                    if filled == size:
+                        if chunk % nw == wid:
+                            yield _pack(mine)
+                        chunk, filled, mine = chunk + 1, 0, []
+            if filled:                                 # close the epoch's last, shorter chunk
+                if chunk % nw == wid:
+                    yield _pack(mine)
+                chunk, filled, mine = chunk + 1, 0, []
             yield {"epoch_end": epoch}
             epoch += 1
 
@@ -151,10 +165,13 @@ class JoinedDataset(IterableDataset):
             return _skip(pair.name, rec.key, index.error or "missing_reinforcement")
         if entry.error:
             return _skip(pair.name, rec.key, entry.error)
-        if not rec.caption:
+        caption = rec.caption
+        if entry.caption is not None:   # Parquet: the (cleaned) caption the teachers embedded
+            if clean_caption(rec.caption) != entry.caption:
+                return _skip(pair.name, rec.key, "mismatched_caption")
+            caption = entry.caption
+        if not caption:
             return _skip(pair.name, rec.key, "no_caption")
-        if entry.caption is not None and entry.caption != rec.caption:
-            return _skip(pair.name, rec.key, "mismatched_caption")
         if self.cfg.verify_sha256 and entry.sha256 and hashlib.sha256(rec.image).hexdigest() != entry.sha256:
             return _skip(pair.name, rec.key, "mismatched_image")
         try:
@@ -169,13 +186,13 @@ class JoinedDataset(IterableDataset):
         except ValueError:
             return _skip(pair.name, rec.key, "bad_aug_params")
         image = augment.replay(img, params, self.image_size, self.plan.aug)
-        syn = entry.syn_caption if entry.syn_caption is not None else rec.caption
+        syn = entry.syn_caption if entry.syn_caption is not None else caption
         return {
             "key": rec.key, "shard": pair.name, "image": image,
-            "tokens": tokenize([rec.caption, syn], self.context_length),
+            "tokens": tokenize([caption, syn], self.context_length),
             "teachers": {t: torch.from_numpy(v) for t, v in entry.emb.items()},
             "aug_index": entry.aug_index, "syn_index": entry.syn_index,
-            "caption": rec.caption, "syn_caption": syn,
+            "caption": caption, "syn_caption": syn,
         }
 
     def _params(self, entry: Entry, img: Image.Image) -> augment.AugParams:
@@ -192,9 +209,35 @@ def _identity(x: Item) -> Item:
     return x
 
 
+def _pack(items: list[Item]) -> Item:
+    """A worker's chunk: every slot's (position, skip reason, key), the samples collated."""
+    samples = [it for it in items if "skip" not in it]
+    return {"slots": [(it["pos"], it.get("skip"), it["key"]) for it in items],
+            "data": collate(samples) if samples else None}
+
+
+def unchunk(items: Iterator[Item]) -> Iterator[Item]:
+    """Chunks -> one item per slot (a sample or a ``{"skip": reason}``), markers passed through."""
+    for chunk in items:
+        if "slots" not in chunk:
+            yield chunk
+            continue
+        data, i = chunk["data"], 0
+        for pos, skip, key in chunk["slots"]:
+            if skip is not None:
+                yield {"skip": skip, "key": key, "pos": pos}
+                continue
+            yield {"pos": pos, "key": key, "image": data["image"][i], "tokens": data["tokens"][i],
+                   "teachers": {t: v[i] for t, v in data["teachers"].items()},
+                   "aug_index": int(data["aug_index"][i]), "syn_index": int(data["syn_index"][i]),
+                   "caption": data["captions"][i], "syn_caption": data["syn_captions"][i], "shard": data["shards"][i]}
+            i += 1
+
+
 def collate(items: list[Item]) -> dict[str, Any]:
     """Samples -> a batch: uint8 images [B,3,S,S], tokens [B,2,ctx] (GT, synthetic), teacher
-    embeddings {id: float32 [B,3,D]} (image view, GT caption, synthetic caption)."""
+    embeddings {id: float32 [B,3,D]} (image view, GT caption, synthetic caption), and per
+    sample its key, shard, augmentation / synthetic-caption indices and both captions."""
     return {
         "image": torch.stack([it["image"] for it in items]),
         "tokens": torch.stack([it["tokens"] for it in items]),
@@ -202,6 +245,9 @@ def collate(items: list[Item]) -> dict[str, Any]:
         "keys": [it["key"] for it in items],
         "aug_index": torch.tensor([it["aug_index"] for it in items]),
         "syn_index": torch.tensor([it["syn_index"] for it in items]),
+        "captions": [it["caption"] for it in items],
+        "syn_captions": [it["syn_caption"] for it in items],
+        "shards": [it["shard"] for it in items],
     }
 
 
@@ -229,8 +275,8 @@ class TrainStream:
                            self.rank, self.world, self.state)
         nw = self.cfg.num_workers
         loader = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity,
-                            prefetch_factor=16 if nw else None, pin_memory=self.pin_memory)
-        return iter(loader)
+                            prefetch_factor=4 if nw else None, pin_memory=self.pin_memory)
+        return unchunk(iter(loader))
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], StreamState]]:
         buf: list[Item] = []

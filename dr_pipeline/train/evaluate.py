@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,6 @@ from dr_pipeline.corpus.readers import Sample, ShardReadError, expand_urls, iter
 from dr_pipeline.train import checkpoint as ckpt
 from dr_pipeline.train.students import Student, StudentSpec, build_student, tokenize
 
-log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "folder": ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}."),

@@ -23,7 +23,7 @@ from PIL import Image
 
 from dr_pipeline import augment
 from dr_pipeline.config import AugSpec
-from dr_pipeline.corpus.readers import Sample, expand_urls, iter_shard, shard_name
+from dr_pipeline.corpus.readers import Sample, clean_caption, expand_urls, iter_shard, shard_name
 from dr_pipeline.shards.parquet_io import ReinforcedRows, ShardLayout, ShardWriter, TeacherLayout
 
 VIEW = 16
@@ -92,7 +92,7 @@ def _rows(samples: list[Sample], teachers, captioners, k, aug, seed, drop_syn) -
     rows = ReinforcedRows(keys=[s.key for s in samples], uids=[s.uid for s in samples],
                           urls=[s.url for s in samples],
                           image_sha256=[hashlib.sha256(s.image).hexdigest() for s in samples],
-                          widths=[], heights=[], captions=[s.caption or "" for s in samples],
+                          widths=[], heights=[], captions=[clean_caption(s.caption) or "" for s in samples],
                           aug_params=np.zeros((n, aug.n_aug, augment.PARAM_WIDTH), np.uint16))
     views = []
     for i, s in enumerate(samples):

@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch import nn
 
-from dr_pipeline.config import ConfigError, to_dict
+from dr_pipeline.config import ConfigError, redact, to_dict
 from dr_pipeline.execute.dataset_dir import DatasetDir
 from dr_pipeline.train import checkpoint as ckpt
 from dr_pipeline.train.config import OptimConfig, TrainConfig, load_train_config
@@ -113,7 +113,7 @@ class Trainer:
         self.amp = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
         self.metrics = MetricsLog(self.out, self.step if path else None) if env.is_main else None
         if env.is_main:
-            self.out.write_bytes("train_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+            self.out.write_bytes("train_config.yaml", yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False).encode())
 
     def _new_ema(self) -> Student:
         ema = copy.deepcopy(self.student)
@@ -222,7 +222,7 @@ class Trainer:
             "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
             "data": {"world": self.env.world, "states": states}, "student": self.spec.to_dict(),
             "teachers": [{"id": t.id, "dim": t.dim, "logit_scale": self.scales[t.id]} for t in self.plan.teachers],
-            "config": to_dict(self.cfg), "skipped": dict(self.stream.skipped),
+            "config": redact(to_dict(self.cfg)), "skipped": dict(self.stream.skipped),
         }
         if self.ema is not None:
             payload["ema"] = self.ema.state_dict()

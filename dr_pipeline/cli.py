@@ -15,12 +15,49 @@ from dr_pipeline.config import ConfigError
 
 
 def cmd_make_corpus(a: argparse.Namespace) -> int:
-    from dr_pipeline.corpus.synthetic import make_corpus
+    from dr_pipeline.corpus.synthetic import ZEROSHOT_DIR, make_corpus, make_split
 
-    urls = make_corpus(a.out, n_shards=a.shards, per_shard=a.per_shard, seed=a.seed,
-                       formats=tuple(a.formats.split(",")))
+    formats = tuple(a.formats.split(","))
+    if a.split is None:
+        urls = make_corpus(a.out, n_shards=a.shards, per_shard=a.per_shard, seed=a.seed, formats=formats)
+    else:
+        urls = make_split(a.split, a.out, n_shards=a.shards, per_shard=a.per_shard, seed=a.seed,
+                          formats=formats, per_class=a.per_class)
     print(f"wrote {len(urls)} shard file(s) under {a.out}")
+    if a.split == "test" and a.per_class > 0:
+        print(f"wrote the zero-shot set ({a.per_class} images x 96 classes) under {a.out}/{ZEROSHOT_DIR}/")
     return 0
+
+
+def cmd_bootstrap(a: argparse.Namespace) -> int:
+    import dataclasses as dc
+
+    from dr_pipeline.bootstrap import BootstrapConfig, bootstrap, format_report
+
+    overrides = {k: v for k, v in (("seed", a.seed), ("n_train", a.n_train), ("clip_steps", a.clip_steps),
+                                   ("coca_steps", a.coca_steps), ("batch_size", a.batch_size), ("jobs", a.jobs))
+                 if v is not None}
+    try:
+        cfg = dc.replace(BootstrapConfig(), **overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bootstrap: {e}") from None
+    rep = bootstrap(a.ensemble, cfg, out_dir=a.out, only=a.only, evaluate=not a.no_eval)
+    print(format_report(rep))
+    return 0
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    import dataclasses as dc
+
+    from dr_pipeline.reproduce import load_reproduce_config, reproduce
+
+    cfg = load_reproduce_config(a.config)
+    if a.seeds:
+        seeds = tuple(int(s) for s in a.seeds.split(","))
+        cfg = dc.replace(cfg, train=dc.replace(cfg.train, seeds=seeds,
+                                               ablation_seeds=tuple(s for s in cfg.train.ablation_seeds if s in seeds) or seeds[:1]))
+    res = reproduce(cfg, only=a.only)
+    return 0 if res["analysis"]["headline"]["ratio_mean"] is not None else 1
 
 
 def cmd_make_teachers(a: argparse.Namespace) -> int:
@@ -98,6 +135,18 @@ def cmd_add_teacher(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    from dr_pipeline.train.loop import train_main
+
+    return train_main(a.config, a.resume)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from dr_pipeline.train.evaluate import eval_main
+
+    return eval_main(a.checkpoint, a.data, a.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dr", description="Dataset reinforcement for CLIP training (MobileCLIP-style).")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -109,7 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-shard", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--formats", default="tar,parquet", help="comma list of tar, parquet")
+    s.add_argument("--split", choices=["clean", "web", "test"],
+                   help="a split of the learning-efficiency experiment: clean (accurate captions, teacher "
+                        "training), web (alt-text-like noisy captions), test (+ zero-shot folder); "
+                        "default: the demo corpus")
+    s.add_argument("--per-class", type=int, default=8, help="--split test: zero-shot images per colour x shape class")
     s.set_defaults(fn=cmd_make_corpus)
+
+    s = sub.add_parser("bootstrap", help="train the synthetic domain's real tiny teachers + captioner on the clean split")
+    s.add_argument("ensemble", nargs="?", default="teachers/synthetic.yaml")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--n-train", type=int, help="clean-split images (default 12000)")
+    s.add_argument("--clip-steps", type=int, help="steps per CLIP teacher")
+    s.add_argument("--coca-steps", type=int, help="captioner steps")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--jobs", type=int, help="models trained in parallel processes (1 thread each)")
+    s.add_argument("--only", action="append", help="train only this entry id (repeatable)")
+    s.add_argument("--out", help="write checkpoints + a relocated ensemble file here instead")
+    s.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    s.set_defaults(fn=cmd_bootstrap)
+
+    s = sub.add_parser("reproduce", help="reinforced vs plain student: steps-to-accuracy ratio, plot, results")
+    s.add_argument("--config", default="jobs/configs/reproduce.yaml")
+    s.add_argument("--seeds", help="comma list overriding train.seeds")
+    s.add_argument("--only", action="append", help="run only this variant (repeatable)")
+    s.set_defaults(fn=cmd_reproduce)
 
     s = sub.add_parser("make-teachers", help="create the local checkpoints of an ensemble's tiny models")
     s.add_argument("ensemble", help="teachers/*.yaml")
@@ -151,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", required=True, action="append", help="teacher id (repeatable)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.set_defaults(fn=cmd_add_teacher)
+
+    s = sub.add_parser("train", help="train an MCi student on reinforced shards")
+    s.add_argument("--config", required=True, help="jobs/configs/train-<name>.yaml")
+    s.add_argument("--resume", help="'latest' or a checkpoint path")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="zero-shot classification and retrieval of a student checkpoint")
+    s.add_argument("--checkpoint", required=True, help="checkpoint .pt or run directory (latest)")
+    s.add_argument("--data", required=True, help="base shards (retrieval + zero-shot) or an image folder DATA/<class>/*")
+    s.add_argument("--out", help="write the metrics JSON here")
+    s.set_defaults(fn=cmd_eval)
     return p
 
 

@@ -42,7 +42,7 @@ def nasty_run(tmp_path_factory, tiny_ensemble, ray_local):
     work.mkdir()
     cfg = write_job(base / "job.yaml", input={"urls": corpus.urls}, output={"path": str(base / "out")},
                     teachers=tiny_ensemble, aug={"n_aug": 1, "size": 64}, captions={"k": 1},
-                    execution={"max_attempts": 3, "batch_size": 4})
+                    execution={"max_attempts": 3, "batch_size": 16})
     before = _tree(base)
     err = io.StringIO()
     old = os.getcwd()

@@ -80,9 +80,9 @@ def without(d: dict, *keys: str) -> dict:
 
 def assert_same_dataset(ref: str, got: str, so: dict | None = None, names: list[str] | None = None,
                         exact: bool = True) -> None:
-    """``got`` holds the same committed shards as ``ref``: keys, params and captions identical,
-    embeddings within 1 bf16 ulp. ``exact`` (same config): markers equal except timings,
-    manifests equal."""
+    """``got`` holds the same committed shards as ``ref`` (or just ``names``): keys, params and
+    captions identical, embeddings within 1 bf16 ulp. ``exact`` (same config): markers equal
+    except timings, and manifests equal when all shards are compared."""
     a, b = DatasetDir(ref), DatasetDir(got, so)
     ma, mb = a.markers(), b.markers()
     names = sorted(ma) if names is None else names
@@ -99,9 +99,10 @@ def assert_same_dataset(ref: str, got: str, so: dict | None = None, names: list[
                     assert ulps(x, y) <= 1
         same = ("n_read", "n_written", "n_rejected", "rejected_by_reason", "rejected_keys", "teachers")
         assert {k: ma[n][k] for k in same} == {k: mb[n][k] for k in same}
-        if exact:
-            assert without(ma[n], "seconds") == without(mb[n], "seconds")
-    if exact:
+        if exact:   # same config, same bytes: the markers differ in timings only
+            diff = {k for k in set(ma[n]) | set(mb[n]) if ma[n].get(k) != mb[n].get(k)} - {"seconds"}
+            assert not diff, f"{n}: markers differ in {sorted(diff)}"
+    if exact and names == sorted(ma):
         assert a.read_json("manifest.json") == b.read_json("manifest.json")
 
 
@@ -260,11 +261,8 @@ def test_poison_shard_is_retried_a_bounded_number_of_times_and_reported(
     assert failed["error"].startswith("actor died")
     assert "shard-00002: actor died" in err and "(2 attempt(s))" in err and "rerun the same command" in err
     assert not manifest["complete"] and manifest["n_shards"] == 2
-    assert_same_dataset(reference, str(root), names=["shard-00000", "shard-00001"], exact=False)
-    # the poison is gone (say the node was fixed): the same command finishes only what is missing
-    assert dr(["reinforce", "--config", cfg]) == 0
-    assert "2 shard(s) already committed" in capsys.readouterr().err
-    assert_same_dataset(reference, str(root))
+    assert_same_dataset(reference, str(root), names=["shard-00000", "shard-00001"])
+    assert sorted(manifest["shards"]) == ["shard-00000", "shard-00001"]
 
 
 @pytest.mark.timeout(60)
@@ -321,7 +319,7 @@ def _dr_env() -> dict:
 
 @pytest.mark.timeout(300)
 def test_driver_killed_mid_job_then_rerun_resumes_to_the_undisturbed_dataset(
-        ray_local, corpus, tiny_ensemble, reference, tmp_path):
+        ray_local, corpus, tiny_ensemble, reference, tmp_path, capsys):
     """`dr reinforce` runs in its own session with its own local Ray (execution.address unset:
     a new local instance, never the test's Ray found via /tmp/ray/ray_current_cluster)."""
     root = tmp_path / "ds"
@@ -345,14 +343,11 @@ def test_driver_killed_mid_job_then_rerun_resumes_to_the_undisturbed_dataset(
     assert 1 <= committed_at_kill < N_SHARDS
     assert DatasetDir(str(root)).read_json("manifest.json") is None     # it died before the end
 
-    p = subprocess.Popen(cmd, cwd=REPO, env=_dr_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        _, err = p.communicate(timeout=240)
-    finally:
-        p.kill()
-        _kill_session(p.pid)
-    assert p.returncode == 0, err
+    # The same command again (in this process, on the test's Ray: a fresh driver process would
+    # only add start-up time; all it can know of the first run is what storage holds).
+    capsys.readouterr()
+    assert dr(cmd[3:]) == 0
+    err = capsys.readouterr().err
     skipped = int(err.split(" shard(s) already committed")[0].rsplit("; ", 1)[-1])
     assert skipped >= committed_at_kill
     assert_same_dataset(reference, str(root))

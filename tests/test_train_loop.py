@@ -178,6 +178,24 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(dataset, tmp_path):
         train(_cfg(dataset, tmp_path / "c"), resume=str(tmp_path / "nowhere"))
 
 
+def test_run_directory_on_s3_checkpoints_resumes_and_evaluates(dataset, tmp_path, s3_bucket):
+    bucket, _ = s3_bucket
+    out = f"s3://{bucket}/runs/tiny"
+    cfg = _cfg(dataset, tmp_path, out_dir=out, steps=4, checkpoint_every=2, keep_checkpoints=1)
+    first = train(cfg, stop_after=2)
+    rest = train(cfg, resume="latest")
+    assert rest.step == 4 and first.losses + rest.losses == train(_cfg(dataset, tmp_path / "local", steps=4)).losses
+    import fsspec
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/tiny/checkpoints"))
+    assert names == ["latest.json", "step-00000004.pt"]                 # keep_checkpoints=1 pruned step 2
+    rows = fs.cat_file(f"{bucket}/runs/tiny/metrics.jsonl").decode().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
+    assert fs.cat_file(f"{bucket}/runs/tiny/curve.png")[:4] == b"\x89PNG"
+    assert eval_main(out, str(dataset / "corpus" / "tar" / "shard-00002.tar"), str(tmp_path / "e.json")) == 0
+
+
 # --------------------------------------------------------------------------- DDP, two gloo ranks
 
 def _free_port() -> int:

@@ -93,6 +93,22 @@ def row_uniforms(seed: int, key: str, index: int, attempt: int, n: int, salt: st
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53   # top 53 bits, like random()
 
 
+def _nucleus_threshold(vals: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[N, 1] smallest kept probability, from each row's probabilities sorted descending."""
+    inside = (vals.cumsum(dim=-1) - vals) < top_p        # smallest prefix reaching top_p
+    return vals.gather(1, inside.sum(dim=-1, keepdim=True) - 1)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[N, 1] index of the token each row's uniform falls on, CDF in the given column order."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = (u.to(cdf) * cdf[:, -1]).unsqueeze(1)
+    choice = torch.searchsorted(cdf, target, right=True)
+    # u * total may round up to total: never step past the last token with mass.
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+    return torch.minimum(choice, last)
+
+
 def pick_tokens(logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_k: int,
                 top_p: float, prefilter: int = 256) -> torch.Tensor:
     """Next token per row: argmax if ``u`` is None, else temperature -> top-k -> top-p -> inverse CDF.
@@ -100,43 +116,46 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor | None, temperature: float
     Each row's token is a function of its own logits and uniform only. Cut-offs are value
     thresholds (tokens tied at the boundary are all kept) and the CDF runs in vocabulary order,
     so neither depends on how a sort orders ties, nor on the other rows.
+
+    Speed: a row that keeps fewer than m of its most probable tokens (m = 32, else ``prefilter``;
+    the usual case for a trained captioner's small nuclei) gets its cut-off and CDF from those m
+    candidates only, put back in vocabulary order; only the other rows go on to the next m or
+    to the full vocabulary. The tokens skipped have zero mass and adding zeros is exact, so every
+    path picks the same token for a row.
     """
     if u is None:
         return logits.argmax(dim=-1)
-    logits = logits.float() / max(temperature, 1e-6)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / max(temperature, 1e-6)
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
-    m = min(prefilter, vocab)
-    top_vals, top_ids = probs.topk(m, dim=-1)
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    rows = torch.arange(probs.shape[0], device=probs.device)      # rows still to pick
+    if top_p < 1.0 or 0 < top_k <= prefilter:
+        for m in sorted({min(32, prefilter), prefilter}):
+            if m >= vocab or rows.numel() == 0:
+                break
+            vals, ids = probs[rows].topk(m, dim=-1)
+            ok = torch.ones_like(rows, dtype=torch.bool)
+            if top_p < 1.0:
+                ok = (vals.cumsum(dim=-1) - vals)[:, -1] >= top_p     # the nucleus ends inside
+                vals = vals * (vals >= _nucleus_threshold(vals, top_p))
+            ok &= vals[:, -1] == 0                                    # every kept token is a candidate
+            if ok.any():
+                ids, order = ids[ok].sort(dim=-1)
+                out[rows[ok]] = ids.gather(1, _inverse_cdf(vals[ok].gather(1, order), u[rows[ok]])).squeeze(1)
+                rows = rows[~ok]
+        if rows.numel() == 0:
+            return out
+        probs, u = probs[rows], u[rows]
     if top_p < 1.0:
-        # Sorted probabilities (values only). A top-`prefilter` slice is enough when the nucleus
-        # ends inside it, which is the usual case for a trained captioner; else sort everything.
-        vals = top_vals
-        if ((vals.cumsum(dim=-1) - vals)[:, -1] < top_p).any():
-            vals = probs.sort(dim=-1, descending=True).values
-        inside = (vals.cumsum(dim=-1) - vals) < top_p        # smallest prefix reaching top_p
-        tau = vals.gather(1, inside.sum(dim=-1, keepdim=True) - 1)
-        probs = probs * (probs >= tau)
-        top_vals = top_vals * (top_vals >= tau)
-    reduced = m < vocab and bool((top_vals[:, -1] == 0).all())
-    if reduced:
-        # Every row keeps fewer than `prefilter` tokens, all among its top ones: run the CDF over
-        # those candidates in vocabulary order. The zeros skipped are exact no-ops in the full CDF,
-        # so this picks the same token as the full-vocabulary path below, ~200x less work.
-        ids, order = top_ids.sort(dim=-1)
-        probs, top_ids = top_vals.gather(1, order), ids
-        vocab = m
-    cdf = probs.double().cumsum(dim=-1)
-    target = (u.to(cdf) * cdf[:, -1]).unsqueeze(1)
-    choice = torch.searchsorted(cdf, target, right=True)
-    # u * total may round up to total: never step past the last token with mass.
-    last = vocab - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
-    choice = torch.minimum(choice, last)
-    return (top_ids.gather(1, choice) if reduced else choice).squeeze(1)
-
+        probs = probs * (probs >= _nucleus_threshold(probs.sort(dim=-1, descending=True).values, top_p))
+    out[rows] = _inverse_cdf(probs, u).squeeze(1)
+    return out
 
 
 # --------------------------------------------------------------------------- KV-cached steps

@@ -34,13 +34,15 @@ def save_checkpoint(out: DatasetDir, step: int, payload: dict, keep: int = 0) ->
     out.write_json(LATEST, {"step": step, "file": checkpoint_name(step)})
     if keep > 0:
         for old in list_checkpoints(out)[:-keep]:
-            out.fs.rm(out._p(CKPT_DIR, old))
+            out.remove(f"{CKPT_DIR}/{old}")
     return out.url(rel)
 
 
 def list_checkpoints(out: DatasetDir) -> list[str]:
+    path = out._p(CKPT_DIR)
+    out.fs.invalidate_cache(path)          # object stores cache listings; other ranks / runs write here
     try:
-        names = [posixpath.basename(p) for p in out.fs.ls(out._p(CKPT_DIR), detail=False)]
+        names = [posixpath.basename(p) for p in out.fs.ls(path, detail=False)]
     except FileNotFoundError:
         return []
     return sorted(n for n in names if n.startswith("step-") and n.endswith(".pt"))

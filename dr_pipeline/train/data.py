@@ -185,7 +185,10 @@ class JoinedDataset(IterableDataset):
             params = self._params(entry, img)
         except ValueError:
             return _skip(pair.name, rec.key, "bad_aug_params")
-        image = augment.replay(img, params, self.image_size, self.plan.aug)
+        try:
+            image = augment.replay(img, params, self.image_size, self.plan.aug)
+        except Exception:  # noqa: BLE001 - an odd image mode / palette must not stop training
+            return _skip(pair.name, rec.key, "bad_image")
         syn = entry.syn_caption if entry.syn_caption is not None else caption
         return {
             "key": rec.key, "shard": pair.name, "image": image,

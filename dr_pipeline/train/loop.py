@@ -70,7 +70,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 class TrainResult:
     step: int
     checkpoint: str | None
-    losses: list[float] = field(default_factory=list)      # per step, this run, rank 0's value
+    losses: list[float] = field(default_factory=list)      # per step of this run, this rank's value
     skipped: dict[str, int] = field(default_factory=dict)
     samples: int = 0
 
@@ -171,8 +171,8 @@ class Trainer:
         result = TrainResult(step=self.step, checkpoint=None)
         last_ckpt_step = self.step
         t_log, samples_log = time.perf_counter(), 0
+        losses: list[torch.Tensor] = []            # read back at log steps only: no GPU sync per step
         stream = iter(self.stream)
-        state = self.stream.state
         start = self.step
         while self.step < cfg.steps and (stop_after is None or self.step - start < stop_after):
             batch, state = next(stream)
@@ -182,14 +182,17 @@ class Trainer:
             parts = self.train_step(batch)
             self.step += 1
             samples_log += cfg.batch_size * env.world
-            result.losses.append(float(parts["loss"].detach()))
+            losses.append(parts["loss"].detach())
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                result.losses += torch.stack(losses).tolist()
+                losses = []
                 now = time.perf_counter()
                 self._log(parts, lr, state, samples_log / max(now - t_log, 1e-9))
                 t_log, samples_log = now, 0
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 result.checkpoint = self.save(state)
                 last_ckpt_step = self.step
+        result.losses += torch.stack(losses).tolist() if losses else []
         if self.metrics is not None:
             self.metrics.flush()
         result.step = self.step

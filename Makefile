@@ -7,7 +7,7 @@ DR     := $(VENV)/bin/dr
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= out/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean reproduce bootstrap
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(DR) make-corpus $(DEMO)/corpus --shards 4 --per-shard 32 --seed 0
-	$(DR) make-teachers teachers/tiny.yaml
-	$(DR) reinforce --config jobs/configs/demo.yaml
+	$(DR) make-corpus $(DEMO)/corpus --split web --shards 4 --per-shard 32 --seed 0
+	$(DR) bootstrap teachers/synthetic.yaml --verify
+	$(DR) reinforce --config jobs/configs/demo.yaml --force
 	$(DR) validate $(DEMO)/dataset
 	$(DR) inspect $(DEMO)/dataset --out $(DEMO)/contact_sheet.png
 	$(DR) export $(DEMO)/dataset --format datacompdr --out $(DEMO)/datacompdr
@@ -29,6 +29,15 @@ demo: $(STAMP)
 	@echo "reinforced shards: $(DEMO)/dataset/shards/*.parquet  (markers: _markers/, manifest.json)"
 	@echo "contact sheet    : $(DEMO)/contact_sheet.png"
 	@echo "DataCompDR export: $(DEMO)/datacompdr/*.tar"
+
+# Reinforced vs plain student on the synthetic domain (docs/reproduce.md): ~20 min on 2 CPUs.
+reproduce: $(STAMP)
+	$(DR) bootstrap teachers/synthetic.yaml --verify
+	$(DR) reproduce --config jobs/configs/reproduce.yaml
+
+# Regenerate the committed teachers (teachers/synthetic/: checkpoints, SHA256SUMS, bootstrap.json).
+bootstrap: $(STAMP)
+	$(DR) bootstrap teachers/synthetic.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

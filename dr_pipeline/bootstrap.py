@@ -239,14 +239,14 @@ def train_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: Ensemble
         with torch.no_grad():
             model.logit_scale.clamp_(0, max_log)
         if step % 50 == 0 or step == steps - 1:
-            row.update(step=step + 1, lr=opt.param_groups[0]["lr"], logit_scale=float(model.logit_scale.exp()),
+            row.update(step=step + 1, lr=opt.param_groups[0]["lr"], logit_scale=float(model.logit_scale.detach().exp()),
                        seconds=round(time.time() - t0, 1))
             hist.append(row)
             print(f"[{spec.id}] step {step + 1}/{steps} " + " ".join(
                 f"{k} {v:.4g}" for k, v in row.items() if k not in ("step",)), file=sys.stderr, flush=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     stats = {"id": spec.id, "model": spec.model, "kind": kind, "steps": steps, "seconds": round(time.time() - t0, 1),
-             "logit_scale": float(model.logit_scale.exp()), "loss_history": hist,
+             "logit_scale": float(model.logit_scale.detach().exp()), "loss_history": hist,
              "params": int(sum(p.numel() for p in model.parameters()))}
     if kind == "captioner":
         stats["domain_vocab_size"] = int(vocab.numel())
@@ -554,3 +554,22 @@ def format_report(rep: dict) -> str:
             lines.append(f"    {ex['caption']!r}  <- truth: {ex['truth']!r}")
     lines.append(f"total {rep['total_seconds']:.0f}s")
     return "\n".join(lines)
+
+
+def verify(ensemble_path: str) -> list[str]:
+    """Problems with the committed checkpoints of ``ensemble_path`` (empty: all match SHA256SUMS)."""
+    ens = load_ensemble(ensemble_path)
+    problems = []
+    paths = [Path(ens.resolve(e.pretrained) or "") for e in (*ens.teachers, *ens.captioners)]
+    folder = paths[0].parent
+    if not (folder / SUMS).is_file():
+        return [f"{folder / SUMS} is missing"]
+    sums = read_sums(folder)
+    for p in paths:
+        if not p.is_file():
+            problems.append(f"{p} is missing")
+        elif p.name not in sums:
+            problems.append(f"{p.name} is not listed in {folder / SUMS}")
+        elif sha256_file(p) != sums[p.name]:
+            problems.append(f"{p.name}: sha256 differs from {folder / SUMS}")
+    return problems

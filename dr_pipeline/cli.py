@@ -32,8 +32,18 @@ def cmd_make_corpus(a: argparse.Namespace) -> int:
 def cmd_bootstrap(a: argparse.Namespace) -> int:
     import dataclasses as dc
 
-    from dr_pipeline.bootstrap import BootstrapConfig, bootstrap, format_report
+    from dr_pipeline.bootstrap import BootstrapConfig, bootstrap, format_report, verify
 
+    if a.verify:
+        problems = verify(a.ensemble)
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        if problems:
+            print(f"the committed checkpoints of {a.ensemble} are missing or changed: restore them "
+                  f"(git checkout) or regenerate them with `dr bootstrap {a.ensemble}`", file=sys.stderr)
+            return 1
+        print(f"{a.ensemble}: every checkpoint matches its SHA256SUMS entry")
+        return 0
     overrides = {k: v for k, v in (("seed", a.seed), ("n_train", a.n_train), ("clip_steps", a.clip_steps),
                                    ("coca_steps", a.coca_steps), ("batch_size", a.batch_size), ("jobs", a.jobs))
                  if v is not None}
@@ -147,6 +157,22 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return eval_main(a.checkpoint, a.data, a.out)
 
 
+def cmd_plan(a: argparse.Namespace) -> int:
+    import json
+
+    from dr_pipeline.plan import load_costs, make_plan, render, spec_from_args
+
+    if not (a.ensemble or a.teacher or a.captioner):
+        raise ConfigError("plan: give --ensemble FILE or --teacher MODEL[:DIM] / --captioner MODEL")
+    try:
+        spec = spec_from_args(a.samples, a.teacher or [], a.captioner or [], a.ensemble, a.n_aug, a.k, a.per_shard)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    plan = make_plan(spec, load_costs(a.costs))
+    print(json.dumps(plan.to_dict(), indent=2) if a.json else render(plan))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dr", description="Dataset reinforcement for CLIP training (MobileCLIP-style).")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -176,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--only", action="append", help="train only this entry id (repeatable)")
     s.add_argument("--out", help="write checkpoints + a relocated ensemble file here instead")
     s.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    s.add_argument("--verify", action="store_true", help="only check the checkpoints against SHA256SUMS")
     s.set_defaults(fn=cmd_bootstrap)
 
     s = sub.add_parser("reproduce", help="reinforced vs plain student: steps-to-accuracy ratio, plot, results")
@@ -235,6 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="base shards (retrieval + zero-shot) or an image folder DATA/<class>/*")
     s.add_argument("--out", help="write the metrics JSON here")
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("plan", help="estimate output bytes, shards and accelerator-hours of a run (no models loaded)")
+    s.add_argument("--samples", required=True, help="corpus size, e.g. 2e9, 1.9B, 12.8M")
+    s.add_argument("--ensemble", help="teachers/*.yaml: its teachers and captioners")
+    s.add_argument("--teacher", action="append", help="open_clip model or MODEL:DIM (repeatable)")
+    s.add_argument("--captioner", action="append", help="open_clip CoCa model (repeatable)")
+    s.add_argument("--n-aug", type=int, default=2, help="augmentations per image (default 2, DFNDR-2B)")
+    s.add_argument("--k", type=int, default=5, help="synthetic captions per captioner (default 5)")
+    s.add_argument("--per-shard", type=int, default=10_000, help="samples per shard (default 10,000)")
+    s.add_argument("--costs", action="append", help="costs JSON from make bench (default: bench/costs-*.json)")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.set_defaults(fn=cmd_plan)
     return p
 
 

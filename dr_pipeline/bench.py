@@ -1,0 +1,955 @@
+"""``make bench``: side-by-side performance ratios, written to BENCHMARKS.md.
+
+    python -m dr_pipeline.bench --out BENCHMARKS.md [--quick | --full] [--threads N]
+
+Every ratio compares two code paths measured in this one process, alternating between them in
+rounds, on the same data, with the same ``torch.set_num_threads`` (default 1: on a shared 2-core
+machine a 2-thread OpenMP barrier makes timings swing several-fold with other people's load).
+Models are random-init open_clip models (no weights are downloaded): speed and token equality
+do not depend on the weights.
+
+Sections: (1) CoCa captioning, this project's KV-cached decoder vs open_clip ``generate`` called
+the public way (one call per caption) and as one batched call; (2) teacher text towers with
+length bucketing vs full-context padding; (3) pipeline efficiency, ``dr reinforce`` on a local
+Ray vs the sum of its stages run alone; (4) storage vs the DataCompDR fp32 npz + JSON layout;
+(5) trainer loader, reinforced replay vs a plain fresh-augmentation loader; (6) per-sample costs
+for ``dr plan``, saved as ``bench/costs-<machine>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import io
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+clock = time.perf_counter
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- machine
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                ram = round(int(line.split()[1]) / 2 ** 20, 1)
+    import open_clip
+
+    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "python": platform.python_version(),
+            "torch": torch.__version__, "open_clip": getattr(open_clip, "__version__", "?"),
+            "os": platform.platform(), "device": device, "gpu": None}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    name = info["gpu"] or f"{cpu} {info['cores']}c"
+    info["slug"] = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return info
+
+
+def loadavg() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "?"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str = "cpu"):
+    sync(device)
+    t = clock()
+    out = fn()
+    sync(device)
+    return clock() - t, out
+
+
+# --------------------------------------------------------------------------- 1. captioning
+
+def _coca(name: str, device: str, max_len: int = 30, min_len: int = 5, top_p: float = 0.9):
+    import open_clip
+
+    from dr_pipeline.config import CaptionerSpec, SamplingSpec
+    from dr_pipeline.models.captioner import Captioner
+    from dr_pipeline.models.tiny import init_uninitialized
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.create_model(name, device=device).eval().requires_grad_(False)
+        init_uninitialized(model)     # open_clip leaves the decoder's vocabulary projection uninitialized
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    spec = CaptionerSpec(id=name, model=name, image_size=size,
+                         sampling=SamplingSpec(max_len=max_len, min_len=min_len, top_p=top_p, top_k=0))
+    return Captioner(spec, model, open_clip.get_tokenizer(name), device)
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def bench_captioning(device: str, n_images: int, k: int, rounds: int, public_calls: int, batched_images: int,
+                     model_name: str = "coca_ViT-B-32", seq_len: int = 30) -> dict:
+    """Ours (encode each image once + KV-cached batched decode of all k*n rows) vs open_clip
+    ``generate`` one call per caption (public pattern) and one batched ``generate`` call."""
+    from dr_pipeline.models.captioner import row_uniforms
+    from dr_pipeline.models.teachers import views_to_input
+
+    log(f"captioning: building {model_name}")
+    c = _coca(model_name, device, max_len=seq_len)
+    s = c.spec.sampling
+    views = _images(n_images, c.image_size)
+    keys = [f"img{i:03d}" for i in range(n_images)]
+    rows = torch.arange(n_images).repeat_interleave(k)
+    x = views_to_input(views, c.image_size, c.mean, c.std, c.device)
+    u = torch.from_numpy(np.stack([row_uniforms(0, keys[i], j, 0, s.max_len, c.id)
+                                   for i in range(n_images) for j in range(k)]))
+
+    def ours(r=rows, v=views):
+        return c.decode(c.encode_images(v), None, rows=r)
+
+    def generate(xb):
+        with torch.inference_mode():
+            return c.model.generate(xb, generation_type="top_k", top_k=1, seq_len=seq_len, min_seq_len=s.min_len)
+
+    t = {"ours": [], "ours_sampled": [], "public_call": [], "batched": [], "ours_same_rows": []}
+    equal = {"public": True, "batched": True}
+    n_b = batched_images
+    sub_rows = torch.arange(n_b).repeat_interleave(k)
+    call_images = list(range(n_images))
+    ours_tokens = None
+    for r in range(rounds):
+        log(f"captioning round {r + 1}/{rounds}: ours ({n_images * k} captions)")
+        dt, ours_tokens = timed(ours, device)
+        t["ours"].append(dt)
+        dt, _ = timed(lambda: c.decode(c.encode_images(views), u, rows=rows), device)
+        t["ours_sampled"].append(dt)
+        for j in range(public_calls):
+            i = call_images[(r * public_calls + j) % n_images]
+            log(f"captioning round {r + 1}/{rounds}: generate, public pattern (image {i}, 1 caption)")
+            dt, g = timed(lambda: generate(x[i:i + 1]), device)
+            t["public_call"].append(dt)
+            equal["public"] &= torch.equal(g[0].cpu(), ours_tokens[i * k].cpu())
+        log(f"captioning round {r + 1}/{rounds}: generate, one batched call ({n_b * k} rows)")
+        dt, g = timed(lambda: generate(x[:n_b].repeat_interleave(k, dim=0)), device)
+        t["batched"].append(dt)
+        equal["batched"] &= torch.equal(g.cpu(), ours_tokens[:n_b * k].cpu())
+        dt, _ = timed(lambda: ours(sub_rows, views[:n_b]), device)
+        t["ours_same_rows"].append(dt)
+    n_caps = n_images * k
+    per = {
+        "ours": statistics.mean(t["ours"]) / n_caps,
+        "ours_sampled": statistics.mean(t["ours_sampled"]) / n_caps,
+        "public": statistics.mean(t["public_call"]),
+        "batched": statistics.mean(t["batched"]) / (n_b * k),
+        "ours_same_rows": statistics.mean(t["ours_same_rows"]) / (n_b * k),
+    }
+    lengths = (ours_tokens != c.pad).sum(dim=1).float()
+    out = {
+        "model": model_name, "params_m": round(sum(p.numel() for p in c.model.parameters()) / 1e6, 1),
+        "seq_len": seq_len, "min_len": s.min_len, "n_images": n_images, "k": k, "rounds": rounds,
+        "public_calls_measured": len(t["public_call"]), "batched_rows": n_b * k,
+        "times": t, "per_caption_s": per, "mean_tokens": round(float(lengths.mean()), 1),
+        "ratio_public": per["public"] / per["ours"],
+        "ratio_batched": per["batched"] / per["ours_same_rows"],
+        "greedy_equal_public": bool(equal["public"]), "greedy_equal_batched": bool(equal["batched"]),
+        "public_spread": (min(t["public_call"]), max(t["public_call"])),
+    }
+    out["costs"] = {"caption_s": per["ours_sampled"],
+                    "image_encode_s": None}
+    dt, _ = timed(lambda: c.encode_images(views), device)
+    out["costs"]["image_encode_s"] = dt / n_images
+    del c
+    gc.collect()
+    return out
+
+
+# --------------------------------------------------------------------------- 2. teacher text towers / costs
+
+CAPTION_WORDS = ("a the man woman dog cat child riding sitting standing on in with next to bike street table red "
+                 "blue green white black large small of near grass field two three people group photo view "
+                 "building car train water beach snow mountain food plate").split()
+
+
+def captions(n: int, seed: int = 0, lo: int = 5, hi: int = 16) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+def _teacher(name: str, device: str):
+    import open_clip
+
+    from dr_pipeline.config import TeacherSpec
+    from dr_pipeline.models.teachers import Teacher
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.create_model(name, device=device).eval().requires_grad_(False)
+    cfg = open_clip.get_model_config(name)
+    spec = TeacherSpec(id=name, model=name, pretrained="random-init", image_size=cfg["vision_cfg"]["image_size"])
+    return Teacher(spec, model, open_clip.get_tokenizer(name), device)
+
+
+def bench_text(device: str, name: str, n_texts: int, rounds: int) -> dict:
+    """Length-bucketed unpadded text tower vs the full-context (padded) open_clip encode_text."""
+    import torch.nn.functional as F
+
+    log(f"text towers: building {name}")
+    t = _teacher(name, device)
+    texts = captions(n_texts, seed=1)
+    tokens = t.tokenizer(texts)
+
+    def padded():
+        with torch.inference_mode():
+            return F.normalize(t.model.encode_text(tokens.to(t.device)).float(), dim=-1)
+
+    times = {"bucketed": [], "padded": []}
+    for r in range(rounds):
+        log(f"text towers round {r + 1}/{rounds}")
+        dt, a = timed(lambda: t.encode_texts(texts), device)
+        times["bucketed"].append(dt)
+        dt, b = timed(padded, device)
+        times["padded"].append(dt)
+    n_tok = [int(p) + 1 for p in tokens.argmax(dim=-1)]
+    out = {"model": name, "n_texts": n_texts, "context_length": tokens.shape[1],
+           "mean_tokens": statistics.mean(n_tok), "times": times,
+           "bucketed_s": statistics.mean(times["bucketed"]), "padded_s": statistics.mean(times["padded"]),
+           "max_abs_diff": float((a - b).abs().max())}
+    out["ratio"] = out["padded_s"] / out["bucketed_s"]
+    del t
+    gc.collect()
+    return out
+
+
+def measure_teacher_costs(name: str, device: str, n_images: int, n_texts: int) -> dict:
+    log(f"costs: teacher {name}")
+    t = _teacher(name, device)
+    views = _images(n_images, t.image_size, seed=2)
+    texts = captions(n_texts, seed=3)
+    t.encode_images(views[:1])
+    di, _ = timed(lambda: t.encode_images(views), device)
+    dt, _ = timed(lambda: t.encode_texts(texts), device)
+    out = {"image_s": di / n_images, "text_s": dt / n_texts, "measured_images": n_images, "measured_texts": n_texts,
+           "params_m": round(sum(p.numel() for p in t.model.parameters()) / 1e6, 1)}
+    del t
+    gc.collect()
+    return out
+
+
+def measure_captioner_costs(name: str, device: str, n_images: int, k: int) -> dict:
+    """Seconds per synthetic caption: image encode (once per image) + one sampled KV-cached decode
+    of k rows per image (top_p 0.9, seq 30); resampling of degenerate captions not included."""
+    from dr_pipeline.models.captioner import row_uniforms
+
+    log(f"costs: captioner {name}")
+    c = _coca(name, device)
+    s = c.spec.sampling
+    views = _images(n_images, c.image_size, seed=4)
+    rows = torch.arange(n_images).repeat_interleave(k)
+    u = torch.from_numpy(np.stack([row_uniforms(0, f"i{i}", j, 0, s.max_len, c.id)
+                                   for i in range(n_images) for j in range(k)]))
+    dt, tok = timed(lambda: c.decode(c.encode_images(views), u, rows=rows), device)
+    out = {"caption_s": dt / (n_images * k), "measured_captions": n_images * k,
+           "mean_tokens": round(float((tok != c.pad).sum(dim=1).float().mean()), 1),
+           "params_m": round(sum(p.numel() for p in c.model.parameters()) / 1e6, 1)}
+    del c
+    gc.collect()
+    return out
+
+
+# --------------------------------------------------------------------------- 3. pipeline efficiency
+
+JOB_YAML = """\
+input:
+  urls: {corpus}/tar/shard-{{00000..{last:05d}}}.tar
+output:
+  path: {out}
+teachers: {teachers}
+seed: 0
+aug:
+  n_aug: 4
+  size: 224
+  flip: false
+captions:
+  k: 5
+execution:
+  num_cpus: 2
+  min_actors: 1
+  max_actors: 1
+  cpus_per_actor: {threads}
+  batch_size: 16
+  max_attempts: 1
+  device: {device}
+"""
+
+
+def _setup_pipeline(work: Path, n_shards: int, per_shard: int, threads: int, device: str):
+    from dr_pipeline.config import load_job
+    from dr_pipeline.corpus.synthetic import make_corpus
+    from dr_pipeline.execute.runner import resolve_ensemble
+    from dr_pipeline.models.tiny import make_tiny_checkpoints
+
+    teachers = work / "teachers"
+    if not teachers.exists():
+        shutil.copytree(ROOT / "teachers" / "models", teachers / "models")
+        shutil.copy(ROOT / "teachers" / "tiny.yaml", teachers / "tiny.yaml")
+    make_tiny_checkpoints(str(teachers / "tiny.yaml"))
+    corpus = work / "corpus"
+    if not corpus.exists():
+        make_corpus(str(corpus), n_shards=n_shards, per_shard=per_shard, seed=0, formats=("tar",))
+    jobs = {}
+    for name in ("ray", "stages"):
+        path = work / f"job-{name}.yaml"
+        path.write_text(JOB_YAML.format(corpus=corpus, last=n_shards - 1, out=work / f"ds-{name}",
+                                        teachers=teachers / "tiny.yaml", threads=threads, device=device))
+        jobs[name] = load_job(path)
+    return jobs, resolve_ensemble(jobs["ray"])
+
+
+def run_stages_alone(job, ensemble, device: str) -> dict:
+    """The pipeline's stages one after another, nothing overlapped: model load, then per shard
+    read+decode+augment, model compute, Parquet write (the same functions the actor runs)."""
+    from dr_pipeline.corpus.readers import expand_urls, shard_name
+    from dr_pipeline.execute.shard_worker import ShardProcessor
+    from dr_pipeline.shards.parquet_io import ShardWriter
+
+    t = {"load": 0.0, "cpu": 0.0, "model": 0.0, "write": 0.0}
+    dt, proc = timed(lambda: ShardProcessor(job, ensemble), device)
+    t["load"] = dt
+    urls = expand_urls(job.input.urls, job.input.storage_options)
+    out = Path(job.output.path)
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for url in urls:
+        dt, batches = timed(lambda: list(proc.batches(url)), device)
+        t["cpu"] += dt
+        counters = {c.id: Counter() for c in proc.captioners}
+        dt, rows = timed(lambda: [proc.reinforce(b.prepared, counters) for b in batches if b.prepared], device)
+        t["model"] += dt
+        n += sum(len(r) for r in rows)
+
+        def write():
+            name = shard_name(url)
+            w = ShardWriter(str(out / f"{name}.parquet"), proc.layout, proc.file_metadata(name, "bench"),
+                            job.output.compression_level)
+            for r in rows:
+                w.write(r)
+            w.close()
+        dt, _ = timed(write, device)
+        t["write"] += dt
+    t["sum"] = sum(t.values())
+    t["samples"] = n
+    del proc
+    gc.collect()
+    return t
+
+
+def bench_pipeline(work: Path, n_shards: int, per_shard: int, threads: int, device: str, stage_rounds: int) -> dict:
+    from dr_pipeline.execute.runner import run_job
+
+    log(f"pipeline: corpus of {n_shards} shards x {per_shard} samples, tiny ensemble")
+    jobs, ens = _setup_pipeline(work, n_shards, per_shard, threads, device)
+    stages = []
+    ray_runs = []
+    for r in range(max(stage_rounds, 1)):
+        log(f"pipeline round {r + 1}: stages alone")
+        shutil.rmtree(jobs["stages"].output.path, ignore_errors=True)
+        stages.append(run_stages_alone(jobs["stages"], ens, device))
+        if r == 0:
+            log("pipeline: dr reinforce on a local Ray (1 actor)")
+            shutil.rmtree(jobs["ray"].output.path, ignore_errors=True)
+            import ray
+            from ray.data import DataContext  # noqa: F401  (import cost paid outside the timing? no: dr pays it)
+            dt, report = timed(lambda: run_job(jobs["ray"], ens, force=True, executor="ray"), device)
+            if report.failed:
+                raise RuntimeError(f"bench pipeline: shards failed: {report.failed}")
+            ray_runs.append({"wall": dt, "actor_shard_seconds": sum(s["seconds"] for s in report.committed),
+                             "samples": sum(s["n_written"] for s in report.committed)})
+            if ray.is_initialized():
+                ray.shutdown()
+    s = {k: statistics.mean(x[k] for x in stages) for k in ("load", "cpu", "model", "write", "sum")}
+    w = ray_runs[0]
+    out = {"n_shards": n_shards, "per_shard": per_shard, "samples": w["samples"], "threads": threads,
+           "stages": s, "stage_runs": stages, "ray": w,
+           "overhead_job": w["wall"] / s["sum"] - 1,
+           "overhead_steady": w["actor_shard_seconds"] / (s["sum"] - s["load"]) - 1,
+           "model_share": s["model"] / w["actor_shard_seconds"],
+           "dataset": str(Path(jobs["ray"].output.path)), "corpus": str(work / "corpus")}
+    return out
+
+
+# --------------------------------------------------------------------------- 4. storage
+
+def _synthetic_rows(n: int, n_aug: int, dims: list[int], k: int, seed: int = 0):
+    import torch.nn.functional as F
+
+    from dr_pipeline import augment
+    from dr_pipeline.config import AugSpec
+    from dr_pipeline.shards.parquet_io import ReinforcedRows
+
+    spec = AugSpec(n_aug=n_aug)
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    sizes = rng.integers(200, 1600, size=(n, 2))
+    caps = captions(n * (1 + k), seed=seed)
+    rows = ReinforcedRows(
+        keys=[f"{i:09d}" for i in range(n)], uids=[f"{rng.integers(2 ** 63):032x}" for _ in range(n)],
+        urls=[f"https://images.example.com/{rng.integers(2 ** 40):x}/photo_{i}.jpg" for i in range(n)],
+        image_sha256=[f"{rng.integers(2 ** 63):016x}" * 4 for _ in range(n)],
+        widths=[int(w) for w, _ in sizes], heights=[int(h) for _, h in sizes], captions=caps[:n],
+        aug_params=np.stack([augment.pack(augment.sample_all(spec, seed, f"{i:09d}", int(w), int(h)))
+                             for i, (w, h) in enumerate(sizes)]))
+    rows.syn["coca"] = [caps[n + i * k: n + (i + 1) * k] for i in range(n)]
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=g), dim=-1).to(torch.bfloat16)
+    for ti, d in enumerate(dims):
+        t = f"teacher{ti}"
+        rows.image_emb[t] = unit(n, n_aug, d)
+        rows.text_emb[t] = unit(n, d)
+        rows.syn_emb[t] = {"coca": [unit(k, d) for _ in range(n)]}
+    return rows, spec
+
+
+def measure_storage(rows, spec, dims: list[int], k: int) -> dict:
+    import pyarrow.parquet as pq
+
+    from dr_pipeline.config import to_dict
+    from dr_pipeline.shards.datacompdr import write_datacompdr_tar
+    from dr_pipeline.shards.parquet_io import ShardWriter
+    from dr_pipeline.shards.schema import ShardLayout, TeacherLayout
+
+    n = len(rows)
+    teachers = [f"teacher{i}" for i in range(len(dims))]
+    layout = ShardLayout(spec.n_aug, tuple(TeacherLayout(t, d) for t, d in zip(teachers, dims)), ("coca",))
+    meta = {"teachers": [{"id": t} for t in teachers], "captioners": [{"id": "coca"}], "aug": to_dict(spec)}
+    buf = io.BytesIO()
+    w = ShardWriter(buf, layout, meta)
+    for i in range(0, n, 256):
+        w.write(_slice_rows(rows, slice(i, i + 256)))
+    w.close()
+    data = buf.getvalue()
+    md = pq.ParquetFile(io.BytesIO(data)).metadata
+    cols: dict[str, int] = {}
+    for rg in range(md.num_row_groups):
+        for c in range(md.num_columns):
+            col = md.row_group(rg).column(c)
+            top = col.path_in_schema.split(".")[0]
+            cols[top] = cols.get(top, 0) + col.total_compressed_size
+    emb_values = n * sum(d * (spec.n_aug + 1 + k) for d in dims)
+    emb_bytes = sum(v for c, v in cols.items() if c.startswith("emb__"))
+    str_cols = ("key", "uid", "url", "image_sha256", "caption", "syn__coca", "width", "height")
+    str_raw = sum(len(s.encode()) for col in (rows.keys, rows.uids, rows.urls, rows.image_sha256, rows.captions)
+                  for s in col) + sum(len(s.encode()) for r in rows.syn["coca"] for s in r) + 8 * n
+    tar = io.BytesIO()
+    write_datacompdr_tar(tar, rows, meta)
+    dcdr = tar.getvalue()
+    # DataCompDR members, without the tar framing, for the per-value comparison
+    import tarfile
+    members: dict[str, int] = Counter()
+    with tarfile.open(fileobj=io.BytesIO(dcdr)) as tf:
+        for m in tf:
+            members[m.name.split(".", 1)[1]] += m.size
+    return {
+        "n": n, "n_aug": spec.n_aug, "dims": dims, "k": k,
+        "file_bytes": len(data), "bytes_per_sample": len(data) / n,
+        "bf16_values": emb_values, "emb_bytes": emb_bytes, "bf16_bytes_per_value": emb_bytes / emb_values,
+        "bf16_vs_raw": emb_bytes / (2 * emb_values),
+        "aug_bytes_per_aug": cols["aug_params"] / (n * spec.n_aug),
+        "string_bytes": sum(cols[c] for c in str_cols), "string_raw": str_raw,
+        "string_ratio": sum(cols[c] for c in str_cols) / str_raw,
+        "columns": cols,
+        "dcdr_bytes_per_sample": len(dcdr) / n, "dcdr_members": dict(members),
+        "dcdr_npz_bytes_per_value": members["npz"] / emb_values,
+        "dcdr_paug_bytes_per_aug": members["paug.json"] / (n * spec.n_aug),
+        "ratio_per_sample": len(dcdr) / len(data),
+    }
+
+
+def _slice_rows(rows, sl: slice):
+    from dr_pipeline.shards.parquet_io import ReinforcedRows
+
+    return ReinforcedRows(
+        rows.keys[sl], rows.uids[sl], rows.urls[sl], rows.image_sha256[sl], rows.widths[sl], rows.heights[sl],
+        rows.captions[sl], rows.aug_params[sl], {c: v[sl] for c, v in rows.syn.items()},
+        {t: v[sl] for t, v in rows.image_emb.items()}, {t: v[sl] for t, v in rows.text_emb.items()},
+        {t: {c: v[sl] for c, v in d.items()} for t, d in rows.syn_emb.items()})
+
+
+def bench_storage(n: int, dataset: str | None) -> dict:
+    log(f"storage: {n} synthetic rows at DFNDR-2B dims and at DataCompDR-12M dims")
+    out = {}
+    for label, n_aug, dims in (("DFNDR-2B shape (2 x 768, n_aug 2, k 5)", 2, [768, 768]),
+                               ("DataCompDR-12M shape (2 x 768, n_aug 30, k 5)", 30, [768, 768])):
+        rows, spec = _synthetic_rows(n if n_aug < 10 else max(n // 4, 64), n_aug, dims, 5)
+        out[label] = measure_storage(rows, spec, dims, 5)
+    if dataset:
+        from dr_pipeline.execute.dataset_dir import DatasetDir
+        from dr_pipeline.shards.parquet_io import read_shard
+        from dr_pipeline.shards.schema import layout_from_metadata
+
+        ds = DatasetDir(dataset)
+        rows_all, meta = None, None
+        total = 0
+        for name in sorted(ds.markers()):
+            url = ds.shard_url(name)
+            rows, meta = read_shard(url)
+            total += len(rows)
+            rows_all = rows if rows_all is None else _concat(rows_all, rows)
+        lay = layout_from_metadata(meta)
+        from dr_pipeline.config import AugSpec
+
+        spec = AugSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["aug"].items()})
+        dims = [t.dim for t in lay.teachers]
+        # rename to the measure_storage layout (teacherN / coca): only the byte counts matter
+        rows_all.image_emb = {f"teacher{i}": rows_all.image_emb[t.id] for i, t in enumerate(lay.teachers)}
+        rows_all.text_emb = {f"teacher{i}": rows_all.text_emb[t.id] for i, t in enumerate(lay.teachers)}
+        cap = lay.captioners[0]
+        rows_all.syn = {"coca": rows_all.syn[cap]}
+        rows_all.syn_emb = {f"teacher{i}": {"coca": rows_all.syn_emb[t.id][cap]} for i, t in enumerate(lay.teachers)}
+        k = max((len(r) for r in rows_all.syn["coca"]), default=0)
+        m = measure_storage(rows_all, spec, dims, k)
+        # variable k: count the values actually stored
+        m["bf16_values"] = sum(len(rows_all) * d * (spec.n_aug + 1) + d * sum(len(r) for r in rows_all.syn["coca"])
+                               for d in dims)
+        m["bf16_bytes_per_value"] = m["emb_bytes"] / m["bf16_values"]
+        m["bf16_vs_raw"] = m["emb_bytes"] / (2 * m["bf16_values"])
+        out[f"pipeline output ({total} rows, tiny teachers {dims}, n_aug {spec.n_aug})"] = m
+    return out
+
+
+def _concat(a, b):
+    from dr_pipeline.shards.parquet_io import ReinforcedRows
+
+    return ReinforcedRows(
+        a.keys + b.keys, a.uids + b.uids, a.urls + b.urls, a.image_sha256 + b.image_sha256, a.widths + b.widths,
+        a.heights + b.heights, a.captions + b.captions, np.concatenate([a.aug_params, b.aug_params]),
+        {c: a.syn[c] + b.syn[c] for c in a.syn}, {t: torch.cat([a.image_emb[t], b.image_emb[t]]) for t in a.image_emb},
+        {t: torch.cat([a.text_emb[t], b.text_emb[t]]) for t in a.text_emb},
+        {t: {c: a.syn_emb[t][c] + b.syn_emb[t][c] for c in a.syn_emb[t]} for t in a.syn_emb})
+
+
+# --------------------------------------------------------------------------- 5. trainer loader
+
+def bench_loader(dataset: str, corpus: str, rounds: int, image_size: int = 224, context_length: int = 77) -> dict:
+    """Samples/s: the trainer's reinforced loader (join + stored-augmentation replay + embedding
+    lookup) vs a plain loader (same base images, fresh RRC + RandAugment, GT caption tokenized)."""
+    from PIL import Image
+
+    from dr_pipeline import augment
+    from dr_pipeline.config import load_job
+    from dr_pipeline.corpus.readers import Rejected, expand_urls, iter_shard
+
+    job = load_job(Path(dataset).parent / "job-ray.yaml")
+    spec, seed = job.aug, job.seed
+    base_urls = expand_urls(job.input.urls, {})
+    try:
+        from dr_pipeline.train.config import DataConfig
+        from dr_pipeline.train.data import JoinedDataset
+        from dr_pipeline.train.sources import make_plan
+        from dr_pipeline.train.students import tokenize
+
+        cfg = DataConfig(reinforced=dataset, num_workers=0)
+        plan = make_plan(cfg)
+
+        def reinforced() -> int:
+            ds = JoinedDataset(plan, cfg, seed, image_size, context_length, epochs=1)
+            n = 0
+            for item in ds:
+                if "image" in item:
+                    n += 1
+            return n
+        which = "dr_pipeline.train.data.JoinedDataset (the trainer's loader, num_workers=0)"
+    except Exception as e:  # noqa: BLE001 - the trainer is being written: fall back, say so
+        from dr_pipeline.shards.parquet_io import read_shard
+        from dr_pipeline.train.students import tokenize
+        which = f"fallback replay + embedding lookup (trainer loader unavailable: {type(e).__name__}: {e})"
+
+        def reinforced() -> int:
+            n = 0
+            for url in base_urls:
+                name = Path(url).stem
+                rows, _ = read_shard(str(Path(dataset) / "shards" / f"{name}.parquet"))
+                index = {k: i for i, k in enumerate(rows.keys)}
+                for rec in iter_shard(url, {}):
+                    if isinstance(rec, Rejected) or rec.key not in index:
+                        continue
+                    i = index[rec.key]
+                    img = Image.open(io.BytesIO(rec.image))
+                    img.load()
+                    a = random.Random(rec.key).randrange(spec.n_aug)
+                    p = augment.unpack(rows.aug_params[i])[a]
+                    augment.replay(img, p, image_size, spec)
+                    {t: e[i, a].float() for t, e in rows.image_emb.items()}
+                    tokenize([rows.captions[i]], context_length)
+                    n += 1
+            return n
+
+    def plain() -> int:
+        n = 0
+        for url in base_urls:
+            for rec in iter_shard(url, {}):
+                if isinstance(rec, Rejected):
+                    continue
+                img = Image.open(io.BytesIO(rec.image))
+                img.load()
+                p = augment.sample_params(spec, seed + 1, rec.key, 0, img.width, img.height)
+                augment.replay(img, p, image_size, spec)
+                tokenize([rec.caption or ""], context_length)
+                n += 1
+        return n
+
+    tokenize(["warm up"], context_length)
+    times = {"reinforced": [], "plain": []}
+    counts = {}
+    for r in range(rounds):
+        log(f"loader round {r + 1}/{rounds}")
+        dt, counts["reinforced"] = timed(reinforced)
+        times["reinforced"].append(dt)
+        dt, counts["plain"] = timed(plain)
+        times["plain"].append(dt)
+    rs = counts["reinforced"] / statistics.mean(times["reinforced"])
+    ps = counts["plain"] / statistics.mean(times["plain"])
+    return {"which": which, "image_size": image_size, "samples": counts, "times": times,
+            "reinforced_sps": rs, "plain_sps": ps, "ratio": rs / ps}
+
+
+# --------------------------------------------------------------------------- report
+
+def _f(x: float, nd: int = 2) -> str:
+    return f"{x:,.{nd}f}"
+
+
+def _ok(value: float, target: float, higher: bool = True) -> str:
+    ok = value >= target if higher else value <= target
+    return "met" if ok else "**missed**"
+
+
+def render(res: dict) -> str:
+    m = res["machine"]
+    L: list[str] = []
+    L += ["# Benchmarks", "",
+          f"Generated by `make bench` on {res['date']} ({res['wall_s'] / 60:.1f} min). Do not edit by hand: "
+          "re-run `make bench` (it overwrites this file and `bench/costs-<machine>.json`).", "",
+          "## Machine", "",
+          f"- CPU: {m['cpu']}, {m['cores']} cores visible, {m['ram_gib']} GiB RAM; GPU: {m['gpu'] or 'none'}",
+          f"- Python {m['python']}, torch {m['torch']}, open_clip {m['open_clip']}, {m['os']}",
+          f"- `torch.set_num_threads({res['threads']})` throughout; device `{m['device']}`",
+          f"- load average (1/5/15 min) at start: {res['load_start']}, at end: {res['load_end']} - the machine "
+          "is shared with other engineers' test runs, which is why every ratio below is measured side by side, "
+          "alternating, in one process",
+          "", "## Commands", "", "```",
+          res["command"],
+          "```", "",
+          "Same thing: `make bench` (= `.venv/bin/python -m dr_pipeline.bench --out BENCHMARKS.md`). "
+          "`--quick` shrinks every section for a smoke run; `--full` measures all 80 public-pattern "
+          "`generate` calls and the 80-row batched call instead of a subset (~25 min here).", ""]
+    rows = []
+    c = res.get("captioning")
+    if c:
+        rows.append(("Captioning: ours vs open_clip `generate`, public pattern (1 call/caption)",
+                     f"{_f(c['per_caption_s']['ours'], 3)} s/caption", f"{_f(c['per_caption_s']['public'], 2)} s/caption",
+                     f"**{_f(c['ratio_public'], 1)}x**", ">= 5x", _ok(c["ratio_public"], 5)))
+        rows.append(("Captioning: ours vs one batched `generate` call (same rows)",
+                     f"{_f(c['per_caption_s']['ours_same_rows'], 3)} s/caption",
+                     f"{_f(c['per_caption_s']['batched'], 2)} s/caption", f"{_f(c['ratio_batched'], 1)}x", "-", "-"))
+        rows.append(("Captioning: greedy tokens identical to `generate`",
+                     "yes" if c["greedy_equal_public"] and c["greedy_equal_batched"] else "**NO**", "", "", "identical",
+                     "met" if c["greedy_equal_public"] and c["greedy_equal_batched"] else "**missed**"))
+    tx = res.get("text")
+    if tx:
+        rows.append((f"Teacher text tower ({tx['model']}): length-bucketed vs full context",
+                     f"{_f(tx['bucketed_s'] / tx['n_texts'] * 1e3)} ms/caption",
+                     f"{_f(tx['padded_s'] / tx['n_texts'] * 1e3)} ms/caption", f"{_f(tx['ratio'], 1)}x", "-", "-"))
+    p = res.get("pipeline")
+    if p:
+        rows.append(("Pipeline: `dr reinforce` on local Ray vs sum of stages alone (whole job)",
+                     f"{_f(p['ray']['wall'], 1)} s", f"{_f(p['stages']['sum'], 1)} s",
+                     f"{_f(100 * p['overhead_job'], 1)}% overhead", "<= 10%", _ok(p["overhead_job"], 0.10, False)))
+        rows.append(("Pipeline: per-shard time in the actor vs stages alone (no Ray start / model load)",
+                     f"{_f(p['ray']['actor_shard_seconds'], 1)} s", f"{_f(p['stages']['sum'] - p['stages']['load'], 1)} s",
+                     f"{_f(100 * p['overhead_steady'], 1)}% overhead", "<= 10%", _ok(p["overhead_steady"], 0.10, False)))
+        rows.append(("Pipeline: model time / pipeline time (utilisation proxy, CPU)",
+                     f"{_f(p['stages']['model'], 1)} s models-only", f"{_f(p['ray']['actor_shard_seconds'], 1)} s in actor",
+                     f"{_f(p['model_share'], 2)}", ">= 0.85 (GPU)", "n/a: no GPU lent" if m["device"] != "cuda"
+                     else _ok(p["model_share"], 0.85)))
+    st = res.get("storage")
+    if st:
+        key = next(iter(st))
+        s0 = st[key]
+        rows.append((f"Storage, {key}: bytes/sample vs DataCompDR fp32 npz + JSON tar",
+                     f"{_f(s0['bytes_per_sample'], 0)} B", f"{_f(s0['dcdr_bytes_per_sample'], 0)} B",
+                     f"{_f(s0['ratio_per_sample'], 2)}x smaller", "-", "-"))
+        worst = max(v["bf16_vs_raw"] for v in st.values())
+        rows.append(("Storage: bf16 embedding bytes on disk / raw 2 B per value (worst case below)",
+                     f"{_f(2 * worst, 3)} B/value", "2 B/value", f"{_f(worst, 3)}x", "<= 1.02x", _ok(worst, 1.02, False)))
+        worst_aug = max(v["aug_bytes_per_aug"] for v in st.values())
+        rows.append(("Storage: augmentation params per augmentation (worst case below)",
+                     f"{_f(worst_aug, 1)} B", f"{_f(s0['dcdr_paug_bytes_per_aug'], 1)} B (paug.json)",
+                     f"{_f(s0['dcdr_paug_bytes_per_aug'] / worst_aug, 1)}x smaller", "<= 16 B", _ok(worst_aug, 16, False)))
+    ld = res.get("loader")
+    if ld:
+        rows.append(("Trainer loader: reinforced replay vs plain fresh RRC+RandAugment",
+                     f"{_f(ld['reinforced_sps'], 1)} samples/s", f"{_f(ld['plain_sps'], 1)} samples/s",
+                     f"{_f(ld['ratio'], 2)}x", ">= 0.9x", _ok(ld["ratio"], 0.9)))
+    L += ["## Summary", "", "| benchmark | ours | baseline | ratio | target | |", "|---|---|---|---|---|---|"]
+    L += [f"| {' | '.join(r)} |" for r in rows]
+    L += [""]
+
+    if c:
+        t = c["times"]
+        L += ["## 1. CoCa captioning", "",
+              f"`{c['model']}` ({c['params_m']} M params, random init; the decoder's vocabulary projection, which "
+              f"open_clip leaves uninitialized, gets `init_uninitialized`), seq_len {c['seq_len']}, min_len "
+              f"{c['min_len']}, {c['k']} captions x {c['n_images']} images = {c['k'] * c['n_images']} captions, "
+              f"greedy (`generate(generation_type='top_k', top_k=1)` and our argmax decode), {c['rounds']} "
+              f"alternating round(s). Mean caption length {c['mean_tokens']} tokens (random weights rarely emit "
+              "end-of-text, so captions run to the length cap: the worst case for `generate`'s prefix recompute).", "",
+              "| path | what is timed | measured | s per caption |", "|---|---|---|---|",
+              f"| ours (KV cache, batched) | encode 16 images once + decode all {c['k'] * c['n_images']} rows, greedy | "
+              f"{', '.join(_f(x, 1) for x in t['ours'])} s | {_f(c['per_caption_s']['ours'], 3)} |",
+              f"| ours, sampled | same, top_p 0.9 seeded (one attempt) | {', '.join(_f(x, 1) for x in t['ours_sampled'])} s "
+              f"| {_f(c['per_caption_s']['ours_sampled'], 3)} |",
+              f"| open_clip `generate`, public pattern | one call per caption, batch 1 (re-encodes the image) | "
+              f"{c['public_calls_measured']} calls, {_f(c['public_spread'][0], 1)}-{_f(c['public_spread'][1], 1)} s each "
+              f"| {_f(c['per_caption_s']['public'], 2)} |",
+              f"| open_clip `generate`, one batched call | {c['batched_rows']} rows ({c['batched_rows'] // c['k']} images x "
+              f"{c['k']}) in one call | {', '.join(_f(x, 1) for x in t['batched'])} s | {_f(c['per_caption_s']['batched'], 2)} |",
+              f"| ours on those same {c['batched_rows']} rows | | {', '.join(_f(x, 1) for x in t['ours_same_rows'])} s | "
+              f"{_f(c['per_caption_s']['ours_same_rows'], 3)} |", "",
+              f"- **Public pattern: {_f(c['ratio_public'], 1)}x** (target >= 5x). Batched `generate`: "
+              f"{_f(c['ratio_batched'], 1)}x at equal rows.",
+              f"- Greedy tokens identical: vs every public-pattern call {c['greedy_equal_public']}, vs the batched "
+              f"call {c['greedy_equal_batched']} (exact `torch.equal` on the token ids).",
+              ]
+        if c["public_calls_measured"] < c["n_images"] * c["k"]:
+            L += [f"- Subset, to keep `make bench` under 10 minutes here: {c['public_calls_measured']} of the "
+                  f"{c['n_images'] * c['k']} public-pattern calls and a {c['batched_rows']}-row batched call were run "
+                  "(each call measured whole). A greedy public-pattern call is the same computation for each of "
+                  "an image's k captions and every caption runs to the length cap, so the per-call time is the "
+                  "per-caption time; the batched call is compared with our decoder on the same rows. "
+                  "`--full` runs all of them."]
+        L += [""]
+    if tx:
+        L += ["## 2. Teacher text towers: length bucketing", "",
+              f"`{tx['model']}` text tower, {tx['n_texts']} captions of {tx['mean_tokens']:.1f} tokens on average "
+              f"(context {tx['context_length']}). Ours: captions sorted by length, sub-batches of "
+              "`text_batch_size`, each run only up to its longest caption's end-of-text (causal mask + argmax "
+              "pooling make the cut exact; tests assert equality). Baseline: open_clip `encode_text` on the "
+              f"padded context. Bucketed {', '.join(_f(x, 2) for x in tx['times']['bucketed'])} s vs padded "
+              f"{', '.join(_f(x, 2) for x in tx['times']['padded'])} s: **{_f(tx['ratio'], 1)}x**; max |difference| "
+              f"of the unit embeddings {tx['max_abs_diff']:.1e}.", ""]
+    if p:
+        s = p["stages"]
+        L += ["## 3. Pipeline efficiency", "",
+              f"Synthetic corpus, {p['n_shards']} shards x {p['per_shard']} samples (JPEG), tiny ensemble "
+              "(`teachers/tiny.yaml`: 2 teachers + tiny CoCa, k 5, n_aug 4 at 224 px), one Ray actor with "
+              f"`cpus_per_actor: {p['threads']}` (= its torch threads), `decode_threads: 2`, batch 16. "
+              "`dr reinforce` = `run_job(..., executor='ray')`, timed from planning to manifest (Ray start, actor "
+              "start, model load, all shards, commit). Stages alone = the same functions the actor calls, one "
+              "after another in this process, nothing overlapped: `ShardProcessor(...)` (model load), "
+              "`batches()` (read + decode + augment), `reinforce()` (models), `ShardWriter` (Parquet).", "",
+              "| stage alone | seconds |", "|---|---|",
+              f"| model load | {_f(s['load'])} |", f"| read + decode + augment | {_f(s['cpu'])} |",
+              f"| models (captioner + teachers) | {_f(s['model'])} |", f"| Parquet write | {_f(s['write'])} |",
+              f"| **sum** | **{_f(s['sum'])}** |", "",
+              f"`dr reinforce` on local Ray: **{_f(p['ray']['wall'])} s** wall -> {_f(100 * p['overhead_job'], 1)}% over "
+              f"the stage sum (target <= 10%). Inside the actor the shards took {_f(p['ray']['actor_shard_seconds'])} s "
+              f"vs {_f(s['sum'] - s['load'])} s for the stages without model load: "
+              f"{_f(100 * p['overhead_steady'], 1)}% (negative = the prefetch thread overlapped decoding with model "
+              f"compute). Stage sums of the {len(p['stage_runs'])} alternating runs: "
+              f"{', '.join(_f(x['sum'], 1) for x in p['stage_runs'])} s.", "",
+              f"Utilisation proxy: models-only time / time inside the actor = {_f(p['model_share'], 2)}. "
+              + ("No GPU was lent to this session, so the accelerator-utilisation target (>= 0.85 vs a models-only "
+                 "loop on GPU) was not measured; on CPU the decode threads compete with the model for the same 2 "
+                 "cores, so this number is not that metric." if m["device"] != "cuda" else ""), ""]
+    if st:
+        L += ["## 4. Storage", "",
+              "Random unit vectors in bf16 (random-init teachers: the realistic worst case, trained embeddings "
+              "compress a little better), real augmentation params (`augment.sample_all`), caption-like strings. "
+              "Ours: `ShardWriter` (zstd 3, BYTE_STREAM_SPLIT on the uint16 leaves, no dictionaries, statistics "
+              "only on `key`). DataCompDR: `dr export`'s tar of the same rows (fp32 npz + JSON members).", "",
+              "| content | ours B/sample | DataCompDR B/sample | ratio | ours B per bf16 value | npz B/value | "
+              "ours B/aug | paug.json B/aug | strings (compressed/raw) |", "|---|---|---|---|---|---|---|---|---|"]
+        for label, v in st.items():
+            L.append(f"| {label} | {_f(v['bytes_per_sample'], 0)} | {_f(v['dcdr_bytes_per_sample'], 0)} | "
+                     f"{_f(v['ratio_per_sample'], 2)}x | {_f(v['bf16_bytes_per_value'], 3)} ({_f(v['bf16_vs_raw'], 3)}x raw) | "
+                     f"{_f(v['dcdr_npz_bytes_per_value'], 2)} | {_f(v['aug_bytes_per_aug'], 1)} | "
+                     f"{_f(v['dcdr_paug_bytes_per_aug'], 1)} | {_f(v['string_ratio'], 2)} |")
+        L += ["", "Before this change the writer passed top-level column names to `use_byte_stream_split`, which "
+              "pyarrow matches against leaf paths (`emb__x.list.element`): it silently applied to nothing, and "
+              "embeddings cost ~1.82 B/value; with leaf paths they cost ~1.43.", ""]
+    if ld:
+        L += ["## 5. Trainer loader", "",
+              f"Loader: {ld['which']}. Same base images (the pipeline section's corpus and output), output "
+              f"{ld['image_size']} px. Reinforced: join base + reinforced shard, sha256 check, stored augmentation "
+              "replayed, teacher embeddings looked up, GT + synthetic captions tokenized. Plain: decode, fresh "
+              "`sample_params` (RRC + RandAugment), replay, GT caption tokenized. In-process (`num_workers=0`).", "",
+              f"Reinforced {', '.join(_f(x, 2) for x in ld['times']['reinforced'])} s for {ld['samples']['reinforced']} "
+              f"samples, plain {', '.join(_f(x, 2) for x in ld['times']['plain'])} s for {ld['samples']['plain']}: "
+              f"**{_f(ld['ratio'], 2)}x** (target >= 0.9x).", ""]
+    co = res.get("costs")
+    if co:
+        L += ["## 6. Per-sample costs for `dr plan`", "",
+              f"Written to `{res['costs_path']}` (device `{m['device']}`, {res['threads']} thread(s)); `dr plan` reads "
+              "every `bench/costs-*.json` and lists literature GPU figures separately, labelled as such.", "",
+              "| model | params (M) | per augmented view | per caption embedded | per synthetic caption |",
+              "|---|---|---|---|---|"]
+        for name, v in co["models"].items():
+            L.append(f"| {name} | {v.get('params_m', '')} | "
+                     f"{_f(v['image_s'] * 1e3, 1) + ' ms' if 'image_s' in v else ''} | "
+                     f"{_f(v['text_s'] * 1e3, 1) + ' ms' if 'text_s' in v else ''} | "
+                     f"{_f(v['caption_s'] * 1e3, 1) + ' ms' if 'caption_s' in v else ''} |")
+        L += ["", "Synthetic caption cost = image encode shared by k=5 rows + one seeded top_p 0.9 KV-cached "
+              "decode (seq 30); resampling of degenerate captions is not included.", ""]
+        if res.get("plan_example"):
+            L += ["Example (`dr plan --samples 1.9B --ensemble teachers/dfndr2b.yaml`):", "", "```",
+                  res["plan_example"], "```", ""]
+    if res.get("notes"):
+        L += ["## Notes and misses", ""] + [f"- {n}" for n in res["notes"]] + [""]
+    return "\n".join(L)
+
+
+def notes(res: dict) -> list[str]:
+    out = []
+    c, p, st, ld = res.get("captioning"), res.get("pipeline"), res.get("storage"), res.get("loader")
+    if c and c["ratio_public"] < 5:
+        out.append(f"Captioning ratio {c['ratio_public']:.1f}x is under the 5x target.")
+    if c and not (c["greedy_equal_public"] and c["greedy_equal_batched"]):
+        out.append("Greedy tokens differ from `generate`: investigate before trusting the decoder.")
+    if p and p["overhead_job"] > 0.10:
+        fixed = p["ray"]["wall"] - p["ray"]["actor_shard_seconds"]
+        out.append(f"Whole-job Ray overhead {100 * p['overhead_job']:.0f}% misses the 10% target: "
+                   f"{fixed:.1f} s of the wall time is outside the shards (Ray start ~2-3 s, actor process start "
+                   "and imports, model load, planning, manifest), a fixed cost that only a larger job amortizes "
+                   f"(this one is {p['samples']} samples so the bench fits in 10 minutes). Per shard, inside the "
+                   f"actor, the overhead is {100 * p['overhead_steady']:.0f}%.")
+    if p and m_device(res) != "cuda":
+        out.append("No GPU was lent to this session: the accelerator-utilisation target (>= 0.85 of a "
+                   "models-only loop) is unmeasured. On CUDA the bench runs the same sections with bf16 autocast "
+                   "(teachers, captioner), pinned host->device copies and SDPA attention.")
+    if st and max(v["bf16_vs_raw"] for v in st.values()) > 1.02:
+        out.append("bf16 embeddings exceed 1.02x their raw size.")
+    if ld and ld["ratio"] < 0.9:
+        out.append(f"Reinforced loader at {ld['ratio']:.2f}x of the plain loader misses 0.9x.")
+    return out
+
+
+def m_device(res: dict) -> str:
+    return res["machine"]["device"]
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dr_pipeline.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--quick", action="store_true", help="smoke run: every section shrunk (~3 min)")
+    ap.add_argument("--full", action="store_true", help="all 80 public-pattern calls + the 80-row batched call")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--workdir", help="scratch folder (default: a temporary one, removed after)")
+    ap.add_argument("--costs-dir", default=str(ROOT / "bench"))
+    ap.add_argument("--only", help="comma list of sections: captioning,text,pipeline,storage,loader,costs")
+    a = ap.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    torch.set_num_threads(a.threads)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    only = set(a.only.split(",")) if a.only else {"captioning", "text", "pipeline", "storage", "loader", "costs"}
+    t_start = clock()
+    res: dict = {"machine": machine_info(device), "threads": a.threads, "load_start": loadavg(),
+                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "command": "cd " + str(ROOT) + " && .venv/bin/python -m dr_pipeline.bench " + " ".join(argv or sys.argv[1:])}
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="dr-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    q = a.quick
+    try:
+        if "captioning" in only:
+            if a.full:
+                kw = dict(n_images=16, k=5, rounds=1, public_calls=80, batched_images=16)
+            elif q:
+                kw = dict(n_images=4, k=5, rounds=1, public_calls=1, batched_images=1)
+            else:
+                kw = dict(n_images=16, k=5, rounds=2, public_calls=2, batched_images=2)
+            res["captioning"] = bench_captioning(device, **kw)
+        if "text" in only:
+            res["text"] = bench_text(device, "ViT-B-32", n_texts=32 if q else 64, rounds=1 if q else 2)
+        if "pipeline" in only or "loader" in only or "storage" in only:
+            if "pipeline" in only:
+                res["pipeline"] = bench_pipeline(work, n_shards=2 if q else 6, per_shard=16 if q else 32,
+                                                 threads=a.threads, device=device, stage_rounds=1 if q else 2)
+        if "storage" in only:
+            res["storage"] = bench_storage(256 if q else 1024, res.get("pipeline", {}).get("dataset"))
+        if "loader" in only and "pipeline" in res:
+            res["loader"] = bench_loader(res["pipeline"]["dataset"], res["pipeline"]["corpus"], rounds=1 if q else 2)
+        if "costs" in only:
+            models: dict[str, dict] = {}
+            models["ViT-B-32"] = measure_teacher_costs("ViT-B-32", device, 4 if q else 8, 64)
+            if "captioning" in res:
+                c = res["captioning"]
+                models[c["model"]] = {"caption_s": c["per_caption_s"]["ours_sampled"], "params_m": c["params_m"],
+                                      "measured_captions": c["n_images"] * c["k"] * c["rounds"]}
+            if not q:
+                models["ViT-L-14"] = measure_teacher_costs("ViT-L-14", device, 2, 32)
+                models["coca_ViT-L-14"] = measure_captioner_costs("coca_ViT-L-14", device, 2, 5)
+            storage = None
+            if "storage" in res:
+                s0 = next(iter(res["storage"].values()))
+                storage = {"bf16_bytes_per_value": s0["bf16_bytes_per_value"], "aug_bytes_per_aug": s0["aug_bytes_per_aug"],
+                           "string_ratio": s0["string_ratio"], "machine": res["machine"]["slug"]}
+            costs = {"name": f"{res['machine']['slug']} (measured)", "kind": "measured", "device": device,
+                     "machine": res["machine"], "threads": a.threads, "date": res["date"],
+                     "note": f"measured by make bench with {a.threads} torch thread(s), random-init weights, this "
+                             "project's code paths (KV-cached decoder, unpadded text towers)",
+                     "models": models}
+            if storage:
+                costs["storage"] = storage
+            out_dir = Path(a.costs_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"costs-{res['machine']['slug']}.json"
+            path.write_text(json.dumps(costs, indent=2) + "\n")
+            res["costs"] = costs
+            res["costs_path"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+            from dr_pipeline.plan import load_costs, make_plan, render as render_plan, spec_from_args
+            spec = spec_from_args("1.9B", [], [], str(ROOT / "teachers" / "dfndr2b.yaml"), 2, 5, 10_000)
+            res["plan_example"] = render_plan(make_plan(spec, load_costs([str(path)])))
+    finally:
+        if not a.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    res["load_end"] = loadavg()
+    res["wall_s"] = clock() - t_start
+    res["notes"] = notes(res)
+    Path(a.out).write_text(render(res) + "\n")
+    log(f"wrote {a.out} in {res['wall_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -386,7 +386,6 @@ def bench_pipeline(work: Path, n_shards: int, per_shard: int, threads: int, devi
             log("pipeline: dr reinforce on a local Ray (1 actor)")
             shutil.rmtree(jobs["ray"].output.path, ignore_errors=True)
             import ray
-            from ray.data import DataContext  # noqa: F401  (import cost paid outside the timing? no: dr pays it)
             dt, report = timed(lambda: run_job(jobs["ray"], ens, force=True, executor="ray"), device)
             if report.failed:
                 raise RuntimeError(f"bench pipeline: shards failed: {report.failed}")
@@ -594,9 +593,10 @@ def bench_loader(dataset: str, corpus: str, rounds: int, image_size: int = 224, 
 
         def reinforced() -> int:
             n = 0
+            from dr_pipeline.execute.dataset_dir import DatasetDir
+            ds = DatasetDir(dataset)
             for url in base_urls:
-                name = Path(url).stem
-                rows, _ = read_shard(str(Path(dataset) / "shards" / f"{name}.parquet"))
+                rows, _ = read_shard(ds.shard_url(Path(url).stem))
                 index = {k: i for i, k in enumerate(rows.keys)}
                 for rec in iter_shard(url, {}):
                     if isinstance(rec, Rejected) or rec.key not in index:

@@ -16,7 +16,7 @@ from PIL import Image
 from dr_pipeline import augment
 from dr_pipeline.cli import main as dr
 from dr_pipeline.config import ConfigError, load_ensemble, load_job
-from dr_pipeline.corpus.readers import Sample, iter_shard
+from dr_pipeline.corpus.readers import iter_shard
 from dr_pipeline.corpus.synthetic import make_corpus
 from dr_pipeline.execute.dataset_dir import DatasetDir
 from dr_pipeline.execute.runner import resolve_ensemble, run_job

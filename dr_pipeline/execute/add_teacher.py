@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from dr_pipeline import augment
-from dr_pipeline.config import ConfigError, EnsembleSpec, JobConfig, from_dict, load_ensemble, redact, to_dict
+from dr_pipeline.config import ConfigError, strip_redacted, EnsembleSpec, JobConfig, from_dict, load_ensemble, redact, to_dict
 from dr_pipeline.corpus.readers import Sample, expand_urls, iter_shard, shard_name
 from dr_pipeline.execute.dataset_dir import DatasetDir
 from dr_pipeline.execute.runner import JobReport, Plan, write_manifest
@@ -31,7 +31,9 @@ def load_dataset_config(ds: DatasetDir) -> tuple[JobConfig, EnsembleSpec]:
     job_text, ens_text = ds.read_text("job.yaml"), ds.read_text("ensemble.yaml")
     if job_text is None or ens_text is None:
         raise ConfigError(f"{ds.root}: not a dr_pipeline dataset (no job.yaml / ensemble.yaml)")
-    return from_dict(JobConfig, yaml.safe_load(job_text)), from_dict(EnsembleSpec, yaml.safe_load(ens_text))
+    # Secrets were redacted when the config was dumped: drop them so the environment's credentials apply.
+    job = from_dict(JobConfig, strip_redacted(yaml.safe_load(job_text)))
+    return job, from_dict(EnsembleSpec, yaml.safe_load(ens_text))
 
 
 def _embed_shard(proc: ShardProcessor, rows: ReinforcedRows, base_url: str, storage_options: dict) -> None:

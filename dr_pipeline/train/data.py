@@ -27,7 +27,6 @@ each is counted by reason in ``TrainStream.skipped``.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 from collections import Counter
@@ -41,6 +40,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dr_pipeline import augment
+from dr_pipeline.images import ImageRejected, decode_image
 from dr_pipeline.corpus.readers import Rejected, Sample, ShardReadError, clean_caption, iter_shard
 from dr_pipeline.train.config import DataConfig
 from dr_pipeline.train.sources import DATACOMPDR, DataPlan, Entry, ShardIndex, ShardPair, load_index
@@ -175,9 +175,8 @@ class JoinedDataset(IterableDataset):
         if self.cfg.verify_sha256 and entry.sha256 and hashlib.sha256(rec.image).hexdigest() != entry.sha256:
             return _skip(pair.name, rec.key, "mismatched_image")
         try:
-            img = Image.open(io.BytesIO(rec.image))
-            img.load()
-        except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
+            img = decode_image(rec.image)     # the exact decode the teachers' views were made from
+        except ImageRejected:
             return _skip(pair.name, rec.key, "bad_image")
         if entry.width is not None and (img.width, img.height) != (entry.width, entry.height):
             return _skip(pair.name, rec.key, "mismatched_size")

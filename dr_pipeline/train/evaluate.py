@@ -13,7 +13,6 @@ the checkpoint has them.
 """
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import fsspec
 import torch
-from PIL import Image
 
+from dr_pipeline.images import decode_image
 from dr_pipeline.augment import center_view
 from dr_pipeline.config import ConfigError
 from dr_pipeline.corpus.readers import Sample, ShardReadError, expand_urls, iter_shard
@@ -111,7 +110,7 @@ def _known_classes(task: str, names: list[str]) -> set[str]:
 # --------------------------------------------------------------------------- metrics
 
 def _decode(b: bytes, size: int) -> torch.Tensor:
-    return center_view(Image.open(io.BytesIO(b)), size)
+    return center_view(decode_image(b), size)
 
 
 @torch.no_grad()

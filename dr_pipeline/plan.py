@@ -30,6 +30,7 @@ COSTS_DIR = Path(__file__).resolve().parents[1] / "bench"
 LITERATURE: dict[str, dict] = {
     "A100 (literature)": {
         "kind": "literature",
+        "device": "A100",
         "note": "REFERENCE.md anchors, not measured here: ViT-L/14 ~312 img/s and ViT-B/16 ~1,100 img/s "
                 "per A100 (clip-retrieval, GPU-bound); CoCa captions with open_clip generate ~2.5 img/s "
                 "at batch 1 (the public one-call-per-caption pattern, no KV cache)",

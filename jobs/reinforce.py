@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # `python jobs/reinforce.py` puts jobs/ on sys.path, not the repo
     sys.path.insert(0, str(ROOT))
 
-from dr_pipeline.cli import build_parser, main  # noqa: E402
-from dr_pipeline.config import ConfigError, load_job  # noqa: E402
+from dr_pipeline.cli import build_parser, main
+from dr_pipeline.config import ConfigError, load_job
 
 
 def entry(argv: list[str]) -> int:

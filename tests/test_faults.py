@@ -33,8 +33,7 @@ from dr_pipeline.config import load_job
 from dr_pipeline.corpus.readers import ShardReadError
 from dr_pipeline.corpus.synthetic import make_corpus
 from dr_pipeline.execute.dataset_dir import DatasetDir
-from dr_pipeline.execute.retry import (PermanentError, RetriesExhausted, RetryPolicy, classify, redact_url,
-                                       retry_call)
+from dr_pipeline.execute.retry import PermanentError, RetriesExhausted, RetryPolicy, classify, redact_url, retry_call
 from dr_pipeline.execute.runner import resolve_ensemble, run_job
 from dr_pipeline.shards.parquet_io import read_shard
 from dr_pipeline.validate import validate_dataset
@@ -354,3 +353,42 @@ def test_driver_killed_mid_job_then_rerun_resumes_to_the_undisturbed_dataset(
     assert validate_dataset(str(root)).ok
     assert not list((root / "_tmp").glob("*.parquet"))                  # leftovers of the killed run swept
     assert json.loads((root / "manifest.json").read_text())["complete"]
+
+
+# --------------------------------------------------------------------------- cluster entrypoint and job files
+
+def test_cluster_job_files_are_valid_and_the_entrypoint_connects_to_the_running_cluster(tmp_path, monkeypatch):
+    import importlib.util
+
+    import yaml
+
+    from dr_pipeline.models.teachers import check_ensemble
+
+    for name, n_aug, ensemble in [("datacompdr-12m", 30, "datacompdr"), ("dfndr-2b", 2, "dfndr2b")]:
+        job = load_job(REPO / "jobs" / "configs" / f"{name}.yaml")
+        ens = resolve_ensemble(job)
+        check_ensemble(ens)                                   # structure + ids, no download
+        assert (job.aug.n_aug, job.captions.k, ens.name) == (n_aug, 5, ensemble)
+        assert job.input.urls.startswith("s3://") and job.output.path.startswith("s3://")
+        assert job.execution.gpus_per_actor == 1 and job.execution.device == "cuda"
+        assert not job.input.storage_options and not job.output.storage_options   # no keys in files
+    cluster = yaml.safe_load((REPO / "jobs" / "cluster.yaml").read_text())
+    assert cluster["provider"]["type"] == "aws" and cluster["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    rayjob = yaml.safe_load((REPO / "jobs" / "kuberay-rayjob.yaml").read_text())
+    assert rayjob["kind"] == "RayJob" and "jobs/reinforce.py --config" in rayjob["spec"]["entrypoint"]
+    gpu = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+    spec = importlib.util.spec_from_file_location("jobs_reinforce", REPO / "jobs" / "reinforce.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seen: list[list[str]] = []
+    monkeypatch.setattr(mod, "main", lambda argv: seen.append(argv) or 0)
+    no_address = write_job(tmp_path / "a.yaml", input={"urls": "x.tar"}, output={"path": str(tmp_path / "o")},
+                           teachers="t.yaml")
+    mod.entry(["--config", no_address])
+    mod.entry(["--config", no_address, "--address", "ray://head:10001"])
+    mod.entry(["--config", str(REPO / "jobs" / "configs" / "dfndr-2b.yaml")])
+    assert seen == [["reinforce", "--config", no_address, "--address", "auto"],
+                    ["reinforce", "--config", no_address, "--address", "ray://head:10001"],
+                    ["reinforce", "--config", str(REPO / "jobs" / "configs" / "dfndr-2b.yaml")]]

@@ -8,7 +8,6 @@ botocore; in production both layers are on.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import re
 import threading
@@ -220,7 +219,7 @@ def test_s3_permanent_errors_fail_fast_with_a_clear_message(corpus, tiny_ensembl
                    f"s3://{bucket}/ds", input_so=so, output_so=so, max_attempts=3, io_attempts=6)
     capfd.readouterr()
     assert dr(["reinforce", "--config", cfg, "--local"]) == 1
-    out, err = capfd.readouterr()
+    err = capfd.readouterr().err
     failed = {f["shard"]: f for f in DatasetDir(f"s3://{bucket}/ds", so).read_json("manifest.json")["failed"]}
     assert sorted(failed) == ["shard-00001", "shard-00002"]
     assert all(f["attempts"] == 1 and f["permanent"] for f in failed.values())

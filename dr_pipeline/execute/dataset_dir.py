@@ -121,7 +121,6 @@ class DatasetDir:
             return {}
         paths = [self._p(self.marker_rel(n)) for n in names]
         # one concurrent batch on object stores (a resume of 100k shards must not take 100k round trips)
-        self._fresh(MARKERS)
         got = self._io("read", MARKERS, lambda: self.fs.cat(paths, on_error="return"))
         out = {}
         for n, p in zip(names, paths):

@@ -212,5 +212,15 @@ def retry_call(fn: Callable[[], T], what: str, policy: RetryPolicy | None = None
     raise AssertionError("unreachable")
 
 
-__all__ = ["RetryPolicy", "DEFAULT_POLICY", "PermanentError", "RetriesExhausted", "retry_call", "classify",
-           "is_permanent", "describe", "http_status", "redact_url"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "PermanentError",
+    "RetriesExhausted",
+    "RetryPolicy",
+    "classify",
+    "describe",
+    "http_status",
+    "is_permanent",
+    "redact_url",
+    "retry_call",
+]

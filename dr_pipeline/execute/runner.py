@@ -482,4 +482,4 @@ def resolve_ensemble(job: JobConfig) -> EnsembleSpec:
     return load_ensemble(path)
 
 
-__all__ = ["plan_job", "run_job", "JobReport", "Plan", "resolve_ensemble", "PoolError", "ray_address"]
+__all__ = ["JobReport", "Plan", "PoolError", "plan_job", "ray_address", "resolve_ensemble", "run_job"]

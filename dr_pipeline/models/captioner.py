@@ -174,7 +174,7 @@ def kv_cache_unsupported(model: torch.nn.Module) -> str | None:
         if type(b) is not ResidualAttentionBlock:
             return f"{type(b).__name__} blocks"
         a = b.attn
-        if not a._qkv_same_embed_dim or a.bias_k is not None or a.add_zero_attn or a.dropout:
+        if not a._qkv_same_embed_dim or a.bias_k is not None or a.add_zero_attn:
             return "non-standard MultiheadAttention"
     return None
 

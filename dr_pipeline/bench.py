@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import io
 import json
@@ -155,7 +154,7 @@ def bench_captioning(device: str, n_images: int, k: int, rounds: int, public_cal
         for j in range(public_calls):
             i = call_images[(r * public_calls + j) % n_images]
             log(f"captioning round {r + 1}/{rounds}: generate, public pattern (image {i}, 1 caption)")
-            dt, g = timed(lambda: generate(x[i:i + 1]), device)
+            dt, g = timed(lambda i=i: generate(x[i:i + 1]), device)
             t["public_call"].append(dt)
             equal["public"] &= torch.equal(g[0].cpu(), ours_tokens[i * k].cpu())
         log(f"captioning round {r + 1}/{rounds}: generate, one batched call ({n_b * k} rows)")
@@ -187,7 +186,6 @@ def bench_captioning(device: str, n_images: int, k: int, rounds: int, public_cal
                     "image_encode_s": None}
     dt, _ = timed(lambda: c.encode_images(views), device)
     out["costs"]["image_encode_s"] = dt / n_images
-    del c
     gc.collect()
     return out
 
@@ -244,7 +242,6 @@ def bench_text(device: str, name: str, n_texts: int, rounds: int) -> dict:
            "bucketed_s": statistics.mean(times["bucketed"]), "padded_s": statistics.mean(times["padded"]),
            "max_abs_diff": float((a - b).abs().max())}
     out["ratio"] = out["padded_s"] / out["bucketed_s"]
-    del t
     gc.collect()
     return out
 
@@ -259,7 +256,6 @@ def measure_teacher_costs(name: str, device: str, n_images: int, n_texts: int) -
     dt, _ = timed(lambda: t.encode_texts(texts), device)
     out = {"image_s": di / n_images, "text_s": dt / n_texts, "measured_images": n_images, "measured_texts": n_texts,
            "params_m": round(sum(p.numel() for p in t.model.parameters()) / 1e6, 1)}
-    del t
     gc.collect()
     return out
 
@@ -280,7 +276,6 @@ def measure_captioner_costs(name: str, device: str, n_images: int, k: int) -> di
     out = {"caption_s": dt / (n_images * k), "measured_captions": n_images * k,
            "mean_tokens": round(float((tok != c.pad).sum(dim=1).float().mean()), 1),
            "params_m": round(sum(p.numel() for p in c.model.parameters()) / 1e6, 1)}
-    del c
     gc.collect()
     return out
 
@@ -349,14 +344,15 @@ def run_stages_alone(job, ensemble, device: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     for url in urls:
-        dt, batches = timed(lambda: list(proc.batches(url)), device)
+        dt, batches = timed(lambda url=url: list(proc.batches(url)), device)
         t["cpu"] += dt
         counters = {c.id: Counter() for c in proc.captioners}
-        dt, rows = timed(lambda: [proc.reinforce(b.prepared, counters) for b in batches if b.prepared], device)
+        dt, rows = timed(lambda bs=batches, cr=counters: [proc.reinforce(b.prepared, cr) for b in bs if b.prepared],
+                         device)
         t["model"] += dt
         n += sum(len(r) for r in rows)
 
-        def write():
+        def write(url=url, rows=rows):
             name = shard_name(url)
             w = ShardWriter(str(out / f"{name}.parquet"), proc.layout, proc.file_metadata(name, "bench"),
                             job.output.compression_level)
@@ -367,7 +363,6 @@ def run_stages_alone(job, ensemble, device: str) -> dict:
         t["write"] += dt
     t["sum"] = sum(t.values())
     t["samples"] = n
-    del proc
     gc.collect()
     return t
 
@@ -565,16 +560,56 @@ def _loader_samples(item: dict) -> int:
     return int("image" in item and "skip" not in item)
 
 
-def bench_loader(dataset: str, corpus: str, rounds: int, image_size: int = 224, context_length: int = 77) -> dict:
-    """Samples/s: the trainer's reinforced loader (join + stored-augmentation replay + embedding
-    lookup) vs a plain loader (same base images, fresh RRC + RandAugment, GT caption tokenized)."""
+def upscale_corpus(src: Path, dst: Path, factor: float = 2.5, n_shards: int | None = None) -> None:
+    """The corpus' tars with every JPEG re-encoded ``factor`` times larger (web-like sizes)."""
+    import tarfile
+
     from PIL import Image
 
+    (dst / "tar").mkdir(parents=True, exist_ok=True)
+    for path in sorted((src / "tar").glob("*.tar"))[:n_shards]:
+        with tarfile.open(path) as tin, tarfile.open(dst / "tar" / path.name, "w", format=tarfile.USTAR_FORMAT) as tout:
+            for m in tin:
+                if not m.isfile():
+                    continue
+                data = tin.extractfile(m).read()
+                if m.name.lower().endswith((".jpg", ".jpeg")):
+                    im = Image.open(io.BytesIO(data)).convert("RGB")
+                    im = im.resize((round(im.width * factor), round(im.height * factor)), Image.BICUBIC)
+                    b = io.BytesIO()
+                    im.save(b, "JPEG", quality=90)
+                    data = b.getvalue()
+                info = tarfile.TarInfo(m.name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tout.addfile(info, io.BytesIO(data))
+
+
+def web_size_dataset(work: Path, threads: int, device: str, n_shards: int) -> tuple[str, str]:
+    """Reinforce the upscaled corpus with the local executor; returns (dataset, job file)."""
+    from dr_pipeline.config import load_job
+    from dr_pipeline.execute.runner import resolve_ensemble, run_job
+
+    upscale_corpus(work / "corpus", work / "corpus-web", n_shards=n_shards)
+    path = work / "job-web.yaml"
+    path.write_text(JOB_YAML.format(corpus=work / "corpus-web", last=n_shards - 1, out=work / "ds-web",
+                                    teachers=work / "teachers" / "tiny.yaml", threads=threads, device=device))
+    job = load_job(path)
+    report = run_job(job, resolve_ensemble(job), force=True, executor="local")
+    if report.failed:
+        raise RuntimeError(f"bench loader: shards failed: {report.failed}")
+    return str(work / "ds-web"), str(path)
+
+
+def bench_loader(dataset: str, job_file: str, rounds: int, image_size: int = 224, context_length: int = 77) -> dict:
+    """Samples/s: the trainer's reinforced loader (join + stored-augmentation replay + embedding
+    lookup) vs a plain loader (same base images, same decoder, fresh RRC + RandAugment, GT caption
+    tokenized)."""
     from dr_pipeline import augment
     from dr_pipeline.config import load_job
     from dr_pipeline.corpus.readers import Rejected, expand_urls, iter_shard
+    from dr_pipeline.images import decode_image
 
-    job = load_job(Path(dataset).parent / "job-ray.yaml")
+    job = load_job(job_file)
     spec, seed = job.aug, job.seed
     base_urls = expand_urls(job.input.urls, {})
     try:
@@ -610,9 +645,8 @@ def bench_loader(dataset: str, corpus: str, rounds: int, image_size: int = 224, 
                     if isinstance(rec, Rejected) or rec.key not in index:
                         continue
                     i = index[rec.key]
-                    img = Image.open(io.BytesIO(rec.image))
-                    img.load()
-                    a = random.Random(rec.key).randrange(spec.n_aug)
+                    img = decode_image(rec.image)
+                    a = choose(seed, 0, rec.key, spec.n_aug, "aug")
                     p = augment.unpack(rows.aug_params[i])[a]
                     augment.replay(img, p, image_size, spec)
                     {t: e[i, a].float() for t, e in rows.image_emb.items()}
@@ -620,15 +654,21 @@ def bench_loader(dataset: str, corpus: str, rounds: int, image_size: int = 224, 
                     n += 1
             return n
 
+    try:      # the augmentation index the trainer picks, so both loaders run the same image ops
+        from dr_pipeline.train.sources import choose
+    except ImportError:
+        def choose(seed, epoch, key, n, what):
+            return random.Random(f"{seed}|{epoch}|{what}|{key}").randrange(n)
+
     def plain() -> int:
         n = 0
         for url in base_urls:
             for rec in iter_shard(url, {}):
                 if isinstance(rec, Rejected):
                     continue
-                img = Image.open(io.BytesIO(rec.image))
-                img.load()
-                p = augment.sample_params(spec, seed + 1, rec.key, 0, img.width, img.height)
+                img = decode_image(rec.image)
+                p = augment.sample_params(spec, seed, rec.key, choose(seed, 0, rec.key, spec.n_aug, "aug"),
+                                          img.width, img.height)
                 augment.replay(img, p, image_size, spec)
                 tokenize([rec.caption or ""], context_length)
                 n += 1
@@ -723,9 +763,8 @@ def render(res: dict) -> str:
         rows.append(("Storage: augmentation params per augmentation (worst case below)",
                      f"{_f(worst_aug, 1)} B", f"{_f(s0['dcdr_paug_bytes_per_aug'], 1)} B (paug.json)",
                      f"{_f(s0['dcdr_paug_bytes_per_aug'] / worst_aug, 1)}x smaller", "<= 16 B", _ok(worst_aug, 16, False)))
-    ld = res.get("loader")
-    if ld:
-        rows.append(("Trainer loader: reinforced replay vs plain fresh RRC+RandAugment",
+    for label, ld in (res.get("loader") or {}).items():
+        rows.append((f"Trainer loader, {label}: reinforced replay vs plain fresh RRC+RandAugment",
                      f"{_f(ld['reinforced_sps'], 1)} samples/s", f"{_f(ld['plain_sps'], 1)} samples/s",
                      f"{_f(ld['ratio'], 2)}x", ">= 0.9x", _ok(ld["ratio"], 0.9)))
     L += ["## Summary", "", "| benchmark | ours | baseline | ratio | target | |", "|---|---|---|---|---|---|"]
@@ -815,15 +854,26 @@ def render(res: dict) -> str:
         L += ["", "Before this change the writer passed top-level column names to `use_byte_stream_split`, which "
               "pyarrow matches against leaf paths (`emb__x.list.element`): it silently applied to nothing, and "
               "embeddings cost ~1.82 B/value; with leaf paths they cost ~1.43.", ""]
+    ld = res.get("loader") or {}
     if ld:
+        first = next(iter(ld.values()))
         L += ["## 5. Trainer loader", "",
-              f"Loader: {ld['which']}. Same base images (the pipeline section's corpus and output), output "
-              f"{ld['image_size']} px. Reinforced: join base + reinforced shard, sha256 check, stored augmentation "
-              "replayed, teacher embeddings looked up, GT + synthetic captions tokenized. Plain: decode, fresh "
-              "`sample_params` (RRC + RandAugment), replay, GT caption tokenized. In-process (`num_workers=0`).", "",
-              f"Reinforced {', '.join(_f(x, 2) for x in ld['times']['reinforced'])} s for {ld['samples']['reinforced']} "
-              f"samples, plain {', '.join(_f(x, 2) for x in ld['times']['plain'])} s for {ld['samples']['plain']}: "
-              f"**{_f(ld['ratio'], 2)}x** (target >= 0.9x).", ""]
+              f"Loader: {first['which']}. Reinforced: join base + reinforced shard, sha256 check, stored "
+              "augmentation replayed, teacher embeddings looked up, GT + synthetic captions tokenized. Plain: the "
+              "same base shards and image decoder (`dr_pipeline.images.decode_image`), fresh `sample_params` "
+              "(RRC + RandAugment, drawn at load time for the augmentation index the trainer picks, so both loaders "
+              "apply the same image ops and only the loader machinery differs), replay, GT caption tokenized. "
+              f"Output {first['image_size']} px, in-process "
+              "(`num_workers=0`), alternating rounds.", "",
+              "| images | reinforced | plain | ratio |", "|---|---|---|---|"]
+        for label, v in ld.items():
+            L.append(f"| {label}, {v['samples']['plain']} samples | {', '.join(_f(x, 2) for x in v['times']['reinforced'])} s "
+                     f"= {_f(v['reinforced_sps'], 1)}/s | {', '.join(_f(x, 2) for x in v['times']['plain'])} s = "
+                     f"{_f(v['plain_sps'], 1)}/s | **{_f(v['ratio'], 2)}x** |")
+        L += ["", "The synthetic corpus' JPEGs are small (96-320 px, ~4 KB), so the reinforced loader's fixed "
+              "per-sample extras (reading the reinforcement shard's index, a second caption to tokenize, the "
+              "sha256 check, chunk collation) weigh more than they would on web images; the second row re-encodes "
+              "the same scenes 2.5x larger, where decoding and replay dominate both loaders.", ""]
     co = res.get("costs")
     if co:
         L += ["## 6. Per-sample costs for `dr plan`", "",
@@ -848,7 +898,7 @@ def render(res: dict) -> str:
 
 def notes(res: dict) -> list[str]:
     out = []
-    c, p, st, ld = res.get("captioning"), res.get("pipeline"), res.get("storage"), res.get("loader")
+    c, p, st, ld = res.get("captioning"), res.get("pipeline"), res.get("storage"), res.get("loader") or {}
     if c and c["ratio_public"] < 5:
         out.append(f"Captioning ratio {c['ratio_public']:.1f}x is under the 5x target.")
     if c and not (c["greedy_equal_public"] and c["greedy_equal_batched"]):
@@ -871,8 +921,12 @@ def notes(res: dict) -> list[str]:
                    "(teachers, captioner), pinned host->device copies and SDPA attention.")
     if st and max(v["bf16_vs_raw"] for v in st.values()) > 1.02:
         out.append("bf16 embeddings exceed 1.02x their raw size.")
-    if ld and ld["ratio"] < 0.9:
-        out.append(f"Reinforced loader at {ld['ratio']:.2f}x of the plain loader misses 0.9x.")
+    for label, v in ld.items():
+        if v["ratio"] < 0.9:
+            out.append(f"Trainer loader on {label}: {v['ratio']:.2f}x of the plain loader misses 0.9x. The gap is "
+                       "the reinforced loader's fixed per-sample work (reinforcement index, second caption, sha256, "
+                       "collation: ~1 ms/sample in a profile), large next to decoding a 4 KB JPEG; it lives in "
+                       "dr_pipeline/train/data.py (another engineer's module).")
     return out
 
 
@@ -922,7 +976,13 @@ def main(argv: list[str] | None = None) -> int:
         if "storage" in only:
             res["storage"] = bench_storage(256 if q else 1024, res.get("pipeline", {}).get("dataset"))
         if "loader" in only and "pipeline" in res:
-            res["loader"] = bench_loader(res["pipeline"]["dataset"], res["pipeline"]["corpus"], rounds=1 if q else 3)
+            log("loader: the pipeline section's corpus and output")
+            loader = {"corpus images (96-320 px)": bench_loader(res["pipeline"]["dataset"], str(work / "job-ray.yaml"),
+                                                                rounds=1 if q else 3)}
+            log("loader: the same scenes re-encoded 2.5x larger (240-800 px), reinforced with --local")
+            ds, job_file = web_size_dataset(work, a.threads, device, n_shards=2 if q else 4)
+            loader["web-size images (240-800 px)"] = bench_loader(ds, job_file, rounds=1 if q else 3)
+            res["loader"] = loader
         if "costs" in only:
             models: dict[str, dict] = {}
             models["ViT-B-32"] = measure_teacher_costs("ViT-B-32", device, 4 if q else 8, 64)
@@ -951,7 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(json.dumps(costs, indent=2) + "\n")
             res["costs"] = costs
             res["costs_path"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-            from dr_pipeline.plan import load_costs, make_plan, render as render_plan, spec_from_args
+            from dr_pipeline.plan import load_costs, make_plan, spec_from_args
+            from dr_pipeline.plan import render as render_plan
             spec = spec_from_args("1.9B", [], [], str(ROOT / "teachers" / "dfndr2b.yaml"), 2, 5, 10_000)
             res["plan_example"] = render_plan(make_plan(spec, load_costs([str(path)])))
     finally:

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 SUMS = "SHA256SUMS"
 REPORT = "bootstrap.json"
-ZS_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")  # evaluate.TEMPLATES["folder"]
+ZS_TEMPLATES = syn.ZEROSHOT_TEMPLATES
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ class BootstrapConfig:
     dtype: str = "float16"         # checkpoint storage: float16 | float32
 
     def __post_init__(self) -> None:
-        if self.n_train < self.batch_size or self.batch_size < 2:
-            raise ConfigError("bootstrap: need n_train >= batch_size >= 2")
+        if self.n_train < self.batch_size or self.batch_size < 2 or self.batch_size % 2:
+            raise ConfigError("bootstrap: need n_train >= batch_size >= 2 and an even batch_size (twins)")
         if min(self.clip_steps, self.coca_steps) < 1 or self.jobs < 1 or self.per_shard < 1:
             raise ConfigError("bootstrap: steps, jobs and per_shard must be >= 1")
         if self.dtype not in ("float16", "float32"):
@@ -207,15 +207,16 @@ def train_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: Ensemble
     optim = OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                         weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=optim.betas, eps=1e-6)
-    n, b = len(imgs), cfg.batch_size
+    n, b = len(imgs) // 2 * 2, cfg.batch_size
     per_epoch = n // b
     order: np.ndarray | None = None
     hist: list[dict] = []
     max_log = math.log(cfg.max_logit_scale)
     for step in range(steps):
         epoch, j = divmod(step, per_epoch)
-        if j == 0:
-            order = np.random.default_rng([cfg.seed, model_seed(0, spec.id) & 0xFFFFFFFF, epoch]).permutation(n)
+        if j == 0:   # twins (2i, 2i+1: minimal pairs of the clean split) stay in one batch
+            pairs = np.random.default_rng([cfg.seed, model_seed(0, spec.id) & 0xFFFFFFFF, epoch]).permutation(n // 2)
+            order = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
         idx = torch.from_numpy(order[j * b:(j + 1) * b])
         x = (imgs[idx].float() / 255.0 - mean) / std
         t = tok[idx]
@@ -396,8 +397,9 @@ def teacher_zeroshot(teacher, images: Sequence[bytes], labels: Sequence[int], cl
             "n": len(y), "n_classes": len(classes), "chance": round(1 / len(classes), 4)}
 
 
-def evaluate_ensemble(ensemble_path: str, cfg: BootstrapConfig, captioner_k: int | None = None) -> dict:
-    """Load every entry through the normal path and measure it on held-out data."""
+def evaluate_ensemble(ensemble_path: str, cfg: BootstrapConfig, captioner_k: int | None = None,
+                      only: Sequence[str] | None = None) -> dict:
+    """Load every entry (or those in ``only``) through the normal path and measure it on held-out data."""
     from dr_pipeline.models.captioner import load_captioner
     from dr_pipeline.models.teachers import load_teacher
 
@@ -405,9 +407,12 @@ def evaluate_ensemble(ensemble_path: str, cfg: BootstrapConfig, captioner_k: int
     out: dict = {"teachers": {}, "captioners": {}}
     images, labels, classes = zeroshot_set(cfg)
     for spec in ens.teachers:
-        out["teachers"][spec.id] = {"zeroshot": teacher_zeroshot(load_teacher(spec, ens), images, labels, classes)}
+        if not only or spec.id in only:
+            out["teachers"][spec.id] = {"zeroshot": teacher_zeroshot(load_teacher(spec, ens), images, labels, classes)}
     scenes = heldout_scenes(cfg)
     for spec in ens.captioners:
+        if only and spec.id not in only:
+            continue
         cap = load_captioner(spec, ens)
         views = torch.from_numpy(centre_views([s["jpg"] for s in scenes], cap.image_size))
         k = captioner_k or cfg.eval_captions
@@ -517,7 +522,7 @@ def bootstrap(ensemble_path: str, cfg: BootstrapConfig, out_dir: str | None = No
               "torch": torch.__version__}
     if evaluate:
         t1 = time.time()
-        report["eval"] = evaluate_ensemble(ensemble_path, cfg)
+        report["eval"] = evaluate_ensemble(ensemble_path, cfg, only=only)
         report["eval_seconds"] = round(time.time() - t1, 1)
         for tid, r in report["eval"]["teachers"].items():
             spec = ens.teacher(tid)

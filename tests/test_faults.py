@@ -13,6 +13,7 @@ the bytes come out identical, so markers (except timings) and manifests compare 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -55,15 +56,22 @@ def job_file(path: Path, urls, ensemble: str, out: str, input_so: dict | None = 
                      aug={"n_aug": 2, "size": 64}, captions={"k": 1}, execution=ex)
 
 
-def undisturbed_run(cfg: str) -> str:
-    """Run in process with one torch thread (as each 1-CPU actor has): the reference dataset."""
-    job = load_job(cfg)
+@contextlib.contextmanager
+def one_torch_thread():
+    """As each 1-CPU actor runs (and far faster than 2 threads on a busy 2-core machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert run_job(job, resolve_ensemble(job), executor="local").ok
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def undisturbed_run(cfg: str) -> str:
+    """Run in process with one torch thread, as the actors have: the reference dataset."""
+    job = load_job(cfg)
+    with one_torch_thread():
+        assert run_job(job, resolve_ensemble(job), executor="local").ok
     return job.output.path
 
 
@@ -296,6 +304,13 @@ def _session_pids(sid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _kill_session(sid: int) -> None:
     for _ in range(100):
         pids = _session_pids(sid)
@@ -332,7 +347,9 @@ def test_driver_killed_mid_job_then_rerun_resumes_to_the_undisturbed_dataset(
             assert p.poll() is None, f"dr reinforce ended early:\n{Path(log.name).read_text()}"
             assert time.time() < deadline, "no shard committed in time"
             time.sleep(0.02)
+        own_raylet = [q for q in _session_pids(p.pid) if b"raylet" in _cmdline(q)]
         os.killpg(p.pid, signal.SIGKILL)          # the driver, its Ray and its actors, mid-job
+        assert own_raylet, "dr reinforce attached to another Ray instead of starting its own"
         committed_at_kill = len(list((root / "_markers").glob("*.json")))
     finally:
         p.kill()

@@ -13,12 +13,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dr_pipeline.config import load_ensemble
+from dr_pipeline.config import TeacherSpec, load_ensemble
 from dr_pipeline.models import captioner as capmod
-from dr_pipeline.models.captioner import Captioner, kv_cache_unsupported, pick_tokens, row_uniforms
-from dr_pipeline.models.teachers import (Teacher, _text_tower, encode_text_unpadded, pooled_positions,
-                                         register_model_configs)
-from dr_pipeline.config import TeacherSpec
+from dr_pipeline.models.captioner import (
+    Captioner,
+    kv_cache_unsupported,
+    pick_tokens,
+    row_uniforms,
+)
+from dr_pipeline.models.teachers import (
+    Teacher,
+    _text_tower,
+    encode_text_unpadded,
+    pooled_positions,
+    register_model_configs,
+)
 from dr_pipeline.models.tiny import init_uninitialized
 from tests.test_models import _boosted_captioner, _generate, _views
 

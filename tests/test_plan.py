@@ -12,8 +12,17 @@ import torch
 
 from dr_pipeline import augment, cli
 from dr_pipeline.config import AugSpec, to_dict
-from dr_pipeline.plan import (LITERATURE, PlanSpec, datacompdr_bytes, layout, load_costs, make_plan, parse_count,
-                              per_sample_seconds, row_bytes)
+from dr_pipeline.plan import (
+    LITERATURE,
+    PlanSpec,
+    datacompdr_bytes,
+    layout,
+    load_costs,
+    make_plan,
+    parse_count,
+    per_sample_seconds,
+    row_bytes,
+)
 from dr_pipeline.shards.datacompdr import write_datacompdr_tar
 from dr_pipeline.shards.parquet_io import ReinforcedRows
 

@@ -24,7 +24,8 @@ from dr_pipeline.execute.dataset_dir import DatasetDir
 from dr_pipeline.execute.runner import plan_job, resolve_ensemble
 from dr_pipeline.train.sources import _dataset_dir
 from dr_pipeline.validate import validate_dataset
-from tests.test_faults import SHARDS, assert_same_dataset, corpus, job_file, reference  # noqa: F401 (fixtures)
+from tests.test_faults import (SHARDS, assert_same_dataset, corpus, job_file, one_torch_thread,  # noqa: F401 (fixtures)
+                               reference)
 
 KEY_ID = "AKIADRTESTKEY0000042"
 SECRET = "dr-test-secret/wJalrXUtnFEMI+K7MDENG"
@@ -218,7 +219,8 @@ def test_s3_permanent_errors_fail_fast_with_a_clear_message(corpus, tiny_ensembl
     cfg = job_file(tmp_path / "job.yaml", f"s3://{bucket}/corpus/shard-{{00000..00002}}.tar", tiny_ensemble,
                    f"s3://{bucket}/ds", input_so=so, output_so=so, max_attempts=3, io_attempts=6)
     capfd.readouterr()
-    assert dr(["reinforce", "--config", cfg, "--local"]) == 1
+    with one_torch_thread():
+        assert dr(["reinforce", "--config", cfg, "--local"]) == 1
     err = capfd.readouterr().err
     failed = {f["shard"]: f for f in DatasetDir(f"s3://{bucket}/ds", so).read_json("manifest.json")["failed"]}
     assert sorted(failed) == ["shard-00001", "shard-00002"]

@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from dr_pipeline import augment
 from dr_pipeline.config import AugSpec, to_dict
 from dr_pipeline.shards.datacompdr import write_datacompdr_tar
-from dr_pipeline.shards.parquet_io import ReinforcedRows, ShardWriter, leaf_paths, read_shard
+from dr_pipeline.shards.parquet_io import (
+    ReinforcedRows,
+    ShardWriter,
+    leaf_paths,
+    read_shard,
+)
 from dr_pipeline.shards.schema import ShardLayout, TeacherLayout
 
 N, N_AUG, K, DIMS = 384, 2, 5, (256, 192)

@@ -13,6 +13,7 @@ import json
 import math
 import tarfile
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import fsspec
@@ -278,6 +279,10 @@ SPLIT_RADIUS = {"small": 0.11, "large": 0.18}
 SPLIT_JPEG_QUALITY = {"clean": (80, 95), "web": (50, 90), "test": (80, 95), "zeroshot": (80, 95)}
 ZEROSHOT_DIR = "zeroshot"
 ZEROSHOT_LABELS = "zeroshot.jsonl"
+# Prompts for zero-shot classification in the domain's own caption language (the captions
+# name objects as "a [size] <colour> <shape> [position]"); `dr eval` on the folder uses
+# generic photo templates instead.
+ZEROSHOT_TEMPLATES = ("a {}", "a small {}", "a large {}", "a {} in the center")
 
 # Alt-text boilerplate. None of these words is a colour, shape, size or position word, so a
 # caption's attribute words always come from the scene (or from a designed "wrong" draw).
@@ -375,12 +380,15 @@ def web_caption(attrs: SceneAttrs, rng: np.random.Generator, noise: WebNoise = D
 
 
 def render_split_scene(rng: np.random.Generator, width: int, height: int,
-                       force: tuple[str, str] | None = None) -> tuple[Image.Image, SceneAttrs, list[dict]]:
+                       force: tuple[str, str] | None = None, reshape: np.random.Generator | None = None
+                       ) -> tuple[Image.Image, SceneAttrs, list[dict]]:
     """One split scene: (image, attributes, per-object geometry {cx, cy, r} in pixels).
 
     ``force=(colour, shape)`` draws a single object of that colour and shape (zero-shot test
     images); otherwise 1-3 objects at distinct positions. Object colours differ from the
-    background colour, so the object is always visible.
+    background colour, so the object is always visible. ``reshape``: draw the *twin* of the
+    scene ``rng`` gives: identical in everything (draws from ``rng`` unchanged) except that
+    each object's shape is replaced by another with probability 1/2, at least one of them.
     """
     colours = list(COLOURS)
     if force is not None:
@@ -401,6 +409,11 @@ def render_split_scene(rng: np.random.Generator, width: int, height: int,
         if force is not None:
             colour, shape = force
         objects.append(ShapeAttrs(shape=shape, colour=colour, size=size, position=POSITIONS[int(p)]))
+    if reshape is not None:
+        change = reshape.random(len(objects)) < 0.5
+        change[int(reshape.integers(len(objects)))] = True
+        objects = [dataclasses.replace(o, shape=[s for s in SHAPES if s != o.shape][int(reshape.integers(len(SHAPES) - 1))])
+                   if c else o for o, c in zip(objects, change)]
     attrs = SceneAttrs(objects=tuple(objects), background_colour=bg_colour, background=bg_kind)
     img = _background(bg_kind, COLOURS[bg_colour], width, height, rng)
     draw = ImageDraw.Draw(img)
@@ -433,12 +446,19 @@ def make_split_sample(split: str, seed: int, shard: int, idx: int,
     """One sample of a split, same fields as ``make_sample``. The label (json) always holds the
     true attributes and geometry; only a web sample's caption is noisy (its clean caption is in
     ``label["clean_caption"]``). Captions use a noise RNG of their own, so a web image does not
-    depend on the noise rates."""
+    depend on the noise rates.
+
+    The clean split comes in *minimal pairs*, like a curated set with hard negatives: an odd
+    index is the twin of the even one before it (same colours, sizes, positions, background,
+    texture, jitter; other shapes for some objects), so captions cannot be told apart by colour
+    alone and a model trained on pairs in one batch must learn shapes."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    rng = np.random.default_rng([seed, _STREAM[split], shard, idx])
+    twin = split == "clean" and idx % 2 == 1
+    rng = np.random.default_rng([seed, _STREAM[split], shard, idx - twin])
     width, height = _split_size(rng)
-    img, attrs, geometry = render_split_scene(rng, width, height)
+    reshape = np.random.default_rng([seed, _STREAM[split], shard, idx, _NOISE_STREAM]) if twin else None
+    img, attrs, geometry = render_split_scene(rng, width, height, reshape=reshape)
     clean = caption_for(attrs)
     caption = clean
     if split == "web":

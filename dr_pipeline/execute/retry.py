@@ -167,6 +167,8 @@ def describe(e: BaseException) -> str:
     chain = _chain(e)
     status = next((s for s in map(http_status, chain) if s is not None), None)
     code = next((c for c in map(_error_code, chain) if c is not None), None)
+    if code == str(status):     # a HEAD error has no body: botocore uses the status as the code
+        code = None
     extra = " ".join(x for x in (f"HTTP {status}" if status is not None else "", code or "")
                      if x and x not in msg)
     return f"{msg} ({extra})" if extra else msg

@@ -437,8 +437,13 @@ def run_ray(plan: Plan, job: JobConfig, ensemble: EnsembleSpec, report: JobRepor
     if started_here:
         address = ray_address(ex)
         local = address == "local"
-        ray.init(address=address, num_cpus=ex.num_cpus if local else None, num_gpus=ex.num_gpus if local else None,
-                 include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+        try:
+            ray.init(address=address, num_cpus=ex.num_cpus if local else None,
+                     num_gpus=ex.num_gpus if local else None,
+                     include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+        except ConnectionError as e:
+            raise ConfigError(f"no Ray cluster at address {address!r} ({e}); start one (`ray start --head`), "
+                              "fix execution.address / --address, or leave both unset for a local Ray") from None
     pool = None
     try:
         progress = Progress(len(plan.todo))

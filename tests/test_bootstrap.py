@@ -42,7 +42,7 @@ def test_splits_are_deterministic_and_distinct(tmp_path):
     tar = list(iter_shard(str(tmp_path / "web-a" / "tar" / "shard-00001.tar")))
     pq = list(iter_shard(str(tmp_path / "web-a" / "parquet" / "shard-00001.parquet")))
     assert [(s.key, s.image, s.caption) for s in tar] == [(s.key, s.image, s.caption) for s in pq]
-    assert all(s.meta["label"]["clean_caption"] == syn.caption_for(_attrs(s.meta["label"])) for s in tar)
+    assert all(s.meta["label"]["clean_caption"] == syn.split_caption(_attrs(s.meta["label"])) for s in tar)
 
 
 def test_cli_make_corpus_split(tmp_path):
@@ -155,7 +155,7 @@ def test_test_set_labels_match_rendered_content(tmp_path):
     assert classes == [f"{c} {s}" for c, s in syn.zeroshot_classes()]
     # retrieval shards: clean captions that name every object
     for s in iter_shard(str(tmp_path / "tar" / "shard-00000.tar")):
-        assert isinstance(s, Sample) and s.caption == syn.caption_for(_attrs(s.meta["label"]))
+        assert isinstance(s, Sample) and s.caption == syn.split_caption(_attrs(s.meta["label"]))
 
 
 # --------------------------------------------------------------------------- bootstrap

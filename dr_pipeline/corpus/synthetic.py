@@ -326,7 +326,7 @@ class WebNoise:
     its attributes is corrupted per its ``AttrNoise`` (a missing shape becomes a generic noun,
     "shape"/"thing"); the background phrase is left out (``background.missing``) or names a
     wrong colour; ``affix`` adds alt-text boilerplate before or after the caption."""
-    unrelated: float = 0.2
+    unrelated: float = 0.2           # (clean captions never name the background; alt-text may, rightly or not)
     drop_object: float = 0.3
     colour: AttrNoise = AttrNoise(missing=0.2, wrong=0.1, junk=0.05)
     shape: AttrNoise = AttrNoise(missing=0.15, wrong=0.1, junk=0.05)
@@ -441,6 +441,16 @@ def _jpeg(img: Image.Image, rng: np.random.Generator, stream: str) -> bytes:
     return buf.getvalue()
 
 
+def split_caption(attrs: SceneAttrs) -> str:
+    """The clean caption of a split scene: every object, compositionally; no background phrase.
+
+    Backgrounds (colour, texture) stay visual nuisance: naming them would put the background's
+    colour word next to the objects' colour words, and a small text tower then matches "a red
+    circle" to any image with red in it, background or not."""
+    parts = [f"a {o.size} {o.colour} {o.shape} {_PHRASES[o.position]}" for o in attrs.objects]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def make_split_sample(split: str, seed: int, shard: int, idx: int,
                       noise: WebNoise = DEFAULT_WEB_NOISE) -> dict:
     """One sample of a split, same fields as ``make_sample``. The label (json) always holds the
@@ -459,7 +469,7 @@ def make_split_sample(split: str, seed: int, shard: int, idx: int,
     width, height = _split_size(rng)
     reshape = np.random.default_rng([seed, _STREAM[split], shard, idx, _NOISE_STREAM]) if twin else None
     img, attrs, geometry = render_split_scene(rng, width, height, reshape=reshape)
-    clean = caption_for(attrs)
+    clean = split_caption(attrs)
     caption = clean
     if split == "web":
         caption = web_caption(attrs, np.random.default_rng([seed, _STREAM[split], shard, idx, _NOISE_STREAM]), noise)
@@ -485,7 +495,7 @@ def make_zeroshot_sample(seed: int, cls: int, j: int) -> dict:
     img, attrs, geometry = render_split_scene(rng, width, height, force=(colour, shape))
     key = f"zs{cls:03d}{j:04d}"
     return {"key": key, "class": f"{colour}_{shape}", "jpg": _jpeg(img, rng, "zeroshot"),
-            "width": width, "height": height, "caption": caption_for(attrs),
+            "width": width, "height": height, "caption": split_caption(attrs),
             "label": {**attrs.to_dict(), "geometry": geometry}}
 
 

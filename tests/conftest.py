@@ -10,6 +10,18 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is as fast as two, and immune to a busy machine's
+    spin-waits (CI has 2 cores; Ray actors set their own thread count)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A local moto S3 server. Yields its endpoint URL; credentials are dummies."""

@@ -13,15 +13,6 @@ from dr_pipeline.train.loss import DistillClipLoss
 TEACHERS = {"a": (8, 70.0), "b": (12, 60.0), "c": (16, 100.0)}   # id -> (dim, logit scale)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to a busy machine's spin-waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- plain-loop reference
 
 def _norm(v: list[float]) -> list[float]:

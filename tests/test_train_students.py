@@ -11,15 +11,6 @@ from dr_pipeline.train.students import build_student, image_param_count, resolve
 PUBLISHED = {"mci0": 11.4, "mci1": 21.5, "mci2": 35.7, "mci3": 125.1, "mci4": 321.6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to a busy machine's spin-waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("arch", sorted(PUBLISHED))
 def test_image_towers_have_the_published_sizes(arch):
     n = image_param_count(resolve_spec(StudentConfig(arch=arch))) / 1e6

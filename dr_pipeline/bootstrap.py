@@ -1,8 +1,8 @@
 """``dr bootstrap``: train the synthetic domain's own *real* tiny teachers and captioner.
 
 No pretrained weights can be downloaded here, and random-init teachers caption noise. So the
-project makes its own: two CLIP teachers of different architectures (a ViT and a ResNet with
-attention pooling, ``teachers/models/dr-syn-*.json``) and one CoCa captioner, trained on the
+project makes its own: two CLIP teachers of different architectures (ViTs of different patch size,
+resolution, width and embedding width, ``teachers/models/dr-syn-*.json``) and one CoCa captioner, trained on the
 *clean* split of the synthetic domain (``dr make-corpus --split clean``: accurate compositional
 captions, the stand-in for DFN-2B / MSCOCO-38k). The checkpoints load through the normal
 teacher path (``teachers/synthetic.yaml`` -> ``load_teacher`` / ``load_captioner``).
@@ -69,9 +69,9 @@ class BootstrapConfig:
     seed: int = 0
     n_train: int = 12_000          # clean-split images
     per_shard: int = 1000          # clean-split layout (sample i -> shard i // per_shard)
-    clip_steps: int = 1500         # per CLIP teacher
-    coca_steps: int = 2000
-    batch_size: int = 128
+    clip_steps: int = 3000         # per CLIP teacher
+    coca_steps: int = 3000
+    batch_size: int = 64           # 32 minimal pairs
     lr: float = 2e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100

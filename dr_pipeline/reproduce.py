@@ -109,7 +109,7 @@ class TrainRuns:
     seeds: tuple[int, ...] = (0, 1, 2)          # baseline and target variants
     ablation_seeds: tuple[int, ...] = (0,)      # the other variants
     jobs: int = 2                               # runs in parallel processes, 1 thread each
-    student: StudentConfig = field(default_factory=lambda: StudentConfig(arch="tiny", image_size=64, context_length=40))
+    student: StudentConfig = field(default_factory=lambda: StudentConfig(arch="tiny", image_size=64, context_length=32))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=2e-3, min_lr=1e-5, warmup_steps=20, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0))
 

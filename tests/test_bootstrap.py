@@ -186,12 +186,12 @@ def test_bootstrap_tiny_budget_is_deterministic_and_loads(tmp_path):
     assert torch.get_num_threads() == threads
     bootstrap(str(ENSEMBLE), cfg, out_dir=str(tmp_path / "b"), evaluate=False)
     sums_a, sums_b = read_sums(tmp_path / "a"), read_sums(tmp_path / "b")
-    assert sums_a == sums_b and set(sums_a) == {"syn-vit.safetensors", "syn-rn.safetensors", "syn-coca.safetensors"}
+    assert sums_a == sums_b and set(sums_a) == {"syn-vit-a.safetensors", "syn-vit-b.safetensors", "syn-coca.safetensors"}
     assert (tmp_path / "a" / SUMS).read_bytes() == (tmp_path / "b" / SUMS).read_bytes()
     assert a["models"]["syn-coca"]["steps"] == 2
     other = bootstrap(str(ENSEMBLE), BootstrapConfig(**{**cfg.__dict__, "seed": 1}), out_dir=str(tmp_path / "c"),
-                      evaluate=False, only=["syn-vit"])
-    assert other["models"]["syn-vit"]["sha256"] != sums_a["syn-vit.safetensors"]
+                      evaluate=False, only=["syn-vit-a"])
+    assert other["models"]["syn-vit-a"]["sha256"] != sums_a["syn-vit-a.safetensors"]
     # the checkpoints load through the normal teacher path (relocated ensemble file)
     ens = load_ensemble(tmp_path / "a" / "synthetic.yaml")
     views = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)

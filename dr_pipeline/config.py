@@ -385,7 +385,7 @@ class JobConfig:
         return stable_hash({
             "input": self.input.urls, "seed": self.seed, "aug": self.aug, "captions": self.captions,
             "min_image_side": self.min_image_side,
-            "teachers": [dataclasses.replace(t) for t in ensemble.teachers],
+            "teachers": list(ensemble.teachers),
             "captioners": list(ensemble.captioners),
         })
 

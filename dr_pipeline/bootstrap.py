@@ -83,6 +83,7 @@ class BootstrapConfig:
     eval_captions: int = 5         # captions per held-out image (the reinforce job's k)
     zeroshot_per_class: int = 4    # held-out zero-shot images per (colour, shape) class
     jobs: int = 2                  # models trained in parallel processes (1 thread each)
+    captioner_backbone: str | None = "syn-vit-a"   # init the captioner's image tower from this teacher
     dtype: str = "float16"         # checkpoint storage: float16 | float32
 
     def __post_init__(self) -> None:
@@ -179,9 +180,23 @@ def domain_vocab(token_rows: torch.Tensor, n_vocab: int) -> tuple[torch.Tensor, 
     return vocab, remap
 
 
+def init_image_tower(model: torch.nn.Module, teacher_state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy a trained CLIP teacher's ViT trunk (patch embedding, class/position embeddings,
+    blocks) into the captioner's image tower; returns the copied keys. The pooling and
+    projection stay fresh (a CoCa pools with attention)."""
+    own = model.visual.state_dict()
+    trunk = ("conv1.", "class_embedding", "positional_embedding", "ln_pre.", "transformer.")
+    copied = {k: teacher_state[f"visual.{k}"].float() for k in own
+              if k.startswith(trunk) and f"visual.{k}" in teacher_state and teacher_state[f"visual.{k}"].shape == own[k].shape}
+    model.visual.load_state_dict(copied, strict=False)
+    return sorted(copied)
+
+
 def train_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleSpec, views: np.ndarray,
-                tokens: np.ndarray, cfg: BootstrapConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train one model from scratch; returns (state dict, stats). Runs in one thread."""
+                tokens: np.ndarray, cfg: BootstrapConfig, init: dict[str, torch.Tensor] | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train one model (from scratch; a captioner's image tower from ``init``, a teacher's state);
+    returns (state dict, stats). Runs in one thread."""
     import open_clip
 
     from dr_pipeline.models.teachers import register_model_configs
@@ -199,6 +214,7 @@ def train_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: Ensemble
         if kind == "captioner":
             vocab, remap = domain_vocab(tok, model.text_decoder.text_projection.shape[1])
             _init_decoder(model, vocab)
+    copied = init_image_tower(model, init) if init is not None else []
     model.train()
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
@@ -251,18 +267,37 @@ def train_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: Ensemble
              "params": int(sum(p.numel() for p in model.parameters()))}
     if kind == "captioner":
         stats["domain_vocab_size"] = int(vocab.numel())
+        stats["image_tower_init"] = {"from": cfg.captioner_backbone, "tensors": len(copied)} if copied else None
     return state, stats
 
 
 def _worker(args: tuple) -> tuple[str, dict]:
     """Process entry: train one model in one thread, save it to ``path``; returns (path, stats)."""
-    kind, spec, ensemble, views_path, tokens_path, cfg, path = args
+    kind, spec, ensemble, views_path, tokens_path, cfg, path, init_path = args
     torch.set_num_threads(1)
     views = np.load(views_path, mmap_mode="r", allow_pickle=False)
     tokens = np.load(tokens_path, allow_pickle=False)
-    state, stats = train_model(kind, spec, ensemble, np.array(views), tokens, cfg)
+    init = None
+    if init_path:
+        from safetensors.torch import load_file
+
+        init = load_file(init_path)
+    state, stats = train_model(kind, spec, ensemble, np.array(views), tokens, cfg, init)
     save_checkpoint(state, path, cfg, spec)
     return path, stats
+
+
+def _run_tasks(tasks: list[tuple], jobs: int) -> list[tuple[str, dict]]:
+    if jobs > 1 and len(tasks) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
+            return pool.map(_worker, tasks, chunksize=1)
+    threads = torch.get_num_threads()
+    try:
+        return [_worker(t) for t in tasks]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], path: str, cfg: BootstrapConfig, spec) -> None:
@@ -492,21 +527,17 @@ def bootstrap(ensemble_path: str, cfg: BootstrapConfig, out_dir: str | None = No
                 views_cache[spec.image_size] = p
             tp = os.path.join(work, f"tokens-{spec.id}.npy")
             np.save(tp, tokenizer_for(spec)([s["caption"] for s in samples]).numpy(), allow_pickle=False)
-            tasks.append((kind, spec, ens, views_cache[spec.image_size], tp, cfg, ens.resolve(spec.pretrained)))
-        print(f"bootstrap: training {len(tasks)} model(s), {min(cfg.jobs, len(tasks))} at a time", file=sys.stderr, flush=True)
-        if cfg.jobs > 1 and len(tasks) > 1:
-            import multiprocessing as mp
-
-            # Longest first (the captioner): it overlaps the two teachers.
-            tasks.sort(key=lambda t: t[0] != "captioner")
-            with mp.get_context("spawn").Pool(min(cfg.jobs, len(tasks))) as pool:
-                results = pool.map(_worker, tasks, chunksize=1)
-        else:
-            threads = torch.get_num_threads()
-            try:
-                results = [_worker(t) for t in tasks]
-            finally:
-                torch.set_num_threads(threads)
+            init = None
+            if kind == "captioner" and cfg.captioner_backbone:
+                init = ens.resolve(ens.teacher(cfg.captioner_backbone).pretrained)
+                if cfg.captioner_backbone not in {s.id for _, s in entries} and not Path(init).is_file():
+                    raise ConfigError(f"bootstrap: the captioner starts from teacher {cfg.captioner_backbone!r}, "
+                                      f"whose checkpoint {init} does not exist yet (train it too)")
+            tasks.append((kind, spec, ens, views_cache[spec.image_size], tp, cfg, ens.resolve(spec.pretrained), init))
+        # Two phases: the teachers, then the captioner (its image tower starts from a trained teacher's).
+        phases = [[t for t in tasks if t[0] == "teacher"], [t for t in tasks if t[0] == "captioner"]]
+        print(f"bootstrap: training {len(tasks)} model(s), {cfg.jobs} at a time", file=sys.stderr, flush=True)
+        results = [r for phase in phases if phase for r in _run_tasks(phase, cfg.jobs)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     folder = Path(ens.resolve(entries[0][1].pretrained)).parent

@@ -15,7 +15,7 @@ from dr_pipeline.config import ConfigError
 
 
 def cmd_make_corpus(a: argparse.Namespace) -> int:
-    from dr_pipeline.corpus.synthetic import ZEROSHOT_DIR, make_corpus, make_split
+    from dr_pipeline.corpus.synthetic import ZEROSHOT_DIR, make_corpus, make_split, zeroshot_classes
 
     formats = tuple(a.formats.split(","))
     if a.split is None:
@@ -25,7 +25,7 @@ def cmd_make_corpus(a: argparse.Namespace) -> int:
                           formats=formats, per_class=a.per_class)
     print(f"wrote {len(urls)} shard file(s) under {a.out}")
     if a.split == "test" and a.per_class > 0:
-        print(f"wrote the zero-shot set ({a.per_class} images x 96 classes) under {a.out}/{ZEROSHOT_DIR}/")
+        print(f"wrote the zero-shot set ({a.per_class} images x {len(zeroshot_classes())} classes) under {a.out}/{ZEROSHOT_DIR}/")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 The experiment of the MobileCLIP papers at laptop scale, on the synthetic domain:
 
-1. ``web`` split (noisy alt-text-like captions) and ``test`` split (zero-shot folder of 96
+1. ``web`` split (noisy alt-text-like captions) and ``test`` split (zero-shot folder of 60
    colour x shape classes + clean-caption pairs for retrieval), from ``dr make-corpus``'s code;
 2. ``dr reinforce`` of the web split with the real synthetic teachers (``teachers/synthetic.yaml``,
    made by ``dr bootstrap``): N seeded augmentations, 2 CLIP teachers, k CoCa captions;
@@ -65,7 +65,7 @@ class CorpusConfig:
     web_per_shard: int = 256
     test_shards: int = 1             # clean-caption pairs for retrieval
     test_per_shard: int = 256
-    zeroshot_per_class: int = 8      # x 96 colour x shape classes
+    zeroshot_per_class: int = 8      # x 60 colour x shape classes
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,7 @@ def _pool_map(fn, tasks: list, jobs: int) -> list:
 # --------------------------------------------------------------------------- evaluation
 
 class EvalSet:
-    """Zero-shot folder (96 colour x shape classes) + retrieval pairs, decoded once."""
+    """Zero-shot folder (60 colour x shape classes) + retrieval pairs, decoded once."""
 
     def __init__(self, lay: Layout, image_size: int):
         from dr_pipeline.augment import center_view
@@ -491,7 +491,7 @@ def analyse(cfg: ReproduceConfig, runs: list[dict]) -> dict:
         }
     tgt = rows.get(cfg.target, {})
     ratio = tgt.get("ratio")
-    headline = {"metric": "zero-shot colour x shape top-1 (96 classes)",
+    headline = {"metric": "zero-shot colour x shape top-1 (60 classes)",
                 "ratio_mean": ratio["mean"] if ratio else None, "ratio_std": ratio["std"] if ratio else None,
                 "ratio_per_seed": tgt.get("ratio_per_seed"), "not_reached": tgt.get("not_reached"),
                 "efficiency": (1 / ratio["mean"]) if ratio and ratio["mean"] > 0 else None,
@@ -507,7 +507,7 @@ def plot(cfg: ReproduceConfig, runs: list[dict], path: Path) -> None:
 
     colours = {"plain": "tab:gray", "kd": "tab:blue", "syn": "tab:green", "full": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for ax, metric, title in ((axes[0], "top1", "zero-shot colour x shape top-1 (96 classes)"),
+    for ax, metric, title in ((axes[0], "top1", "zero-shot colour x shape top-1 (60 classes)"),
                               (axes[1], "i2t_R@1", "image->text retrieval R@1 (held-out clean captions)")):
         for v in cfg.variants:
             rs = [r for r in runs if r["variant"] == v.name]

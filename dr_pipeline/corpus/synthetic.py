@@ -261,7 +261,7 @@ def make_corpus(out_dir: str, n_shards: int = 4, per_shard: int = 32, seed: int 
 #          ``WebNoise`` (attributes missing, wrong or replaced by unrelated words, objects
 #          left out, boilerplate added, some captions unrelated to the image);
 #   test   held out: single-object images in a ``zeroshot/<colour>_<shape>/`` folder for
-#          zero-shot classification (96 classes; `dr eval` reads the layout) plus shards of
+#          zero-shot classification (12 colours x 5 shapes = 60 classes; `dr eval` reads the layout) plus shards of
 #          multi-object scenes with clean captions for retrieval.
 #
 # Every split draws from its own RNG stream (seed, split, shard, idx), so no image repeats
@@ -272,9 +272,13 @@ def make_corpus(out_dir: str, n_shards: int = 4, per_shard: int = 32, seed: int 
 SPLITS = ("clean", "web", "test")
 _STREAM = {"clean": 101, "web": 102, "test": 103, "zeroshot": 104}
 _NOISE_STREAM = 7
+_CAPTION_STREAM = 11
 SPLIT_SIDE = (128, 176)
 SPLIT_ASPECT = (0.9, 1.1)
 SPLIT_BACKGROUNDS = BACKGROUNDS + ("noise",)
+# Shapes of the splits: the five that stay distinct at 48-64 px (a 13-px hexagon, pentagon and
+# circle, or a diamond and a square, are hard to tell apart even for a person).
+SPLIT_SHAPES = ("circle", "square", "triangle", "star", "cross")
 SPLIT_RADIUS = {"small": 0.13, "large": 0.2}
 SPLIT_JPEG_QUALITY = {"clean": (80, 95), "web": (50, 90), "test": (80, 95), "zeroshot": (80, 95)}
 ZEROSHOT_DIR = "zeroshot"
@@ -363,7 +367,7 @@ def web_caption(attrs: SceneAttrs, rng: np.random.Generator, noise: WebNoise = D
             continue
         _, size = _noisy(rng, noise.size, o.size, SIZES, JUNK_WORDS)
         _, colour = _noisy(rng, noise.colour, o.colour, list(COLOURS), JUNK_WORDS)
-        kind, shape = _noisy(rng, noise.shape, o.shape, SHAPES, JUNK_WORDS)
+        kind, shape = _noisy(rng, noise.shape, o.shape, SPLIT_SHAPES, JUNK_WORDS)
         if kind == "missing":
             shape = GENERIC_NOUNS[int(rng.integers(len(GENERIC_NOUNS)))]
         _, pos = _noisy(rng, noise.position, o.position, POSITIONS, ())
@@ -403,7 +407,7 @@ def render_split_scene(rng: np.random.Generator, width: int, height: int,
     fg = [c for c in colours if c != bg_colour]
     objects = []
     for p in positions:
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        shape = SPLIT_SHAPES[int(rng.integers(len(SPLIT_SHAPES)))]
         colour = fg[int(rng.integers(len(fg)))]
         size = SIZES[int(rng.integers(len(SIZES)))]
         if force is not None:
@@ -412,7 +416,7 @@ def render_split_scene(rng: np.random.Generator, width: int, height: int,
     if reshape is not None:
         change = reshape.random(len(objects)) < 0.5
         change[int(reshape.integers(len(objects)))] = True
-        objects = [dataclasses.replace(o, shape=[s for s in SHAPES if s != o.shape][int(reshape.integers(len(SHAPES) - 1))])
+        objects = [dataclasses.replace(o, shape=[s for s in SPLIT_SHAPES if s != o.shape][int(reshape.integers(len(SPLIT_SHAPES) - 1))])
                    if c else o for o, c in zip(objects, change)]
     attrs = SceneAttrs(objects=tuple(objects), background_colour=bg_colour, background=bg_kind)
     img = _background(bg_kind, COLOURS[bg_colour], width, height, rng)
@@ -441,13 +445,19 @@ def _jpeg(img: Image.Image, rng: np.random.Generator, stream: str) -> bytes:
     return buf.getvalue()
 
 
-def split_caption(attrs: SceneAttrs) -> str:
+def split_caption(attrs: SceneAttrs, rng: np.random.Generator | None = None) -> str:
     """The clean caption of a split scene: every object, compositionally; no background phrase.
 
     Backgrounds (colour, texture) stay visual nuisance: naming them would put the background's
     colour word next to the objects' colour words, and a small text tower then matches "a red
-    circle" to any image with red in it, background or not."""
-    parts = [f"a {o.size} {o.colour} {o.shape} {_PHRASES[o.position]}" for o in attrs.objects]
+    circle" to any image with red in it, background or not. With ``rng`` (the clean split) each
+    object's size and position are named with probability 1/2 each: still accurate, and a text
+    tower that has seen "a red circle" alone does not tie shapes to positions."""
+    parts = []
+    for o in attrs.objects:
+        size, pos = (True, True) if rng is None else tuple(rng.random(2) < 0.5)
+        parts.append(" ".join(["a"] + ([o.size] if size else []) + [o.colour, o.shape]
+                              + ([_PHRASES[o.position]] if pos else [])))
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -471,6 +481,8 @@ def make_split_sample(split: str, seed: int, shard: int, idx: int,
     img, attrs, geometry = render_split_scene(rng, width, height, reshape=reshape)
     clean = split_caption(attrs)
     caption = clean
+    if split == "clean":        # twins share the caption draws, so their captions differ in shapes only
+        caption = split_caption(attrs, np.random.default_rng([seed, _STREAM[split], shard, idx - twin, _CAPTION_STREAM]))
     if split == "web":
         caption = web_caption(attrs, np.random.default_rng([seed, _STREAM[split], shard, idx, _NOISE_STREAM]), noise)
     key = sample_key(shard, idx)
@@ -482,8 +494,8 @@ def make_split_sample(split: str, seed: int, shard: int, idx: int,
 
 
 def zeroshot_classes() -> list[tuple[str, str]]:
-    """The 96 (colour, shape) classes of the zero-shot test set, in folder-name order."""
-    return sorted(((c, s) for c in COLOURS for s in SHAPES), key=lambda cs: f"{cs[0]}_{cs[1]}")
+    """The 60 (colour, shape) classes of the zero-shot test set, in folder-name order."""
+    return sorted(((c, s) for c in COLOURS for s in SPLIT_SHAPES), key=lambda cs: f"{cs[0]}_{cs[1]}")
 
 
 def make_zeroshot_sample(seed: int, cls: int, j: int) -> dict:
@@ -504,7 +516,7 @@ def make_split(split: str, out_dir: str, n_shards: int = 4, per_shard: int = 256
                noise: WebNoise = DEFAULT_WEB_NOISE, storage_options: dict | None = None) -> list[str]:
     """Write a split: shards under ``{out_dir}/{tar,parquet}/`` as ``make_corpus`` lays them out;
     for ``test`` also ``{out_dir}/zeroshot/<colour>_<shape>/<key>.jpg`` (``per_class`` images per
-    class, all 96 classes) and ``{out_dir}/zeroshot.jsonl`` (key, class, label, geometry).
+    class, all 60 classes) and ``{out_dir}/zeroshot.jsonl`` (key, class, label, geometry).
     Returns the written shard URLs (tar first, then parquet)."""
     unknown = set(formats) - {"tar", "parquet"}
     if unknown:

@@ -216,7 +216,7 @@ def test_steps_to_reach_interpolates():
 def test_analyse_ratio_per_seed():
     from dr_pipeline.reproduce import ReproduceConfig, TrainRuns, analyse
 
-    cfg = ReproduceConfig(train=TrainRuns(steps=100, seeds=(0, 1)))
+    cfg = ReproduceConfig(train=TrainRuns(steps=100, seeds=(0, 1)), smooth_evals=1)
     plain = lambda s: {"variant": "plain", "seed": s, "curve": [  # noqa: E731
         {"step": 0, "top1": 0.0, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0},
         {"step": 100, "top1": 0.3, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0}]}
@@ -229,6 +229,22 @@ def test_analyse_ratio_per_seed():
     assert h["ratio_per_seed"] == pytest.approx([0.25, 0.5])
     assert h["ratio_mean"] == pytest.approx(0.375) and not h["target_met"]
     assert res["variants"]["plain"]["ratio_per_seed"] == pytest.approx([1.0, 1.0])
+
+
+def test_smoothed_curves_make_the_ratio_conservative():
+    from dr_pipeline.reproduce import ReproduceConfig, TrainRuns, analyse, smoothed
+
+    row = lambda step, x: {"step": step, "top1": x, "colour": x, "shape": x, "i2t_R@1": x, "t2i_R@1": x}  # noqa: E731
+    curve = [row(0, 0.0), row(10, 0.3), row(20, 0.0), row(30, 0.3)]
+    assert [r["top1"] for r in smoothed(curve, 2)] == pytest.approx([0.0, 0.15, 0.15, 0.15])
+    assert [r["step"] for r in smoothed(curve, 3)] == [0, 10, 20, 30]
+    assert smoothed(curve, 1) == curve
+    # one high evaluation of the reinforced student counts less: it reaches the plain accuracy later
+    plain = {"variant": "plain", "seed": 0, "curve": [row(0, 0.0), row(10, 0.1), row(20, 0.1), row(30, 0.1)]}
+    full = {"variant": "full", "seed": 0, "curve": [row(0, 0.0), row(10, 0.3), row(20, 0.0), row(30, 0.1)]}
+    raw = analyse(ReproduceConfig(train=TrainRuns(steps=30, seeds=(0,)), smooth_evals=1), [plain, full])
+    smooth = analyse(ReproduceConfig(train=TrainRuns(steps=30, seeds=(0,)), smooth_evals=3), [plain, full])
+    assert raw["headline"]["ratio_per_seed"][0] < smooth["headline"]["ratio_per_seed"][0]
 
 
 # --------------------------------------------------------------------------- the committed teachers

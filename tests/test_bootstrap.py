@@ -200,7 +200,8 @@ def test_bootstrap_tiny_budget_is_deterministic_and_loads(tmp_path):
         e = t.encode_images(views[:, :, :spec.image_size, :spec.image_size])
         assert e.shape == (2, t.dim) and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-4)
     cap = load_captioner(ens.captioners[0], ens)
-    assert len(cap.caption(views, ["k0", "k1"], 0, 2).captions) == 2
+    size = cap.image_size
+    assert len(cap.caption(views[:, :, :size, :size], ["k0", "k1"], 0, 2).captions) == 2
 
 
 def test_steps_to_reach_interpolates():

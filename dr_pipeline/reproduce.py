@@ -34,12 +34,10 @@ so each run is a deterministic function of its seed on a given machine.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -52,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dr_pipeline.config import AugSpec, ConfigError, from_dict, load_yaml, to_dict
+from dr_pipeline.config import ConfigError, from_dict, load_yaml, to_dict
 from dr_pipeline.train.config import OptimConfig, StudentConfig
 
 log = logging.getLogger(__name__)

@@ -131,7 +131,6 @@ class ReproduceConfig:
     target: str = "full"
     smooth_evals: int = 3                       # accuracy = trailing mean over this many evaluations
 
-
     def __post_init__(self) -> None:
         if self.smooth_evals < 1:
             raise ConfigError(f"smooth_evals must be >= 1 (got {self.smooth_evals})")

@@ -66,6 +66,10 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         seeds = tuple(int(s) for s in a.seeds.split(","))
         cfg = dc.replace(cfg, train=dc.replace(cfg.train, seeds=seeds,
                                                ablation_seeds=tuple(s for s in cfg.train.ablation_seeds if s in seeds) or seeds[:1]))
+    if a.ablation_seeds:
+        cfg = dc.replace(cfg, train=dc.replace(cfg.train, ablation_seeds=tuple(int(s) for s in a.ablation_seeds.split(","))))
+    if a.results_dir:
+        cfg = dc.replace(cfg, results_dir=a.results_dir)
     res = reproduce(cfg, only=a.only)
     return 0 if res["analysis"]["headline"]["ratio_mean"] is not None else 1
 
@@ -208,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("reproduce", help="reinforced vs plain student: steps-to-accuracy ratio, plot, results")
     s.add_argument("--config", default="jobs/configs/reproduce.yaml")
     s.add_argument("--seeds", help="comma list overriding train.seeds")
+    s.add_argument("--ablation-seeds", help="comma list overriding train.ablation_seeds")
+    s.add_argument("--results-dir", help="write results.json/md and the plot here instead of results_dir")
     s.add_argument("--only", action="append", help="run only this variant (repeatable)")
     s.set_defaults(fn=cmd_reproduce)
 

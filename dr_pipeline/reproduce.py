@@ -568,7 +568,7 @@ def format_markdown(res: dict) -> str:
         + (f"**{h['ratio_mean']:.3f} ± {h['ratio_std']:.3f}** (mean ± std over seeds; per seed "
            + ", ".join(f"{r:.3f}" for r in h["ratio_per_seed"]) + ") = **"
            + (f"{h['efficiency']:.1f}x" if h["efficiency"] else "unbounded") + "** learning efficiency"
-           if h["ratio_mean"] is not None else "not reached")
+           if h["ratio_mean"] is not None else "not reached" if h.get("not_reached") else "n/a (no plain and reinforced runs of one seed)")
         + (f"; {h['not_reached']} seed(s) never reached it" if h.get("not_reached") else "") + ".",
         "",
         "| variant | λ | GT / syn caption weights | augmentation | seeds | final zero-shot top-1 | colour | shape | "
@@ -576,7 +576,7 @@ def format_markdown(res: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        ratio = _pm(r["ratio"]) if r["ratio"] else "not reached"
+        ratio = _pm(r["ratio"]) if r["ratio"] else "not reached" if r["not_reached"] else "n/a (no plain run)"
         if r["not_reached"] and r["ratio"]:
             ratio += f" ({r['not_reached']} not reached)"
         lines.append(f"| {name} | {r['lam']:g} | {r['gt_weight']:g} / {r['syn_weight']:g} | "

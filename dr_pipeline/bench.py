@@ -443,11 +443,10 @@ def _synthetic_rows(n: int, n_aug: int, dims: list[int], k: int, seed: int = 0):
 
 
 def measure_storage(rows, spec, dims: list[int], k: int) -> dict:
-    import pyarrow.parquet as pq
 
     from dr_pipeline.config import to_dict
     from dr_pipeline.shards.datacompdr import write_datacompdr_tar
-    from dr_pipeline.shards.parquet_io import ShardWriter
+    from dr_pipeline.shards.parquet_io import ShardWriter, column_bytes
     from dr_pipeline.shards.schema import ShardLayout, TeacherLayout
 
     n = len(rows)
@@ -457,16 +456,10 @@ def measure_storage(rows, spec, dims: list[int], k: int) -> dict:
     buf = io.BytesIO()
     w = ShardWriter(buf, layout, meta)
     for i in range(0, n, 256):
-        w.write(_slice_rows(rows, slice(i, i + 256)))
+        w.write(rows.slice(slice(i, i + 256)))
     w.close()
     data = buf.getvalue()
-    md = pq.ParquetFile(io.BytesIO(data)).metadata
-    cols: dict[str, int] = {}
-    for rg in range(md.num_row_groups):
-        for c in range(md.num_columns):
-            col = md.row_group(rg).column(c)
-            top = col.path_in_schema.split(".")[0]
-            cols[top] = cols.get(top, 0) + col.total_compressed_size
+    cols = column_bytes(io.BytesIO(data))
     emb_values = n * sum(d * (spec.n_aug + 1 + k) for d in dims)
     emb_bytes = sum(v for c, v in cols.items() if c.startswith("emb__"))
     str_cols = ("key", "uid", "url", "image_sha256", "caption", "syn__coca", "width", "height")
@@ -495,16 +488,6 @@ def measure_storage(rows, spec, dims: list[int], k: int) -> dict:
         "dcdr_paug_bytes_per_aug": members["paug.json"] / (n * spec.n_aug),
         "ratio_per_sample": len(dcdr) / len(data),
     }
-
-
-def _slice_rows(rows, sl: slice):
-    from dr_pipeline.shards.parquet_io import ReinforcedRows
-
-    return ReinforcedRows(
-        rows.keys[sl], rows.uids[sl], rows.urls[sl], rows.image_sha256[sl], rows.widths[sl], rows.heights[sl],
-        rows.captions[sl], rows.aug_params[sl], {c: v[sl] for c, v in rows.syn.items()},
-        {t: v[sl] for t, v in rows.image_emb.items()}, {t: v[sl] for t, v in rows.text_emb.items()},
-        {t: {c: v[sl] for c, v in d.items()} for t, d in rows.syn_emb.items()})
 
 
 def bench_storage(n: int, dataset: str | None) -> dict:

@@ -368,7 +368,7 @@ class _Batches:
             for k in order:
                 img, _, cap = self.base[k]
                 p = augment.sample_params(self.plan.aug, aug_seed, k, 0, img.width, img.height)
-                items.append({"image": augment.replay(img, p, self.size, self.plan.aug), "caption": cap,
+                items.append({"key": k, "image": augment.replay(img, p, self.size, self.plan.aug), "caption": cap,
                               "syn": cap, "teachers": {}})
             return items
         entries = {}
@@ -382,7 +382,7 @@ class _Batches:
             img, sha, cap = self.base[k]
             if e.error or e.sha256 != sha or e.caption != cap:
                 raise RuntimeError(f"{k}: reinforcement row does not match its base sample ({e.error})")
-            items.append({"image": torch.from_numpy(np.array(self.views[self.row[k], e.aug_index])),
+            items.append({"key": k, "image": torch.from_numpy(np.array(self.views[self.row[k], e.aug_index])),
                           "caption": cap, "syn": e.syn_caption if e.syn_caption is not None else cap,
                           "teachers": {t: torch.from_numpy(x) for t, x in e.emb.items()}})
         return items

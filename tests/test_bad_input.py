@@ -18,7 +18,7 @@ from dr_pipeline import augment
 from dr_pipeline.cli import main as dr
 from dr_pipeline.config import load_ensemble, load_job
 from dr_pipeline.corpus import readers
-from dr_pipeline.corpus.nasty import WRITTEN, exif_rotated_jpeg, image_zoo, make_nasty_corpus
+from tests.nasty_corpus import WRITTEN, exif_rotated_jpeg, image_zoo, make_nasty_corpus
 from dr_pipeline.corpus.readers import MAX_CAPTION_CHARS, Rejected, Sample, iter_shard
 from dr_pipeline.execute.dataset_dir import DatasetDir
 from dr_pipeline.images import ImageRejected, decode_image
@@ -220,7 +220,7 @@ def test_decode_image_modes():
 
 BOMB_CHILD = """
 import resource, sys
-from dr_pipeline.corpus.nasty import bomb_png
+from tests.nasty_corpus import bomb_png
 from dr_pipeline.images import ImageRejected, decode_image
 data = bomb_png(int(sys.argv[1]), int(sys.argv[2]))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

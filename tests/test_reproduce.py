@@ -118,7 +118,10 @@ def test_reinforced_student_learns_from_stored_teacher_embeddings(toy, monkeypat
         for it in items[:8]:
             match = [k for k in keys if all(
                 any(np.array_equal(it["teachers"][t][0].numpy(), row) for row in stored[k][t]) for t in stored[k])]
-            assert len(match) == 1, "a batch row's teacher image embedding is not a stored row"
+            assert match == [it["key"]], "a row's teacher image embeddings are not its own stored rows"
+            augs = [{j for j, row in enumerate(stored[it["key"]][t]) if np.array_equal(it["teachers"][t][0].numpy(), row)}
+                    for t in stored[it["key"]]]
+            assert set.intersection(*augs), "the teachers' embeddings come from different augmentations"
         batch = next(iter(batches))
         assert set(batch["teachers"]) == {"syn-vit-a", "syn-vit-b"}
         # the distillation part, recomputed from the batch's stored embeddings on the same weights

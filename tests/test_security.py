@@ -18,7 +18,7 @@ import yaml
 
 from dr_pipeline.cli import main as dr
 from dr_pipeline.config import ConfigError, load_ensemble, load_job, redact, strip_redacted
-from dr_pipeline.corpus.nasty import (make_nasty_corpus, npz_payload, pickle_payload, torch_payload,
+from tests.nasty_corpus import (make_nasty_corpus, npz_payload, pickle_payload, torch_payload,
                                       write_malicious_datacompdr_tar)
 from dr_pipeline.corpus.readers import Sample, iter_shard
 from dr_pipeline.corpus.synthetic import make_corpus

@@ -18,6 +18,7 @@ from dr_pipeline.shards.datacompdr import write_datacompdr_tar
 from dr_pipeline.shards.parquet_io import (
     ReinforcedRows,
     ShardWriter,
+    column_bytes,
     leaf_paths,
     read_shard,
 )
@@ -64,30 +65,14 @@ def shard(tmp_path_factory):
     path = tmp_path_factory.mktemp("storage") / "shard-00000.parquet"
     w = ShardWriter(str(path), LAYOUT, {**META, "n": N})
     for i in range(0, N, 128):                            # streamed in batches, as the worker writes
-        sl = slice(i, i + 128)
-        w.write(ReinforcedRows(
-            rows.keys[sl], rows.uids[sl], rows.urls[sl], rows.image_sha256[sl], rows.widths[sl], rows.heights[sl],
-            rows.captions[sl], rows.aug_params[sl], {"coca": rows.syn["coca"][sl]},
-            {t: v[sl] for t, v in rows.image_emb.items()}, {t: v[sl] for t, v in rows.text_emb.items()},
-            {t: {"coca": v["coca"][sl]} for t, v in rows.syn_emb.items()}))
+        w.write(rows.slice(slice(i, i + 128)))
     w.close()
     return path, rows
 
 
-def _column_bytes(path) -> dict[str, int]:
-    md = pq.ParquetFile(path).metadata
-    out: dict[str, int] = {}
-    for rg in range(md.num_row_groups):
-        for c in range(md.num_columns):
-            col = md.row_group(rg).column(c)
-            top = col.path_in_schema.split(".")[0]
-            out[top] = out.get(top, 0) + col.total_compressed_size
-    return out
-
-
 def test_bf16_embeddings_within_1_02x_of_raw(shard):
     path, _ = shard
-    sizes = _column_bytes(path)
+    sizes = column_bytes(path)
     values_per_row = {"image": N_AUG, "text": 1, "syn": K}
     checked = 0
     for name, nbytes in sizes.items():
@@ -103,7 +88,7 @@ def test_bf16_embeddings_within_1_02x_of_raw(shard):
 
 def test_augmentation_params_at_most_16_bytes_each(shard):
     path, _ = shard
-    assert _column_bytes(path)["aug_params"] / (N * N_AUG) <= 16
+    assert column_bytes(path)["aug_params"] / (N * N_AUG) <= 16
 
 
 def test_numeric_leaves_are_byte_stream_split_without_statistics(shard):

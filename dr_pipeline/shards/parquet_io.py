@@ -37,6 +37,14 @@ class ReinforcedRows:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def slice(self, sl: slice) -> ReinforcedRows:
+        """Rows ``sl`` (views of the same arrays), e.g. to write a large batch in pieces."""
+        return ReinforcedRows(
+            self.keys[sl], self.uids[sl], self.urls[sl], self.image_sha256[sl], self.widths[sl], self.heights[sl],
+            self.captions[sl], self.aug_params[sl], {c: v[sl] for c, v in self.syn.items()},
+            {t: v[sl] for t, v in self.image_emb.items()}, {t: v[sl] for t, v in self.text_emb.items()},
+            {t: {c: v[sl] for c, v in d.items()} for t, d in self.syn_emb.items()})
+
     def to_table(self, layout: ShardLayout, schema: pa.Schema) -> pa.Table:
         cols: dict[str, pa.Array] = {
             "key": pa.array(self.keys, pa.string()),
@@ -144,4 +152,18 @@ def read_shard(url: str, storage_options: dict | None = None) -> tuple[Reinforce
     return decode_table(read_table(url, storage_options))
 
 
-__all__ = ["ReinforcedRows", "ShardWriter", "ShardLayout", "TeacherLayout", "read_table", "decode_table", "read_shard"]
+def column_bytes(source) -> dict[str, int]:
+    """Compressed bytes per top-level column of a Parquet file (path or file object), summed
+    over row groups: what each part of the schema costs on disk."""
+    md = pq.ParquetFile(source).metadata
+    out: dict[str, int] = {}
+    for rg in range(md.num_row_groups):
+        for c in range(md.num_columns):
+            col = md.row_group(rg).column(c)
+            top = col.path_in_schema.split(".")[0]
+            out[top] = out.get(top, 0) + col.total_compressed_size
+    return out
+
+
+__all__ = ["ReinforcedRows", "ShardWriter", "ShardLayout", "TeacherLayout", "read_table", "decode_table", "read_shard",
+           "column_bytes"]

@@ -25,7 +25,9 @@ Shards (file name -> what it holds):
 
 The expectations assume the job defaults ``min_image_side: 8`` and
 ``dr_pipeline.images.MAX_IMAGE_PIXELS``. The pickle payloads, if ever executed, create the
-file ``NastyCorpus.sentinel``; tests assert it never exists.
+file ``NastyCorpus.sentinel``; tests assert it never exists. This module lives in ``tests/``,
+not in the package: it builds hostile *input* (pickle payloads included), and nothing the
+package writes or reads is ever pickled.
 """
 from __future__ import annotations
 

@@ -54,8 +54,16 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from dr_pipeline.config import CaptionerSpec, ConfigError, EnsembleSpec, TeacherSpec, load_ensemble, to_dict
+from dr_pipeline.config import (
+    CaptionerSpec,
+    ConfigError,
+    EnsembleSpec,
+    TeacherSpec,
+    load_ensemble,
+    to_dict,
+)
 from dr_pipeline.corpus import synthetic as syn
+from dr_pipeline.process_pool import pool_map
 
 log = logging.getLogger(__name__)
 
@@ -285,19 +293,6 @@ def _worker(args: tuple) -> tuple[str, dict]:
     state, stats = train_model(kind, spec, ensemble, np.array(views), tokens, cfg, init)
     save_checkpoint(state, path, cfg, spec)
     return path, stats
-
-
-def _run_tasks(tasks: list[tuple], jobs: int) -> list[tuple[str, dict]]:
-    if jobs > 1 and len(tasks) > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
-            return pool.map(_worker, tasks, chunksize=1)
-    threads = torch.get_num_threads()
-    try:
-        return [_worker(t) for t in tasks]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], path: str, cfg: BootstrapConfig, spec) -> None:
@@ -537,7 +532,7 @@ def bootstrap(ensemble_path: str, cfg: BootstrapConfig, out_dir: str | None = No
         # Two phases: the teachers, then the captioner (its image tower starts from a trained teacher's).
         phases = [[t for t in tasks if t[0] == "teacher"], [t for t in tasks if t[0] == "captioner"]]
         print(f"bootstrap: training {len(tasks)} model(s), {cfg.jobs} at a time", file=sys.stderr, flush=True)
-        results = [r for phase in phases if phase for r in _run_tasks(phase, cfg.jobs)]
+        results = [r for phase in phases if phase for r in pool_map(_worker, phase, cfg.jobs)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     folder = Path(ens.resolve(entries[0][1].pretrained)).parent

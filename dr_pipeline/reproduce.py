@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dr_pipeline.config import ConfigError, from_dict, load_yaml, to_dict
+from dr_pipeline.process_pool import pool_map
 from dr_pipeline.train.config import OptimConfig, StudentConfig
 
 log = logging.getLogger(__name__)
@@ -265,24 +266,11 @@ def render_views(cfg: ReproduceConfig, lay: Layout, plan, size: int) -> dict:
         return {"seconds": 0.0, "cached": True}
     t0 = time.time()
     tasks = [(p.base_url, p.reinf_url, size, plan.aug) for p in plan.pairs]
-    results = _pool_map(_render_shard, tasks, cfg.train.jobs)
+    results = pool_map(_render_shard, tasks, cfg.train.jobs)
     keys = [k for ks, _ in results for k in ks]
     np.save(path, np.concatenate([v for _, v in results]), allow_pickle=False)
     meta_path.write_text(json.dumps({"stamp": stamp, "keys": keys}))
     return {"seconds": round(time.time() - t0, 1), "cached": False, "views": int(sum(v.shape[0] * v.shape[1] for _, v in results))}
-
-
-def _pool_map(fn, tasks: list, jobs: int) -> list:
-    if jobs <= 1 or len(tasks) <= 1:
-        threads = torch.get_num_threads()
-        try:
-            return [fn(t) for t in tasks]
-        finally:
-            torch.set_num_threads(threads)
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
-        return pool.map(fn, tasks, chunksize=1)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -593,8 +581,8 @@ def format_markdown(res: dict) -> str:
 # --------------------------------------------------------------------------- driver
 
 def reproduce(cfg: ReproduceConfig, only: list[str] | None = None) -> dict:
-    from dr_pipeline.train.sources import make_plan
     from dr_pipeline.train.config import DataConfig
+    from dr_pipeline.train.sources import make_plan
 
     t_all = time.time()
     lay = Layout(Path(cfg.out_dir))
@@ -621,7 +609,7 @@ def reproduce(cfg: ReproduceConfig, only: list[str] | None = None) -> dict:
     # Longest first (the plain runs also render their augmentations online).
     tasks.sort(key=lambda t: (not t[2].online_aug, t[3]))
     t0 = time.time()
-    runs = _pool_map(run_one, tasks, cfg.train.jobs)
+    runs = pool_map(run_one, tasks, cfg.train.jobs)
     timings["train_s"] = round(time.time() - t0, 1)
     timings["n_runs"] = len(runs)
     timings["total_s"] = round(time.time() - t_all, 1)

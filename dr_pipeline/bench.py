@@ -395,8 +395,9 @@ def bench_pipeline(work: Path, n_shards: int, per_shard: int, threads: int, devi
             raise RuntimeError(f"bench pipeline: shards failed: {report.failed}")
         stages.append(stages_alone(r + 2))
         ref = {k: (stages[-2][k] + stages[-1][k]) / 2 for k in ("load", "cpu", "model", "write", "sum")}
-        actor = sum(x["seconds"] for x in report.committed)
-        runs.append({"wall": dt, "ray_init": t_init, "actor_shard_seconds": actor, "samples": sum(x["n_written"] for x in report.committed),
+        committed = [report.manifest.shards[n] for n in report.committed]
+        actor = sum(e.seconds for e in committed)
+        runs.append({"wall": dt, "ray_init": t_init, "actor_shard_seconds": actor, "samples": sum(e.n_written for e in committed),
                      "stage_sum": ref["sum"], "overhead_job": dt / ref["sum"] - 1,
                      "overhead_steady": actor / (ref["sum"] - ref["load"]) - 1, "model_share": ref["model"] / actor})
     mean = {k: statistics.mean(x[k] for x in stages) for k in ("load", "cpu", "model", "write", "sum")}
@@ -498,11 +499,11 @@ def bench_storage(n: int, dataset: str | None) -> dict:
         rows, spec = _synthetic_rows(n if n_aug < 10 else max(n // 4, 64), n_aug, dims, 5)
         out[label] = measure_storage(rows, spec, dims, 5)
     if dataset:
-        from dr_pipeline.execute.dataset_dir import DatasetDir
+        from dr_pipeline.shards.dataset import ReinforcedDataset
         from dr_pipeline.shards.parquet_io import read_shard
         from dr_pipeline.shards.schema import layout_from_metadata
 
-        ds = DatasetDir(dataset)
+        ds = ReinforcedDataset(dataset)
         rows_all, meta = None, None
         total = 0
         for name in sorted(ds.markers()):
@@ -628,8 +629,8 @@ def bench_loader(dataset: str, job_file: str, rounds: int, image_size: int = 224
 
         def reinforced() -> int:
             n = 0
-            from dr_pipeline.execute.dataset_dir import DatasetDir
-            ds = DatasetDir(dataset)
+            from dr_pipeline.shards.dataset import ReinforcedDataset
+            ds = ReinforcedDataset(dataset)
             for url in base_urls:
                 rows, _ = read_shard(ds.shard_url(Path(url).stem))
                 index = {k: i for i, k in enumerate(rows.keys)}

@@ -2,6 +2,11 @@
 
 Config and usage errors print one line (``error: ...``) and exit 2 before any model is
 loaded or any shard written; a job with failed shards exits 1 after a summary.
+
+Start-up is kept cheap: this module imports only argparse and the config loader; torch,
+open_clip, ray and transformers are imported inside a command, after its config is valid, so
+``dr --help``, every ``--help``, config errors and ``dr plan`` answer at once
+(tests/test_cli_fast.py checks that they import none of them).
 """
 from __future__ import annotations
 
@@ -11,7 +16,13 @@ import logging
 import sys
 from pathlib import Path
 
-from dr_pipeline.config import ConfigError
+from dr_pipeline.config import ConfigError, check_device, load_job_ensemble, resolve_path
+
+
+def cli_path(p: str | None) -> str | None:
+    """A path given on the command line: as given (relative to the current folder), a shipped
+    ``pkg:`` name resolved."""
+    return resolve_path(p, Path.cwd()) if p and p.startswith("pkg:") else p
 
 
 def cmd_make_corpus(a: argparse.Namespace) -> int:
@@ -34,6 +45,7 @@ def cmd_bootstrap(a: argparse.Namespace) -> int:
 
     from dr_pipeline.bootstrap import BootstrapConfig, bootstrap, format_report, verify
 
+    a.ensemble = cli_path(a.ensemble)
     if a.verify:
         problems = verify(a.ensemble)
         for p in problems:
@@ -77,7 +89,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
 def cmd_make_teachers(a: argparse.Namespace) -> int:
     from dr_pipeline.models.tiny import make_tiny_checkpoints
 
-    written = make_tiny_checkpoints(a.ensemble, force=a.force)
+    written = make_tiny_checkpoints(cli_path(a.ensemble), force=a.force)
     print("\n".join(f"wrote {p}" for p in written) or "all checkpoints present")
     return 0
 
@@ -93,20 +105,30 @@ def _job(a: argparse.Namespace):
         ex = dataclasses.replace(ex, device=a.device)
     job = dataclasses.replace(job, execution=ex)
     if getattr(a, "output", None):
-        job = dataclasses.replace(job, output=dataclasses.replace(job.output, path=a.output))
+        job = dataclasses.replace(job, output=dataclasses.replace(job.output, path=cli_path(a.output)))
     return job
 
 
-def cmd_reinforce(a: argparse.Namespace) -> int:
-    from dr_pipeline.execute.runner import resolve_ensemble, run_job
+def runs_on_this_machine(a: argparse.Namespace, job) -> bool:
+    """--local, or a fresh local Ray (no address in flags, job or $RAY_ADDRESS): see runner.ray_address."""
+    import os
 
+    return a.local or (job.execution.address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+
+
+def cmd_reinforce(a: argparse.Namespace) -> int:
     job = _job(a)
-    report = run_job(job, resolve_ensemble(job), force=a.force, executor="local" if a.local else "ray")
+    ensemble = load_job_ensemble(job)
+    executor = "local" if a.local else "ray"
+    check_device(job.execution, executor, runs_on_this_machine(a, job))
+    from dr_pipeline.execute.runner import run_job    # torch, open_clip, ray: only once the config is valid
+
+    report = run_job(job, ensemble, force=a.force, executor=executor)
     if report.failed:
         print(f"{len(report.failed)} shard(s) failed:", file=sys.stderr)
         for f in report.failed:
-            kind = ", permanent: not retried" if f.get("permanent") else ""
-            print(f"  {f['shard']}: {f['error']} ({f['attempts']} attempt(s){kind})", file=sys.stderr)
+            kind = ", permanent: not retried" if f.permanent else ""
+            print(f"  {f.shard}: {f.error} ({f.attempts} attempt(s){kind})", file=sys.stderr)
     if report.error:
         print(f"error: {report.error}", file=sys.stderr)
     if not report.ok:
@@ -124,6 +146,11 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
+    from dr_pipeline.shards.dataset import ReinforcedDataset
+
+    if not ReinforcedDataset(a.dataset).is_dataset():
+        raise ConfigError(f"{a.dataset}: not a dr_pipeline dataset (no dataset.json or _markers/ there): "
+                          "give the folder `dr reinforce` wrote (the job's output.path)")
     from dr_pipeline.inspect_dataset import contact_sheet, render_summary, summarize
 
     print(render_summary(summarize(a.dataset)))
@@ -142,9 +169,13 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_add_teacher(a: argparse.Namespace) -> int:
+    from dr_pipeline.config import ExecutionSpec
+
+    if a.device:
+        check_device(ExecutionSpec(device=a.device), "local", local_machine=True)
     from dr_pipeline.execute.add_teacher import add_teachers
 
-    rep = add_teachers(a.dataset, a.teachers, a.teacher, device=a.device)
+    rep = add_teachers(a.dataset, cli_path(a.teachers), a.teacher, device=a.device)
     print(f"added {','.join(a.teacher)} to {len(rep.committed)} shard(s) ({len(rep.skipped)} already had it)")
     return 0
 
@@ -169,7 +200,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if not (a.ensemble or a.teacher or a.captioner):
         raise ConfigError("plan: give --ensemble FILE or --teacher MODEL[:DIM] / --captioner MODEL")
     try:
-        spec = spec_from_args(a.samples, a.teacher or [], a.captioner or [], a.ensemble, a.n_aug, a.k, a.per_shard)
+        spec = spec_from_args(a.samples, a.teacher or [], a.captioner or [], cli_path(a.ensemble), a.n_aug, a.k,
+                              a.per_shard)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     plan = make_plan(spec, load_costs(a.costs))
@@ -177,16 +209,54 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dr", description="Dataset reinforcement for CLIP training (MobileCLIP-style).")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="cmd", required=True)
+EXAMPLES = {
+    "make-corpus": "dr make-corpus out/demo/corpus --split web --shards 4 --per-shard 32",
+    "bootstrap": "dr bootstrap teachers/synthetic.yaml --verify",
+    "reproduce": "dr reproduce --config jobs/configs/reproduce.yaml --only reinforced",
+    "make-teachers": "dr make-teachers teachers/tiny.yaml",
+    "reinforce": "dr reinforce --config jobs/configs/demo.yaml          # a fresh local Ray\n"
+                 "  dr reinforce --config jobs/configs/dfndr-2b.yaml --address auto",
+    "validate": "dr validate out/demo/dataset",
+    "inspect": "dr inspect out/demo/dataset --out out/demo/contact_sheet.png",
+    "export": "dr export out/demo/dataset --format datacompdr --out out/demo/datacompdr",
+    "add-teacher": "dr add-teacher out/demo/dataset --teachers teachers/tiny.yaml --teacher tiny-vit-b",
+    "train": "dr train --config jobs/configs/train-tiny.yaml --resume latest",
+    "eval": "dr eval --checkpoint out/demo/train-tiny --data out/demo/corpus/tar/shard-00003.tar",
+    "plan": "dr plan --samples 1.9B --ensemble teachers/dfndr2b.yaml --gpus 256",
+}
+PATHS_NOTE = ("paths: on the command line, relative to the current folder; inside a config file,\n"
+              "relative to that file's folder; pkg:teachers/NAME.yaml names a shipped ensemble")
 
-    s = sub.add_parser("make-corpus", help="write the deterministic synthetic image-text corpus (tar + Parquet)")
-    s.add_argument("out")
-    s.add_argument("--shards", type=int, default=4)
-    s.add_argument("--per-shard", type=int, default=32)
-    s.add_argument("--seed", type=int, default=0)
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default after its help (not for flags or options without a default);
+    examples printed as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _cmd(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A sub-command whose --help shows its defaults and one example."""
+    return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter,
+                          epilog=f"example:\n  {EXAMPLES[name]}\n\n{PATHS_NOTE}" if name in EXAMPLES else PATHS_NOTE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dr", description="Dataset reinforcement for CLIP training (MobileCLIP-style).",
+                                formatter_class=HelpFormatter,
+                                epilog="example:\n  dr reinforce --config jobs/configs/demo.yaml\n\n"
+                                       "`dr COMMAND --help` shows a command's options, defaults and an example.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = _cmd(sub, "make-corpus", help="write the deterministic synthetic image-text corpus (tar + Parquet)")
+    s.add_argument("out", help="output folder (tar/ and parquet/ below it)")
+    s.add_argument("--shards", type=int, default=4, help="shard files per format")
+    s.add_argument("--per-shard", type=int, default=32, help="samples per shard")
+    s.add_argument("--seed", type=int, default=0, help="corpus seed")
     s.add_argument("--formats", default="tar,parquet", help="comma list of tar, parquet")
     s.add_argument("--split", choices=["clean", "web", "test"],
                    help="a split of the learning-efficiency experiment: clean (accurate captions, teacher "
@@ -195,13 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-class", type=int, default=8, help="--split test: zero-shot images per colour x shape class")
     s.set_defaults(fn=cmd_make_corpus)
 
-    s = sub.add_parser("bootstrap", help="train the synthetic domain's real tiny teachers + captioner on the clean split")
-    s.add_argument("ensemble", nargs="?", default="teachers/synthetic.yaml")
+    s = _cmd(sub, "bootstrap", help="train the synthetic domain's real tiny teachers + captioner on the clean split")
+    s.add_argument("ensemble", nargs="?", default="teachers/synthetic.yaml", help="ensemble file")
     s.add_argument("--seed", type=int)
     s.add_argument("--n-train", type=int, help="clean-split images (default 12000)")
     s.add_argument("--clip-steps", type=int, help="steps per CLIP teacher")
     s.add_argument("--coca-steps", type=int, help="captioner steps")
-    s.add_argument("--batch-size", type=int)
+    s.add_argument("--batch-size", type=int, help="training batch size")
     s.add_argument("--jobs", type=int, help="models trained in parallel processes (1 thread each)")
     s.add_argument("--only", action="append", help="train only this entry id (repeatable)")
     s.add_argument("--out", help="write checkpoints + a relocated ensemble file here instead")
@@ -209,74 +279,76 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true", help="only check the checkpoints against SHA256SUMS")
     s.set_defaults(fn=cmd_bootstrap)
 
-    s = sub.add_parser("reproduce", help="reinforced vs plain student: steps-to-accuracy ratio, plot, results")
-    s.add_argument("--config", default="jobs/configs/reproduce.yaml")
+    s = _cmd(sub, "reproduce", help="reinforced vs plain student: steps-to-accuracy ratio, plot, results")
+    s.add_argument("--config", default="jobs/configs/reproduce.yaml", help="experiment config")
     s.add_argument("--seeds", help="comma list overriding train.seeds")
     s.add_argument("--ablation-seeds", help="comma list overriding train.ablation_seeds")
     s.add_argument("--results-dir", help="write results.json/md and the plot here instead of results_dir")
     s.add_argument("--only", action="append", help="run only this variant (repeatable)")
     s.set_defaults(fn=cmd_reproduce)
 
-    s = sub.add_parser("make-teachers", help="create the local checkpoints of an ensemble's tiny models")
-    s.add_argument("ensemble", help="teachers/*.yaml")
-    s.add_argument("--force", action="store_true")
+    s = _cmd(sub, "make-teachers", help="create the local checkpoints of an ensemble's tiny models")
+    s.add_argument("ensemble", help="ensemble file, e.g. teachers/tiny.yaml")
+    s.add_argument("--force", action="store_true", help="overwrite existing checkpoints")
     s.set_defaults(fn=cmd_make_teachers)
 
-    s = sub.add_parser("reinforce", help="run a reinforcement job (Ray)")
+    s = _cmd(sub, "reinforce", help="run a reinforcement job (Ray)")
     s.add_argument("--config", required=True, help="jobs/configs/<job>.yaml")
     s.add_argument("--address", help="Ray cluster address: 'auto', host:port or ray://host:port "
                                      "(default: the job's, else $RAY_ADDRESS, else a new local Ray)")
     s.add_argument("--output", help="override output.path")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="override execution.device; cuda is refused at once on a machine without CUDA "
+                        "when the job runs here (--local or a fresh local Ray), not for a cluster")
     s.add_argument("--force", action="store_true",
                    help="redo a dataset made by a different config (its shards are uncommitted, then rewritten); "
                         "without it a changed config is refused: use --output for a new location")
     s.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
     s.set_defaults(fn=cmd_reinforce)
 
-    s = sub.add_parser("validate", help="check every committed shard against the contract")
-    s.add_argument("dataset")
+    s = _cmd(sub, "validate", help="check every committed shard against the contract")
+    s.add_argument("dataset", help="dataset folder or URL (the job's output.path)")
     s.add_argument("--no-base", action="store_true", help="skip the check against the base corpus keys")
     s.set_defaults(fn=cmd_validate)
 
-    s = sub.add_parser("inspect", help="print a summary and write a contact-sheet PNG")
-    s.add_argument("dataset")
+    s = _cmd(sub, "inspect", help="print a summary and write a contact-sheet PNG")
+    s.add_argument("dataset", help="dataset folder or URL (the job's output.path)")
     s.add_argument("--out", help="PNG path (default DATASET/contact_sheet.png)")
-    s.add_argument("--images", type=int, default=4)
+    s.add_argument("--images", type=int, default=4, help="source images on the contact sheet")
     s.set_defaults(fn=cmd_inspect)
 
-    s = sub.add_parser("export", help="export to another layout")
-    s.add_argument("dataset")
-    s.add_argument("--format", choices=["datacompdr"], default="datacompdr")
-    s.add_argument("--out", required=True)
+    s = _cmd(sub, "export", help="export to another layout")
+    s.add_argument("dataset", help="dataset folder or URL (the job's output.path)")
+    s.add_argument("--format", choices=["datacompdr"], default="datacompdr", help="target layout")
+    s.add_argument("--out", required=True, help="output folder")
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("add-teacher", help="add teacher(s) to an existing dataset (only their embeddings are computed)")
-    s.add_argument("dataset")
+    s = _cmd(sub, "add-teacher", help="add teacher(s) to an existing dataset (only their embeddings are computed)")
+    s.add_argument("dataset", help="dataset folder or URL (the job's output.path)")
     s.add_argument("--teachers", required=True, help="ensemble file that defines the new teacher(s)")
     s.add_argument("--teacher", required=True, action="append", help="teacher id (repeatable)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the new teacher runs (cuda needs a CUDA device here)")
     s.set_defaults(fn=cmd_add_teacher)
 
-    s = sub.add_parser("train", help="train an MCi student on reinforced shards")
+    s = _cmd(sub, "train", help="train an MCi student on reinforced shards")
     s.add_argument("--config", required=True, help="jobs/configs/train-<name>.yaml")
     s.add_argument("--resume", help="'latest' or a checkpoint path")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("eval", help="zero-shot classification and retrieval of a student checkpoint")
+    s = _cmd(sub, "eval", help="zero-shot classification and retrieval of a student checkpoint")
     s.add_argument("--checkpoint", required=True, help="checkpoint .pt or run directory (latest)")
     s.add_argument("--data", required=True, help="base shards (retrieval + zero-shot) or an image folder DATA/<class>/*")
     s.add_argument("--out", help="write the metrics JSON here")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("plan", help="estimate output bytes, shards and accelerator-hours of a run (no models loaded)")
+    s = _cmd(sub, "plan", help="estimate output bytes, shards and accelerator-hours of a run (no models loaded)")
     s.add_argument("--samples", required=True, help="corpus size, e.g. 2e9, 1.9B, 12.8M")
     s.add_argument("--ensemble", help="teachers/*.yaml: its teachers and captioners")
     s.add_argument("--teacher", action="append", help="open_clip model or MODEL:DIM (repeatable)")
     s.add_argument("--captioner", action="append", help="open_clip CoCa model (repeatable)")
-    s.add_argument("--n-aug", type=int, default=2, help="augmentations per image (default 2, DFNDR-2B)")
-    s.add_argument("--k", type=int, default=5, help="synthetic captions per captioner (default 5)")
-    s.add_argument("--per-shard", type=int, default=10_000, help="samples per shard (default 10,000)")
+    s.add_argument("--n-aug", type=int, default=2, help="augmentations per image (DFNDR-2B: 2)")
+    s.add_argument("--k", type=int, default=5, help="synthetic captions per captioner")
+    s.add_argument("--per-shard", type=int, default=10_000, help="samples per shard")
     s.add_argument("--costs", action="append", help="costs JSON from make bench (default: bench/costs-*.json)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(fn=cmd_plan)

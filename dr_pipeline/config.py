@@ -176,6 +176,96 @@ def strip_redacted(obj: Any) -> Any:
     return obj
 
 
+# --------------------------------------------------------------------------- paths
+#
+# THE PATH RULE (docs/cluster.md "Paths"): a path on the command line is relative to the current
+# folder; a path written inside a config file (job or ensemble) is relative to the folder of
+# that file. Besides: URLs (``s3://...``) and absolute paths are taken as written, ``~`` is the
+# home folder, and ``pkg:NAME`` names a file shipped with the installed package (``pkg:teachers/
+# synthetic.yaml``: the project's teachers/ folder, in a checkout, an editable install or a wheel).
+
+PKG = "pkg:"
+SHIPPED = ("teachers",)          # top-level folders shipped with the package (pyproject data-files)
+
+
+def data_root() -> Path:
+    """Where the shipped folders live: the source tree of this package (a checkout or an editable
+    install, as in the Docker image), else ``<prefix>/share/dr_pipeline`` of a wheel install."""
+    import sys
+    import sysconfig
+
+    tree = Path(__file__).resolve().parents[1]
+    if (tree / SHIPPED[0]).is_dir():
+        return tree
+    for prefix in (sysconfig.get_path("data"), sys.prefix):
+        share = Path(prefix) / "share" / "dr_pipeline"
+        if (share / SHIPPED[0]).is_dir():
+            return share
+    return tree
+
+
+def shipped(name: str) -> Path:
+    """``pkg:NAME`` -> the shipped file (``teachers/dfndr2b.yaml``); ConfigError naming the choices."""
+    path = data_root() / name
+    if not path.exists():
+        have = sorted(f"{PKG}{p.relative_to(data_root())}" for d in SHIPPED
+                      for p in (data_root() / d).glob("*.yaml"))
+        raise ConfigError(f"no shipped file {PKG}{name} (shipped: {', '.join(have) or 'none'})")
+    return path
+
+
+def is_url(p: str) -> bool:
+    return "://" in p
+
+
+def resolve_path(p: str, base: str | Path) -> str:
+    """Apply the path rule to ``p`` written in a config file whose folder is ``base``."""
+    if is_url(p):
+        return p
+    if p.startswith(PKG):
+        return str(shipped(p[len(PKG):]))
+    q = Path(p).expanduser()
+    if q.is_absolute():
+        return str(q)
+    import os.path
+
+    return os.path.normpath(os.path.join(str(base), str(q)))
+
+
+def ray_package_root(path: str | Path) -> Path | None:
+    """The ``--working-dir`` copy that ``ray job submit`` unpacked and ``path`` lies in, if any."""
+    p = Path(path)
+    for parent in (p, *p.parents):
+        if parent.name.startswith("_ray_pkg_") or parent.parent.name == "working_dir_files":
+            return parent
+    return None
+
+
+def cuda_visible() -> bool:
+    """Whether this machine can have a CUDA device, without importing torch: an NVIDIA driver is
+    loaded (/proc/driver/nvidia or /dev/nvidia0) and CUDA_VISIBLE_DEVICES does not hide them all."""
+    import os
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return False
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
+
+
+def check_device(ex: ExecutionSpec, executor: str, local_machine: bool) -> None:
+    """``device: cuda`` that cannot work, found at config time (not after minutes of actor retries):
+    Ray actors that ask for no GPU never see one; a run on this machine needs a CUDA driver here.
+    A job sent to a cluster is not checked against the driver's machine (its GPUs are on workers)."""
+    if ex.device != "cuda":
+        return
+    if executor == "ray" and ex.gpus_per_actor <= 0:
+        raise ConfigError("execution.device is cuda but execution.gpus_per_actor is 0: Ray hides GPUs from "
+                          "actors that ask for none; set gpus_per_actor: 1 (one actor per GPU) or device: auto")
+    if local_machine and not cuda_visible():
+        raise ConfigError("device cuda, but this machine has no CUDA device (no NVIDIA driver, or "
+                          "CUDA_VISIBLE_DEVICES hides them): use --device auto or cpu, or send the job to a "
+                          "GPU cluster (--address / ray job submit)")
+
+
 # --------------------------------------------------------------------------- augmentation
 
 @dataclass(frozen=True)
@@ -268,11 +358,14 @@ class EnsembleSpec:
                 raise ConfigError(f"ensemble '{self.name}': id '{i}' may only hold letters, digits, '-' and '_'")
 
     def resolve(self, p: str | None) -> str | None:
-        """Resolve a local relative path against the ensemble file's folder; leave tags/ids alone."""
-        if p is None or p.startswith("hf-hub:") or "://" in p or "/" not in p and "." not in p:
+        """A checkpoint path by the path rule (relative to the ensemble file, ``pkg:``, ``~``);
+        open_clip tags (a bare word) and ``hf-hub:`` ids are left alone, ``local-dir:`` keeps its
+        prefix around the resolved folder."""
+        if p is None or p.startswith("hf-hub:") or "/" not in p and "." not in p and not p.startswith(PKG):
             return p
-        q = Path(p)
-        return str(q if q.is_absolute() else Path(self.source) / q)
+        if p.startswith("local-dir:"):
+            return "local-dir:" + resolve_path(p[len("local-dir:"):], self.source)
+        return resolve_path(p, self.source)
 
     def teacher(self, tid: str) -> TeacherSpec:
         for t in self.teachers:
@@ -340,8 +433,15 @@ class ExecutionSpec:
     io_backoff_s: float = 0.5         # first backoff ceiling; doubles per retry (capped at 20 s)
     device: str = "auto"              # auto | cpu | cuda
     decode_threads: int = 2
+    shard_timeout_s: float = 0.0      # a shard attempt running longer is hung: its actor is killed, the shard
+                                      # retried elsewhere. 0 = auto: max(shard_timeout_min_s, 10 x the median
+                                      # shard time so far); no deadline before 3 shards finished
+    shard_timeout_min_s: float = 600.0
+    manifest_every_s: float = 60.0    # the driver checkpoints manifest.json this often (and at the end)
 
     def __post_init__(self) -> None:
+        if self.shard_timeout_s < 0 or self.shard_timeout_min_s <= 0 or self.manifest_every_s <= 0:
+            raise ConfigError("execution: need shard_timeout_s >= 0, shard_timeout_min_s > 0, manifest_every_s > 0")
         if self.batch_size < 1:
             raise ConfigError("execution.batch_size must be >= 1")
         if not (1 <= self.min_actors <= self.max_actors):
@@ -366,7 +466,7 @@ class JobConfig:
     captions: CaptionSpec = field(default_factory=CaptionSpec)
     execution: ExecutionSpec = field(default_factory=ExecutionSpec)
     min_image_side: int = 8           # smaller images are rejected ("too_small")
-    source: str = ""                  # folder of the job file (relative teacher path resolves here)
+    source: str = ""                  # folder of the job file: relative paths in it resolve here
 
     def __post_init__(self) -> None:
         if not self.teachers.strip():
@@ -375,22 +475,72 @@ class JobConfig:
             raise ConfigError(f"min_image_side must be >= 1 (got {self.min_image_side})")
 
     def ensemble_path(self) -> Path:
-        p = Path(self.teachers)
-        if p.is_absolute() or p.exists():
-            return p
-        return Path(self.source) / p
+        """``teachers:`` by the path rule: relative to the job file's folder, or ``pkg:teachers/...``."""
+        return Path(resolve_path(self.teachers, self.source or "."))
 
-    def output_hash(self, ensemble: EnsembleSpec) -> str:
-        """Hash of everything that determines the output bytes (not how the job runs)."""
-        return stable_hash({
+    def _output_fields(self, ensemble: EnsembleSpec) -> dict:
+        """Everything that determines the output bytes (not how the job runs)."""
+        return {
             "input": self.input.urls, "seed": self.seed, "aug": self.aug, "captions": self.captions,
             "min_image_side": self.min_image_side,
             "teachers": list(ensemble.teachers),
             "captioners": list(ensemble.captioners),
-        })
+        }
+
+    def output_hash(self, ensemble: EnsembleSpec) -> str:
+        return stable_hash(self._output_fields(ensemble))
+
+    def output_fingerprint(self, ensemble: EnsembleSpec) -> dict[str, str]:
+        """A short hash per output-determining key (``aug.n_aug``, ``teachers[0]``...): two configs'
+        fingerprints name the keys that differ without storing any value (URLs may hold secrets)."""
+        flat: dict[str, str] = {}
+
+        def walk(prefix: str, v: Any) -> None:
+            v = to_dict(v)
+            if isinstance(v, dict) and v:
+                for k, x in v.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), x)
+            elif isinstance(v, list) and v and prefix not in ("input",):
+                for i, x in enumerate(v):
+                    walk(f"{prefix}[{i}]", x)
+            else:
+                flat[prefix] = stable_hash(v)[:8]
+        walk("", self._output_fields(ensemble))
+        return flat
 
 
 def load_job(path: str | Path) -> JobConfig:
+    """A job file with its paths resolved by the path rule (relative to the file's folder), so the
+    job means the same from any current folder, under ``ray job submit`` and on a KubeRay head."""
     path = Path(path)
     job = load_yaml(JobConfig, path)
-    return dataclasses.replace(job, source=str(path.resolve().parent))
+    base = path.resolve().parent
+    urls = job.input.urls
+    urls = resolve_path(urls, base) if isinstance(urls, str) else tuple(resolve_path(u, base) for u in urls)
+    job = dataclasses.replace(job, source=str(base),
+                              input=dataclasses.replace(job.input, urls=urls),
+                              output=dataclasses.replace(job.output, path=resolve_path(job.output.path, base)))
+    _refuse_ray_package_output(job, path)
+    return job
+
+
+def load_job_ensemble(job: JobConfig) -> EnsembleSpec:
+    """The job's ensemble file (``teachers:`` by the path rule), loaded strictly."""
+    path = job.ensemble_path()
+    if not path.is_file():
+        raise ConfigError(f"teachers file not found: {path} (set 'teachers:' to an ensemble file, relative to "
+                          f"the job file's folder {job.source or '.'}, or a shipped one: pkg:teachers/NAME.yaml)")
+    return load_ensemble(path)
+
+
+def _refuse_ray_package_output(job: JobConfig, path: Path) -> None:
+    """Under ``ray job submit --working-dir``, a relative output path would land in Ray's temporary
+    copy of the working dir (deleted later; git-ignored data such as out/ is never uploaded)."""
+    pkg = ray_package_root(path.resolve())
+    out = job.output.path
+    if pkg is None or is_url(out) or ray_package_root(out) is None:
+        return
+    raise ConfigError(
+        f"{path.name}: output.path resolves inside the --working-dir copy Ray uploaded ({pkg}), which Ray "
+        "deletes and which holds no git-ignored data: pass the config by absolute path on a disk the "
+        "cluster sees (--config \"$PWD/jobs/configs/...\"), or use an absolute path / s3:// URL")

@@ -8,31 +8,32 @@ from __future__ import annotations
 import textwrap
 from collections import Counter
 
-import yaml
 from PIL import Image, ImageDraw
 
 from dr_pipeline import augment
-from dr_pipeline.config import AugSpec, from_dict, strip_redacted
+from dr_pipeline.config import AugSpec, from_dict
 from dr_pipeline.corpus.readers import Sample, expand_urls, iter_shard, shard_name
-from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.shards.dataset import ReinforcedDataset, load_dataset_config
 from dr_pipeline.images import decode_image
 from dr_pipeline.shards.parquet_io import read_shard
 
 
 def summarize(root: str, storage_options: dict | None = None) -> dict:
-    ds = DatasetDir(root, storage_options)
+    ds = ReinforcedDataset(root, storage_options)
     markers = ds.markers()
     reasons: Counter = Counter()
     cap_rej: Counter = Counter()
+    resampled: Counter = Counter()
     for m in markers.values():
-        reasons.update(m["rejected_by_reason"])
-        for c in m["captions_rejected"].values():
+        reasons.update(m.rejected_by_reason)
+        resampled.update(m.captions_resampled)
+        for c in m.captions_rejected.values():
             cap_rej.update(c)
-    written = sum(m["n_written"] for m in markers.values())
-    nbytes = sum(m["bytes"] for m in markers.values())
-    manifest = ds.read_json("manifest.json") or {}
-    failed = {f["shard"]: f["error"] for f in manifest.get("failed", [])}
-    first = next((n for n, m in markers.items() if m["n_written"]), next(iter(markers), None))
+    written = sum(m.n_written for m in markers.values())
+    nbytes = sum(m.bytes for m in markers.values())
+    manifest = ds.read_manifest()
+    failed = {f.shard: f.error for f in manifest.failed} if manifest else {}
+    first = next((n for n, m in markers.items() if m.n_written), next(iter(markers), None))
     meta: dict = {}
     syn_counts: list[int] = []
     if first:
@@ -41,12 +42,13 @@ def summarize(root: str, storage_options: dict | None = None) -> dict:
             syn_counts += [len(c) for c in caps]
     return {
         "dataset": root, "shards": len(markers), "samples": written,
-        "read": sum(m["n_read"] for m in markers.values()),
+        "read": sum(m.n_read for m in markers.values()),
         "rejected": sum(reasons.values()),
         "rejected_by_reason": dict(reasons.most_common()),
-        "rejected_by_shard": {n: m["rejected_by_reason"] for n, m in markers.items() if m["n_rejected"]},
+        "rejected_by_shard": {n: m.rejected_by_reason for n, m in markers.items() if m.n_rejected},
         "failed_shards": failed,
         "captions_rejected": dict(cap_rej),
+        "captions_resampled": dict(resampled),
         "teachers": [f"{t['id']} ({t['model']}, dim {t['dim']}, {t['image_size']}px)" for t in meta.get("teachers", [])],
         "captioners": [c["id"] for c in meta.get("captioners", [])],
         "n_aug": meta.get("aug", {}).get("n_aug"), "seed": meta.get("seed"),
@@ -72,17 +74,17 @@ def render_summary(s: dict) -> str:
 
 def contact_sheet(root: str, out_png: str, n_images: int = 4, tile: int = 128,
                   storage_options: dict | None = None) -> str:
-    ds = DatasetDir(root, storage_options)
-    job = yaml.safe_load(ds.read_text("job.yaml"))
-    markers = {n: m for n, m in ds.markers().items() if m["n_written"]}
+    ds = ReinforcedDataset(root, storage_options)
+    job, _ = load_dataset_config(ds)
+    markers = {n: m for n, m in ds.markers().items() if m.n_written}
     if not markers:
         raise FileNotFoundError(f"{root}: no committed shard with samples to inspect")
     name = next(iter(markers))
     rows, meta = read_shard(ds.shard_url(name), storage_options)
     spec = from_dict(AugSpec, meta["aug"])
-    # Secrets were redacted from job.yaml: use what is left plus the caller's options.
-    input_so = strip_redacted(job["input"]["storage_options"] or {}) or storage_options or None
-    base_url = next(u for u in expand_urls(job["input"]["urls"], input_so) if shard_name(u) == name)
+    # Secrets were redacted from job.yaml (load_dataset_config dropped them): the caller's options apply.
+    input_so = {**job.input.storage_options, **(storage_options or {})}
+    base_url = next(u for u in expand_urls(job.input.urls, input_so) if shard_name(u) == name)
     wanted = {k: i for i, k in enumerate(rows.keys[:n_images])}
     images: dict[str, Image.Image] = {}
     for item in iter_shard(base_url, input_so):

@@ -26,7 +26,7 @@ import yaml
 from dr_pipeline import augment
 from dr_pipeline.config import AugSpec, from_dict, strip_redacted
 from dr_pipeline.corpus.readers import Rejected, expand_urls, iter_shard, shard_name
-from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.shards.dataset import ReinforcedDataset
 from dr_pipeline.shards.parquet_io import decode_table
 from dr_pipeline.shards.schema import SCHEMA_VERSION, layout_from_metadata, read_metadata
 
@@ -60,8 +60,8 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def _read_bytes(ds: DatasetDir, rel: str) -> bytes:
-    with ds.fs.open(ds._p(rel), "rb") as f:
+def _read_bytes(ds: ReinforcedDataset, rel: str) -> bytes:
+    with ds.folder.fs.open(ds.folder.path_of(rel), "rb") as f:
         return f.read()
 
 
@@ -145,11 +145,11 @@ def check_marker(name: str, marker: dict, rep: ValidationReport) -> bool:
     return True
 
 
-def _markers(ds: DatasetDir, rep: ValidationReport) -> dict[str, dict]:
-    """Every marker file, parsed; an unparsable one is reported (DatasetDir.markers would raise)."""
+def _markers(ds: ReinforcedDataset, rep: ValidationReport) -> dict[str, dict]:
+    """Every marker file, parsed; an unparsable one is reported (ReinforcedDataset.markers would raise)."""
     out: dict[str, dict] = {}
     try:
-        paths = ds.fs.ls(ds._p("_markers"), detail=False)
+        paths = ds.folder.fs.ls(ds.folder.path_of("_markers"), detail=False)
     except FileNotFoundError:
         return out
     for p in sorted(paths):
@@ -174,7 +174,7 @@ def _key_hashes(keys: list) -> np.ndarray:
                      for k in keys], dtype=np.uint64)
 
 
-def check_cross_shard_duplicates(ds: DatasetDir, hashes: dict[str, np.ndarray], rep: ValidationReport) -> None:
+def check_cross_shard_duplicates(ds: ReinforcedDataset, hashes: dict[str, np.ndarray], rep: ValidationReport) -> None:
     """Warn about keys written by more than one shard (8-byte key hashes: bounded memory)."""
     names = [n for n, h in hashes.items() if len(h)]
     if len(names) < 2:
@@ -201,9 +201,9 @@ def check_cross_shard_duplicates(ds: DatasetDir, hashes: dict[str, np.ndarray], 
 
 
 def validate_dataset(root: str, storage_options: dict | None = None, check_base_keys: bool = True) -> ValidationReport:
-    ds = DatasetDir(root, storage_options)
+    ds = ReinforcedDataset(root, storage_options)
     rep = ValidationReport()
-    job_text = ds.read_text("job.yaml")
+    job_text = ds.folder.read_text("job.yaml")
     if job_text is None:
         rep.add("-", f"{root} has no job.yaml: not a dr_pipeline dataset (or not written yet)")
         return rep
@@ -215,7 +215,7 @@ def validate_dataset(root: str, storage_options: dict | None = None, check_base_
         return rep
     markers = _markers(ds, rep)
     try:
-        manifest = ds.read_json("manifest.json")
+        manifest = ds.folder.read_json("manifest.json")
     except ValueError as e:
         manifest = None
         rep.add("-", f"manifest.json unreadable ({type(e).__name__}); re-run the job to rewrite it")
@@ -231,7 +231,7 @@ def validate_dataset(root: str, storage_options: dict | None = None, check_base_
     for name in sorted(set(inputs) - set(markers) - {p[0] for p in rep.problems}):
         why = f" (the job failed it: {failed[name].get('error')})" if name in failed else ""
         rep.add(name, f"missing: input shard has no committed output shard{why}")
-    for name in sorted(set(ds.data_files()) - set(markers) - {p[0] for p in rep.problems}):
+    for name in sorted(set(ds.listing().data) - set(markers) - {p[0] for p in rep.problems}):
         rep.warnings.append((name, "data file without marker (uncommitted, ignored by readers)"))
     hashes: dict[str, np.ndarray] = {}
     for name, marker in markers.items():

@@ -20,7 +20,8 @@ from dr_pipeline.config import load_ensemble, load_job
 from dr_pipeline.corpus import readers
 from tests.nasty_corpus import WRITTEN, exif_rotated_jpeg, image_zoo, make_nasty_corpus
 from dr_pipeline.corpus.readers import MAX_CAPTION_CHARS, Rejected, Sample, iter_shard
-from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.shards.dataset import ReinforcedDataset
+from dr_pipeline.storage.folder import Folder
 from dr_pipeline.images import ImageRejected, decode_image
 from dr_pipeline.models.teachers import load_teacher
 from dr_pipeline.shards.parquet_io import read_shard
@@ -70,40 +71,40 @@ def test_job_completes_failed_shards_reported_not_retried(nasty_run):
                for ln in lines), err
     assert any("does-not-exist" in ln and "PermanentShardError" in ln and "file not found" in ln for ln in lines), err
     assert "done: 6/8 shards committed, 21 samples written, 23 rejected, 2 shard(s) failed" in err
-    manifest = DatasetDir(nasty_run["out"]).read_json("manifest.json")
+    manifest = Folder(nasty_run["out"]).read_json("manifest.json")
     assert not manifest["complete"] and manifest["n_shards"] == 6 and manifest["n_input_shards"] == 8
     assert {f["shard"]: f["attempts"] for f in manifest["failed"]} == {"wrong-schema": 1, "does-not-exist": 1}
 
 
 def test_every_sample_accounted_exactly_per_shard(nasty_run):
-    corpus, ds = nasty_run["corpus"], DatasetDir(nasty_run["out"])
+    corpus, ds = nasty_run["corpus"], ReinforcedDataset(nasty_run["out"])
     markers = ds.markers()
     assert sorted(markers) == sorted(s.name for s in corpus.shards if s.error is None)
     for shard in corpus.shards:
         if shard.error is not None:
             continue
         m = markers[shard.name]
-        assert (m["n_read"], m["n_written"], m["n_rejected"]) == \
+        assert (m.n_read, m.n_written, m.n_rejected) == \
             (shard.n_read, len(shard.written), len(shard.rejected)), shard.name
-        assert m["n_read"] == m["n_written"] + m["n_rejected"]
-        assert m["rejected_by_reason"] == shard.rejected_by_reason, shard.name
-        assert sorted((k, r) for k, r, _ in m["rejected_keys"]) == sorted(shard.rejected), shard.name
+        assert m.n_read == m.n_written + m.n_rejected
+        assert m.rejected_by_reason == shard.rejected_by_reason, shard.name
+        assert sorted((k, r) for k, r, _ in m.rejected_keys) == sorted(shard.rejected), shard.name
         rows, _ = read_shard(ds.shard_url(shard.name))
         assert rows.keys == shard.written, shard.name
-    assert markers["images"]["rejected_by_reason"] == {"empty_image": 1, "too_large": 1, "too_small": 1,
+    assert markers["images"].rejected_by_reason == {"empty_image": 1, "too_large": 1, "too_small": 1,
                                                        "undecodable": 3}
-    assert markers["captions"]["rejected_by_reason"] == {"bad_member_name": 4, "duplicate_key": 1,
+    assert markers["captions"].rejected_by_reason == {"bad_member_name": 4, "duplicate_key": 1,
                                                          "no_caption": 3, "no_image": 2}
-    assert markers["truncated"]["rejected_by_reason"] == {"truncated": 1}
-    assert markers["rows"]["rejected_by_reason"] == {"duplicate_key": 1, "no_caption": 1, "no_image": 1,
+    assert markers["truncated"].rejected_by_reason == {"truncated": 1}
+    assert markers["rows"].rejected_by_reason == {"duplicate_key": 1, "no_caption": 1, "no_image": 1,
                                                      "no_key": 1, "too_small": 1, "undecodable": 1}
-    assert markers["empty"]["n_read"] == markers["zero-bytes"]["n_read"] == 0
-    details = {k: d for k, _, d in markers["images"]["rejected_keys"]}
+    assert markers["empty"].n_read == markers["zero-bytes"].n_read == 0
+    details = {k: d for k, _, d in markers["images"].rejected_keys}
     assert "900000000 pixels" in details["bomb"] and "allowed format" in details["postscript"]
 
 
 def test_handled_samples_are_written_sensibly(nasty_run, tiny_ensemble):
-    ds = DatasetDir(nasty_run["out"])
+    ds = ReinforcedDataset(nasty_run["out"])
     images, _ = read_shard(ds.shard_url("images"))
     captions, _ = read_shard(ds.shard_url("captions"))
     rows = {k: i for i, k in enumerate(images.keys)}
@@ -146,7 +147,7 @@ def test_add_teacher_decodes_nasty_images_like_reinforcement(nasty_run, tiny_ens
     variant = Path(tiny_ensemble).with_name("nasty-c.yaml")
     variant.write_text(yaml.safe_dump(ens))
     assert dr(["add-teacher", str(copy), "--teachers", str(variant), "--teacher", "tiny-vit-c"]) == 0
-    ds = DatasetDir(str(copy))
+    ds = ReinforcedDataset(str(copy))
     n = 0
     for name, m in ds.markers().items():
         rows, _ = read_shard(ds.shard_url(name))
@@ -169,9 +170,9 @@ def test_nothing_written_outside_the_output_and_no_payload_ran(nasty_run):
     assert not os.path.exists(corpus.sentinel)
     out = _tree(Path(nasty_run["out"]))
     assert {p for p in out if not p.startswith("_tmp/")} == (
-        {f"shards/{n}.parquet" for n in DatasetDir(nasty_run["out"]).markers()}
-        | {f"_markers/{n}.json" for n in DatasetDir(nasty_run["out"]).markers()}
-        | {"job.yaml", "ensemble.yaml", "dataset.json", "manifest.json"})
+        {f"shards/{n}.parquet" for n in ReinforcedDataset(nasty_run["out"]).markers()}
+        | {f"_markers/{n}.json" for n in ReinforcedDataset(nasty_run["out"]).markers()}
+        | {"job.yaml", "ensemble.yaml", "dataset.json", "manifest.json", "README.md"})
 
 
 def test_validate_and_inspect_report_reasons_failures_and_cross_shard_duplicates(nasty_run, tmp_path, capsys):

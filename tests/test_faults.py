@@ -33,8 +33,9 @@ from dr_pipeline.cli import main as dr
 from dr_pipeline.config import load_job
 from dr_pipeline.corpus.readers import ShardReadError
 from dr_pipeline.corpus.synthetic import make_corpus
-from dr_pipeline.execute.dataset_dir import DatasetDir
-from dr_pipeline.execute.retry import PermanentError, RetriesExhausted, RetryPolicy, classify, redact_url, retry_call
+from dr_pipeline.shards.dataset import ReinforcedDataset, deterministic
+from dr_pipeline.storage.folder import Folder
+from dr_pipeline.storage.retry import PermanentError, RetriesExhausted, RetryPolicy, classify, redact_url, retry_call
 from dr_pipeline.execute.runner import resolve_ensemble, run_job
 from dr_pipeline.shards.parquet_io import read_shard
 from dr_pipeline.validate import validate_dataset
@@ -90,8 +91,9 @@ def assert_same_dataset(ref: str, got: str, so: dict | None = None, names: list[
     """``got`` holds the same committed shards as ``ref`` (or just ``names``): keys, params and
     captions identical, embeddings within 1 bf16 ulp. ``exact`` (same config): markers equal
     except timings, and manifests equal when all shards are compared."""
-    a, b = DatasetDir(ref), DatasetDir(got, so)
-    ma, mb = a.markers(), b.markers()
+    a, b = ReinforcedDataset(ref), ReinforcedDataset(got, so)
+    ma = {n: m.to_json() for n, m in a.markers().items()}
+    mb = {n: m.to_json() for n, m in b.markers().items()}
     names = sorted(ma) if names is None else names
     assert sorted(mb) == names
     for n in names:
@@ -107,10 +109,11 @@ def assert_same_dataset(ref: str, got: str, so: dict | None = None, names: list[
         same = ("n_read", "n_written", "n_rejected", "rejected_by_reason", "rejected_keys", "teachers")
         assert {k: ma[n][k] for k in same} == {k: mb[n][k] for k in same}
         if exact:   # same config, same bytes: the markers differ in timings only
-            diff = {k for k in set(ma[n]) | set(mb[n]) if ma[n].get(k) != mb[n].get(k)} - {"seconds"}
+            timing = {"seconds", "stage_s", "started_at", "finished_at", "host", "pid"}
+            diff = {k for k in set(ma[n]) | set(mb[n]) if ma[n].get(k) != mb[n].get(k)} - timing
             assert not diff, f"{n}: markers differ in {sorted(diff)}"
     if exact and names == sorted(ma):
-        assert a.read_json("manifest.json") == b.read_json("manifest.json")
+        assert deterministic(a.folder.read_json("manifest.json")) == deterministic(b.folder.read_json("manifest.json"))
 
 
 class ShardKiller(threading.Thread):
@@ -241,14 +244,14 @@ def test_actor_sigkilled_mid_shard_job_completes_and_equals_undisturbed_run(
     with ShardKiller(tmp_path / "ds", "shard-00001", times=1) as killer:
         report = run_job(job, resolve_ensemble(job))
     assert len(killer.killed) == 1
-    assert report.ok and sorted(s["shard"] for s in report.committed) == SHARDS
+    assert report.ok and sorted(report.committed) == SHARDS
     assert [(r["shard"], r["attempt"]) for r in report.retried] == [("shard-00001", 1)]
     assert report.retried[0]["error"].startswith("actor died")
     assert_same_dataset(reference, str(tmp_path / "ds"))
     assert validate_dataset(str(tmp_path / "ds")).ok
     # the killed actor's half-written file stayed in _tmp, invisible; the next plan sweeps it
     assert list((tmp_path / "ds" / "_tmp").glob("shard-00001.*.parquet"))
-    assert sorted(DatasetDir(str(tmp_path / "ds")).data_files()) == SHARDS
+    assert sorted(ReinforcedDataset(str(tmp_path / "ds")).listing().data) == SHARDS
 
 
 @pytest.mark.timeout(180)
@@ -262,7 +265,7 @@ def test_poison_shard_is_retried_a_bounded_number_of_times_and_reported(
     err = capsys.readouterr().err
     assert rc == 1
     assert len(killer.killed) == 2                                   # exactly max_attempts attempts
-    manifest = DatasetDir(str(root)).read_json("manifest.json")
+    manifest = Folder(str(root)).read_json("manifest.json")
     [failed] = manifest["failed"]
     assert (failed["shard"], failed["attempts"], failed["permanent"]) == ("shard-00002", 2, False)
     assert failed["error"].startswith("actor died")
@@ -283,7 +286,7 @@ def test_actors_that_cannot_be_placed_fail_the_job_after_a_bounded_wait(ray_loca
     assert not report.ok and not report.committed
     assert "0 of min_actors=1 actor(s) ready after 3s" in report.error and "1 GPU" in report.error
     assert "GPU 0 free of 0" in report.error
-    assert DatasetDir(str(tmp_path / "ds")).read_json("manifest.json")["complete"] is False
+    assert Folder(str(tmp_path / "ds")).read_json("manifest.json")["complete"] is False
 
 
 # --------------------------------------------------------------------------- the driver killed
@@ -357,7 +360,8 @@ def test_driver_killed_mid_job_then_rerun_resumes_to_the_undisturbed_dataset(
         _kill_session(p.pid)
         log.close()
     assert 1 <= committed_at_kill < N_SHARDS
-    assert DatasetDir(str(root)).read_json("manifest.json") is None     # it died before the end
+    checkpoint = Folder(str(root)).read_json("manifest.json")       # written at plan time, not since
+    assert checkpoint is not None and not checkpoint["complete"] and checkpoint["n_shards"] == 0
 
     # The same command again (in this process, on the test's Ray: a fresh driver process would
     # only add start-up time; all it can know of the first run is what storage holds).

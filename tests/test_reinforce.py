@@ -18,7 +18,8 @@ from dr_pipeline.cli import main as dr
 from dr_pipeline.config import ConfigError, load_ensemble, load_job
 from dr_pipeline.corpus.readers import iter_shard
 from dr_pipeline.corpus.synthetic import make_corpus
-from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.shards.dataset import ReinforcedDataset
+from dr_pipeline.storage.folder import Folder
 from dr_pipeline.execute.runner import resolve_ensemble, run_job
 from dr_pipeline.models.teachers import load_teacher
 from dr_pipeline.shards.parquet_io import read_shard
@@ -47,7 +48,7 @@ def ray_run(corpus, tiny_ensemble, tmp_path_factory, ray_local):
 
 
 def all_rows(root: str) -> dict:
-    ds = DatasetDir(root)
+    ds = ReinforcedDataset(root)
     out = {}
     for name in ds.markers():
         rows, meta = read_shard(ds.shard_url(name))
@@ -65,19 +66,19 @@ def max_ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def test_every_input_key_is_written_or_rejected(ray_run, corpus):
     job, root = ray_run
-    ds = DatasetDir(root)
+    ds = ReinforcedDataset(root)
     markers = ds.markers()
     assert sorted(markers) == ["shard-00000", "shard-00001"]
     for name, m in markers.items():
         base = [s.key for s in iter_shard(f"{corpus}/tar/{name}.tar")]
         rows, meta = read_shard(ds.shard_url(name))
         assert rows.keys == base                       # same order, nothing lost, nothing added
-        assert m["n_read"] == PER_SHARD == m["n_written"] + m["n_rejected"]
+        assert m.n_read == PER_SHARD == m.n_written + m.n_rejected
         assert meta["shard"] == name and meta["seed"] == 0 and meta["schema_version"] == 1
         assert [t["id"] for t in meta["teachers"]] == ["tiny-vit-a", "tiny-vit-b"]
-    manifest = ds.read_json("manifest.json")
+    manifest = ds.folder.read_json("manifest.json")
     assert manifest["complete"] and manifest["n_written"] == 2 * PER_SHARD
-    assert manifest["shards"]["shard-00001"]["sha256"] == markers["shard-00001"]["sha256"]
+    assert manifest["shards"]["shard-00001"]["sha256"] == markers["shard-00001"].sha256
 
 
 def test_params_are_the_counter_rng_and_embeddings_match_the_replayed_view(ray_run, corpus, tiny_ensemble):
@@ -122,10 +123,10 @@ def test_same_seed_other_batch_size_and_workers_gives_the_same_dataset(ray_run, 
 
 def test_rerun_skips_committed_shards_and_changed_config_is_refused(ray_run, capsys):
     job, root = ray_run
-    before = {n: m["sha256"] for n, m in DatasetDir(root).markers().items()}
+    before = {n: m.sha256 for n, m in ReinforcedDataset(root).markers().items()}
     report = run_job(job, resolve_ensemble(job), executor="local")
     assert report.skipped == ["shard-00000", "shard-00001"] and not report.committed
-    assert {n: m["sha256"] for n, m in DatasetDir(root).markers().items()} == before
+    assert {n: m.sha256 for n, m in ReinforcedDataset(root).markers().items()} == before
     changed = dataclasses.replace(job, seed=1)
     with pytest.raises(ConfigError, match="different config.*--force"):
         run_job(changed, resolve_ensemble(changed), executor="local")
@@ -198,8 +199,8 @@ def test_adding_a_teacher_equals_a_full_run(ray_run, corpus, tiny_ensemble, tmp_
             assert max_ulp_diff(f.image_emb[t], a.image_emb[t]) <= 1
             assert max_ulp_diff(f.text_emb[t], a.text_emb[t]) <= 1
     assert dr(["validate", str(tmp_path / "ds")]) == 0
-    assert DatasetDir(str(tmp_path / "ds")).read_json("dataset.json")["config_hash"] == \
-        DatasetDir(root).read_json("dataset.json")["config_hash"]
+    assert Folder(str(tmp_path / "ds")).read_json("dataset.json")["config_hash"] == \
+        Folder(root).read_json("dataset.json")["config_hash"]
 
 
 def test_parquet_corpus_gives_the_same_dataset_as_tar(ray_run, corpus, tmp_path):

@@ -20,7 +20,8 @@ import pytest
 
 from dr_pipeline.cli import main as dr
 from dr_pipeline.config import load_job
-from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.shards.dataset import ReinforcedDataset
+from dr_pipeline.storage.folder import Folder
 from dr_pipeline.execute.runner import plan_job, resolve_ensemble
 from dr_pipeline.train.sources import _dataset_dir
 from dr_pipeline.validate import validate_dataset
@@ -173,8 +174,8 @@ def test_s3_on_ray_survives_transient_errors_ignores_half_uploads_and_never_leak
     plan_job(job, resolve_ensemble(job))
     ref_bytes = (Path(reference) / "shards" / "shard-00001.parquet").read_bytes()
     fsspec.filesystem("s3", **direct).pipe_file(f"{bucket}/ds/shards/shard-00001.parquet", ref_bytes[:len(ref_bytes) // 2])
-    ds = DatasetDir(root, so)
-    assert ds.data_files() == ["shard-00001"] and ds.markers() == {}
+    ds = ReinforcedDataset(root, so)
+    assert sorted(ds.listing().data) == ["shard-00001"] and ds.markers() == {}
     assert _dataset_dir(root, so)[0] == []                          # the trainer's reader ignores it
     rep = validate_dataset(root, so)                                 # dr validate: missing, not "corrupt"
     assert sorted(rep.problems) == [(n, "missing: input shard has no committed output shard") for n in SHARDS]
@@ -222,14 +223,14 @@ def test_s3_permanent_errors_fail_fast_with_a_clear_message(corpus, tiny_ensembl
     with one_torch_thread():
         assert dr(["reinforce", "--config", cfg, "--local"]) == 1
     err = capfd.readouterr().err
-    failed = {f["shard"]: f for f in DatasetDir(f"s3://{bucket}/ds", so).read_json("manifest.json")["failed"]}
+    failed = {f["shard"]: f for f in Folder(f"s3://{bucket}/ds", so).read_json("manifest.json")["failed"]}
     assert sorted(failed) == ["shard-00001", "shard-00002"]
     assert all(f["attempts"] == 1 and f["permanent"] for f in failed.values())
     assert "HTTP 403" in failed["shard-00001"]["error"] and "corpus/shard-00001.tar" in failed["shard-00001"]["error"]
     assert "file not found" in failed["shard-00002"]["error"]
     assert len(hits(proxy, rf"/{bucket}/corpus/shard-00001\.tar")) == 1    # one request, no retry
     assert "shard-00001: " in err and "(1 attempt(s), permanent: not retried)" in err
-    assert DatasetDir(f"s3://{bucket}/ds", so).markers().keys() == {"shard-00000"}
+    assert ReinforcedDataset(f"s3://{bucket}/ds", so).markers().keys() == {"shard-00000"}
 
     # an output location we may not write to: refused before any model loads, exit 2
     proxy.fail("PUT", rf"/{bucket}/locked/", 403, "AccessDenied", times=None)

@@ -1,7 +1,10 @@
 """Read base-corpus shards (webdataset tar, img2dataset Parquet) from any fsspec URL.
 
 `iter_shard` streams one shard and yields a `Sample` per good record and a `Rejected`
-per bad one, so a caller can account for every record (read = written + rejected).
+per bad one, so a caller can account for every record (read = written + rejected), plus a
+`Damaged` event for every run of tar bytes it had to skip (damaged framing: see the tar
+section), so samples it could not reach are never lost without a trace. Sample keys are
+escaped by one rule (`escape_key`) so every layout, DataCompDR tars included, can carry them.
 A shard that cannot be read at all raises `ShardReadError`; when retrying cannot help
 (file not found, not a tar/Parquet file, wrong Parquet schema) it raises the subclass
 `PermanentShardError`, which the runner does not retry. Nothing is ever extracted to disk:
@@ -11,15 +14,17 @@ unread. Captions are normalized here, once, for every consumer (reinforcement, t
 validate): decoded as UTF-8 (invalid bytes -> U+FFFD), stripped, capped at
 `MAX_CAPTION_CHARS` characters.
 
-Rejection reasons produced here: no_image, no_key, duplicate_key, truncated,
+Rejection reasons produced here: no_image, no_key, duplicate_key, truncated, damaged,
 bad_member_name, too_large (docs/bad-data.md lists them all).
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import os
 import posixpath
-import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,10 +34,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
-from dr_pipeline.execute.retry import PermanentError
+from dr_pipeline.storage.retry import PermanentError
 
 SHARD_EXTENSIONS = (".tar", ".parquet")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tar member suffixes, in priority order
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # tar member suffixes (any case)
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image")    # parquet columns, in priority order
 CAPTION_COLUMNS = ("caption", "txt")
 PARQUET_BATCH = 256
@@ -53,8 +58,30 @@ class Sample:
 @dataclass
 class Rejected:
     key: str
-    reason: str  # snake_case: no_image, duplicate_key, truncated, bad_member_name, no_key, too_large
+    reason: str  # snake_case: no_image, duplicate_key, truncated, damaged, bad_member_name, no_key, too_large
     detail: str = ""
+
+
+@dataclass
+class Damaged:
+    """Damaged tar framing: not a record (no key; ``n_read`` does not count it) but an event the
+    shard's marker keeps, so nothing is lost without a trace.
+
+    Bytes ``offset``..``end`` of the archive (``end`` None: to the end of the file) were skipped;
+    ``members_skipped`` member headers lay in them (the damaged one plus any seen on the scan);
+    ``samples_lost`` is 0 when nothing was lost (zero blocks followed by more members, as in two
+    concatenated tars) and None when unknown (samples whose members lay wholly inside the skipped
+    bytes have no record; ``dr validate`` compares ``n_read`` with the corpus index, if any).
+    Samples partly read next to the damage are rejected with reason ``damaged``."""
+    offset: int
+    end: int | None
+    members_skipped: int
+    samples_lost: int | None
+    detail: str
+
+    def to_dict(self) -> dict:
+        return {"offset": self.offset, "end": self.end, "members_skipped": self.members_skipped,
+                "samples_lost": self.samples_lost, "detail": self.detail[:300]}
 
 
 class ShardReadError(RuntimeError):
@@ -135,16 +162,53 @@ def expand_urls(urls: str | Sequence[str], storage_options: dict | None = None) 
 
 
 def shard_name(url: str) -> str:
-    """Basename without extension: 's3://b/x/shard-00003.tar' -> 'shard-00003'."""
+    """Basename without extension: 's3://b/x/shard-00003.tar' -> 'shard-00003'.
+
+    Output files are named after it, and dataset readers (pyarrow, Spark, HF) skip files whose
+    name starts with '.' or '_', so a leading '.', '_' or '%' is percent-escaped ('.hid' ->
+    '%2Ehid', '_part-0' -> '%5Fpart-0', '%x' -> '%25x'): reversible (``unescape_shard_name``),
+    and no two input names map to one output name. The marker keeps the input URL."""
     base = posixpath.basename(url.split("?", 1)[0].rstrip("/"))
     stem, _ = posixpath.splitext(base)
-    return stem[: -len(".tar")] if stem.endswith(".tar") else stem  # x.tar.gz -> x
+    stem = stem[: -len(".tar")] if stem.endswith(".tar") else stem  # x.tar.gz -> x
+    return f"%{ord(stem[0]):02X}{stem[1:]}" if stem[:1] in (".", "_", "%") else stem
+
+
+def unescape_shard_name(name: str) -> str:
+    """The input shard's stem for an output shard name (inverse of the escape in ``shard_name``)."""
+    return chr(int(name[1:3], 16)) + name[3:] if name[:1] == "%" else name
+
+
+_KEY_ESCAPED = frozenset("%/.\\")
+
+
+def escape_key(key: str) -> str:
+    """The sample key as stored: one the DataCompDR layout can carry as ``{key}.{ext}``.
+
+    '%', '/', '.', '\\', control characters and bytes that are not UTF-8 (tar names are read with
+    surrogateescape) become ``%XX`` (their UTF-8 bytes, upper-case hex); every other character is
+    kept, so common keys (``000000042``, uids) are unchanged. Reversible with
+    ``urllib.parse.unquote`` (for valid UTF-8) and injective, so distinct keys stay distinct.
+    Applied by the readers, so reinforcement, training, validate and export all see one key."""
+    if key.isprintable() and not any(c in _KEY_ESCAPED for c in key):
+        return key
+    out = []
+    for c in key:
+        o = ord(c)
+        if 0xDC80 <= o <= 0xDCFF:                       # a non-UTF-8 byte of a tar member name
+            out.append(f"%{o - 0xDC00:02X}")
+        elif c in _KEY_ESCAPED or o < 0x20 or o == 0x7F or (0xD800 <= o <= 0xDFFF):
+            out.append("".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass")))
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 # --------------------------------------------------------------------------- dispatch
 
-def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[Sample | Rejected]:
-    """Stream one shard's records. Raises ShardReadError if the shard is unreadable."""
+def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[Sample | Rejected | Damaged]:
+    """Stream one shard's records (``Sample`` / ``Rejected``) and, for tars, ``Damaged`` events
+    (skipped bytes: no key, not a record). Raises ShardReadError if the shard is unreadable."""
     path = url.split("?", 1)[0].lower()
     if path.endswith((".tar", ".tar.gz", ".tgz")):
         return _iter_tar(url, storage_options)
@@ -165,6 +229,315 @@ def _open(url: str, storage_options: dict | None):
 
 
 # --------------------------------------------------------------------------- tar
+#
+# A small streaming tar parser instead of ``tarfile``: tarfile ends silently at the first zero
+# block or bad header, so every sample after a flipped bit, a concatenation or an impossible size
+# vanished without a trace. Here every byte is accounted for: a header whose checksum fails, a
+# member that declares more bytes than the file holds, or non-member bytes after the end marker
+# are skipped by scanning forward, 512-byte block by block, for the next valid ustar/GNU header
+# (checksum and magic), and each skip is reported as a ``Damaged`` item with its byte range. It
+# reads ustar, GNU (long names) and pax (path, size) headers; gzip/bz2/xz streams are unpacked.
+
+BLOCK = 512
+_ZERO = bytes(BLOCK)
+_SCAN_CHUNK = 128 * BLOCK
+MAX_META_BYTES = 1 << 20            # a pax / GNU long-name header bigger than this is damage
+LOOKBEHIND_GROUPS = 64              # members of one key up to this many samples apart still join
+LOOKBEHIND_BYTES = 64 << 20         # ... while the samples held open total at most this many bytes
+_REGULAR = (b"0", b"\0", b"7")
+_META = (b"x", b"g", b"L", b"K")
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
+
+
+class _Cut(Exception):
+    """The stream ended inside a member or header."""
+
+
+class _NotTar(Exception):
+    """No valid tar header anywhere."""
+
+
+def _nts(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _number(field: bytes) -> int:
+    """A tar number field: octal text, or GNU base-256 (first byte 0x80 / 0xff)."""
+    if field[:1] in (b"\x80", b"\xff"):
+        n = int.from_bytes(field[1:], "big")
+        return n - (256 ** (len(field) - 1)) if field[0] == 0xFF else n
+    text = field.replace(b"\0", b" ").strip()
+    return int(text, 8) if text else 0
+
+
+def _checksum_ok(b: bytes) -> bool:
+    try:
+        stored = _number(b[148:156])
+    except ValueError:
+        return False
+    rest = b[:148] + b[156:]
+    unsigned = 256 + sum(rest)
+    return stored == unsigned or stored == unsigned - 256 * sum(1 for x in rest if x > 127)
+
+
+def _is_header(b: bytes, strict: bool = True) -> bool:
+    """A valid header block; ``strict`` (when resyncing) also wants the ustar/GNU magic and a size."""
+    if len(b) < BLOCK or b == _ZERO or not _checksum_ok(b):
+        return False
+    if not strict:
+        return True
+    try:
+        return b[257:262] == b"ustar" and _number(b[124:136]) >= 0
+    except ValueError:
+        return False
+
+
+def _legible_name(b: bytes) -> str | None:
+    """The name field of a damaged header, if it still reads as a member name."""
+    name = b[:100].split(b"\0", 1)[0]
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text and text.isprintable() and _split_member(text) else None
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """pax extended header records ``"%d %s=%s\\n"``; malformed ones are dropped."""
+    out, pos = {}, 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        try:
+            n = int(data[pos:sp])
+        except ValueError:
+            break
+        rec = data[sp + 1: pos + n - 1]
+        k, eq, v = rec.partition(b"=")
+        if not eq or n <= 0:
+            break
+        out[k.decode("utf-8", "replace")] = v.decode("utf-8", "surrogateescape")
+        pos += n
+    return out
+
+
+@dataclass
+class _Member:
+    name: str
+    type: bytes
+    size: int
+    offset: int                       # of its header
+    lost: str | None = None           # its data is not readable (damage); the detail
+
+
+class _TarScan:
+    """Blocks of one archive; ``items()`` yields ``_Member`` and ``Damaged``. After a ``_Member``
+    the caller may ``read(member)`` its data; otherwise it is skipped unread. ``ending`` says how
+    the archive ended: "clean" (end-of-archive marker), "cut" (mid-header / no marker) or "lost"
+    (damage without a valid header after it: the rest was reported as Damaged)."""
+
+    def __init__(self, f, size: int | None):
+        self.f, self.size = f, size
+        self.pos = 0                  # bytes consumed, relative to the archive start
+        self._back = b""              # bytes read ahead by a scan, consumed first
+        self._data_end = 0            # where the last yielded member's data (+ padding) ends
+        self.ending = "cut"
+        self.members = 0
+
+    # -- raw stream
+    def _read(self, n: int) -> bytes:
+        out = self._back[:n]
+        self._back = self._back[n:]
+        if len(out) < n:
+            while len(out) < n:
+                chunk = self.f.read(n - len(out))
+                if not chunk:
+                    break
+                out += chunk
+        self.pos += len(out)
+        return out
+
+    def _skip(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self._back:
+            k = min(n, len(self._back))
+            self._back, self.pos, n = self._back[k:], self.pos + k, n - k
+        if n and self.size is not None and getattr(self.f, "seekable", lambda: False)():
+            self.f.seek(min(self.f.tell() + n, self.size))
+            self.pos += n
+            return
+        while n > 0:
+            got = len(self._read(min(n, 1 << 20)))
+            if not got:
+                return
+            n -= got
+
+    def read(self, m: _Member) -> bytes:
+        data = self._read(m.size)
+        if len(data) < m.size:
+            raise _Cut(f"{m.name}: archive ends after {len(data)} of {m.size} bytes")
+        return data
+
+    def _resync(self) -> tuple[int | None, bytes | None, int, bool]:
+        """Scan forward from ``pos`` for the next valid header. Returns (its offset, the block,
+        damaged headers seen on the way, whether any non-zero byte was skipped)."""
+        bad_headers, nonzero = 0, False
+        while True:
+            chunk_at = self.pos
+            chunk = self._read(_SCAN_CHUNK)
+            if not chunk:
+                return None, None, bad_headers, nonzero
+            for i in range(0, len(chunk) - BLOCK + 1, BLOCK):
+                b = chunk[i:i + BLOCK]
+                if b[257:262] == b"ustar":
+                    if _is_header(b):
+                        self._back = chunk[i + BLOCK:] + self._back
+                        self.pos = chunk_at + i + BLOCK
+                        return chunk_at + i, b, bad_headers, nonzero
+                    bad_headers += 1
+                nonzero = nonzero or b != _ZERO
+            nonzero = nonzero or any(chunk[len(chunk) - len(chunk) % BLOCK:])
+
+    def _after_zeros(self) -> tuple[int | None, bytes | None]:
+        """Skip zero blocks; the offset and block of the first non-zero one (None at the end)."""
+        while True:
+            at = self.pos
+            b = self._read(BLOCK)
+            if not b:
+                return None, None
+            if b.count(0) != len(b):
+                return at, b
+
+    # -- members
+    def items(self) -> Iterator[_Member | Damaged]:
+        meta: dict[str, str] = {}
+        pending: tuple[int, bytes] | None = None
+        while True:
+            self._skip(self._data_end - self.pos)
+            if pending is not None:
+                at, b = pending
+                pending = None
+            else:
+                at, b = self.pos, self._read(BLOCK)
+            if not b:
+                return                                    # no end-of-archive marker: "cut"
+            if len(b) < BLOCK:
+                if b.count(0) == len(b) and self.members:  # short zero padding after the last member
+                    return
+                return                                    # cut mid-header
+            if b == _ZERO:
+                nxt_at, nxt = self._after_zeros()
+                if nxt is None:
+                    self.ending = "clean"
+                    return
+                if len(nxt) == BLOCK and _is_header(nxt, strict=False):
+                    yield Damaged(at, nxt_at, 0, 0, f"zero block(s) at bytes {at}..{nxt_at} followed by more "
+                                  "members (concatenated archives?); read on")
+                    pending = (nxt_at, nxt)
+                    continue
+                self.pos, self._back = nxt_at, nxt + self._back
+                found_at, found, bad, _ = self._resync()
+                if found is None:
+                    end = self.pos
+                    yield Damaged(nxt_at, None, bad, None, f"{end - nxt_at} byte(s) at {nxt_at}..{end} after the "
+                                  "end-of-archive marker are not tar members (trailing garbage)")
+                    self.ending = "clean"
+                    return
+                yield Damaged(nxt_at, found_at, max(1, bad), None, f"bytes {nxt_at}..{found_at} after zero block(s) "
+                              f"at {at} are not tar members (a header overwritten?); resynced at byte {found_at}")
+                pending = (found_at, found)
+                continue
+            if not _is_header(b, strict=False):
+                legible = _legible_name(b)
+                found_at, found, bad, _ = self._resync()
+                what = f"bad header checksum at byte {at}" + (f" (member {legible!r}?)" if legible else "")
+                if found is None and not self.members:
+                    raise _NotTar(f"no tar header found ({what})")
+                if found is None:
+                    yield Damaged(at, None, 1 + bad, None, f"{what}; no valid header after it: the rest of the "
+                                  f"shard ({self.pos - at} bytes) is lost")
+                    self.ending = "lost"
+                    if legible:
+                        yield _Member(legible, b"0", 0, at, lost=what)
+                    return
+                yield Damaged(at, found_at, 1 + bad, None, f"{what}; bytes {at}..{found_at} skipped, "
+                              f"resynced at byte {found_at}")
+                if legible:
+                    yield _Member(legible, b"0", 0, at, lost=what)
+                pending = (found_at, found)
+                continue
+            typ = b[156:157]
+            try:
+                size = _number(b[124:136])
+            except ValueError:
+                size = -1
+            name = _nts(b[:100])
+            if b[257:265] == b"ustar\x0000" and b[345] != 0:
+                name = _nts(b[345:500]) + "/" + name
+            name = meta.pop("path", name)
+            if "size" in meta:
+                try:
+                    size = int(meta.pop("size"))
+                except ValueError:
+                    size = -1
+            data_start = at + BLOCK
+            remaining = None if self.size is None else self.size - data_start
+            if size < 0 or (remaining is not None and size > remaining):
+                what = (f"member {name!r} at byte {at} declares {size} bytes"
+                        + (f" but only {remaining} remain" if remaining is not None else ""))
+                self.pos, self._data_end = data_start, data_start
+                found_at, found, bad, nonzero = self._resync()
+                if found is None and size >= 0:
+                    self.ending = "cut"                  # really cut mid-member: the truncated rule
+                    self.members += 1
+                    yield _Member(name, typ, size, at, lost=f"{what}: archive cut mid-member")
+                    return
+                if found is None:
+                    yield Damaged(at, None, 1 + bad, None, f"{what}; no valid header after it: the rest of "
+                                  f"the shard ({self.pos - at} bytes) is lost")
+                    self.ending = "lost"
+                    yield _Member(name, b"0", 0, at, lost=what)
+                    return
+                yield Damaged(at, found_at, 1 + bad, None, f"{what}; resynced at byte {found_at}")
+                yield _Member(name, b"0", 0, at, lost=what)
+                pending = (found_at, found)
+                continue
+            self._data_end = data_start + -(-size // BLOCK) * BLOCK
+            if typ in _META:
+                if size > MAX_META_BYTES:
+                    yield Damaged(at, self._data_end, 1, None, f"{typ.decode()} header at byte {at} "
+                                  f"declares {size} bytes (limit {MAX_META_BYTES}); skipped")
+                    continue
+                data = self._read(size)
+                if len(data) < size:
+                    return                                # cut inside a header: "cut"
+                if typ == b"x":
+                    meta.update(_pax(data))
+                elif typ == b"L":
+                    meta["path"] = _nts(data)
+                continue
+            meta = {}
+            self.members += 1
+            yield _Member(name, typ, size, at)
+
+
+def _open_archive(f, url: str):
+    """The tar byte stream of ``f`` (unpacking gzip/bz2/xz) and its size when known."""
+    head = f.read(6)
+    f.seek(0)
+    for magic, mod in _COMPRESSED:
+        if head.startswith(magic):
+            return (gzip.GzipFile(fileobj=f) if mod == "gzip" else bz2.BZ2File(f) if mod == "bz2"
+                    else lzma.LZMAFile(f)), None
+    size = getattr(f, "size", None)
+    if not isinstance(size, int):
+        try:
+            size = f.seek(0, 2)
+            f.seek(0)
+        except (OSError, ValueError):
+            size = None
+    return f, size
+
 
 def _split_member(name: str) -> tuple[str, str] | None:
     """webdataset convention: key = path up to the first '.' of the basename."""
@@ -182,9 +555,20 @@ def _unsafe(name: str) -> bool:
             or (len(name) > 1 and name[1] == ":" and name[0].isalpha()))
 
 
-def _member_kind(member: tarfile.TarInfo) -> str:
-    return ("symlink" if member.issym() else "hard link" if member.islnk() else
-            "device" if member.isdev() else "special member")
+def _member_kind(typ: bytes) -> str:
+    return {b"2": "symlink", b"1": "hard link", b"3": "device", b"4": "device"}.get(typ, "special member")
+
+
+def _slot(suffix: str) -> str:
+    return "image" if suffix in IMAGE_EXTENSIONS else suffix
+
+
+def _json_caption(meta: dict) -> str | None:
+    for k in ("caption", "text"):
+        v = meta.get(k)
+        if isinstance(v, str) and v.strip():
+            return v
+    return None
 
 
 class _Group:
@@ -198,8 +582,14 @@ class _Group:
         self.url: bytes | None = None
         self.bad_name: str | None = None
         self.too_large: str | None = None
+        self.truncated: str | None = None
+        self.damaged: str | None = None       # a member of it was lost in damaged framing
+        self.suspect: str | None = None       # next to damaged framing: rejected if incomplete
+        self.slots: set[str] = set()
+        self.bytes = 0
 
     def add(self, suffix: str, data: bytes) -> None:
+        self.bytes += len(data)
         if suffix in IMAGE_EXTENSIONS:
             self.image = self.image if self.image is not None else data  # first wins
         elif suffix == "txt" and self.caption is None:
@@ -214,11 +604,16 @@ class _Group:
 
     def finish(self) -> Sample | Rejected:
         if self.bad_name is not None:
-            return Rejected(self.key, "bad_member_name", self.bad_name)
+            return Rejected(self.key, "bad_member_name", self.bad_name)   # the raw name: never written
+        key = escape_key(self.key)
+        if self.damaged is not None:
+            return Rejected(key, "damaged", self.damaged)
+        if self.truncated is not None:
+            return Rejected(key, "truncated", self.truncated)
         if self.too_large is not None:
-            return Rejected(self.key, "too_large", self.too_large)
+            return Rejected(key, "too_large", self.too_large)
         if self.image is None:
-            return Rejected(self.key, "no_image")
+            return Rejected(key, "damaged", self.suspect) if self.suspect else Rejected(key, "no_image")
         meta: dict = {}
         if self.json is not None:
             try:
@@ -236,77 +631,162 @@ class _Group:
             except UnicodeDecodeError:
                 caption = self.caption.decode("utf-8", errors="replace")
                 meta["_caption_decode_error"] = True
-        elif isinstance(meta.get("caption"), str):
-            caption = meta["caption"]  # img2dataset also keeps the caption in the json
+        if not (caption or "").strip():
+            caption = _json_caption(meta) or caption   # img2dataset also keeps the caption in the json
         caption = clean_caption(caption, meta)
+        if not caption and self.suspect:
+            return Rejected(key, "damaged", self.suspect)
         url = self.url.decode("utf-8", errors="replace").strip() if self.url is not None else None
         if url is None and isinstance(meta.get("url"), str):
             url = meta["url"]
         uid = meta.get("uid")
-        return Sample(self.key, self.image, caption, url,
+        return Sample(key, self.image, caption, url,
                       uid if isinstance(uid, str) else None, meta)
 
 
-def _iter_tar(url: str, so: dict | None) -> Iterator[Sample | Rejected]:
-    with _open(url, so) as f:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r|*")
-        except (tarfile.TarError, EOFError, zlib.error) as e:
-            f.seek(0)
-            if not f.read(1):
-                return  # zero-byte file: an empty shard, not an error
-            raise PermanentShardError(f"{url}: not a tar archive ({e})") from e
-        with tar:
-            seen: set[str] = set()
-            group: _Group | None = None
+class _Groups:
+    """Samples being assembled, oldest first. A member joins the current sample when it has the
+    same key (adjacent members), else the latest open sample of its key if that one lacks a member
+    of its kind (non-adjacent members, within LOOKBEHIND_GROUPS / LOOKBEHIND_BYTES); else it starts
+    a new sample (a second one of an existing key is a ``duplicate_key``). Samples are emitted in
+    the order they started, so the output order does not depend on the window."""
 
-            def flush() -> Sample | Rejected:
-                assert group is not None
-                rec = group.finish()
-                if group.key in seen:
-                    rec = Rejected(group.key, "duplicate_key")
-                seen.add(group.key)
-                return rec
+    def __init__(self):
+        self.open: dict[int, _Group] = {}        # insertion ordered
+        self.latest: dict[str, _Group] = {}
+        self.seen: set[str] = set()
+        self.current: _Group | None = None
+        self.bytes = 0
+        self.suspect_next: str | None = None     # mark the next sample touched after damage
+        self.lost_key: tuple[str, str] | None = None
 
-            try:
-                for member in tar:
-                    if member.isdir():
-                        continue
-                    parts = _split_member(member.name)
-                    if parts is None:
-                        continue
-                    key, suffix = parts
-                    if group is None or key != group.key:
-                        if group is not None:
-                            yield flush()
-                        group = _Group(key)
-                    if _unsafe(member.name):
-                        group.bad_name = member.name
-                    elif not member.isfile():    # links, devices, fifos: never followed
-                        group.bad_name = f"{member.name} ({_member_kind(member)})"
-                    elif group.wanted(suffix):
-                        if member.size > MAX_MEMBER_BYTES:
-                            group.too_large = f"{member.name}: {member.size} bytes (limit {MAX_MEMBER_BYTES})"
-                            continue        # never read: the stream skips its data
-                        fobj = tar.extractfile(member)
-                        assert fobj is not None
-                        group.add(suffix, fobj.read())
-            except (tarfile.TarError, EOFError, zlib.error) as e:
-                # Cut mid-member (or a corrupt/compressed stream that ends early).
-                if group is not None:
-                    yield Rejected(group.key, "truncated", f"{type(e).__name__}: {e}")
-                return
-            except OSError as e:
-                raise ShardReadError(f"{url}: I/O error while reading ({e})") from e
-            if group is None:
-                return
-            # tarfile ends silently when a header is cut short or missing; it read a full
-            # 512-byte (zero) block only at a real end-of-archive marker. Without one we
-            # cannot know the last group is complete, so it is not trusted.
-            if tar.fileobj.pos - tar.offset < tarfile.BLOCKSIZE:  # type: ignore[union-attr]
-                yield Rejected(group.key, "truncated", "archive ends without end-of-archive marker")
+    def get(self, key: str, slot: str) -> tuple[_Group, list[Sample | Rejected]]:
+        g = self.current
+        out: list[Sample | Rejected] = []
+        if g is None or g.key != key:
+            g = self.latest.get(key)
+            if g is None or id(g) not in self.open or slot in g.slots:
+                g = _Group(key)
+                self.open[id(g)] = g
+                self.latest[key] = g
+                self.current = g
+                out = self._evict()
+            self.current = g
+        if self.suspect_next is not None:
+            g.suspect = g.suspect or self.suspect_next
+            self.suspect_next = None
+        if self.lost_key is not None:
+            if self.lost_key[0] == key:
+                g.damaged = g.damaged or self.lost_key[1]
+            self.lost_key = None
+        g.slots.add(slot)
+        return g, out
+
+    def add(self, g: _Group, suffix: str, data: bytes) -> list[Sample | Rejected]:
+        g.add(suffix, data)
+        self.bytes += len(data)
+        return self._evict()
+
+    def damage(self, detail: str, lost_name: str | None) -> None:
+        """Damaged framing here: the sample being read and the next one are suspect; a legible
+        name of the lost member marks its sample (if it is the current or the next one)."""
+        if self.current is not None:
+            self.current.suspect = self.current.suspect or detail
+        self.suspect_next = detail
+        parts = _split_member(lost_name) if lost_name else None
+        if parts is not None:
+            if self.current is not None and self.current.key == parts[0]:
+                self.current.damaged = self.current.damaged or detail
             else:
-                yield flush()
+                self.lost_key = (parts[0], detail)
+
+    def _emit(self, g: _Group) -> Sample | Rejected:
+        self.bytes -= g.bytes
+        rec = g.finish()
+        if rec.key in self.seen:
+            rec = Rejected(rec.key, "duplicate_key")
+        self.seen.add(rec.key)
+        return rec
+
+    def _evict(self) -> list[Sample | Rejected]:
+        out = []
+        while self.open and (len(self.open) > LOOKBEHIND_GROUPS or self.bytes > LOOKBEHIND_BYTES):
+            oldest = next(iter(self.open.values()))
+            if oldest is self.current:
+                break
+            del self.open[id(oldest)]
+            out.append(self._emit(oldest))
+        return out
+
+    def flush(self) -> list[Sample | Rejected]:
+        out = [self._emit(g) for g in self.open.values()]
+        self.open.clear()
+        self.current = None
+        return out
+
+
+def _iter_tar(url: str, so: dict | None) -> Iterator[Sample | Rejected | Damaged]:
+    with _open(url, so) as raw:
+        try:
+            stream, size = _open_archive(raw, url)
+        except OSError as e:
+            raise ShardReadError(f"{url}: I/O error while opening ({e})") from e
+        scan = _TarScan(stream, size)
+        groups = _Groups()
+        try:
+            for item in scan.items():
+                if isinstance(item, Damaged):
+                    if item.samples_lost != 0:
+                        groups.damage(item.detail, None)
+                    yield item
+                    continue
+                if item.lost is not None:
+                    if scan.ending == "cut":                     # a real cut: its sample is truncated
+                        parts = _split_member(item.name)
+                        if parts is not None:
+                            g, out = groups.get(parts[0], _slot(parts[1]))
+                            yield from out
+                            g.truncated = item.lost
+                    else:
+                        groups.damage(item.lost, item.name)
+                    continue
+                if item.type == b"5" or (item.type in _REGULAR and item.name.endswith("/")):
+                    continue                                      # a directory
+                parts = _split_member(item.name)
+                if parts is None:
+                    continue
+                key, suffix = parts
+                g, out = groups.get(key, _slot(suffix))
+                yield from out
+                if _unsafe(item.name):
+                    g.bad_name = item.name
+                elif item.type not in _REGULAR:                   # links, devices, fifos: never followed
+                    g.bad_name = f"{item.name} ({_member_kind(item.type)})"
+                elif g.wanted(suffix):
+                    if item.size > MAX_MEMBER_BYTES:
+                        g.too_large = f"{item.name}: {item.size} bytes (limit {MAX_MEMBER_BYTES})"
+                        continue                                  # never read: skipped
+                    yield from groups.add(g, suffix, scan.read(item))
+        except _Cut as e:
+            if groups.current is not None:
+                groups.current.truncated = f"archive ends mid-member ({e})"
+            scan.ending = "lost"
+        except _NotTar as e:
+            raise PermanentShardError(f"{url}: not a tar archive ({e})") from e
+        except (EOFError, zlib.error, lzma.LZMAError, OSError) as e:
+            if stream is raw:                        # a plain file: a real I/O error (retried)
+                raise ShardReadError(f"{url}: I/O error while reading ({e})") from e
+            if scan.pos == 0:
+                raise PermanentShardError(f"{url}: not a tar archive ({type(e).__name__}: {e})") from e
+            if groups.current is not None:           # a corrupt compressed stream that ends early
+                groups.current.truncated = f"{type(e).__name__}: {e}"
+            scan.ending = "lost"
+        if scan.pos == 0:
+            return                                   # zero-byte file: an empty shard, not an error
+        # Without an end-of-archive marker the last sample read cannot be known complete.
+        if scan.ending == "cut" and groups.current is not None and groups.current.truncated is None:
+            groups.current.truncated = "archive ends without end-of-archive marker"
+        yield from groups.flush()
 
 
 # --------------------------------------------------------------------------- parquet
@@ -357,10 +837,12 @@ def _iter_parquet(url: str, so: dict | None) -> Iterator[Sample | Rejected]:
                 for rec in batch.to_pylist():
                     row += 1
                     key = rec.get("key")
-                    if key is None:
-                        yield Rejected(f"<row {row - 1}>", "no_key")
+                    if isinstance(key, bytes):
+                        key = key.decode("utf-8", errors="replace")
+                    if key is None or not str(key).strip():
+                        yield Rejected(f"<row {row - 1}>", "no_key", "null key" if key is None else "empty key")
                         continue
-                    key = key.decode("utf-8", errors="replace") if isinstance(key, bytes) else str(key)
+                    key = escape_key(str(key))
                     if key in seen:
                         yield Rejected(key, "duplicate_key")
                         continue

@@ -23,41 +23,42 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from dr_pipeline.config import ConfigError, EnsembleSpec, ExecutionSpec, JobConfig, redact, to_dict
+from dr_pipeline.config import ConfigError, EnsembleSpec, ExecutionSpec, JobConfig
 from dr_pipeline.corpus.readers import ShardReadError, expand_urls, shard_name
-from dr_pipeline.execute.dataset_dir import DatasetDir
-from dr_pipeline.execute.retry import RetryPolicy, describe, is_permanent, redact_url, retry_call
-from dr_pipeline.models.teachers import check_ensemble
-from dr_pipeline.shards.schema import SCHEMA_VERSION
+from dr_pipeline.execute.progress import Progress
+from dr_pipeline.shards.dataset import FailedShard, Manifest, ReinforcedDataset, ShardStats
+from dr_pipeline.storage.retry import RetryPolicy, describe, is_permanent, redact_url, retry_call
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Plan:
-    dataset: DatasetDir
+class JobPlan:
+    dataset: ReinforcedDataset
     config_hash: str
     urls: list[str]              # every input shard
     todo: list[str]              # input shards without a committed output
     skipped: list[str]           # already committed with the same config
+    manifest: Manifest           # committed shards so far; the driver adds to it as shards commit
+    markers_read: int = 0        # marker bodies planning had to read
 
 
 @dataclass
 class JobReport:
-    committed: list[dict] = field(default_factory=list)
+    committed: list[str] = field(default_factory=list)   # shards committed by this run
     skipped: list[str] = field(default_factory=list)
-    failed: list[dict] = field(default_factory=list)     # {shard, url, error, attempts, permanent}
+    failed: list[FailedShard] = field(default_factory=list)
     retried: list[dict] = field(default_factory=list)    # {shard, attempt, error}: attempts that failed and were retried
     error: str | None = None                             # the job stopped early (no actor could be placed, ...)
     seconds: float = 0.0
+    manifest: Manifest | None = None
 
     @property
     def ok(self) -> bool:
@@ -72,24 +73,37 @@ def retry_policy(ex: ExecutionSpec) -> RetryPolicy:
     return RetryPolicy(attempts=ex.io_attempts, base_s=ex.io_backoff_s)
 
 
-def output_dir(job: JobConfig) -> DatasetDir:
-    return DatasetDir(job.output.path, job.output.storage_options, retry_policy(job.execution))
+def output_dataset(job: JobConfig) -> ReinforcedDataset:
+    return ReinforcedDataset(job.output.path, job.output.storage_options, retry_policy(job.execution))
 
 
 # --------------------------------------------------------------------------- planning
 
-def check_writable(ds: DatasetDir) -> None:
+def check_writable(ds: ReinforcedDataset) -> None:
     try:
         ds.ensure()
-        ds.write_bytes("_markers/.probe", b"ok")
-        ds.remove("_markers/.probe")
+        ds.folder.write_bytes("_markers/.probe", b"ok")
+        ds.folder.remove("_markers/.probe")
     except Exception as e:
         raise ConfigError(f"output location not writable: {redact_url(ds.root)} ({describe(e)}); "
                           "fix permissions/credentials or choose another output.path") from None
 
 
-def plan_job(job: JobConfig, ensemble: EnsembleSpec, force: bool = False) -> Plan:
-    """Validate everything that can be validated without loading a model, then find the work left."""
+def _different_config(ds: ReinforcedDataset, job: JobConfig, ensemble: EnsembleSpec, old: str, new: str) -> ConfigError:
+    keys = ds.changed_keys(job, ensemble)
+    what = f"these keys differ: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}" if keys else \
+        "the config that made it is not recorded"
+    return ConfigError(f"{redact_url(ds.root)} was made by a different config (hash {old} != {new}; {what}); "
+                       "choose a new output.path, or pass --force to redo it with this config")
+
+
+def plan_job(job: JobConfig, ensemble: EnsembleSpec, force: bool = False) -> JobPlan:
+    """Validate everything that can be validated without loading a model, then find the work left.
+
+    O(shards) time; storage calls: one input listing, two output listings, the manifest, the
+    marker bodies it does not vouch for (read concurrently), the job record."""
+    from dr_pipeline.models.teachers import check_ensemble
+
     check_ensemble(ensemble)
     policy = retry_policy(job.execution)
     try:
@@ -99,85 +113,56 @@ def plan_job(job: JobConfig, ensemble: EnsembleSpec, force: bool = False) -> Pla
             raise ConfigError(f"input: {e}") from None
         raise
     names = [shard_name(u) for u in urls]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ConfigError(f"input: several shards share the name {dup[0]!r}; output shards are named after "
+    wanted = set(names)
+    if len(wanted) != len(names):
+        seen: set[str] = set()
+        dup = next(n for n in names if n in seen or seen.add(n))
+        raise ConfigError(f"input: several shards share the name {dup!r}; output shards are named after "
                           "input shards, so input names must be unique")
-    ds = output_dir(job)
+    ds = output_dataset(job)
     config_hash = job.output_hash(ensemble)
-    markers = ds.markers()
-    previous = ds.read_json("dataset.json")
-    hashes = {m.get("config_hash") for m in markers.values()} | ({previous.get("config_hash")} if previous else set())
-    other = sorted(h for h in hashes if h != config_hash)
-    if other and not force:
-        raise ConfigError(
-            f"{redact_url(ds.root)} was made by a different config (hash {other[0]} != {config_hash}); "
-            "choose a new output.path, or pass --force to redo it with this config")
+    previous = ds.config_hash()
+    if previous not in (None, config_hash) and not force:
+        raise _different_config(ds, job, ensemble, previous, config_hash)
+    fresh = Manifest(config_hash, [t.id for t in ensemble.teachers], [c.id for c in ensemble.captioners],
+                     len(urls), started_at=round(time.time(), 3))
+    state = ds.resume_state(fresh, wanted)
+    if state.other_hashes and not force:
+        raise _different_config(ds, job, ensemble, sorted(state.other_hashes)[0], config_hash)
     check_writable(ds)
-    sizes = ds.data_sizes()
-    committed = set()
-    for n, m in markers.items():
-        if m.get("config_hash") == config_hash and sizes.get(n) == m.get("bytes"):
-            committed.add(n)
-        else:   # another config (--force), or its data file is missing / replaced: redo it, unseen meanwhile
-            ds.uncommit(n)
+    if previous != config_hash:     # a new config: the old manifest must not vouch for anything any more
+        ds.write_manifest(state.manifest)
+    ds.folder.remove_many([ds.marker_rel(n) for n in state.stale])   # redo these, unseen meanwhile
     removed = ds.clean_tmp()
     if removed:
         log.info("removed %d temporary file(s) left by killed writers", removed)
-    todo = [u for u in urls if shard_name(u) not in committed]
-    ds.write_json("dataset.json", {"config_hash": config_hash, "schema_version": SCHEMA_VERSION})
-    ds.write_bytes("job.yaml", yaml.safe_dump(redact(to_dict(job)), sort_keys=False).encode())
-    ds.write_bytes("ensemble.yaml", yaml.safe_dump(redact(to_dict(ensemble)), sort_keys=False).encode())
-    return Plan(ds, config_hash, urls, todo, [u for u in urls if u not in todo])
+    committed = state.manifest.shards
+    todo = [u for u, n in zip(urls, names) if n not in committed]
+    skipped = [u for u, n in zip(urls, names) if n in committed]
+    ds.write_job_record(job, ensemble, config_hash)
+    return JobPlan(ds, config_hash, urls, todo, skipped, state.manifest, state.markers_read)
 
 
-MANIFEST_SHARD_KEYS = ("input_url", "data_file", "n_read", "n_written", "n_rejected", "rejected_by_reason",
-                       "bytes", "sha256", "teachers")
+class ManifestCheckpoint:
+    """Writes the in-memory manifest every ``every_s`` seconds (at least 20x the last write's time,
+    so a 200,000-shard manifest never costs the driver more than ~5 % of its time) and at the end."""
 
+    def __init__(self, plan: JobPlan, every_s: float):
+        self.plan, self.every_s = plan, every_s
+        self.next_at = time.monotonic() + every_s
+        self.writes = 0
 
-def write_manifest(plan: Plan, ensemble: EnsembleSpec, report: JobReport) -> dict:
-    """Every committed shard of this config (this run's and earlier runs'), written last."""
-    markers = plan.dataset.markers()
-    wanted = {shard_name(u) for u in plan.urls}
-    shards = {n: {k: m[k] for k in MANIFEST_SHARD_KEYS}
-              for n, m in markers.items() if n in wanted and m.get("config_hash") == plan.config_hash}
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "config_hash": plan.config_hash,
-        "teachers": [t.id for t in ensemble.teachers], "captioners": [c.id for c in ensemble.captioners],
-        "complete": len(shards) == len(wanted), "n_shards": len(shards), "n_input_shards": len(wanted),
-        "n_written": sum(s["n_written"] for s in shards.values()),
-        "n_rejected": sum(s["n_rejected"] for s in shards.values()),
-        "bytes": sum(s["bytes"] for s in shards.values()),
-        "failed": report.failed, "shards": shards,
-    }
-    plan.dataset.write_json("manifest.json", manifest)
-    return manifest
+    def write(self) -> dict:
+        t0 = time.monotonic()
+        obj = self.plan.dataset.write_manifest(self.plan.manifest)
+        dt = time.monotonic() - t0
+        self.writes += 1
+        self.next_at = time.monotonic() + max(self.every_s, 20 * dt)
+        return obj
 
-
-# --------------------------------------------------------------------------- progress
-
-class Progress:
-    def __init__(self, total: int, stream=None):
-        self.total, self.done, self.samples, self.rejected = total, 0, 0, 0
-        self.t0 = time.time()
-        self.stream = stream
-
-    @property
-    def out(self):
-        return self.stream or sys.stderr     # looked up per line: sys.stderr may be redirected later
-
-    def update(self, stats: dict) -> None:
-        self.done += 1
-        self.samples += stats["n_written"]
-        self.rejected += stats["n_rejected"]
-        dt = max(time.time() - self.t0, 1e-9)
-        eta = dt / self.done * (self.total - self.done)
-        print(f"[{self.done}/{self.total} shards] {stats['shard']}: {stats['n_written']} written, "
-              f"{stats['n_rejected']} rejected | {self.samples / dt:.1f} samples/s | "
-              f"{self.rejected} rejected in all | ETA {eta:.0f}s", file=self.out, flush=True)
-
-    def note(self, msg: str) -> None:
-        print(msg, file=self.out, flush=True)
+    def maybe(self) -> None:
+        if time.monotonic() >= self.next_at:
+            self.write()
 
 
 # --------------------------------------------------------------------------- executors
@@ -187,17 +172,20 @@ class Outcome:
     """How one shard attempt ended."""
     url: str
     attempt: int
-    stats: dict | None = None
+    stats: ShardStats | None = None
     error: str | None = None
     permanent: bool = False
 
 
-def _retry_loop(todo: list[str], pool, report: JobReport, max_attempts: int, progress: Progress) -> None:
-    """Shared bookkeeping: bounded retries per shard; a poison shard is reported, not fatal.
+def _retry_loop(plan: JobPlan, pool, report: JobReport, ex: ExecutionSpec, progress: Progress) -> None:
+    """Shared bookkeeping: bounded retries per shard; a poison shard is reported, not fatal;
+    committed stats go into the in-memory manifest, which is checkpointed periodically.
 
     ``pool`` has ``has_capacity()``, ``busy()``, ``submit(url, attempt)`` and ``wait()``, which
-    returns the next ``Outcome`` (or None when only the pool itself changed)."""
-    pending = deque((u, 1) for u in todo)
+    returns the next ``Outcome`` (or None when only the pool itself changed). Per outcome the
+    work is O(1) whatever the number of shards done."""
+    checkpoint = ManifestCheckpoint(plan, ex.manifest_every_s)
+    pending = deque((u, 1) for u in plan.todo)
     while pending or pool.busy():
         while pending and pool.has_capacity():
             pool.submit(*pending.popleft())
@@ -206,17 +194,20 @@ def _retry_loop(todo: list[str], pool, report: JobReport, max_attempts: int, pro
             continue
         name = shard_name(out.url)
         if out.error is None:
-            report.committed.append(out.stats)
+            plan.manifest.add(out.stats)
+            report.committed.append(name)
             progress.update(out.stats)
-        elif out.attempt < max_attempts and not out.permanent:
+        elif out.attempt < ex.max_attempts and not out.permanent:
             report.retried.append({"shard": name, "attempt": out.attempt, "error": out.error})
-            progress.note(f"retrying {name} (attempt {out.attempt}/{max_attempts} failed: {out.error})")
+            progress.note(f"retrying {name} (attempt {out.attempt}/{ex.max_attempts} failed: {out.error})")
             pending.append((out.url, out.attempt + 1))
         else:
-            report.failed.append({"shard": name, "url": redact_url(out.url), "error": out.error,
-                                  "attempts": out.attempt, "permanent": out.permanent})
+            failed = FailedShard(name, redact_url(out.url), out.error, out.attempt, out.permanent)
+            report.failed.append(failed)
+            plan.manifest.failed.append(failed)
             why = "permanent error, not retried" if out.permanent else f"after {out.attempt} attempts"
             progress.note(f"FAILED {name} ({why}): {out.error}")
+        checkpoint.maybe()
 
 
 def _error_outcome(url: str, attempt: int, e: BaseException) -> Outcome:
@@ -226,11 +217,12 @@ def _error_outcome(url: str, attempt: int, e: BaseException) -> Outcome:
 class LocalPool:
     """In-process executor (debugging, small jobs): same retries, no Ray."""
 
-    def __init__(self, plan: Plan, job: JobConfig, ensemble: EnsembleSpec):
-        from dr_pipeline.execute.shard_worker import ShardProcessor
+    def __init__(self, plan: JobPlan, job: JobConfig, ensemble: EnsembleSpec, processor=None):
+        if processor is None:
+            from dr_pipeline.execute.shard_worker import ShardProcessor as processor
 
         self.plan = plan
-        self.proc = ShardProcessor(job, ensemble)
+        self.proc = processor(job, ensemble)
         self.queue: deque = deque()
 
     def submit(self, url: str, attempt: int) -> None:
@@ -250,9 +242,12 @@ class LocalPool:
             return _error_outcome(url, attempt, e)
 
 
-def run_local(plan: Plan, job: JobConfig, ensemble: EnsembleSpec, report: JobReport) -> None:
-    _retry_loop(plan.todo, LocalPool(plan, job, ensemble), report, job.execution.max_attempts,
-                Progress(len(plan.todo)))
+def run_local(plan: JobPlan, job: JobConfig, ensemble: EnsembleSpec, report: JobReport, processor=None) -> None:
+    progress = Progress(len(plan.todo))
+    try:
+        _retry_loop(plan, LocalPool(plan, job, ensemble, processor), report, job.execution, progress)
+    finally:
+        progress.close()
 
 
 def _actor_class():
@@ -262,21 +257,38 @@ def _actor_class():
     class ReinforceActor:
         """Holds the models (loaded once); reinforces whole shards."""
 
-        def __init__(self, job: JobConfig, ensemble: EnsembleSpec, threads: int):
+        def __init__(self, job: JobConfig, ensemble: EnsembleSpec, threads: int, processor=None):
             import torch
 
-            from dr_pipeline.execute.shard_worker import ShardProcessor
             torch.set_num_threads(threads)   # Ray sets OMP threads from num_cpus; be explicit
-            self.proc = ShardProcessor(job, ensemble)
-            self.dataset = output_dir(job)
+            if processor is None:
+                from dr_pipeline.execute.shard_worker import ShardProcessor as processor
+            self.proc = processor(job, ensemble)
+            self.dataset = output_dataset(job)
 
-        def process(self, url: str, config_hash: str) -> dict:
+        def process(self, url: str, config_hash: str) -> ShardStats:
             return self.proc.process(url, self.dataset, config_hash)
 
         def pid(self) -> int:
             return os.getpid()
 
     return ReinforceActor
+
+
+class ShardDeadline:
+    """When a running shard attempt counts as hung: ``shard_timeout_s`` if set, else
+    max(``shard_timeout_min_s``, 10 x the median time of the last 99 shards), and none before 3
+    shards finished (the first shards carry warm-up)."""
+
+    def __init__(self, ex: ExecutionSpec):
+        self.ex = ex
+        self.recent: deque[float] = deque(maxlen=99)
+        self.limit: float | None = ex.shard_timeout_s or None
+
+    def observe(self, seconds: float) -> None:
+        self.recent.append(seconds)
+        if not self.ex.shard_timeout_s and len(self.recent) >= 3 and len(self.recent) % 3 == 0:
+            self.limit = max(self.ex.shard_timeout_min_s, 10 * statistics.median(self.recent))
 
 
 class RayActorPool:
@@ -287,10 +299,16 @@ class RayActorPool:
     adding GPU nodes) never hold work: shards only go to ready actors. A dead actor is
     replaced and its shard comes back as a failed attempt. The pool fails only when it has
     had fewer than ``min_actors`` ready actors for ``actor_start_timeout_s``, or when actors
-    keep failing to start before any became ready.
+    keep failing to start before any became ready. A shard attempt past its ``ShardDeadline``
+    (a stuck read, a deadlock, a wedged GPU, a SIGSTOPped process) is failed, its actor killed
+    and replaced, and the shard retried like any failed attempt.
+
+    ``processor`` replaces ``ShardProcessor`` (a class with the same ``__init__(job, ensemble)``
+    and ``process(url, dataset, config_hash)``): the driver-at-scale benchmark uses a stand-in.
     """
 
-    def __init__(self, plan: Plan, job: JobConfig, ensemble: EnsembleSpec, progress: Progress):
+    def __init__(self, plan: JobPlan, job: JobConfig, ensemble: EnsembleSpec, progress: Progress,
+                 processor=None):
         import ray
 
         self.ray, self.plan, self.progress = ray, plan, progress
@@ -298,12 +316,13 @@ class RayActorPool:
         Actor = _actor_class()
         threads = max(1, int(ex.cpus_per_actor))
         self._new = lambda: Actor.options(num_cpus=ex.cpus_per_actor, num_gpus=ex.gpus_per_actor,
-                                          max_concurrency=1).remote(job, ensemble, threads)
+                                          max_concurrency=1).remote(job, ensemble, threads, processor)
+        self.deadline = ShardDeadline(ex)
         self.target = max(1, min(ex.max_actors, len(plan.todo)))
         self.need = max(1, min(ex.min_actors, len(plan.todo)))
         self.starting: dict = {}          # pid() ref -> actor not ready yet
         self.idle: list = []
-        self.running: dict = {}           # process() ref -> (actor, url, attempt)
+        self.running: dict = {}           # process() ref -> (actor, url, attempt, started monotonic)
         self.start_failures, self.ever_ready = 0, 0
         self.short_since: float | None = time.monotonic()
         for _ in range(self.target):
@@ -354,7 +373,28 @@ class RayActorPool:
 
     def submit(self, url: str, attempt: int) -> None:
         actor = self.idle.pop()
-        self.running[actor.process.remote(url, self.plan.config_hash)] = (actor, url, attempt)
+        ref = actor.process.remote(url, self.plan.config_hash)
+        self.running[ref] = (actor, url, attempt, time.monotonic())
+
+    def _replace(self, actor) -> None:
+        self._kill(actor)
+        self._spawn()
+        self._track_capacity()
+
+    def _hung(self) -> tuple[object, float] | None:
+        """The running attempt past its deadline (the oldest), with its age; None if there is none."""
+        if self.deadline.limit is None or not self.running:
+            return None
+        ref, (_, _, _, t0) = min(self.running.items(), key=lambda kv: kv[1][3])
+        age = time.monotonic() - t0
+        return (ref, age) if age >= self.deadline.limit else None
+
+    def _wait_timeout(self) -> float | None:
+        waits = [t for t in (self._timeout(),) if t is not None]
+        if self.deadline.limit is not None and self.running:
+            oldest = min(t0 for *_, t0 in self.running.values())
+            waits.append(max(0.0, oldest + self.deadline.limit - time.monotonic()))
+        return min(waits) if waits else None
 
     def wait(self) -> Outcome | None:
         ray = self.ray
@@ -363,31 +403,37 @@ class RayActorPool:
             raise PoolError("no actor is alive or starting")
         if self._timeout() == 0.0:
             raise self._placement_error()
-        done, _ = ray.wait(refs, num_returns=1, timeout=self._timeout())
+        done, _ = ray.wait(refs, num_returns=1, timeout=self._wait_timeout())
         if not done:
-            raise self._placement_error()
+            hung = self._hung()
+            if hung is None:
+                if self._timeout() == 0.0:
+                    raise self._placement_error()
+                return None
+            ref, age = hung
+            actor, url, attempt, _ = self.running.pop(ref)
+            self._replace(actor)
+            return Outcome(url, attempt, error=f"hung: no result after {age:.0f}s (deadline "
+                                               f"{self.deadline.limit:.0f}s); actor killed and replaced")
         ref = done[0]
         if ref in self.starting:
             self._started(ref)
             return None
-        actor, url, attempt = self.running.pop(ref)
+        actor, url, attempt, t0 = self.running.pop(ref)
         try:
             stats = ray.get(ref)
         except ray.exceptions.RayActorError as e:   # the actor died (OOM, SIGKILL, node lost): replace it
-            self._kill(actor)
-            self._spawn()
-            self._track_capacity()
+            self._replace(actor)
             return Outcome(url, attempt, error=f"actor died: {_first_line(e)}")
         except ray.exceptions.RayTaskError as e:      # the shard's code raised: the actor is fine
             self.idle.append(actor)
             cause = e.cause if getattr(e, "cause", None) is not None else e
             return _error_outcome(url, attempt, cause)
         except ray.exceptions.RayError as e:          # anything else from Ray: do not trust the actor
-            self._kill(actor)
-            self._spawn()
-            self._track_capacity()
+            self._replace(actor)
             return Outcome(url, attempt, error=f"ray error: {_first_line(e)}")
         self.idle.append(actor)
+        self.deadline.observe(time.monotonic() - t0)
         return Outcome(url, attempt, stats)
 
     def _started(self, ref) -> None:
@@ -408,7 +454,7 @@ class RayActorPool:
         self.progress.note(f"actor ready (pid {pid}); {self.n_ready()} ready, {len(self.starting)} starting")
 
     def shutdown(self) -> None:
-        for a in [*self.idle, *(a for a, _, _ in self.running.values()), *self.starting.values()]:
+        for a in [*self.idle, *(a for a, *_ in self.running.values()), *self.starting.values()]:
             self._kill(a)
         self.idle, self.running, self.starting = [], {}, {}
 
@@ -429,7 +475,7 @@ def ray_address(ex: ExecutionSpec) -> str:
     return ex.address or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def run_ray(plan: Plan, job: JobConfig, ensemble: EnsembleSpec, report: JobReport) -> None:
+def run_ray(plan: JobPlan, job: JobConfig, ensemble: EnsembleSpec, report: JobReport, processor=None) -> None:
     import ray
 
     ex = job.execution
@@ -445,34 +491,42 @@ def run_ray(plan: Plan, job: JobConfig, ensemble: EnsembleSpec, report: JobRepor
             raise ConfigError(f"no Ray cluster at address {address!r} ({e}); start one (`ray start --head`), "
                               "fix execution.address / --address, or leave both unset for a local Ray") from None
     pool = None
+    progress = Progress(len(plan.todo))
     try:
-        progress = Progress(len(plan.todo))
-        pool = RayActorPool(plan, job, ensemble, progress)
+        pool = RayActorPool(plan, job, ensemble, progress, processor)
         progress.note(f"reinforcing {len(plan.todo)} shards on up to {pool.target} actor(s) "
                       f"({ex.cpus_per_actor:g} CPU, {ex.gpus_per_actor:g} GPU each; "
                       f"{len(plan.skipped)} shard(s) already committed)")
-        _retry_loop(plan.todo, pool, report, ex.max_attempts, progress)
+        _retry_loop(plan, pool, report, ex, progress)
     except PoolError as e:
         report.error = str(e)
     finally:
+        progress.close()
         if pool is not None:
             pool.shutdown()
         if started_here:
             ray.shutdown()
 
 
-def run_job(job: JobConfig, ensemble: EnsembleSpec, force: bool = False, executor: str = "ray") -> JobReport:
+def run_job(job: JobConfig, ensemble: EnsembleSpec, force: bool = False, executor: str = "ray",
+            processor=None) -> JobReport:
+    """Plan, run (``executor``: "ray" or "local") and write the manifest; resumable at any point."""
     t0 = time.time()
     plan = plan_job(job, ensemble, force)
-    report = JobReport(skipped=[shard_name(u) for u in plan.skipped])
-    if plan.todo:
-        (run_ray if executor == "ray" else run_local)(plan, job, ensemble, report)
-    report.seconds = time.time() - t0
-    manifest = write_manifest(plan, ensemble, report)
+    report = JobReport(skipped=[shard_name(u) for u in plan.skipped], manifest=plan.manifest)
+    try:
+        if plan.todo:
+            (run_ray if executor == "ray" else run_local)(plan, job, ensemble, report, processor)
+    finally:        # also on Ctrl-C: what committed is in the manifest
+        report.seconds = time.time() - t0
+        manifest = plan.dataset.write_manifest(plan.manifest)
     print(f"done: {manifest['n_shards']}/{manifest['n_input_shards']} shards committed, "
           f"{manifest['n_written']} samples written, {manifest['n_rejected']} rejected, "
           f"{len(report.failed)} shard(s) failed, {len(report.retried)} attempt(s) retried, "
           f"{report.seconds:.1f}s -> {redact_url(plan.dataset.root)}", file=sys.stderr, flush=True)
+    if report.failed:
+        print("some shards failed (one line each above); fix the cause and rerun the same command: "
+              "it resumes and redoes only those", file=sys.stderr, flush=True)
     if report.error:
         print(f"job stopped: {report.error}", file=sys.stderr, flush=True)
     return report
@@ -487,4 +541,4 @@ def resolve_ensemble(job: JobConfig) -> EnsembleSpec:
     return load_ensemble(path)
 
 
-__all__ = ["JobReport", "Plan", "PoolError", "plan_job", "ray_address", "resolve_ensemble", "run_job"]
+__all__ = ["JobPlan", "JobReport", "PoolError", "plan_job", "ray_address", "resolve_ensemble", "run_job"]

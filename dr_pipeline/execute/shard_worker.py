@@ -13,11 +13,13 @@ import itertools
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +28,8 @@ import torch
 from dr_pipeline import augment
 from dr_pipeline.config import EnsembleSpec, JobConfig, to_dict
 from dr_pipeline.corpus.readers import Rejected, Sample, clean_caption, iter_shard, shard_name
-from dr_pipeline.execute.dataset_dir import DatasetDir
-from dr_pipeline.execute.retry import PermanentError, RetryPolicy, describe, is_permanent, redact_url, retry_call
+from dr_pipeline.shards.dataset import ReinforcedDataset, ShardStats
+from dr_pipeline.storage.retry import PermanentError, RetryPolicy, describe, is_permanent, redact_url, retry_call
 from dr_pipeline.images import MAX_IMAGE_PIXELS, ImageRejected, decode_image  # noqa: F401 (re-export)
 from dr_pipeline.models.captioner import Captioner, load_captioner
 from dr_pipeline.models.teachers import Teacher, load_teacher
@@ -56,6 +58,42 @@ class Prepared:
 class Batch:
     prepared: list[Prepared] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+
+
+class StageClock:
+    """Seconds per stage of one shard, added from the reader thread and the model loop."""
+
+    def __init__(self) -> None:
+        self.seconds: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, dt: float) -> None:
+        with self._lock:
+            self.seconds[stage] += dt
+
+    @contextmanager
+    def time(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in sorted(self.seconds.items())}
+
+
+def _timed_iter(it: Iterator, clock: StageClock, stage: str) -> Iterator:
+    """``it`` with the time spent producing each item added to ``stage``."""
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            clock.add(stage, time.perf_counter() - t0)
+        yield item
 
 
 def resolve_device(name: str) -> str:
@@ -122,8 +160,9 @@ class ShardProcessor:
         }
 
     # ---------------------------------------------------------------- CPU stage
-    def batches(self, url: str) -> Iterator[Batch]:
+    def batches(self, url: str, clock: StageClock | None = None) -> Iterator[Batch]:
         """Read + decode + augment in a thread pool, ``batch_size`` samples per batch."""
+        clock = clock or StageClock()
         view_sizes = {t.image_size for t in self.teachers}
         center_sizes = {c.image_size for c in self.captioners}
         bs = self.job.execution.batch_size
@@ -131,10 +170,11 @@ class ShardProcessor:
         with ThreadPoolExecutor(self.job.execution.decode_threads) as pool:
             def flush() -> Batch:
                 out = Batch(rejected=batch.rejected)
-                for r in pool.map(lambda s: prepare(s, self.job, view_sizes, center_sizes), pending):
-                    (out.rejected if isinstance(r, Rejected) else out.prepared).append(r)
+                with clock.time("decode_augment"):
+                    for r in pool.map(lambda s: prepare(s, self.job, view_sizes, center_sizes), pending):
+                        (out.rejected if isinstance(r, Rejected) else out.prepared).append(r)
                 return out
-            for item in iter_shard(url, self.job.input.storage_options):
+            for item in _timed_iter(iter_shard(url, self.job.input.storage_options), clock, "read"):
                 if isinstance(item, Rejected):
                     batch.rejected.append(item)
                 else:
@@ -145,12 +185,12 @@ class ShardProcessor:
             if pending or batch.rejected:
                 yield flush()
 
-    def _opened(self, url: str) -> Iterator[Batch]:
+    def _opened(self, url: str, clock: StageClock) -> Iterator[Batch]:
         """``batches(url)`` whose start (open + first batch) is retried on transient storage
         errors with backoff: until a batch is handed out nothing is consumed, so starting
         over is safe. A failure later in the shard fails the attempt (the runner retries it)."""
         def start() -> Iterator[Batch]:
-            it = self.batches(url)
+            it = self.batches(url, clock)
             try:
                 first = next(it)
             except StopIteration:
@@ -159,15 +199,16 @@ class ShardProcessor:
         ex = self.job.execution
         return retry_call(start, f"read {redact_url(url)}", RetryPolicy(ex.io_attempts, ex.io_backoff_s))
 
-    def prefetched(self, url: str, depth: int = 2) -> Iterator[Batch]:
-        """``batches(url)`` run ahead in a background thread so decoding overlaps model compute."""
+    def prefetched(self, url: str, clock: StageClock, depth: int = 2) -> Iterator[Batch]:
+        """``batches(url)`` run ahead in a background thread so decoding overlaps model compute;
+        the time the model loop waits for the next batch is ``wait_input``."""
         q: queue.Queue = queue.Queue(maxsize=depth)
         done = object()
         stop = threading.Event()
 
         def run() -> None:
             try:
-                for b in self._opened(url):
+                for b in self._opened(url, clock):
                     while not stop.is_set():
                         try:
                             q.put(b, timeout=0.1)
@@ -183,7 +224,11 @@ class ShardProcessor:
         t = threading.Thread(target=run, name=f"decode-{shard_name(url)}", daemon=True)
         t.start()
         try:
-            while (item := q.get()) is not done:
+            while True:
+                with clock.time("wait_input"):
+                    item = q.get()
+                if item is done:
+                    break
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -193,7 +238,10 @@ class ShardProcessor:
 
     # ---------------------------------------------------------------- model stage
     @torch.inference_mode()
-    def reinforce(self, prepared: list[Prepared], captions_rejected: dict[str, Counter]) -> ReinforcedRows:
+    def reinforce(self, prepared: list[Prepared], captions_rejected: dict[str, Counter],
+                  clock: StageClock | None = None, resampled: Counter | None = None) -> ReinforcedRows:
+        clock = clock or StageClock()
+        resampled = Counter() if resampled is None else resampled
         keys = [p.key for p in prepared]
         rows = ReinforcedRows(
             keys=keys, uids=[p.uid for p in prepared], urls=[p.url for p in prepared],
@@ -201,17 +249,21 @@ class ShardProcessor:
             heights=[p.height for p in prepared], captions=[p.caption for p in prepared],
             aug_params=np.stack([p.params for p in prepared]))
         for c in self.captioners:
-            out = c.caption(torch.stack([p.center[c.image_size] for p in prepared]), keys,
-                            self.job.seed, self.job.captions.k)
+            with clock.time(f"caption:{c.id}"):
+                out = c.caption(torch.stack([p.center[c.image_size] for p in prepared]), keys,
+                                self.job.seed, self.job.captions.k)
             rows.syn[c.id] = out.captions
             captions_rejected[c.id].update(out.rejected)
+            resampled[c.id] += out.resampled
         for c in self.ensemble.captioners:
             rows.syn.setdefault(c.id, [[] for _ in prepared])
         n_aug = self.job.aug.n_aug
         for t in self.teachers:
             views = torch.cat([p.views[t.image_size] for p in prepared])
-            rows.image_emb[t.id] = t.encode_images(views).cpu().reshape(len(prepared), n_aug, t.dim)
-            rows.text_emb[t.id], rows.syn_emb[t.id] = self.embed_texts(t, rows)
+            with clock.time(f"teacher:{t.id}:image"):
+                rows.image_emb[t.id] = t.encode_images(views).cpu().reshape(len(prepared), n_aug, t.dim)
+            with clock.time(f"teacher:{t.id}:text"):
+                rows.text_emb[t.id], rows.syn_emb[t.id] = self.embed_texts(t, rows)
         return rows
 
     def embed_texts(self, t: Teacher, rows: ReinforcedRows) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
@@ -225,28 +277,31 @@ class ShardProcessor:
         return gt, syn
 
     # ---------------------------------------------------------------- one shard
-    def process(self, url: str, dataset: DatasetDir, config_hash: str) -> dict:
+    def process(self, url: str, dataset: ReinforcedDataset, config_hash: str) -> ShardStats:
         """Reinforce shard ``url`` and commit it into ``dataset``. Returns the committed stats."""
         name = shard_name(url)
-        t0 = time.time()
+        started, t0 = time.time(), time.perf_counter()
+        clock = StageClock()
         tmp = dataset.new_tmp_file(name)
         writer = ShardWriter(tmp, self.layout, self.file_metadata(name, config_hash),
                              self.job.output.compression_level)
         rejected: list[list[str]] = []
         reasons: Counter = Counter()
         captions_rejected: dict[str, Counter] = {c.id: Counter() for c in self.captioners}
+        resampled: Counter = Counter({c.id: 0 for c in self.captioners})
         n_read = 0
-        written: set[str] = set()
         try:
-            for batch in self.prefetched(url):
+            for batch in self.prefetched(url, clock):
                 n_read += len(batch.prepared) + len(batch.rejected)
                 for r in batch.rejected:
                     reasons[r.reason] += 1
                     rejected.append([r.key, r.reason, r.detail[:200]])
                 if batch.prepared:
-                    writer.write(self.reinforce(batch.prepared, captions_rejected))
-                    written.update(p.key for p in batch.prepared)
-            writer.close()
+                    rows = self.reinforce(batch.prepared, captions_rejected, clock, resampled)
+                    with clock.time("write"):
+                        writer.write(rows)
+            with clock.time("write"):
+                writer.close()
         except BaseException as e:
             writer.close()
             _unlink(tmp)
@@ -254,17 +309,17 @@ class ShardProcessor:
                 # say "do not retry" in a form that survives the trip to the driver
                 raise PermanentError(f"{name}: {describe(e)}") from e
             raise
-        stats = {
-            "schema_version": SCHEMA_VERSION, "shard": name, "input_url": url, "config_hash": config_hash,
-            "n_read": n_read, "n_written": writer.rows, "n_rejected": sum(reasons.values()),
-            "rejected_by_reason": dict(sorted(reasons.items())), "rejected_keys": rejected,
-            "captions_rejected": {k: dict(v) for k, v in captions_rejected.items()},
-            "teachers": [t.id for t in self.teachers], "captioners": [c.id for c in self.ensemble.captioners],
-            "seconds": round(time.time() - t0, 3),
-        }
-        assert stats["n_read"] == stats["n_written"] + stats["n_rejected"], stats
+        stats = ShardStats(
+            shard=name, input_url=redact_url(url), config_hash=config_hash,
+            n_read=n_read, n_written=writer.rows, n_rejected=sum(reasons.values()),
+            rejected_by_reason=dict(sorted(reasons.items())), rejected_keys=rejected,
+            captions_rejected={k: dict(v) for k, v in captions_rejected.items()},
+            captions_resampled=dict(resampled),
+            teachers=[t.id for t in self.teachers], captioners=[c.id for c in self.ensemble.captioners],
+            seconds=round(time.perf_counter() - t0, 3), stage_s=clock.rounded(),
+            started_at=round(started, 3), host=socket.gethostname(), pid=os.getpid())
         try:
-            return dataset.commit(name, tmp, stats)
+            return dataset.commit(tmp, stats)
         finally:
             _unlink(tmp)
 

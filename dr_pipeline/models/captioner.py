@@ -49,6 +49,7 @@ SOT, EOT = "<start_of_text>", "<end_of_text>"
 class CaptionBatch:
     captions: list[list[str]]      # per image: up to k clean captions, in caption-index order
     rejected: collections.Counter = field(default_factory=collections.Counter)  # reason -> rejected samples
+    resampled: int = 0             # caption rows redrawn after a degenerate draw (marker: captions_resampled)
 
 
 # --------------------------------------------------------------------------- text hygiene

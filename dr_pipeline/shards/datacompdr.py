@@ -84,11 +84,12 @@ def write_datacompdr_tar(f, rows: ReinforcedRows, meta: dict) -> int:
 
 def export_datacompdr(root: str, out_dir: str, storage_options: dict | None = None) -> list[str]:
     """Export every committed shard of dataset ``root`` as ``out_dir/{shard}.tar``."""
-    from dr_pipeline.execute.dataset_dir import DatasetDir
+    from dr_pipeline.shards.dataset import ReinforcedDataset
     from dr_pipeline.shards.parquet_io import read_shard
+    from dr_pipeline.storage.folder import Folder
 
-    src = DatasetDir(root, storage_options)
-    dst = DatasetDir(out_dir, storage_options)
+    src = ReinforcedDataset(root, storage_options)
+    dst = Folder(out_dir, storage_options)
     paths = []
     for name in src.markers():
         rows, meta = read_shard(src.shard_url(name), storage_options)

@@ -9,12 +9,11 @@ newest one and is written after it, so it never points at a half-written file.
 from __future__ import annotations
 
 import io
-import posixpath
 
 import fsspec
 import torch
 
-from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.storage.folder import Folder
 
 FORMAT = "dr_pipeline.train.checkpoint/1"
 CKPT_DIR = "checkpoints"
@@ -25,7 +24,7 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.pt"
 
 
-def save_checkpoint(out: DatasetDir, step: int, payload: dict, keep: int = 0) -> str:
+def save_checkpoint(out: Folder, step: int, payload: dict, keep: int = 0) -> str:
     """Write ``payload`` as the checkpoint of ``step``; update latest.json; prune old ones."""
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "step": step, **payload}, buf)
@@ -38,14 +37,9 @@ def save_checkpoint(out: DatasetDir, step: int, payload: dict, keep: int = 0) ->
     return out.url(rel)
 
 
-def list_checkpoints(out: DatasetDir) -> list[str]:
-    path = out._p(CKPT_DIR)
-    out.fs.invalidate_cache(path)          # object stores cache listings; other ranks / runs write here
-    try:
-        names = [posixpath.basename(p) for p in out.fs.ls(path, detail=False)]
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if n.startswith("step-") and n.endswith(".pt"))
+def list_checkpoints(out: Folder) -> list[str]:
+    """Checkpoint file names, oldest first (a fresh listing: other ranks / runs write here)."""
+    return sorted(e.name for e in out.list(CKPT_DIR) if e.name.startswith("step-") and e.name.endswith(".pt"))
 
 
 def resolve(target: str, storage_options: dict | None = None) -> str | None:
@@ -53,7 +47,7 @@ def resolve(target: str, storage_options: dict | None = None) -> str | None:
     fs, path = fsspec.core.url_to_fs(target, **(storage_options or {}))
     if fs.isfile(path):
         return target
-    out = DatasetDir(target, storage_options)
+    out = Folder(target, storage_options)
     latest = out.read_json(LATEST)
     if latest is None:
         return None

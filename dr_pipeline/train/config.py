@@ -6,6 +6,7 @@ worked examples.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,13 @@ ARCHS = ("tiny", "mci0", "mci1", "mci2", "mci3", "mci4")
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """Which student to train. ``None`` fields take the architecture's default (students.ARCHS)."""
+    """Which student to train. ``None`` fields take the architecture's default (students.ARCHS).
+
+    ``arch``: one of ``ARCHS`` (MCi0-4 from timm + open_clip text tower, ``tiny`` for tests) or
+    any open_clip model name (``ViT-B-16``, ``MobileCLIP-B``, ``MobileCLIP2-S0``, a config
+    registered with ``open_clip.add_model_config``), built with random weights; its image size
+    and context length come from the open_clip config unless set here.
+    """
     arch: str = "mci0"
     image_size: int | None = None          # 256 for MCi, 64 for tiny
     context_length: int | None = None      # 77 for MCi, 32 for tiny
@@ -25,14 +32,42 @@ class StudentConfig:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     init_logit_scale: float = 1 / 0.07     # learned; stored as its log; clamped to max_logit_scale
     max_logit_scale: float = 100.0
+    grad_checkpointing: bool = False       # recompute activations in backward (timm / open_clip towers)
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ConfigError(f"student.arch must be one of {', '.join(ARCHS)} (got {self.arch!r})")
+        if self.arch not in ARCHS and not _is_open_clip_model(self.arch):
+            raise ConfigError(f"student.arch must be one of {', '.join(ARCHS)} or an open_clip model name "
+                              f"(got {self.arch!r})")
         if self.image_size is not None and self.image_size < 32:
             raise ConfigError(f"student.image_size must be >= 32 (got {self.image_size})")
         if not (0 < self.init_logit_scale <= self.max_logit_scale):
             raise ConfigError("student: need 0 < init_logit_scale <= max_logit_scale")
+
+
+def _is_open_clip_model(name: str) -> bool:
+    import open_clip
+
+    return name in open_clip.list_models()
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One more training source beside ``data.reinforced`` (``data.extra_sources``). Fields as
+    in DataConfig; ``None`` takes DataConfig's value. ``upsampling_factor``: how often its shards
+    are visited relative to a factor-1 source (per epoch: ``floor(f)`` visits plus one more with
+    probability ``f - floor(f)``; with ``resampled``, the shard draw weight)."""
+    reinforced: str | tuple[str, ...]
+    base: str | tuple[str, ...] | None = None
+    storage_options: dict[str, Any] | None = None
+    join_key: str | None = None
+    exclude_shards: tuple[str, ...] = ()
+    upsampling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.join_key not in (None, "key", "uid"):
+            raise ConfigError(f"data.extra_sources: join_key must be 'key' or 'uid' (got {self.join_key!r})")
+        if not self.upsampling_factor > 0:
+            raise ConfigError("data.extra_sources: upsampling_factor must be > 0")
 
 
 @dataclass(frozen=True)
@@ -53,7 +88,19 @@ class DataConfig:
     work). ``base``: the base corpus (webdataset tars or img2dataset Parquet); default: the
     dataset's ``job.yaml`` ``input.urls``. Shards are joined by shard name, samples by
     ``join_key`` (``key``: the base ``__key__``; ``uid``: the base json's uid, as released
-    DataCompDR keys are uids).
+    DataCompDR keys are uids). ``extra_sources``: more (reinforced, base) sources trained on
+    together, each with its ``upsampling_factor`` (this one's is ``upsampling_factor``); they
+    must hold the selected teachers with the same dims.
+
+    Apple's trainer options (ml-mobileclip's ``preprocess_dr``): ``syn_key_regex`` keeps only
+    the synthetic-caption keys (DataCompDR ``syn.json`` keys, Parquet captioner ids) that
+    ``re.match`` it, on top of ``captioners`` (e.g. ``^syn_text_dfn_mscoco38k$``);
+    ``sample_sequential``: the v-th visit of a sample takes augmentation ``v % N_aug`` and
+    synthetic caption ``v % k`` (of a key drawn uniformly) instead of uniform draws (v = the
+    epoch, times the copies per epoch of an upsampled source, plus the copy);
+    ``mix_synthetic_ratio``: each sample trains on one caption, the synthetic one with this
+    probability and else the GT one (the synthetic-caption loss term is then dropped, as
+    Apple's "no double loss": ``loss.syn_weight`` is ignored).
     """
     reinforced: str | tuple[str, ...]
     base: str | tuple[str, ...] | None = None
@@ -69,10 +116,25 @@ class DataConfig:
     shuffle_shards: bool = True                   # per-epoch shard order from (seed, epoch)
     num_workers: int = 2                          # DataLoader workers per rank
     worker_chunk: int = 16                        # consecutive samples a worker decodes and ships together
+    upsampling_factor: float = 1.0                # of this source, relative to extra_sources' factors
+    extra_sources: tuple[SourceConfig, ...] = ()
+    syn_key_regex: str | None = None              # synthetic-caption keys to use: re.match (Apple's option)
+    sample_sequential: bool = False               # visit v: aug v % N, caption v % k (Apple's option)
+    mix_synthetic_ratio: float | None = None      # one caption per sample: synthetic w.p. ratio (Apple's)
+    cache_images: bool = False                    # decode each base image once, keep it in memory (small sets)
 
     def __post_init__(self) -> None:
         if self.join_key not in ("key", "uid"):
             raise ConfigError(f"data.join_key must be 'key' or 'uid' (got {self.join_key!r})")
+        if not self.upsampling_factor > 0:
+            raise ConfigError("data.upsampling_factor must be > 0")
+        if self.mix_synthetic_ratio is not None and not 0.0 <= self.mix_synthetic_ratio <= 1.0:
+            raise ConfigError(f"data.mix_synthetic_ratio must be in [0, 1] or null (got {self.mix_synthetic_ratio})")
+        if self.syn_key_regex is not None:
+            try:
+                re.compile(self.syn_key_regex)
+            except re.error as e:
+                raise ConfigError(f"data.syn_key_regex {self.syn_key_regex!r} is not a regular expression: {e}") from None
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
         if self.worker_chunk < 1:
@@ -92,10 +154,13 @@ class LossConfig:
     syn_weight: float = 1.0              # synthetic caption terms
     teacher_logit_scales: dict[str, float] = field(default_factory=dict)   # override the shards' scales
     local_loss: bool = False             # rows of the local batch only (same value/gradients, less memory)
+    kd_form: str = "summed"              # summed: Σ_k KL (paper) | apple: CE with the averaged teacher softmax
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"loss.lam must be in [0, 1] (got {self.lam})")
+        if self.kd_form not in ("summed", "apple"):
+            raise ConfigError(f"loss.kd_form must be 'summed' or 'apple' (got {self.kd_form!r})")
         if self.gt_weight < 0 or self.syn_weight < 0 or self.gt_weight + self.syn_weight == 0:
             raise ConfigError("loss: gt_weight and syn_weight must be >= 0 and not both 0")
 
@@ -123,11 +188,25 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Zero-shot evaluation during training (``dr eval``'s code) on a labelled image folder
+    (``DATA/<class>/*.jpg``) or base shards with synthetic-corpus labels, every ``every`` steps
+    and at the end; results go to metrics.jsonl (``eval/<task>/top1``) and TensorBoard."""
+    data: str
+    every: int = 1000
+    limit: int | None = None             # at most this many samples of shard data
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError("eval.every must be >= 1")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     out_dir: str                          # checkpoints/, metrics.jsonl, curve.png, train_config.yaml
     data: DataConfig
     steps: int
-    batch_size: int                       # per rank; global batch = batch_size × world size
+    batch_size: int                       # per rank and micro-batch; global = batch_size × accum_steps × world
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -137,10 +216,16 @@ class TrainConfig:
     checkpoint_every: int = 1000          # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 0             # keep the newest N step checkpoints (0: keep all)
     log_every: int = 10
+    accum_steps: int = 1                  # micro-batches per step; the loss sees all of them (open_clip accum_freq)
+    tensorboard: bool = False             # event files in <out_dir>/tensorboard (needs the tensorboard package)
+    wandb_project: str | None = None      # also log to Weights & Biases (needs wandb)
+    eval: EvalConfig | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError("steps must be >= 1")
+        if self.accum_steps < 1:
+            raise ConfigError("accum_steps must be >= 1")
         if self.batch_size < 2:
             raise ConfigError("batch_size must be >= 2 (contrastive targets need other samples)")
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -9,6 +9,9 @@ of exactly that view and those captions (``sources.load_index``).
 ``shards[rank::world]`` when there are at least as many shards as ranks, otherwise every
 shard with its records striped across ranks (record j of a shard belongs to rank j % world);
 in resampled mode each rank draws its shards with replacement from (seed, epoch, rank).
+Upsampled sources (``upsampling_factor`` f) put each of their shards floor(f) times in an
+epoch's list, plus once more with probability f - floor(f); in resampled mode f weighs the
+draw. Each copy of a shard in an epoch is a *visit* with its own augmentation / caption draws.
 Every record of the rank's shards is a *slot*, addressed by (epoch, shard index, record
 index). Slots are cut into chunks of ``data.worker_chunk``, dealt round-robin to the loader
 workers; a worker decodes its chunks and ships each collated, and yields exactly one item
@@ -26,6 +29,7 @@ each is counted by reason in ``TrainStream.skipped``.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -61,14 +65,45 @@ class StreamState:
         return [self.epoch, self.shard, self.record]
 
 
+def _numbered(pairs: list[ShardPair]) -> list[ShardPair]:
+    """Each repeat of a shard in the list becomes its next visit (fresh per-sample draws)."""
+    seen: Counter[tuple[int, str]] = Counter()
+    out = []
+    for p in pairs:
+        v = seen[(p.source, p.name)]
+        seen[(p.source, p.name)] += 1
+        out.append(dataclasses.replace(p, visit=v) if v else p)
+    return out
+
+
+def epoch_visits(plan: DataPlan, seed: int, epoch: int) -> list[ShardPair]:
+    """The epoch's shard visits before the rank split: with upsampling factor f a shard comes
+    floor(f) times plus once more with probability f - floor(f), drawn from (seed, epoch)."""
+    factors = [plan.source(p).upsampling_factor for p in plan.pairs]
+    if all(f == 1.0 for f in factors):
+        return list(plan.pairs)
+    rng = np.random.default_rng([seed, epoch, 0xF00D])
+    out: list[ShardPair] = []
+    for p, f in zip(plan.pairs, factors):
+        out += [p] * (math.floor(f) + int(rng.random() < f - math.floor(f)))
+    return _numbered(out)
+
+
 def rank_shards(plan: DataPlan, cfg: DataConfig, seed: int, epoch: int, rank: int,
                 world: int) -> tuple[list[ShardPair], bool]:
     """The rank's shards for ``epoch`` and whether their records are striped across ranks."""
-    pairs = list(plan.pairs)
     if cfg.resampled:
+        pairs = list(plan.pairs)
         rng = np.random.default_rng([seed, epoch, rank, 0x5EED])
-        n = max(1, math.ceil(len(pairs) / world))
-        return [pairs[i] for i in rng.integers(0, len(pairs), size=n)], False
+        w = np.array([plan.source(p).upsampling_factor for p in pairs])
+        if np.all(w == w[0]):
+            n = max(1, math.ceil(len(pairs) / world))
+            drawn = rng.integers(0, len(pairs), size=n)
+        else:
+            n = max(1, math.ceil(w.sum() / world))
+            drawn = rng.choice(len(pairs), size=n, p=w / w.sum())
+        return _numbered([pairs[i] for i in drawn]), False
+    pairs = epoch_visits(plan, seed, epoch)
     if cfg.shuffle_shards:
         order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(pairs))
         pairs = [pairs[i] for i in order]
@@ -128,13 +163,14 @@ class JoinedDataset(IterableDataset):
     # ------------------------------------------------------------------ slots of one shard
     def _slots(self, pair: ShardPair, epoch: int, first: int) -> Iterator[tuple[int, Any]]:
         """(record index, thunk -> item) for every record of the shard from ``first`` on."""
-        so = dict(self.cfg.storage_options)
-        index = load_index(pair, self.plan, self.seed, epoch, self.cfg.join_key, so)
+        src = self.plan.source(pair)
+        so = dict(src.storage_options)
+        index = load_index(pair, self.plan, self.seed, epoch, src.join_key, so)
         matched: set[str] = set()
         j = 0
         try:
             for rec in iter_shard(pair.base_url, so):
-                jk = rec.key if isinstance(rec, Rejected) or self.cfg.join_key == "key" else rec.uid
+                jk = rec.key if isinstance(rec, Rejected) or src.join_key == "key" else rec.uid
                 dup = jk in matched
                 if jk is not None:
                     matched.add(jk)
@@ -181,14 +217,16 @@ class JoinedDataset(IterableDataset):
         if entry.width is not None and (img.width, img.height) != (entry.width, entry.height):
             return _skip(pair.name, rec.key, "mismatched_size")
         try:
-            params = self._params(entry, img)
+            params = self._params(pair, entry, img)
         except ValueError:
             return _skip(pair.name, rec.key, "bad_aug_params")
         try:
-            image = augment.replay(img, params, self.image_size, self.plan.aug)
+            image = augment.replay(img, params, self.image_size, self.plan.source(pair).aug)
         except Exception:  # noqa: BLE001 - an odd image mode / palette must not stop training
             return _skip(pair.name, rec.key, "bad_image")
         syn = entry.syn_caption if entry.syn_caption is not None else caption
+        if entry.mixed:                 # mix_synthetic_ratio: this visit trains on the synthetic caption
+            caption = syn
         return {
             "key": rec.key, "shard": pair.name, "image": image,
             "tokens": tokenize([caption, syn], self.context_length),
@@ -197,9 +235,9 @@ class JoinedDataset(IterableDataset):
             "caption": caption, "syn_caption": syn,
         }
 
-    def _params(self, entry: Entry, img: Image.Image) -> augment.AugParams:
-        if self.plan.kind == DATACOMPDR:
-            return augment.from_datacompdr(entry.aug, img.width, img.height, self.plan.aug)
+    def _params(self, pair: ShardPair, entry: Entry, img: Image.Image) -> augment.AugParams:
+        if pair.kind == DATACOMPDR:
+            return augment.from_datacompdr(entry.aug, img.width, img.height, self.plan.source(pair).aug)
         return augment.unpack(np.asarray(entry.aug))[0]
 
 

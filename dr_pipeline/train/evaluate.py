@@ -164,6 +164,14 @@ def evaluate(checkpoint: str, data: str, device: str | None = None, limit: int |
     if not ed.pairs and not ed.tasks:
         raise ConfigError(f"eval data {data}: no image-caption pairs and no labelled images found")
     res: dict = {"checkpoint": ck["path"], "step": int(ck["step"]), "arch": ck["student"]["arch"], "data": data}
+    res.update(evaluate_model(model, ed))
+    return res
+
+
+def evaluate_model(model: Student, ed: EvalData) -> dict:
+    """Retrieval (``retrieval``, when there are >= 2 pairs) and zero-shot (``zeroshot``: task ->
+    metrics) of a student in eval mode: ``dr eval``'s and the trainer's periodic evaluation."""
+    res: dict = {}
     if len(ed.pairs) >= 2:
         img = embed_images(model, [p[0] for p in ed.pairs])
         res["retrieval"] = {"n": len(ed.pairs), **retrieval_metrics(img, embed_texts(model, [p[1] for p in ed.pairs]))}

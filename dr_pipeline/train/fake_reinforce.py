@@ -1,7 +1,8 @@
 """Write a reinforced dataset directory without any model, for tests and loader debugging.
 
-Same layout and Parquet contract as ``dr reinforce`` (``shards/``, ``_markers/``,
-``job.yaml``), same seeded augmentation params; the "teachers" are cheap deterministic
+Same layout, Parquet contract and commit path as ``dr reinforce`` (``ReinforcedDataset``:
+typed markers, ``job.yaml``, ``ensemble.yaml``, manifest; ``dr validate`` passes on it), same
+seeded augmentation params; the "teachers" are cheap deterministic
 functions instead of CLIP models: an image teacher embeds the replayed view (16 px) with a
 fixed random projection, a text teacher sums fixed random word vectors. So embeddings
 depend on exactly the view and caption they belong to -- what the loader tests need -- and
@@ -11,19 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
+import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
 from dr_pipeline import augment
-from dr_pipeline.config import AugSpec
-from dr_pipeline.corpus.readers import Sample, clean_caption, expand_urls, iter_shard, shard_name
+from dr_pipeline.config import (AugSpec, CaptionerSpec, CaptionSpec, EnsembleSpec, InputSpec, JobConfig, OutputSpec,
+                                TeacherSpec)
+from dr_pipeline.corpus.readers import Rejected, Sample, clean_caption, expand_urls, iter_shard, shard_name
+from dr_pipeline.shards.dataset import Manifest, ReinforcedDataset, ShardStats
 from dr_pipeline.shards.parquet_io import ReinforcedRows, ShardLayout, ShardWriter, TeacherLayout
 
 VIEW = 16
@@ -63,27 +65,42 @@ def make_fake_reinforced(base_urls: str | Sequence[str], out_dir: str, teachers:
     synthetic caption, as a degenerate-caption filter would leave it (k_i < k).
     """
     aug = aug or AugSpec(n_aug=3, size=64)
-    root = Path(out_dir)
-    (root / "shards").mkdir(parents=True, exist_ok=True)
-    (root / "_markers").mkdir(parents=True, exist_ok=True)
+    ds = ReinforcedDataset(out_dir)
+    ds.ensure()
     layout = ShardLayout(aug.n_aug, tuple(TeacherLayout(t, d) for t, d, _ in teachers), tuple(captioners))
     urls = expand_urls(base_urls)
+    job = JobConfig(input=InputSpec(urls=tuple(urls)), output=OutputSpec(path=out_dir), teachers="fake",
+                    seed=seed, aug=aug, captions=CaptionSpec(k=k))
+    ensemble = EnsembleSpec("fake", tuple(TeacherSpec(t, "fake", logit_scale=s) for t, _, s in teachers),
+                            tuple(CaptionerSpec(c, "fake") for c in captioners))
+    config_hash = job.output_hash(ensemble)
+    manifest = Manifest(config_hash, [t for t, _, _ in teachers], list(captioners), len(urls))
     written = []
     for url in urls:
         name = shard_name(url)
-        samples = [s for s in iter_shard(url) if isinstance(s, Sample)]
+        items = list(iter_shard(url))
+        samples = [s for s in items if isinstance(s, Sample)]
+        rejected = [r for r in items if isinstance(r, Rejected)]
         rows = _rows(samples, teachers, captioners, k, aug, seed, drop_syn)
         meta = {"schema_version": 1, "shard": name, "seed": seed, "aug": asdict(aug),
                 "teachers": [{"id": t, "model": "fake", "dim": d, "logit_scale": s} for t, d, s in teachers],
-                "captioners": [{"id": c, "model": "fake", "k": k} for c in captioners], "config_hash": "fake"}
-        path = root / "shards" / f"{name}.parquet"
-        w = ShardWriter(str(path), layout, meta)
+                "captioners": [{"id": c, "model": "fake", "k": k} for c in captioners], "config_hash": config_hash}
+        tmp = ds.new_tmp_file(name)
+        w = ShardWriter(tmp, layout, meta)
         w.write(rows)
         w.close()
-        (root / "_markers" / f"{name}.json").write_text(json.dumps({"shard": name, "written": len(rows)}))
-        written.append(str(path))
-    (root / "job.yaml").write_text(yaml.safe_dump({"input": {"urls": list(urls), "storage_options": {}},
-                                                    "seed": seed, "aug": asdict(aug)}))
+        stats = ShardStats(shard=name, input_url=url, config_hash=config_hash, n_read=len(items),
+                           n_written=len(rows), n_rejected=len(rejected),
+                           rejected_by_reason=dict(Counter(r.reason for r in rejected)),
+                           rejected_keys=[[r.key, r.reason, r.detail[:200]] for r in rejected],
+                           captions_rejected={c: {} for c in captioners}, teachers=[t for t, _, _ in teachers],
+                           captioners=list(captioners))
+        manifest.add(ds.commit(tmp, stats))
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        written.append(ds.folder.path_of(ds.data_rel(name)))
+    ds.write_job_record(job, ensemble, config_hash)
+    ds.write_manifest(manifest)
     return written
 
 

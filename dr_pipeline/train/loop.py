@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from dr_pipeline.config import ConfigError, redact, to_dict
-from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.storage.folder import Folder
 from dr_pipeline.train import checkpoint as ckpt
 from dr_pipeline.train.config import OptimConfig, TrainConfig, load_train_config
 from dr_pipeline.train.data import StreamState, TrainStream
@@ -80,7 +80,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, resume: str | None = None):
         self.cfg, self.env = cfg, env
-        self.out = DatasetDir(cfg.out_dir)
+        self.out = Folder(cfg.out_dir)
         self.plan: DataPlan = make_plan(cfg.data)
         self.spec = resolve_spec(cfg.student)
         unknown = set(cfg.loss.teacher_logit_scales) - {t.id for t in self.plan.teachers}

@@ -11,10 +11,16 @@ For each caption kind c ∈ {gt, syn} (ground-truth, synthetic) with weight w_c:
 Φ = student, Ψ^k = teacher k, S_τ(U, V) = row-wise softmax of U·Vᵀ·scale (scale = 1/τ:
 each teacher's own stored logit scale, the student's learned one), b = the *global* batch.
 
-**KL form.** This is the paper's form: the per-teacher KL terms are *summed*. (The public
-trainer instead averages the K teacher softmaxes and takes the cross-entropy with the
-student's log-softmax; its gradient is ours divided by K and its value differs by the
-teachers' entropy. ``tests/test_train_loss.py`` checks both facts.)
+**KD form** (``kd_form``). ``"summed"`` (default) is the paper's form: the per-teacher KL
+terms are *summed*. ``"apple"`` is the public trainer's (ml-mobileclip's open_clip patch,
+``DRClipLoss`` with ``average_after_softmax``): the K teachers' softmax distributions are
+averaged, P = 1/K Σ_k S_τk(Ψ^k), and the term is the cross-entropy with the student's
+log-softmax, 1/(2b) Σ_rows [CE(P_img→txt, Φ) + CE(P_txt→img, Φ)]. Its gradient is the summed
+form's divided by K and its value differs by the averaged distribution's entropy (a
+constant). ``tests/test_train_loss.py`` checks both forms against plain-loop references.
+(Apple's multi-GPU path without ``local_loss`` uses the transpose of the averaged
+image→text matrix for the text→image rows; here every row is a row softmax, which is what
+Apple's single-GPU and ``local_loss`` paths compute.)
 
 **Several ranks.** Features are gathered from every rank with a gradient-carrying all-gather
 (``gather_rows``), so the softmax of each row runs over the
@@ -85,6 +91,14 @@ def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torc
                     reduction="sum", log_target=True)
 
 
+def _ce_rows(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Σ over rows of CE(teacher distribution row, softmax(student row))."""
+    return -(teacher_probs * F.log_softmax(student_logits, dim=-1)).sum()
+
+
+KD_FORMS = ("summed", "apple")
+
+
 class DistillClipLoss(nn.Module):
     """(1−λ)·CLIP + λ·multi-teacher KL distillation, for GT and synthetic captions.
 
@@ -97,10 +111,13 @@ class DistillClipLoss(nn.Module):
     """
 
     def __init__(self, teacher_scales: Mapping[str, float], lam: float = 1.0, gt_weight: float = 1.0,
-                 syn_weight: float = 1.0, local_loss: bool = False):
+                 syn_weight: float = 1.0, local_loss: bool = False, kd_form: str = "summed"):
         super().__init__()
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
+        if kd_form not in KD_FORMS:
+            raise ValueError(f"kd_form must be one of {KD_FORMS}, got {kd_form!r}")
+        self.kd_form = kd_form
         if lam > 0 and not teacher_scales:
             raise ValueError("distillation (lam > 0) needs at least one teacher")
         self.teacher_scales = {str(k): float(v) for k, v in teacher_scales.items()}
@@ -145,16 +162,27 @@ class DistillClipLoss(nn.Module):
             out[f"clip_{c}"] = clip
             contrastive = contrastive + self.weights[c] * (1 - self.lam) * clip
             if self.lam > 0:
-                kd = image.new_zeros((), dtype=torch.float32)
-                for t, s_t in self.teacher_scales.items():
-                    ti, tt = t_img[t], self._teacher(teachers[t][c])
-                    kd = kd + _kl_rows(s_t * ti[rows] @ tt.T, s_it) + _kl_rows(s_t * tt[rows] @ ti.T, s_ti)
+                t_txt = {t: self._teacher(teachers[t][c]) for t in self.teacher_scales}
+                kd = self._distill(t_img, t_txt, rows, s_it, s_ti)
                 out[f"distill_{c}"] = kd * norm
                 distill = distill + self.weights[c] * self.lam * out[f"distill_{c}"]
         out["contrastive_loss"] = contrastive
         out["distill_loss"] = distill
         out["loss"] = contrastive + distill
         return out
+
+    def _distill(self, t_img, t_txt, rows, s_it, s_ti) -> torch.Tensor:
+        """Σ over this rank's rows of the KD term (both directions), per ``kd_form``."""
+        if self.kd_form == "summed":
+            kd = s_it.new_zeros(())
+            for t, s_t in self.teacher_scales.items():
+                ti, tt = t_img[t], t_txt[t]
+                kd = kd + _kl_rows(s_t * ti[rows] @ tt.T, s_it) + _kl_rows(s_t * tt[rows] @ ti.T, s_ti)
+            return kd
+        k = len(self.teacher_scales)
+        p_it = sum(F.softmax(s_t * t_img[t][rows] @ t_txt[t].T, dim=-1) for t, s_t in self.teacher_scales.items()) / k
+        p_ti = sum(F.softmax(s_t * t_txt[t][rows] @ t_img[t].T, dim=-1) for t, s_t in self.teacher_scales.items()) / k
+        return _ce_rows(p_it, s_it) + _ce_rows(p_ti, s_ti)
 
     @staticmethod
     def _teacher(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import json
 
-from dr_pipeline.execute.dataset_dir import DatasetDir
+from dr_pipeline.storage.folder import Folder
 
 METRICS = "metrics.jsonl"
 CURVE = "curve.png"
@@ -15,7 +15,7 @@ class MetricsLog:
     """Rows in memory; appended to the file as they come on a local disk, rewritten on flush
     elsewhere (object stores cannot append). On resume, rows after the checkpoint's step go."""
 
-    def __init__(self, out: DatasetDir, resume_step: int | None):
+    def __init__(self, out: Folder, resume_step: int | None):
         self.out = out
         self.rows: list[dict] = []
         if resume_step is not None:
@@ -30,7 +30,7 @@ class MetricsLog:
     def append(self, row: dict) -> None:
         self.rows.append(row)
         if self.out.local:
-            with open(self.out._p(METRICS), "a") as f:
+            with self.out.open_local(METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
     def flush(self) -> None:

@@ -10,23 +10,36 @@ trains on: the augmentation index drawn uniformly from (seed, epoch, key), its p
 synthetic caption drawn uniformly, and each selected teacher's embeddings of exactly that
 view, the GT caption and that synthetic caption. A row that cannot be used keeps a reason
 (``Entry.error``) so the loader counts it instead of training on a misaligned pair.
+Apple's trainer options change only these draws (``Chooser``): sequential indices instead of
+uniform ones, one caption per sample mixed from GT and synthetic, a synthetic-key regex.
+
+Several sources (``data.extra_sources``) each get their own pairs, kind, augmentation spec
+and join key (``SourcePlan``); the teachers must be the same in all of them.
+
+DataCompDR tars are read in either embedding layout: ``text_emb`` [1 + k, D] (GT, then the
+captions of the first ``syn_text*`` key; v1) or ``text_emb`` [1, D] plus ``<syn key>_emb``
+[k, D] per synthetic key (what Apple's generator writes and its v2 trainer reads, e.g.
+``syn_text_emb``, ``syn_text_dfn_mscoco38k_emb``); ``syn_text_emb_<suffix>`` (this project's
+export) is read too. The ``json`` member's ``sha256`` is the base image's: a base image with
+other bytes is skipped (``mismatched_image``) when ``data.verify_sha256``.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
-import yaml
-
-from dr_pipeline.config import AugSpec, ConfigError, from_dict
+from dr_pipeline.config import AugSpec, ConfigError, JobConfig, from_dict
 from dr_pipeline.corpus.readers import ShardReadError, expand_urls, shard_name
 from dr_pipeline.shards import bf16
+from dr_pipeline.shards.dataset import ReinforcedDataset, load_dataset_config
 from dr_pipeline.shards.schema import (image_col, layout_from_metadata, read_metadata, syn_col, syn_emb_col,
                                        text_col)
 from dr_pipeline.train.config import DataConfig
@@ -41,6 +54,8 @@ class ShardPair:
     base_url: str
     reinf_url: str
     kind: str                      # PARQUET | DATACOMPDR
+    source: int = 0                # index into DataPlan.sources (0: data.reinforced)
+    visit: int = 0                 # which copy of the shard within its epoch (upsampled sources)
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,22 @@ class TeacherInfo:
     id: str
     dim: int
     logit_scale: float
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """What one training source reads with (``data.reinforced`` or one of ``data.extra_sources``)."""
+    kind: str
+    aug: AugSpec
+    join_key: str
+    storage_options: dict
+    captioners: tuple[str, ...] | None      # Parquet: resolved ids; DataCompDR: syn.json keys (None: all)
+    upsampling_factor: float = 1.0
+
+    @property
+    def copies(self) -> int:
+        """Copies per epoch at most (numbers the visits of ``sample_sequential``)."""
+        return max(1, math.ceil(self.upsampling_factor))
 
 
 @dataclass(frozen=True)
@@ -60,6 +91,20 @@ class DataPlan:
     aug: AugSpec                              # the spec the stored params were drawn with
     base_only: tuple[str, ...] = ()           # shard names without a reinforcement shard
     reinforced_only: tuple[str, ...] = ()     # reinforcement shards without a base shard
+    sources: tuple[SourcePlan, ...] = ()      # per source (ShardPair.source); () : one, from the fields above
+    syn_key_regex: str | None = None
+    sample_sequential: bool = False
+    mix_synthetic_ratio: float | None = None
+
+    def source(self, pair: ShardPair) -> SourcePlan:
+        if self.sources:
+            return self.sources[pair.source]
+        return SourcePlan(self.kind, self.aug, "key", {}, self.captioners)
+
+    def selects_syn_key(self, name: str, captioners: tuple[str, ...] | None) -> bool:
+        """Whether synthetic-caption key / captioner ``name`` is trained on."""
+        return ((captioners is None or name in captioners)
+                and (self.syn_key_regex is None or re.match(self.syn_key_regex, name) is not None))
 
 
 # --------------------------------------------------------------------------- planning
@@ -74,16 +119,19 @@ def _is_dataset_dir(url: str, so: dict) -> bool:
         return False
 
 
-def _dataset_dir(url: str, so: dict) -> tuple[list[str], dict | None]:
-    from dr_pipeline.execute.dataset_dir import DatasetDir
-
-    ds = DatasetDir(url, so)
-    committed = sorted(set(ds.markers()) & set(ds.data_files()))
-    uncommitted = sorted(set(ds.data_files()) - set(committed))
+def _dataset_dir(url: str, so: dict) -> tuple[list[str], JobConfig | None]:
+    """A dataset directory's committed shard URLs and the job that made it (None if not recorded)."""
+    ds = ReinforcedDataset(url, so)
+    li = ds.listing()
+    committed = sorted(set(li.markers) & set(li.data))
+    uncommitted = set(li.data) - set(committed)
     if uncommitted:
         log.warning("%s: %d shard file(s) without a commit marker are ignored", url, len(uncommitted))
-    text = ds.read_text("job.yaml")
-    return [ds.shard_url(n) for n in committed], (yaml.safe_load(text) if text else None)
+    try:
+        job, _ = load_dataset_config(ds)
+    except ConfigError:
+        job = None
+    return [ds.shard_url(n) for n in committed], job
 
 
 def _read_parquet_meta(url: str, so: dict) -> dict:
@@ -100,9 +148,9 @@ def _select(kind: str, have: list[str], want: tuple[str, ...] | None) -> tuple[s
     return tuple(want)
 
 
-def make_plan(cfg: DataConfig) -> DataPlan:
-    """Pair base and reinforcement shards and read the teacher / captioner layout."""
-    so = dict(cfg.storage_options)
+def _source_pairs(cfg, so: dict) -> tuple[list[tuple[str, str, str]], str, tuple[str, ...], tuple[str, ...]]:
+    """One source's (name, base url, reinforcement url) pairs, kind, base-only and reinforced-only
+    names. ``cfg``: the DataConfig or a SourceConfig (reinforced, base, exclude_shards)."""
     job = None
     src = cfg.reinforced
     if isinstance(src, str) and _is_dataset_dir(src, so):
@@ -124,8 +172,9 @@ def make_plan(cfg: DataConfig) -> DataPlan:
     if base is None:
         if job is None:
             raise ConfigError("data.base is required unless data.reinforced is a dataset directory with job.yaml")
-        base = job["input"]["urls"]
-        base_so = job["input"].get("storage_options") or so
+        base = job.input.urls
+        # the job's options without its redacted secrets, under the caller's: the caller's credentials apply
+        base_so = {**job.input.storage_options, **so}
     try:
         base_urls = expand_urls(base, base_so)
     except ShardReadError as e:
@@ -145,37 +194,114 @@ def make_plan(cfg: DataConfig) -> DataPlan:
     if not names:
         raise ConfigError(f"no shard name is in both data.base ({len(b)} shards) and data.reinforced "
                           f"({len(r)} shards) after exclude_shards")
-    pairs = tuple(ShardPair(n, b[n], r[n], kind) for n in names)
+    return ([(n, b[n], r[n]) for n in names], kind, tuple(sorted(set(b) - set(r))),
+            tuple(sorted(set(r) - set(b))))
 
+
+def _source_layout(cfg: DataConfig, kind: str, first_reinf_url: str,
+                   so: dict) -> tuple[tuple[TeacherInfo, ...], AugSpec, tuple[str, ...] | None]:
+    """A source's teachers (all, in data order), augmentation spec and captioners."""
     if kind == PARQUET:
-        meta = _read_parquet_meta(pairs[0].reinf_url, so)
+        meta = _read_parquet_meta(first_reinf_url, so)
         all_t = tuple(TeacherInfo(t["id"], int(t["dim"]), float(t.get("logit_scale", 100.0)))
                       for t in meta["teachers"])
         caps = [c["id"] for c in meta["captioners"]]
         aug = from_dict(AugSpec, {k: v for k, v in meta["aug"].items()}, "shard metadata aug")
         captioners: tuple[str, ...] | None = _select("captioners", caps, cfg.captioners)
+        if cfg.syn_key_regex is not None:
+            captioners = tuple(c for c in captioners if re.match(cfg.syn_key_regex, c))
+            if not captioners:
+                raise ConfigError(f"data.syn_key_regex {cfg.syn_key_regex!r} matches none of the captioners {caps}")
     else:
         if not cfg.foreign_teachers:
             raise ConfigError("data.foreign_teachers is required for DataCompDR tars: they concatenate the "
                               "teachers along D, so list each teacher's id and dim in that order")
         all_t = tuple(TeacherInfo(t.id, t.dim, t.logit_scale) for t in cfg.foreign_teachers)
         aug = cfg.foreign_aug
-        captioners = cfg.captioners        # syn.json keys; checked per sample
-    chosen = _select("teachers", [t.id for t in all_t], cfg.teachers)
-    teachers = tuple(t for t in all_t if t.id in chosen)
-    return DataPlan(pairs=pairs, kind=kind, teachers=teachers, all_teachers=all_t, captioners=captioners,
-                    aug=aug, base_only=tuple(sorted(set(b) - set(r))),
-                    reinforced_only=tuple(sorted(set(r) - set(b))))
+        captioners = cfg.captioners        # syn.json keys; checked per sample (with syn_key_regex)
+    return all_t, aug, captioners
+
+
+def make_plan(cfg: DataConfig) -> DataPlan:
+    """Pair base and reinforcement shards of every source and read the teacher / captioner layout."""
+    so = dict(cfg.storage_options)
+    sources = [(cfg, so, cfg.join_key, cfg.upsampling_factor)]
+    for extra in cfg.extra_sources:
+        sources.append((extra, dict(extra.storage_options if extra.storage_options is not None else so),
+                        extra.join_key or cfg.join_key, extra.upsampling_factor))
+    pairs: list[ShardPair] = []
+    plans: list[SourcePlan] = []
+    for i, (src_cfg, src_so, join_key, factor) in enumerate(sources):
+        named, kind, base_only, reinforced_only = _source_pairs(src_cfg, src_so)
+        all_t, aug, captioners = _source_layout(cfg, kind, named[0][2], src_so)
+        if i == 0:
+            first = (kind, aug, captioners, all_t, base_only, reinforced_only)
+            chosen = _select("teachers", [t.id for t in all_t], cfg.teachers)
+            teachers = tuple(t for t in all_t if t.id in chosen)
+        else:
+            have = {t.id: t.dim for t in all_t}
+            bad = [t.id for t in teachers if have.get(t.id) != t.dim]
+            if bad:
+                raise ConfigError(f"data.extra_sources[{i - 1}]: teachers {bad} missing or of another dim "
+                                  f"(has {have}); every source needs the trained teachers")
+        pairs += [ShardPair(n, b, r, kind, source=i) for n, b, r in named]
+        plans.append(SourcePlan(kind, aug, join_key, src_so, captioners, factor))
+    kind, aug, captioners, all_t, base_only, reinforced_only = first
+    return DataPlan(pairs=tuple(pairs), kind=kind, teachers=teachers, all_teachers=all_t, captioners=captioners,
+                    aug=aug, base_only=base_only, reinforced_only=reinforced_only, sources=tuple(plans),
+                    syn_key_regex=cfg.syn_key_regex, sample_sequential=cfg.sample_sequential,
+                    mix_synthetic_ratio=cfg.mix_synthetic_ratio)
 
 
 # --------------------------------------------------------------------------- per-sample choice
 
-def choose(seed: int, epoch: int, key: str, n: int, what: str) -> int:
-    """Uniform index in [0, n) from (seed, epoch, key, what); independent of order and worker."""
+def choose(seed: int, epoch: int, key: str, n: int, what: str, visit: int = 0) -> int:
+    """Uniform index in [0, n) from (seed, epoch, key, what) -- and the shard's copy ``visit``
+    within the epoch when it is > 0; independent of order and worker."""
     if n <= 0:
         return -1
-    h = hashlib.blake2b(f"{int(seed)}|{int(epoch)}|{what}|{key}".encode(), digest_size=8).digest()
+    ep = f"{int(epoch)}.{int(visit)}" if visit else str(int(epoch))
+    h = hashlib.blake2b(f"{int(seed)}|{ep}|{what}|{key}".encode(), digest_size=8).digest()
     return (int.from_bytes(h, "little") * n) >> 64
+
+
+@dataclass(frozen=True)
+class Chooser:
+    """The per-sample draws of one visit of one shard: augmentation, synthetic caption and,
+    with ``mix_ratio``, whether the sample trains on its synthetic caption instead of the GT.
+    Uniform hashed draws by default; ``sequential`` (Apple's ``sample_sequential``): the v-th
+    visit takes index ``v % n`` (the synthetic-caption key is still drawn uniformly)."""
+    seed: int
+    epoch: int
+    visit: int = 0
+    copies: int = 1
+    sequential: bool = False
+    mix_ratio: float | None = None
+
+    @property
+    def v(self) -> int:
+        return self.epoch * self.copies + self.visit
+
+    def aug(self, key: str, n: int) -> int:
+        if self.sequential:
+            return self.v % n if n > 0 else -1
+        return choose(self.seed, self.epoch, key, n, "aug", self.visit)
+
+    def syn(self, key: str, sizes: list[int]) -> int:
+        """Index into the pooled captions of keys with ``sizes`` captions each (-1: none)."""
+        total = sum(sizes)
+        if not self.sequential or total == 0:
+            return choose(self.seed, self.epoch, key, total, "syn", self.visit)
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        keys = [i for i, n in enumerate(sizes) if n > 0]
+        p = keys[choose(self.seed, self.epoch, key, len(keys), "synkey", self.visit)]
+        return offsets[p] + self.v % sizes[p]
+
+    def mixed(self, key: str) -> bool:
+        """Train on the synthetic caption in place of the GT one (``mix_synthetic_ratio``)."""
+        if self.mix_ratio is None:
+            return False
+        return choose(self.seed, self.epoch, key, 1 << 30, "mix", self.visit) < self.mix_ratio * (1 << 30)
 
 
 @dataclass
@@ -191,6 +317,7 @@ class Entry:
     height: int | None = None
     sha256: str | None = None
     caption: str | None = None          # GT caption the teachers embedded (Parquet)
+    mixed: bool = False                 # mix_synthetic_ratio: the synthetic caption replaces the GT one
     error: str | None = None
 
 
@@ -209,9 +336,11 @@ def load_index(pair: ShardPair, plan: DataPlan, seed: int, epoch: int, join_key:
                storage_options: dict | None = None) -> ShardIndex:
     so = storage_options or {}
     entries: dict[str, Entry] = {}
+    src = plan.source(pair)
+    ch = Chooser(seed, epoch, pair.visit, src.copies, plan.sample_sequential, plan.mix_synthetic_ratio)
     try:
         reader = _parquet_entries if pair.kind == PARQUET else _datacompdr_entries
-        for e in reader(pair.reinf_url, so, plan, seed, epoch, join_key):
+        for e in reader(pair.reinf_url, so, plan, src, ch, join_key):
             if e.key in entries:        # ambiguous: never guess which row is right
                 entries[e.key].error = "duplicate_reinforcement_key"
                 continue
@@ -229,7 +358,7 @@ class _ShardError(Exception):
     """Every row of the shard is unusable; the message is the counted reason."""
 
 
-def _parquet_entries(url: str, so: dict, plan: DataPlan, seed: int, epoch: int,
+def _parquet_entries(url: str, so: dict, plan: DataPlan, src: SourcePlan, ch: Chooser,
                      join_key: str) -> Iterator[Entry]:
     with fsspec.open(url, "rb", **so) as f:
         pf = pq.ParquetFile(f)
@@ -241,8 +370,8 @@ def _parquet_entries(url: str, so: dict, plan: DataPlan, seed: int, epoch: int,
                 raise _ShardError("missing_teacher")
             if dims[t.id] != t.dim:
                 raise _ShardError("mismatched_teacher_dim")
-        caps = [c for c in (plan.captioners or ()) if c in layout.captioners]
-        if len(caps) != len(plan.captioners or ()):
+        caps = [c for c in (src.captioners or ()) if c in layout.captioners]
+        if len(caps) != len(src.captioners or ()):
             raise _ShardError("missing_captioner")
         n_aug = layout.n_aug
         cols = ["key", "uid", "width", "height", "image_sha256", "caption", "aug_params"]
@@ -251,10 +380,10 @@ def _parquet_entries(url: str, so: dict, plan: DataPlan, seed: int, epoch: int,
             cols += [image_col(t.id, n_aug, t.dim), text_col(t.id, t.dim)]
             cols += [syn_emb_col(t.id, c, t.dim) for c in caps]
         for batch in pf.iter_batches(columns=cols, batch_size=1024):
-            yield from _parquet_batch(batch, caps, plan, n_aug, seed, epoch, join_key)
+            yield from _parquet_batch(batch, caps, plan, n_aug, ch, join_key)
 
 
-def _parquet_batch(batch, caps, plan, n_aug, seed, epoch, join_key) -> Iterator[Entry]:
+def _parquet_batch(batch, caps, plan, n_aug, ch: Chooser, join_key) -> Iterator[Entry]:
     n = batch.num_rows
     col = batch.column
     keys, uids = col("key").to_pylist(), col("uid").to_pylist()
@@ -279,19 +408,20 @@ def _parquet_batch(batch, caps, plan, n_aug, seed, epoch, join_key) -> Iterator[
             e.error = "mismatched_syn_count"
             yield e
             continue
-        e.aug_index = choose(seed, epoch, e.key, n_aug, "aug")
+        e.aug_index = ch.aug(e.key, n_aug)
         e.aug = aug[i, e.aug_index].copy()
-        e.syn_index = choose(seed, epoch, e.key, len(pool), "syn")
+        e.syn_index = ch.syn(e.key, [len(syn[c][i]) for c in caps])
         if e.syn_index >= 0:
             c, j = pool[e.syn_index]
             e.syn_caption = syn[c][i][j]
+        e.mixed = e.syn_index >= 0 and ch.mixed(e.key)
         for t in plan.teachers:
             s = syn_emb[t.id][c][i][j] if e.syn_index >= 0 else txt[t.id][i]
-            e.emb[t.id] = _to_f32(np.stack([img[t.id][i, e.aug_index], txt[t.id][i], s]))
+            e.emb[t.id] = _to_f32(np.stack([img[t.id][i, e.aug_index], s if e.mixed else txt[t.id][i], s]))
         yield e
 
 
-def _datacompdr_entries(url: str, so: dict, plan: DataPlan, seed: int, epoch: int,
+def _datacompdr_entries(url: str, so: dict, plan: DataPlan, src: SourcePlan, ch: Chooser,
                         join_key: str) -> Iterator[Entry]:
     from dr_pipeline.shards.datacompdr import iter_datacompdr_tar
 
@@ -301,13 +431,47 @@ def _datacompdr_entries(url: str, so: dict, plan: DataPlan, seed: int, epoch: in
         o += t.dim
     total = o
     for rec in iter_datacompdr_tar(url, so):
-        yield _datacompdr_entry(rec, plan, offsets, total, seed, epoch, join_key)
+        yield _datacompdr_entry(rec, plan, src, offsets, total, ch, join_key)
 
 
-def _datacompdr_entry(rec: dict, plan: DataPlan, offsets: dict, total: int, seed: int, epoch: int,
+def _syn_pools(rec: dict, plan: DataPlan, src: SourcePlan, text_emb: np.ndarray,
+               total: int) -> tuple[list[tuple[list[str], np.ndarray]], str | None]:
+    """(texts, embeddings [k, ΣD]) per selected synthetic-caption key of a DataCompDR sample,
+    in syn.json order, or an error reason. Embeddings: ``<key>_emb`` (per-key layout), else
+    ``text_emb`` rows 1.. for the first ``syn_text*`` key (v1), else ``syn_text_emb_<suffix>``."""
+    syn = rec.get("syn", {})
+    primary = next((k for k in syn if k.startswith("syn_text")), None)
+    if text_emb.shape[0] != 1 and (primary is None or text_emb.shape[0] != 1 + len(syn[primary] or [])):
+        return [], "mismatched_syn_count"
+    pools: list[tuple[list[str], np.ndarray]] = []
+    for name, texts in syn.items():
+        if not name.startswith("syn_text"):
+            continue
+        if not plan.selects_syn_key(name, src.captioners):
+            continue
+        texts = list(texts or [])
+        if name == primary and text_emb.shape[0] > 1:      # v1: as Apple's v2 trainer, rows first
+            arr = text_emb[1:]
+        else:
+            arr = rec.get(f"{name}_emb")
+            if arr is None and name != primary:
+                arr = rec.get(f"syn_text_emb_{name[len('syn_text_'):]}")
+        if arr is None:
+            if texts:
+                return [], "missing_syn_emb"
+            continue
+        if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape != (len(texts), total):
+            return [], "mismatched_syn_count"
+        pools.append((texts, arr))
+    return pools, None
+
+
+def _datacompdr_entry(rec: dict, plan: DataPlan, src: SourcePlan, offsets: dict, total: int, ch: Chooser,
                       join_key: str) -> Entry:
     key = rec["key"] if join_key == "key" else rec.get("json", {}).get("uid")
     e = Entry(key=str(key if key is not None else f"<{rec['key']} without uid>"))
+    sha = rec.get("json", {}).get("sha256")
+    e.sha256 = sha if isinstance(sha, str) and sha else None
     if key is None:
         e.error = "no_join_key"
         return e
@@ -321,35 +485,23 @@ def _datacompdr_entry(rec: dict, plan: DataPlan, offsets: dict, total: int, seed
     if len(paug) != image_emb.shape[0] or not len(paug):
         e.error = "mismatched_aug_count"
         return e
-    syn = rec.get("syn", {})
-    primary = next((k for k in syn if k.startswith("syn_text")), None)
-    pools: list[tuple[list[str], np.ndarray]] = []
-    if primary is not None:
-        texts = rec.get("syn_text") or []
-        if text_emb.shape[0] != 1 + len(texts):
-            e.error = "mismatched_syn_count"
-            return e
-        if plan.captioners is None or primary in plan.captioners:
-            pools.append((texts, text_emb[1:]))
-    for name, texts in syn.items():
-        arr = rec.get(f"syn_text_emb_{name[len('syn_text_'):]}") if name != primary else None
-        if arr is None or not (plan.captioners is None or name in plan.captioners):
-            continue
-        if arr.ndim != 2 or arr.shape != (len(texts), total):
-            e.error = "mismatched_syn_count"
-            return e
-        pools.append((texts, arr))
-    pool = [(p, j) for p in range(len(pools)) for j in range(len(pools[p][0]))]
-    e.aug_index = choose(seed, epoch, e.key, len(paug), "aug")
+    pools, error = _syn_pools(rec, plan, src, text_emb, total)
+    if error:
+        e.error = error
+        return e
+    e.aug_index = ch.aug(e.key, len(paug))
     e.aug = paug[e.aug_index]
-    e.syn_index = choose(seed, epoch, e.key, len(pool), "syn")
+    e.syn_index = ch.syn(e.key, [len(texts) for texts, _ in pools])
+    pool = [(p, j) for p in range(len(pools)) for j in range(len(pools[p][0]))]
     if e.syn_index >= 0:
         p, j = pool[e.syn_index]
         e.syn_caption = str(pools[p][0][j])
         syn_row = pools[p][1][j]
     else:
         syn_row = text_emb[0]
+    e.mixed = e.syn_index >= 0 and ch.mixed(e.key)
+    gt_row = syn_row if e.mixed else text_emb[0]
     for t in plan.teachers:
         a, b = offsets[t.id]
-        e.emb[t.id] = np.stack([image_emb[e.aug_index, a:b], text_emb[0, a:b], syn_row[a:b]]).astype(np.float32)
+        e.emb[t.id] = np.stack([image_emb[e.aug_index, a:b], gt_row[a:b], syn_row[a:b]]).astype(np.float32)
     return e

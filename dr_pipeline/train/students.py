@@ -9,6 +9,13 @@ normalizes them itself (mean/std in the spec), so loaders never ship floats.
 ``tiny`` is the same FastViT-MCi code (RepMixer stages, attention stage with conditional
 positional encoding, re-parameterizable branches) at one block per stage and 16→128
 channels, with a 2-layer text tower: it trains at 64 px on a CPU in milliseconds.
+
+Any open_clip model name is a student too (``OpenClipStudent``: ``ViT-B-16``,
+``MobileCLIP-B``, ``MobileCLIP2-S0``, configs registered with ``open_clip.add_model_config``),
+built with random weights and the same interface (uint8 images in, normalized features
+out); its ``clip`` attribute is the open_clip model itself (``student.clip.state_dict()``
+loads into ``open_clip.create_model(name)``). ``set_grad_checkpointing`` recomputes the
+towers' activations in backward (timm stages, open_clip transformers).
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ class StudentSpec:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
+    open_clip_model: str | None = None     # an open_clip model name: OpenClipStudent (timm_* unused)
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -84,6 +92,8 @@ ARCHS: dict[str, dict[str, Any]] = {
 
 
 def resolve_spec(cfg: StudentConfig) -> StudentSpec:
+    if cfg.arch not in ARCHS:
+        return _open_clip_spec(cfg)
     a = dict(ARCHS[cfg.arch])
     return StudentSpec(
         arch=cfg.arch, timm_model=a["timm_model"], timm_kwargs=a.get("timm_kwargs", {}),
@@ -91,6 +101,28 @@ def resolve_spec(cfg: StudentConfig) -> StudentSpec:
         text_width=a["text_width"], text_heads=a["text_heads"], text_layers=a["text_layers"],
         context_length=cfg.context_length or a["context_length"], mean=cfg.mean, std=cfg.std,
         init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale, **_TEXT_BIG)
+
+
+def _open_clip_spec(cfg: StudentConfig) -> StudentSpec:
+    import open_clip
+
+    from dr_pipeline.config import ConfigError
+
+    mc = open_clip.get_model_config(cfg.arch)
+    if mc is None:
+        raise ConfigError(f"student.arch {cfg.arch!r}: not an open_clip model (open_clip.list_models())")
+    text = mc.get("text_cfg", {})
+    if text.get("hf_tokenizer_name") or text.get("vocab_size", 49408) != 49408:
+        raise ConfigError(f"student.arch {cfg.arch!r}: its text tower uses another tokenizer than CLIP's BPE, "
+                          "which the loader tokenizes with")
+    size = mc["vision_cfg"].get("image_size", 224)
+    return StudentSpec(
+        arch=cfg.arch, timm_model="", timm_kwargs={}, embed_dim=int(mc["embed_dim"]),
+        image_size=cfg.image_size or int(size if isinstance(size, int) else size[0]),
+        text_width=int(text.get("width", 512)), text_heads=int(text.get("heads", 8)),
+        text_layers=int(text.get("layers", 12)), context_length=cfg.context_length or int(text.get("context_length", 77)),
+        no_causal_mask=bool(text.get("no_causal_mask", False)), mean=cfg.mean, std=cfg.std,
+        init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale, open_clip_model=cfg.arch)
 
 
 class VisualTower(nn.Module):
@@ -143,6 +175,10 @@ class Student(nn.Module):
     def clamp_logit_scale(self) -> None:
         self.logit_scale.clamp_(0, math.log(self.spec.max_logit_scale))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.trunk.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
     def reparameterize(self) -> "Student":
         """An inference copy with every multi-branch block fused (same outputs, eval mode)."""
         from timm.utils import reparameterize_model
@@ -152,12 +188,59 @@ class Student(nn.Module):
         return m
 
 
+def _create_clip(spec: StudentSpec, device: str = "cpu") -> nn.Module:
+    import open_clip
+
+    size = open_clip.get_model_config(spec.open_clip_model)["vision_cfg"].get("image_size", 224)
+    return open_clip.create_model(spec.open_clip_model, pretrained=None, device=device,
+                                  force_image_size=spec.image_size if spec.image_size != size else None,
+                                  force_context_length=spec.context_length)
+
+
+class OpenClipStudent(Student):
+    """An open_clip model (random init) behind the Student interface; ``clip`` is the model."""
+
+    def __init__(self, spec: StudentSpec):
+        nn.Module.__init__(self)
+        self.spec = spec
+        self.clip = _create_clip(spec)
+        with torch.no_grad():
+            self.clip.logit_scale.fill_(math.log(spec.init_logit_scale))
+        self.register_buffer("pixel_mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:            # type: ignore[override]
+        return self.clip.logit_scale
+
+    @property
+    def visual(self) -> nn.Module:                    # type: ignore[override]
+        return self.clip.visual
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.clip.encode_image(self.preprocess(images), normalize=normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.clip.encode_text(tokens, normalize=normalize)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.clip.set_grad_checkpointing(enable)
+
+    def reparameterize(self) -> "OpenClipStudent":
+        from timm.utils import reparameterize_model
+
+        m = copy.deepcopy(self).eval()
+        m.clip = reparameterize_model(m.clip, inplace=True)
+        return m
+
+
 def build_student(spec: StudentSpec, seed: int | None = None) -> Student:
+    cls = OpenClipStudent if spec.open_clip_model else Student
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return Student(spec)
-    return Student(spec)
+            return cls(spec)
+    return cls(spec)
 
 
 @lru_cache(maxsize=4)
@@ -175,7 +258,8 @@ def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
 def image_param_count(spec: StudentSpec) -> int:
     """Parameters of the image tower, counted without allocating weights (meta device)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in VisualTower(spec).parameters())
+        tower = _create_clip(spec, "meta").visual if spec.open_clip_model else VisualTower(spec)
+        return sum(p.numel() for p in tower.parameters())
 
 
-__all__ = ["ARCHS", "StudentSpec", "Student", "resolve_spec", "build_student", "tokenize", "image_param_count"]
+__all__ = ["ARCHS", "StudentSpec", "Student", "OpenClipStudent", "resolve_spec", "build_student", "tokenize", "image_param_count"]

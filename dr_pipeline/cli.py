@@ -140,7 +140,9 @@ def cmd_reinforce(a: argparse.Namespace) -> int:
 def cmd_validate(a: argparse.Namespace) -> int:
     from dr_pipeline.validate import validate_dataset
 
-    rep = validate_dataset(a.dataset, check_base_keys=not a.no_base)
+    if a.deep is not None and not 0 < a.deep <= 1:
+        raise ConfigError(f"--deep takes a fraction of rows in (0, 1], got {a.deep}")
+    rep = validate_dataset(a.dataset, check_base_keys=not a.no_base, deep=a.deep)
     print(rep.render())
     return 0 if rep.ok else 1
 
@@ -157,6 +159,16 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     out = a.out or str(Path(a.dataset) / "contact_sheet.png")
     contact_sheet(a.dataset, out, n_images=a.images)
     print(f"{'contact sheet':>20}: {out}")
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    import json
+
+    from dr_pipeline.status import job_status
+
+    st = job_status(a.dataset)
+    print(json.dumps(st.to_json(), indent=1) if a.json else st.render())
     return 0
 
 
@@ -201,7 +213,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
         raise ConfigError("plan: give --ensemble FILE or --teacher MODEL[:DIM] / --captioner MODEL")
     try:
         spec = spec_from_args(a.samples, a.teacher or [], a.captioner or [], cli_path(a.ensemble), a.n_aug, a.k,
-                              a.per_shard)
+                              a.per_shard, gpus=a.gpus, mfu=a.mfu, batch_size=a.batch_size,
+                              text_tokens=a.text_tokens, caption_tokens=a.caption_tokens,
+                              draws_per_caption=a.draws_per_caption)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     plan = make_plan(spec, load_costs(a.costs))
@@ -219,6 +233,7 @@ EXAMPLES = {
     "validate": "dr validate out/demo/dataset",
     "inspect": "dr inspect out/demo/dataset --out out/demo/contact_sheet.png",
     "export": "dr export out/demo/dataset --format datacompdr --out out/demo/datacompdr",
+    "status": "dr status s3://bucket/dfndr-2b --json",
     "add-teacher": "dr add-teacher out/demo/dataset --teachers teachers/tiny.yaml --teacher tiny-vit-b",
     "train": "dr train --config jobs/configs/train-tiny.yaml --resume latest",
     "eval": "dr eval --checkpoint out/demo/train-tiny --data out/demo/corpus/tar/shard-00003.tar",
@@ -309,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = _cmd(sub, "validate", help="check every committed shard against the contract")
     s.add_argument("dataset", help="dataset folder or URL (the job's output.path)")
     s.add_argument("--no-base", action="store_true", help="skip the check against the base corpus keys")
+    s.add_argument("--deep", nargs="?", type=float, const=1.0, metavar="FRACTION",
+                   help="also compare rows with their base samples and recompute the teachers' embeddings "
+                        "(all rows, or this fraction of them, e.g. --deep 0.01; loads the teachers)")
     s.set_defaults(fn=cmd_validate)
 
     s = _cmd(sub, "inspect", help="print a summary and write a contact-sheet PNG")
@@ -316,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="PNG path (default DATASET/contact_sheet.png)")
     s.add_argument("--images", type=int, default=4, help="source images on the contact sheet")
     s.set_defaults(fn=cmd_inspect)
+
+    s = _cmd(sub, "status", help="progress of a running or finished job, from its files alone")
+    s.add_argument("dataset", help="dataset folder or URL (the job's output.path)")
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
+    s.set_defaults(fn=cmd_status)
 
     s = _cmd(sub, "export", help="export to another layout")
     s.add_argument("dataset", help="dataset folder or URL (the job's output.path)")
@@ -349,6 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-aug", type=int, default=2, help="augmentations per image (DFNDR-2B: 2)")
     s.add_argument("--k", type=int, default=5, help="synthetic captions per captioner")
     s.add_argument("--per-shard", type=int, default=10_000, help="samples per shard")
+    s.add_argument("--gpus", type=int, default=64, help="G in 'with G GPUs: D days, S shards/hour' (one actor each)")
+    s.add_argument("--mfu", type=float, default=0.25,
+                   help="assumed model FLOPs utilisation of the image towers for the estimated A100/H100 rows")
+    s.add_argument("--batch-size", type=int, default=128, help="images per model step (memory per actor)")
+    s.add_argument("--text-tokens", type=float, default=20.0, help="mean tokens per caption through the text towers")
+    s.add_argument("--caption-tokens", type=float, default=16.0, help="mean decoding steps per synthetic caption")
+    s.add_argument("--draws-per-caption", type=float, default=1.1,
+                   help="sampled draws per kept caption (degenerate draws are resampled; at most max_attempts)")
     s.add_argument("--costs", action="append", help="costs JSON from make bench (default: bench/costs-*.json)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(fn=cmd_plan)

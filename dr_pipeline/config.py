@@ -57,7 +57,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got a {type(value).__name__}")   # never echo: secrets
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -110,25 +110,135 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 
-def load_yaml(cls: type, path: str | Path) -> Any:
-    """Load a config file with ``yaml.safe_load`` (no Python tags, nothing executed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (check the path)")
+MAX_CONFIG_BYTES = 1 << 20        # a config file larger than this is refused
+MAX_CONFIG_VALUES = 100_000       # values in a config once YAML aliases are expanded
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, line: int, first: int):
+        super().__init__(f"duplicate key '{key}' at line {line} (first at line {first}); keep one")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no Python tags) that refuses a key given twice in one mapping (PyYAML
+    keeps the last one silently). Keys pulled in by a ``<<`` merge may be overridden, as YAML says."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise _DuplicateKey(key, line, first[key])
+                    first[key] = line
+                except TypeError:        # unhashable: the base constructor says so
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_values(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """How many values ``node`` holds once every alias is expanded (what ``to_dict``, ``redact``
+    and a dump would walk), in time linear in the *unexpanded* document; recursive aliases raise."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in active:
+        raise yaml.YAMLError("a recursive alias (an anchor used inside itself) is not allowed")
+    active.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded_values(c, memo, active) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n = 1 + sum(_expanded_values(k, memo, active) + _expanded_values(v, memo, active) for k, v in node.value)
+    else:
+        n = 1
+    active.discard(id(node))
+    memo[id(node)] = n
+    return n
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """Parse YAML config text: plain YAML only (no Python tags, nothing executed), no key twice in
+    one mapping, at most ``MAX_CONFIG_BYTES`` and ``MAX_CONFIG_VALUES`` values after alias
+    expansion (an alias bomb is refused before anything expands it). Every problem is one
+    ``ConfigError`` line naming ``where`` (and the line), never the values."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: {len(text)} characters, larger than the {MAX_CONFIG_BYTES >> 20} MiB a config "
+                          "may have (is this the right file?)")
+    loader = _StrictLoader(text)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_values(node, {}, set())
+        if n > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where}: expands to {n} values through YAML aliases (limit {MAX_CONFIG_VALUES}; "
+                              "an alias bomb?): write the values out or drop the aliases")
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
         problem = " ".join(str(getattr(e, "problem", None) or e).split())
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {problem} (fix the file; only plain YAML, "
+        if isinstance(e, _DuplicateKey):
+            raise ConfigError(f"{where}: {problem}") from None
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem} (fix the file; only plain YAML, "
                           "no !!python tags, is accepted)") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply (fix the file)") from None
+    finally:
+        loader.dispose()
+
+
+def load_yaml(cls: type, path: str | Path) -> Any:
+    """Load a config file with ``safe_yaml`` (no Python tags, no duplicate keys, bounded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (check the path)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes, larger than the {MAX_CONFIG_BYTES >> 20} MiB a "
+                          "config may have (is this the right file?)")
+    try:
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+    data = safe_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys to values")
     return from_dict(cls, data, where=str(path))
+
+
+_SO_MAPPINGS = ("client_kwargs", "config_kwargs", "s3_additional_kwargs", "headers")
+_SO_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_storage_options(so: Any, where: str) -> None:
+    """fsspec ``storage_options`` of a sane shape, else one ``ConfigError`` line that names the key
+    but never a value (they hold credentials): a mapping with string keys, plain values (text,
+    numbers, booleans, lists, mappings), and ``*_kwargs`` / ``headers`` entries that are mappings
+    (s3fs fails deep inside botocore, with a traceback, on ``config_kwargs: 7``)."""
+    if not isinstance(so, dict):
+        raise ConfigError(f"{where}: expected a mapping of fsspec options, got a {type(so).__name__}")
+
+    def walk(v: Any, at: str, depth: int) -> None:
+        if depth > 8:
+            raise ConfigError(f"{at}: nested deeper than 8 levels")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise ConfigError(f"{at}: option names must be text, got a {type(k).__name__}")
+                walk(x, f"{at}.{k}", depth + 1)
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, f"{at}[{i}]", depth + 1)
+        elif not isinstance(v, _SO_SCALARS):
+            raise ConfigError(f"{at}: a {type(v).__name__} is not a valid option value (use text, numbers, "
+                              "true/false, lists or mappings)")
+    walk(so, where, 0)
+    for k, v in so.items():
+        if (k in _SO_MAPPINGS or k.endswith("_kwargs")) and not isinstance(v, dict):
+            raise ConfigError(f"{where}.{k}: expected a mapping, got a {type(v).__name__}")
 
 
 def to_dict(obj: Any) -> Any:
@@ -185,7 +295,7 @@ def strip_redacted(obj: Any) -> Any:
 # synthetic.yaml``: the project's teachers/ folder, in a checkout, an editable install or a wheel).
 
 PKG = "pkg:"
-SHIPPED = ("teachers",)          # top-level folders shipped with the package (pyproject data-files)
+SHIPPED = ("teachers", "schemas")          # top-level folders shipped with the package (pyproject data-files)
 
 
 def data_root() -> Path:
@@ -388,6 +498,7 @@ class InputSpec:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_storage_options(self.storage_options, "input.storage_options")
         urls = [self.urls] if isinstance(self.urls, str) else list(self.urls)
         if not urls or any(not u.strip() for u in urls):
             raise ConfigError("input.urls is empty; set input.urls to shard file(s), a brace pattern, "
@@ -401,6 +512,7 @@ class OutputSpec:
     compression_level: int = 3
 
     def __post_init__(self) -> None:
+        check_storage_options(self.storage_options, "output.storage_options")
         if not self.path.strip():
             raise ConfigError("output.path is empty; set output.path to a new folder or s3:// prefix")
         if not 1 <= self.compression_level <= 22:

@@ -159,3 +159,96 @@ def test_changed_config_on_existing_output_is_refused(tiny_ensemble, corpus, tmp
     line = run_error(capsys, ["reinforce", "--config", cfg, "--local"])
     assert "was made by a different config" in line and "--force" in line
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json"]
+
+
+# --------------------------------------------------------------------------- issue 18: hostile configs
+
+def _job_text(corpus: str, tmp_path, tiny_ensemble: str, extra: str = "") -> str:
+    return (f"input: {{urls: '{corpus}'}}\noutput: {{path: '{tmp_path / 'out'}'}}\n"
+            f"teachers: '{tiny_ensemble}'\n" + extra)
+
+
+def test_duplicate_yaml_keys_are_refused(tiny_ensemble, corpus, tmp_path, capsys):
+    # Old loader: the last `output:` / `aug:` silently won.
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(_job_text(corpus, tmp_path, tiny_ensemble, "aug: {n_aug: 2}\noutput: {path: elsewhere}\naug: {n_aug: 3}\n"))
+    line = run_error(capsys, ["reinforce", "--config", str(cfg), "--local"])
+    assert f"{cfg}: duplicate key 'output' at line 5 (first at line 2)" in line and "keep one" in line
+    cfg.write_text(_job_text(corpus, tmp_path, tiny_ensemble, "aug:\n  n_aug: 2\n  n_aug: 3\n"))
+    line = run_error(capsys, ["reinforce", "--config", str(cfg), "--local"])
+    assert "duplicate key 'n_aug' at line 6 (first at line 5)" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options", [
+    "[key, AKIA-VERY-SECRET]",                                  # a list: old message echoed it
+    "{config_kwargs: 7, secret: AKIA-VERY-SECRET}",            # old: a 58-line traceback from s3fs
+    "{client_kwargs: [AKIA-VERY-SECRET]}",
+    "{1: AKIA-VERY-SECRET}",
+    "{key: !!binary QUtJQS1WRVJZLVNFQ1JFVA==}",
+    "AKIA-VERY-SECRET",
+])
+def test_malformed_storage_options_one_line_no_secret(options, tiny_ensemble, corpus, tmp_path, capsys):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"input: {{urls: 's3://bucket/x/*.tar', storage_options: {options}}}\n"
+                   f"output: {{path: '{tmp_path / 'out'}'}}\nteachers: '{tiny_ensemble}'\n")
+    line = run_error(capsys, ["reinforce", "--config", str(cfg), "--local"])
+    assert "input.storage_options" in line and "AKIA" not in line and "SECRET" not in line, line
+
+
+def test_output_storage_options_are_checked_too(tiny_ensemble, corpus, tmp_path, capsys):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"input: {{urls: '{corpus}'}}\noutput: {{path: 's3://b/o', storage_options: {{config_kwargs: x}}}}\n"
+                   f"teachers: '{tiny_ensemble}'\n")
+    line = run_error(capsys, ["reinforce", "--config", str(cfg), "--local"])
+    assert "output.storage_options.config_kwargs: expected a mapping, got a str" in line
+
+
+BOMB = """input:
+  urls: '{corpus}'
+  storage_options:
+    a: &a [x, x, x, x, x, x, x, x, x, x]
+    b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+    c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+    d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+    e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+    f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+    g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+    h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+    i: [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
+output: {{path: '{out}'}}
+teachers: '{teachers}'
+"""
+
+RSS_CHILD = """
+import resource, sys, time
+from dr_pipeline.cli import main
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.time()
+code = main(["reinforce", "--config", sys.argv[1], "--local"])
+print("RESULT", code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, round(time.time() - t0, 2))
+"""
+
+
+def test_yaml_alias_bomb_is_refused_with_flat_memory(tiny_ensemble, corpus, tmp_path):
+    # Old: a ~750-byte file like this one (10^9 values once expanded) ran for minutes and took >1 GB
+    # in to_dict/redact. A fresh process, so its peak RSS is its own.
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(BOMB.format(corpus=corpus, out=tmp_path / "out", teachers=tiny_ensemble))
+    assert cfg.stat().st_size < 1000
+    p = subprocess.run([sys.executable, "-c", RSS_CHILD, str(cfg)], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    code, grown_kb, secs = p.stdout.split("RESULT")[1].split()
+    lines = p.stderr.strip().splitlines()
+    assert code == "2" and len(lines) == 1 and "expands to" in lines[0] and "alias bomb" in lines[0], p.stderr
+    assert int(grown_kb) < 30 * 1024 and float(secs) < 5, (grown_kb, secs)
+
+
+def test_oversized_config_is_refused(tmp_path, capsys):
+    cfg = tmp_path / "big.yaml"
+    cfg.write_text("input: {urls: x}\n# " + "x" * (2 << 20) + "\n")
+    line = run_error(capsys, ["reinforce", "--config", str(cfg), "--local"])
+    assert "larger than the 1 MiB a config may have" in line

@@ -10,7 +10,7 @@ import torch
 
 from dr_pipeline.shards import bf16
 from dr_pipeline.shards.parquet_io import ReinforcedRows, ShardWriter, read_shard
-from dr_pipeline.shards.schema import SCHEMA_DIR, ShardLayout, TeacherLayout, contract, parse_type
+from dr_pipeline.shards.schema import ShardLayout, TeacherLayout, contract, parse_type, schema_path
 
 
 def reference_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -86,7 +86,7 @@ def test_schema_file_is_the_contract(tmp_path):
     dims = {"t": 8}
     layout = _write(tmp_path / "s.parquet", _rows(4, 2, dims), 2, dims)
     schema = pq.read_schema(tmp_path / "s.parquet")
-    c = json.loads((SCHEMA_DIR / "reinforced-v1.json").read_text())
+    c = json.loads(schema_path("reinforced-v1.json").read_text())
     assert c == contract() and c["version"] == 1
     assert schema.names[:len(c["columns"])] == [col["name"] for col in c["columns"]]
     assert str(schema.field("emb__t__image__bf16_2x8").type) == "fixed_size_list<element: uint16>[16]"

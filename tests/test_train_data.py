@@ -326,3 +326,174 @@ def test_stream_state_restarts_exactly_after_the_last_batch(world):
         assert got["keys"] == want["keys"]
         assert torch.equal(got["image"], want["image"])
         assert torch.equal(got["teachers"]["ta"], want["teachers"]["ta"])
+
+
+# --------------------------------------------------------------------------- parity with Apple's trainer
+
+def _per_key_layout(src: Path, out: Path, member: str = "npz", drop: str | None = None,
+                    bad_sha_key: str | None = None) -> None:
+    """Rewrite exported tars into Apple's per-key layout: ``text_emb`` [1, D] (GT only) plus
+    ``<syn key>_emb`` [k, D] per synthetic key; ``member="pth.gz"``: bf16 tensors, as released.
+    ``drop``: leave that ``*_emb`` array out; ``bad_sha_key``: that sample's json sha256 is wrong."""
+    import json
+
+    out.mkdir(exist_ok=True)
+    for path in sorted(src.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(out / path.name, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                key, ext = name.split(".", 1)
+                if ext == "npz":
+                    with np.load(io.BytesIO(data)) as z:
+                        a = {k: z[k] for k in z.files}
+                    arrays = {"image_emb": a["image_emb"], "text_emb": a["text_emb"][:1],
+                              "syn_text_emb": a["text_emb"][1:]}
+                    arrays.update({f"syn_text_{k[len('syn_text_emb_'):]}_emb": v for k, v in a.items()
+                                   if k.startswith("syn_text_emb_")})
+                    arrays.pop(drop, None)
+                    buf = io.BytesIO()
+                    if member == "npz":
+                        np.savez(buf, **arrays)
+                    else:
+                        torch.save({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in arrays.items()}, buf)
+                    data = buf.getvalue() if member == "npz" else gzip.compress(buf.getvalue())
+                    name = f"{key}.{member}"
+                if ext == "json" and key == bad_sha_key:
+                    meta = json.loads(data)
+                    data = json.dumps({**meta, "sha256": "0" * 64}).encode()
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("member", ["npz", "pth.gz"])
+def test_apple_per_key_layout_gives_the_same_samples_as_parquet(world, truth, tmp_path, member):
+    _export(world, tmp_path / "v1")
+    _per_key_layout(tmp_path / "v1", tmp_path / "v2", member)
+    with tarfile.open(tmp_path / "v2" / "shard-00000.tar") as tar:
+        names = {m.name.split(".", 1)[1] for m in tar.getmembers()}
+        arrays = _members_arrays(tar, member)
+    assert member in names and arrays["text_emb"].shape[0] == 1 and {"syn_text_emb", "syn_text_c2_emb"} <= set(arrays)
+    ref = _epoch(_cfg(world))
+    got = _epoch(_tar_cfg(world, tmp_path / "v2"))
+    assert not [it for it in got if "skip" in it]
+    assert [(it["key"], it["aug_index"], it["syn_index"], it["syn_caption"]) for it in got] == \
+           [(it["key"], it["aug_index"], it["syn_index"], it["syn_caption"]) for it in ref]
+    for a, b in zip(got, ref):
+        assert torch.equal(a["image"], b["image"])
+        for t, _, _ in TEACHERS:
+            assert torch.equal(a["teachers"][t], b["teachers"][t])
+    for it in got[:4]:
+        truth.check(it)
+    # Apple's DFNDR selector: only the key that matches, here the second captioner's
+    only_c2 = _epoch(_tar_cfg(world, tmp_path / "v2", syn_key_regex="^syn_text_c2$"))
+    assert only_c2 and all("c2" in it["syn_caption"] for it in only_c2)
+    # a selected key without its embeddings is counted, never trained on with wrong rows
+    _per_key_layout(tmp_path / "v1", tmp_path / "v2-missing", member, drop="syn_text_c2_emb")
+    skipped = Counter(it.get("skip") for it in _epoch(_tar_cfg(world, tmp_path / "v2-missing")))
+    assert set(skipped) == {"missing_syn_emb"}
+    assert not [it for it in _epoch(_tar_cfg(world, tmp_path / "v2-missing", syn_key_regex="^syn_text$"))
+                if "skip" in it]
+
+
+def _members_arrays(tar: tarfile.TarFile, member: str) -> dict:
+    m = next(m for m in tar.getmembers() if m.name.endswith("." + member))
+    data = tar.extractfile(m).read()
+    if member == "npz":
+        with np.load(io.BytesIO(data)) as z:
+            return {k: z[k] for k in z.files}
+    return torch.load(io.BytesIO(gzip.decompress(data)), weights_only=True)
+
+
+def test_datacompdr_base_image_sha256_mismatch_is_skipped_and_counted(world, tmp_path):
+    _export(world, tmp_path / "v1")
+    victim = sorted(Truth(world).rows)[4]
+    _per_key_layout(tmp_path / "v1", tmp_path / "v2", bad_sha_key=victim)
+    items = _epoch(_tar_cfg(world, tmp_path / "v2"))
+    assert {it["key"]: it["skip"] for it in items if "skip" in it} == {victim: "mismatched_image"}
+    assert len([it for it in items if "skip" not in it]) == N_SHARDS * PER_SHARD - 1
+    lax = _epoch(_tar_cfg(world, tmp_path / "v2", verify_sha256=False))
+    assert not [it for it in lax if "skip" in it]
+
+
+def _sig(items: list[dict]) -> list[tuple]:
+    """What a sample trains on, comparable: key, choices, captions, image and embedding bytes."""
+    return [(it["key"], it["aug_index"], it["syn_index"], it["caption"], it["syn_caption"],
+             it["image"].numpy().tobytes(), tuple(it["teachers"][t].numpy().tobytes() for t in sorted(it["teachers"])))
+            for it in items]
+
+
+def test_syn_key_regex_selects_parquet_captioners(world):
+    items = _epoch(_cfg(world, syn_key_regex="^c2$"))
+    assert items and all("c2" in it["syn_caption"] for it in items)
+    assert _sig(_epoch(_cfg(world, syn_key_regex="^c2$"))) == _sig(_epoch(_cfg(world, captioners=("c2",))))
+    with pytest.raises(ConfigError, match="matches none"):
+        make_plan(_cfg(world, syn_key_regex="^nope$"))
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        _cfg(world, syn_key_regex="(")
+
+
+def test_sample_sequential_walks_augmentations_and_captions_in_order(world, truth):
+    cfg = _cfg(world, sample_sequential=True)
+    epochs = [{it["key"]: it for it in _epoch(cfg, start=StreamState(epoch=e))} for e in range(4)]
+    for key in epochs[0]:
+        rows, i = truth.rows[key]
+        sizes = [len(rows.syn[c][i]) for c in CAPTIONERS]
+        for e, by_key in enumerate(epochs):
+            it = by_key[key]
+            assert it["aug_index"] == e % SPEC.n_aug                       # Apple: epoch % N_aug
+            p = 0 if it["syn_index"] < sizes[0] else 1                      # the key drawn for this visit
+            assert it["syn_index"] - sum(sizes[:p]) == e % sizes[p]         # caption epoch % k of that key
+            truth.check(it)
+
+
+def test_mix_synthetic_ratio_puts_one_caption_per_sample(world, truth):
+    ref = _epoch(_cfg(world))
+    assert _sig(_epoch(_cfg(world, mix_synthetic_ratio=0.0))) == _sig(ref)
+    for it in _epoch(_cfg(world, mix_synthetic_ratio=1.0)):          # always the synthetic caption
+        assert it["caption"] == it["syn_caption"] and torch.equal(it["tokens"][0], it["tokens"][1])
+        for t, _, _ in TEACHERS:
+            assert torch.equal(it["teachers"][t][1], it["teachers"][t][2])
+    half = _epoch(_cfg(world, mix_synthetic_ratio=0.5))
+    mixed = [it["caption"] == it["syn_caption"] for it in half]
+    assert 0 < sum(mixed) < len(mixed)
+    for it, r in zip(half, ref):                                       # same views and captions drawn
+        assert (it["key"], it["aug_index"], it["syn_caption"]) == (r["key"], r["aug_index"], r["syn_caption"])
+    with pytest.raises(ConfigError, match="mix_synthetic_ratio"):
+        _cfg(world, mix_synthetic_ratio=1.5)
+
+
+def test_several_sources_with_upsampling_factors(world, truth, tmp_path):
+    from dr_pipeline.train.config import SourceConfig
+    from dr_pipeline.train.data import epoch_visits
+
+    _export(world, tmp_path / "tars")
+    extra = SourceConfig(reinforced=str(tmp_path / "tars"), base=str(world / "corpus" / "tar"), upsampling_factor=2.0)
+    cfg = _cfg(world, extra_sources=(extra,),
+               foreign_teachers=tuple(ForeignTeacher(t, d, s) for t, d, s in TEACHERS), foreign_aug=SPEC)
+    plan = make_plan(cfg)
+    assert [(p.source, p.kind) for p in plan.pairs] == [(0, "parquet")] * N_SHARDS + [(1, "datacompdr")] * N_SHARDS
+    visits = Counter((p.source, p.visit) for p in epoch_visits(plan, SEED, 0))
+    assert visits == {(0, 0): N_SHARDS, (1, 0): N_SHARDS, (1, 1): N_SHARDS}
+    items = _epoch(cfg)
+    assert len(items) == 3 * N_SHARDS * PER_SHARD and not [it for it in items if "skip" in it]
+    assert Counter(Counter(it["key"] for it in items).values()) == {3: N_SHARDS * PER_SHARD}
+    for it in items[::7]:
+        truth.check(it)
+    # the second visit of a shard draws its own views
+    by_key: dict[str, list[int]] = {}
+    for it in items:
+        by_key.setdefault(it["key"], []).append(it["aug_index"])
+    assert any(len(set(a)) > 1 for a in by_key.values())
+    # fractional factors: floor(f) visits plus one with probability f - floor(f); resampled: weights
+    half = make_plan(_cfg(world, extra_sources=(dataclasses.replace(extra, upsampling_factor=0.5),),
+                          foreign_teachers=cfg.foreign_teachers, foreign_aug=SPEC))
+    n = [sum(p.source == 1 for p in epoch_visits(half, SEED, e)) for e in range(200)]
+    assert sum(n) / len(n) == pytest.approx(0.5 * N_SHARDS, rel=0.15)
+    from dr_pipeline.train.data import rank_shards
+    drawn = [p.source for e in range(100) for p in rank_shards(plan, dataclasses.replace(cfg, resampled=True),
+                                                                 SEED, e, 0, 1)[0]]
+    assert Counter(drawn)[1] / len(drawn) == pytest.approx(2 / 3, abs=0.08)
+    with pytest.raises(ConfigError, match="upsampling_factor"):
+        SourceConfig(reinforced="x", upsampling_factor=0)

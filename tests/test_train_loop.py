@@ -157,6 +157,7 @@ def test_train_configs_in_jobs_load_and_typos_are_refused(tmp_path):
     dfndr = load_train_config(REPO / "jobs" / "configs" / "train-mci0-dfndr.yaml")
     assert (dfndr.optim.betas, dfndr.optim.weight_decay, dfndr.optim.ema_decay) == ((0.9, 0.95), 0.2, 0.9995)
     assert [t.logit_scale for t in dfndr.data.foreign_teachers] == [70.0, 60.0] and dfndr.loss.lam == 1.0
+    assert (dfndr.data.syn_key_regex, dfndr.loss.kd_form) == ("^syn_text_dfn_mscoco38k$", "apple")
     bad = yaml.safe_load((REPO / "jobs" / "configs" / "train-tiny.yaml").read_text())
     bad["optim"]["warmup_step"] = 5
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
@@ -236,3 +237,94 @@ def test_ddp_on_two_gloo_ranks_keeps_replicas_equal_and_resumes_per_rank(dataset
     assert ck["step"] == 4 and ck["data"] == {"world": 2, "states": [[0, 1, 4], [1, 0, 4]]}
     assert torch.equal(resumed["losses"], full["losses"][2:])
     _assert_same_state(full["params"], resumed["params"])             # resumed DDP run == uninterrupted
+
+
+# --------------------------------------------------------------------------- parity with Apple's trainer
+
+def test_gradient_accumulation_equals_one_larger_batch(dataset, tmp_path):
+    """accum_steps=2 x 4 samples: the loss over all 8 and its gradient, as one batch of 8."""
+    from dr_pipeline.train.data import TrainStream
+    from dr_pipeline.train.distributed import setup
+    from dr_pipeline.train.loop import Trainer
+
+    env = setup("cpu")
+    grads, losses = [], []
+    for accum, b in ((1, 8), (2, 4)):
+        cfg = _cfg(dataset, tmp_path / f"accum{accum}", batch_size=b, accum_steps=accum,
+                   loss=dataclasses.replace(_cfg(dataset, tmp_path).loss, lam=0.5))
+        tr = Trainer(cfg, env)
+        tr.student.eval()                      # BatchNorm statistics fixed: micro-batches == one batch
+        stream = iter(TrainStream(tr.plan, cfg.data, cfg.seed, b, tr.spec.image_size, tr.spec.context_length))
+        batches = [next(stream)[0] for _ in range(accum)]
+        parts = tr.train_step(batches[0] if accum == 1 else batches)
+        losses.append(parts["loss"].item())
+        grads.append({n: p.grad.clone() for n, p in tr.student.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "logit_scale" in grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+    res = train(_cfg(dataset, tmp_path / "run", steps=3, accum_steps=2, checkpoint_every=10))
+    assert res.step == 3 and res.samples == 3 * 2 * 4
+    with pytest.raises(ConfigError, match="accum_steps"):
+        _cfg(dataset, tmp_path, accum_steps=0)
+
+
+def test_open_clip_student_trains_with_apple_options_and_dr_eval_loads_it(dataset, tmp_path):
+    import open_clip
+
+    from dr_pipeline.train.config import LossConfig
+    from dr_pipeline.train.loop import Trainer
+    from dr_pipeline.train.distributed import setup
+
+    open_clip.add_model_config(REPO / "teachers" / "models")
+    data = DataConfig(reinforced=str(dataset / "ds"), num_workers=0, mix_synthetic_ratio=0.5, sample_sequential=True)
+    cfg = _cfg(dataset, tmp_path / "oc", steps=4, data=data, student=StudentConfig(arch="dr-tiny-vit-a"),
+               loss=LossConfig(lam=0.75, kd_form="apple"))
+    assert Trainer(cfg, setup("cpu")).loss_fn.kinds() == ["gt"]          # mixing: one caption term only
+    res = train(dataclasses.replace(cfg, student=StudentConfig(arch="dr-tiny-vit-a", grad_checkpointing=True)))
+    assert res.step == 4 and all(x == x for x in res.losses)
+    ck = load_checkpoint(resolve(str(tmp_path / "oc")))
+    assert ck["student"]["open_clip_model"] == "dr-tiny-vit-a" and ck["config"]["loss"]["kd_form"] == "apple"
+    from dr_pipeline.train.evaluate import evaluate
+    out = evaluate(str(tmp_path / "oc"), str(dataset / "corpus" / "tar" / "shard-00002.tar"), device="cpu")
+    assert out["arch"] == "dr-tiny-vit-a" and out["retrieval"]["n"] == 8
+
+
+def test_tensorboard_logging_and_zero_shot_eval_every_k_steps(dataset, tmp_path):
+    pytest.importorskip("tensorboard")
+    from dr_pipeline.train.config import EvalConfig
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = tmp_path / "labelled"
+    for colour in ("red", "blue"):
+        (folder / colour).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40 + 8 * i, 48), colour).save(folder / colour / f"{i}.png")
+    out = tmp_path / "tb"
+    res = train(_cfg(dataset, out, steps=4, log_every=1, tensorboard=True, eval=EvalConfig(data=str(folder), every=2)))
+    assert res.step == 4
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/folder/top1" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["eval/folder/top1"] <= 1 for r in evals)
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert {"loss", "lr", "eval/folder/top1"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Scalars("eval/folder/top1")] == [2, 4]
+    assert (out / "curve.png").exists()
+
+
+def test_wandb_without_the_package_is_a_clear_error(dataset, tmp_path):
+    from dr_pipeline.storage.folder import Folder
+    from dr_pipeline.train.loop import _open_loggers
+
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match="wandb"):
+        _open_loggers(_cfg(dataset, tmp_path / "w", wandb_project="p"), Folder(str(tmp_path / "w")))

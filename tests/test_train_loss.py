@@ -163,7 +163,8 @@ def _step(model, loss_fn, x, gt, syn, teachers):
     return out
 
 
-def _rank_main(rank: int, world: int, init_file: str, out_dir: str, local_loss: bool, b: int) -> None:
+def _rank_main(rank: int, world: int, init_file: str, out_dir: str, local_loss: bool, b: int,
+               kd_form: str = "summed") -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -174,7 +175,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, local_loss: 
         sl = slice(rank * b, (rank + 1) * b)
         model = DDP(_Encoders())
         loss_fn = DistillClipLoss({t: s for t, (_, s) in TEACHERS.items()}, lam=0.5, syn_weight=0.7,
-                                  local_loss=local_loss)
+                                  local_loss=local_loss, kd_form=kd_form)
         out = _step(model, loss_fn, x[sl], gt[sl], syn[sl],
                     {t: {k: v[sl] for k, v in d.items()} for t, d in teachers.items()})
         result = {f"loss.{k}": v.detach() for k, v in out.items()}
@@ -185,19 +186,19 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, local_loss: 
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("local_loss", [False, True])
-def test_two_gloo_ranks_equal_one_process_on_concatenated_batch(tmp_path, local_loss):
+@pytest.mark.parametrize("local_loss,kd_form", [(False, "summed"), (True, "summed"), (False, "apple")])
+def test_two_gloo_ranks_equal_one_process_on_concatenated_batch(tmp_path, local_loss, kd_form):
     import torch.multiprocessing as mp
 
     b, world = 3, 2
-    mp.start_processes(_rank_main, args=(world, str(tmp_path / "init"), str(tmp_path), local_loss, b),
+    mp.start_processes(_rank_main, args=(world, str(tmp_path / "init"), str(tmp_path), local_loss, b, kd_form),
                        nprocs=world, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     model = _Encoders()
     x, gt, syn, teachers = _global_batch(b * world)
-    single = _step(model, DistillClipLoss({t: s for t, (_, s) in TEACHERS.items()}, lam=0.5, syn_weight=0.7),
-                   x, gt, syn, teachers)
+    single = _step(model, DistillClipLoss({t: s for t, (_, s) in TEACHERS.items()}, lam=0.5, syn_weight=0.7,
+                                          kd_form=kd_form), x, gt, syn, teachers)
     for name, value in single.items():
         mean = sum(r[f"loss.{name}"] for r in ranks) / world
         torch.testing.assert_close(mean, value.detach(), rtol=1e-5, atol=1e-6)
@@ -207,3 +208,93 @@ def test_two_gloo_ranks_equal_one_process_on_concatenated_batch(tmp_path, local_
     for n, p in model.named_parameters():
         for r in ranks:  # DDP-averaged gradients are the same on every rank and equal the single run's
             torch.testing.assert_close(r[f"grad.{n}"], p.grad, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- Apple's KD form
+
+def apple_reference(image, texts, scale, teachers, scales, lam, weights) -> dict[str, float]:
+    """ml-mobileclip's DRClipLoss (average_after_softmax) with floats and loops: per caption
+    kind, CLIP = mean over rows of CE (both directions) / 2, and KD = mean over rows of
+    -Σ_j P_ij log softmax(student row)_j with P = (1/K) Σ_k softmax(teacher k row), / 2."""
+    b = len(image)
+    img = [_norm(r) for r in image]
+    out, clip_total, kd_total = {}, 0.0, 0.0
+    for c, w in weights.items():
+        if w == 0:
+            continue
+        txt = [_norm(r) for r in texts[c]]
+        clip = 0.0
+        for rows, cols in ((img, txt), (txt, img)):
+            for i, row in enumerate(_sim(rows, cols, scale)):
+                clip -= _log_softmax(row)[i] / b
+        clip /= 2
+        kd = 0.0
+        for direction in ("image", "text"):
+            srows, scols = (img, txt) if direction == "image" else (txt, img)
+            student = _sim(srows, scols, scale)
+            avg = [[0.0] * b for _ in range(b)]
+            for t, s_t in scales.items():
+                ti = [_norm(r) for r in teachers[t]["image"]]
+                tt = [_norm(r) for r in teachers[t][c]]
+                trows, tcols = (ti, tt) if direction == "image" else (tt, ti)
+                for i, row in enumerate(_sim(trows, tcols, s_t)):
+                    for j, lp in enumerate(_log_softmax(row)):
+                        avg[i][j] += math.exp(lp) / len(scales)
+            for i in range(b):
+                lq = _log_softmax(student[i])
+                kd -= sum(avg[i][j] * lq[j] for j in range(b)) / b
+        kd /= 2
+        out[f"clip_{c}"], out[f"distill_{c}"] = clip, kd
+        clip_total += w * (1 - lam) * clip
+        kd_total += w * lam * kd
+    out.update(loss=clip_total + kd_total, contrastive_loss=clip_total, distill_loss=kd_total)
+    return out
+
+
+def _fd_grad(fn, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Central finite differences of the float64 plain-loop reference."""
+    g = torch.zeros_like(x, dtype=torch.float64)
+    flat = x.double().flatten()
+    for i in range(flat.numel()):
+        up, down = flat.clone(), flat.clone()
+        up[i] += eps
+        down[i] -= eps
+        g.view(-1)[i] = (fn(up.view_as(x)) - fn(down.view_as(x))) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("lam,weights", [(1.0, (1.0, 1.0)), (0.5, (1.0, 0.5)), (0.25, (0.0, 1.0))])
+def test_apple_kd_form_matches_plain_loop_reference_values_and_gradients(lam, weights):
+    image, texts, teachers = _inputs(b=5, d=6, seed=11)
+    scales = {t: s for t, (_, s) in TEACHERS.items()}
+    w = {"gt": weights[0], "syn": weights[1]}
+    plain = lambda im, tx=texts: apple_reference(                                   # noqa: E731
+        im.tolist(), {c: v.tolist() for c, v in tx.items()}, 20.0,
+        {t: {k: v.tolist() for k, v in d.items()} for t, d in teachers.items()}, scales, lam, w)
+    c = "gt" if w["gt"] else "syn"                   # a caption kind that is trained on
+    img = image.clone().requires_grad_(True)
+    txt = {k: v.clone().requires_grad_(k == c) for k, v in texts.items()}
+    loss = DistillClipLoss(scales, lam=lam, gt_weight=w["gt"], syn_weight=w["syn"], kd_form="apple")
+    got = loss(img, txt, torch.tensor(20.0), teachers)
+    want = plain(image)
+    for k, v in want.items():
+        assert got[k].item() == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    g_img, g_txt = torch.autograd.grad(got["loss"], [img, txt[c]])
+    torch.testing.assert_close(g_img, _fd_grad(lambda x: plain(x)["loss"], image).float(), rtol=1e-3, atol=1e-6)
+    fd_txt = _fd_grad(lambda x: plain(image, {**texts, c: x})["loss"], texts[c])
+    torch.testing.assert_close(g_txt, fd_txt.float(), rtol=1e-3, atol=1e-6)
+
+
+def test_apple_kd_form_is_summed_form_over_k_in_gradient_and_differs_by_entropy_in_value():
+    image, texts, teachers = _inputs(b=6, d=10, seed=3)
+    scales = {t: s for t, (_, s) in TEACHERS.items()}
+    grads, values = {}, {}
+    for form in ("summed", "apple"):
+        img = image.clone().requires_grad_(True)
+        v = DistillClipLoss(scales, lam=1.0, syn_weight=0.0, kd_form=form)(img, texts, torch.tensor(30.0), teachers)
+        values[form] = v["loss"].item()
+        grads[form], = torch.autograd.grad(v["loss"], img)
+    torch.testing.assert_close(grads["summed"], len(scales) * grads["apple"], rtol=1e-4, atol=1e-7)
+    assert values["apple"] != pytest.approx(values["summed"] / len(scales))
+    with pytest.raises(ValueError, match="kd_form"):
+        DistillClipLoss(scales, kd_form="mean")

@@ -1,11 +1,13 @@
 """MCi students: published sizes, re-parameterization, open_clip compatibility."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from dr_pipeline.train.config import StudentConfig
-from dr_pipeline.train.students import build_student, image_param_count, resolve_spec, tokenize
+from dr_pipeline.train.students import StudentSpec, build_student, image_param_count, resolve_spec, tokenize
 
 # REFERENCE.md "MCi students": image-encoder parameters (millions)
 PUBLISHED = {"mci0": 11.4, "mci1": 21.5, "mci2": 35.7, "mci3": 125.1, "mci4": 321.6}
@@ -83,3 +85,81 @@ def test_mci0_student_state_dict_loads_into_open_clip_mobileclip2_s0():
         torch.testing.assert_close(student.encode_image(images),
                                    reference.encode_image(images.float() / 255.0, normalize=True))
         torch.testing.assert_close(student.encode_text(tokens), reference.encode_text(tokens, normalize=True))
+
+
+# --------------------------------------------------------------------------- open_clip students
+
+TINY_CLIP = "dr-tiny-vit-a"       # teachers/models/: a 2-layer open_clip ViT at 32 px
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_registered():
+    import open_clip
+
+    open_clip.add_model_config(Path(__file__).resolve().parents[1] / "teachers" / "models")
+    return TINY_CLIP
+
+
+@pytest.mark.parametrize("name,image_size,mparams", [("ViT-B-16", 224, 86.19), ("MobileCLIP-B", 224, 86.35),
+                                                     ("MobileCLIP2-S0", 256, 11.41)])
+def test_open_clip_model_names_resolve_as_students(name, image_size, mparams):
+    spec = resolve_spec(StudentConfig(arch=name))
+    assert (spec.open_clip_model, spec.image_size, spec.context_length) == (name, image_size, 77)
+    assert image_param_count(spec) / 1e6 == pytest.approx(mparams, rel=0.005)    # built on the meta device
+    assert StudentSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_unknown_student_arch_is_a_config_error():
+    from dr_pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="open_clip model name"):
+        StudentConfig(arch="MobileCLIP-S9")
+
+
+def test_open_clip_student_trains_on_uint8_images_and_loads_into_open_clip(tiny_clip_registered):
+    import open_clip
+
+    spec = resolve_spec(StudentConfig(arch=tiny_clip_registered, init_logit_scale=20.0))
+    student = build_student(spec, seed=0)
+    again = build_student(spec, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values()))
+    assert student.logit_scale.exp().item() == pytest.approx(20.0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    tokens = tokenize(["a red square", "a blue circle", "a cat", "a dog"], spec.context_length)
+    img, txt, scale = student(images, tokens)
+    assert img.shape == txt.shape == (4, 32) and torch.allclose(img.norm(dim=-1), torch.ones(4))
+    (img @ txt.T * scale).logsumexp(1).mean().backward()
+    assert student.clip.visual.conv1.weight.grad is not None and student.logit_scale.grad is not None
+    ref = open_clip.create_model(tiny_clip_registered, pretrained=None)
+    ref.load_state_dict(student.clip.state_dict())                       # the very open_clip layout
+    with torch.no_grad():
+        want = ref.encode_image(student.preprocess(images), normalize=True)
+        torch.testing.assert_close(student.eval().encode_image(images), want)
+        torch.testing.assert_close(student.reparameterize().encode_image(images), want)
+
+
+def _forward_counter(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))   # early-stopped recompute: no post hook
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["tiny", TINY_CLIP])
+def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(arch, tiny_clip_registered):
+    spec = resolve_spec(StudentConfig(arch=arch, image_size=32))
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    tokens = tokenize(["a red square", "a blue circle", "a cat", "a dog"], spec.context_length)
+    grads, calls = [], []
+    for ckpt in (False, True):
+        student = build_student(spec, seed=0).eval()          # eval: BatchNorm statistics stay fixed
+        student.set_grad_checkpointing(ckpt)
+        block = student.text.transformer.resblocks[0] if arch == "tiny" else student.clip.transformer.resblocks[0]
+        n = _forward_counter(block)
+        img, txt, scale = student(images, tokens)
+        (img @ txt.T * scale).logsumexp(1).mean().backward()
+        calls.append(n[0])
+        grads.append({k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None})
+    assert calls == [1, 2]                                     # recomputed once in backward
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)

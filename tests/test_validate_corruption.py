@@ -120,3 +120,131 @@ def test_manifest_disagrees(ds, capsys):
     man["shards"][VICTIM]["sha256"] = "0" * 64
     (ds / "manifest.json").write_text(json.dumps(man))
     assert_only_victim(ds, capsys, "manifest entry (checksum / n_written) differs from the marker")
+
+
+# --------------------------------------------------------------------------- issue 18: corruption that stays readable
+
+def _rewrite(ds: Path, edit) -> None:
+    """Edit the victim's table, then rewrite file, marker sha256/bytes and manifest entry to match
+    (an attacker or a buggy tool that 'fixes' the checksums)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    f = ds / "shards" / f"{VICTIM}.parquet"
+    t = pq.read_table(f)
+    pq.write_table(edit(t).replace_schema_metadata(t.schema.metadata), f)
+    _refresh_checksums(ds)
+
+
+def _refresh_checksums(ds: Path) -> None:
+    import hashlib
+
+    data = (ds / "shards" / f"{VICTIM}.parquet").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    _edit_marker(ds, sha256=sha, bytes=len(data))
+    man = json.loads((ds / "manifest.json").read_text())
+    man["shards"][VICTIM].update(sha256=sha, bytes=len(data))
+    (ds / "manifest.json").write_text(json.dumps(man))
+
+
+def _set_column(t, name, values):
+    import pyarrow as pa
+
+    i = t.schema.get_field_index(name)
+    return t.set_column(i, t.schema.field(i), pa.array(values, t.schema.field(i).type))
+
+
+def validate_deep(path: Path, capsys) -> tuple[int, list[str], str]:
+    code = dr(["validate", str(path), "--deep"])
+    out = capsys.readouterr().out
+    return code, [ln for ln in out.splitlines() if ln.startswith("ERROR")], out
+
+
+def test_clean_dataset_validates_deep(clean, capsys):
+    code, errors, out = validate_deep(clean, capsys)
+    assert code == 0 and not errors and "9 row(s) checked deep" in out, out
+
+
+def test_swapped_keys_fail_deep(ds, capsys):
+    # Old validate: OK (the same keys, each row's embeddings now belong to the other image).
+    def swap(t):
+        keys = t.column("key").to_pylist()
+        keys[0], keys[1] = keys[1], keys[0]
+        return _set_column(t, "key", keys)
+    _rewrite(ds, swap)
+    assert validate(ds, capsys)[0] == 0                    # nothing a shallow check can see
+    code, errors, out = validate_deep(ds, capsys)
+    assert code == 1 and errors and all(f"ERROR   {VICTIM}: --deep" in e for e in errors), out
+    assert "image sha256 differs" in out
+
+
+def test_replaced_caption_fails_deep(ds, capsys):
+    _rewrite(ds, lambda t: _set_column(t, "caption", ["a caption nobody wrote"] + t.column("caption").to_pylist()[1:]))
+    code, errors, out = validate_deep(ds, capsys)
+    assert code == 1 and "caption differs from the base sample's" in out, out
+
+
+def test_flipped_embedding_bit_fails_deep(ds, capsys):
+    # One mantissa bit of one bf16 value (norm still ~1: the shallow check passes), checksums rewritten.
+    import numpy as np
+    import pyarrow as pa
+
+    def flip(t):
+        name = next(c for c in t.column_names if c.startswith("emb__") and "__image__" in c)
+        col = t.column(name).combine_chunks()
+        flat = col.values.values.to_numpy(zero_copy_only=False).copy() if pa.types.is_list(col.values.type) \
+            else col.values.to_numpy(zero_copy_only=False).copy()
+        i = int(np.argmax(np.abs(flat.view(np.int16).astype(np.int32) & 0x7FFF)))   # the largest |value|
+        flat[i] ^= 1 << 3                                   # ~6 % of the value: norm stays within NORM_TOL
+        rebuilt = pa.array(flat, pa.uint16())
+        if pa.types.is_list(col.values.type):
+            inner = pa.FixedSizeListArray.from_arrays(rebuilt, col.values.type.list_size)
+            rebuilt = pa.FixedSizeListArray.from_arrays(inner, col.type.list_size)
+        else:
+            rebuilt = pa.FixedSizeListArray.from_arrays(rebuilt, col.type.list_size)
+        i = t.schema.get_field_index(name)
+        return t.set_column(i, t.schema.field(i), rebuilt)
+    _rewrite(ds, flip)
+    assert validate(ds, capsys)[0] == 0
+    code, errors, out = validate_deep(ds, capsys)
+    assert code == 1 and "image embeddings differ from a recomputation" in out, out
+
+
+def test_marker_of_another_config(ds, capsys):
+    # Old validate: OK for a shard + marker copied from a job with another config.
+    _edit_marker(ds, config_hash="0123456789abcdef")
+    assert_only_victim(ds, capsys, "marker config_hash 0123456789abcdef != dataset.json's")
+
+
+def _own_corpus(ds: Path, tmp_path: Path) -> Path:
+    """A private copy of the base corpus, and job.yaml pointing at it (so tests may damage it)."""
+    import yaml
+
+    job = yaml.safe_load((ds / "job.yaml").read_text())
+    src = Path(job["input"]["urls"]).parent
+    dst = tmp_path / "corpus"
+    shutil.copytree(src, dst)
+    job["input"]["urls"] = str(dst / "*.tar")
+    (ds / "job.yaml").write_text(yaml.safe_dump(job))
+    return dst
+
+
+def test_damaged_base_shard_is_named(ds, tmp_path, capsys):
+    # Old validate: OK (it re-read the base with the same silent reader).
+    corpus = _own_corpus(ds, tmp_path)
+    base = corpus / f"{VICTIM}.tar"
+    base.write_bytes(base.read_bytes() + b"not a tar member " * 64)
+    assert_only_victim(ds, capsys, "damaged tar: bytes", "trailing garbage")
+
+
+def test_damage_recorded_in_the_marker_is_named(ds, capsys):
+    _edit_marker(ds, damaged=[{"offset": 1024, "end": 3072, "members_skipped": 1, "samples_lost": None,
+                               "detail": "bad header checksum at byte 1024"}])
+    assert_only_victim(ds, capsys, "damaged tar: bytes 1024..byte 3072 skipped (1 member(s), samples lost: unknown)")
+
+
+def test_corpus_index_disagrees(ds, tmp_path, capsys):
+    corpus = _own_corpus(ds, tmp_path)
+    (corpus / f"{VICTIM}_stats.json").write_text(json.dumps({"count": 6, "successes": 5}))
+    assert_only_victim(ds, capsys, f"the corpus index {VICTIM}_stats.json says 5 sample(s) but the base shard yields 3")

@@ -115,8 +115,9 @@ def _has_glob(s: str) -> bool:
 def _fs(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         return fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ValueError, ImportError) as e:
-        raise ShardReadError(f"{url}: cannot resolve filesystem ({e})") from e
+    except (ValueError, ImportError, TypeError, AttributeError) as e:
+        # TypeError/AttributeError: options of the wrong shape (fsspec's message names keys, not values)
+        raise ShardReadError(f"{url}: cannot resolve filesystem ({type(e).__name__}: {e}; check storage_options)") from e
 
 
 def _to_url(fs: fsspec.AbstractFileSystem, original: str, path: str) -> str:
@@ -326,7 +327,8 @@ class _Member:
     type: bytes
     size: int
     offset: int                       # of its header
-    lost: str | None = None           # its data is not readable (damage); the detail
+    lost: str | None = None           # its data is not readable; the detail
+    cut: bool = False                 # ... because the archive ends inside it (not damage)
 
 
 class _TarScan:
@@ -490,7 +492,7 @@ class _TarScan:
                 if found is None and size >= 0:
                     self.ending = "cut"                  # really cut mid-member: the truncated rule
                     self.members += 1
-                    yield _Member(name, typ, size, at, lost=f"{what}: archive cut mid-member")
+                    yield _Member(name, typ, size, at, lost=f"{what}: archive cut mid-member", cut=True)
                     return
                 if found is None:
                     yield Damaged(at, None, 1 + bad, None, f"{what}; no valid header after it: the rest of "
@@ -741,7 +743,7 @@ def _iter_tar(url: str, so: dict | None) -> Iterator[Sample | Rejected | Damaged
                     yield item
                     continue
                 if item.lost is not None:
-                    if scan.ending == "cut":                     # a real cut: its sample is truncated
+                    if item.cut:                                 # a real cut: its sample is truncated
                         parts = _split_member(item.name)
                         if parts is not None:
                             g, out = groups.get(parts[0], _slot(parts[1]))
@@ -787,6 +789,53 @@ def _iter_tar(url: str, so: dict | None) -> Iterator[Sample | Rejected | Damaged
         if scan.ending == "cut" and groups.current is not None and groups.current.truncated is None:
             groups.current.truncated = "archive ends without end-of-archive marker"
         yield from groups.flush()
+
+
+# --------------------------------------------------------------------------- corpus indexes
+
+def _sibling(url: str, name: str) -> str:
+    base, q = (url.split("?", 1) + [""])[:2]
+    head = base.rsplit("/", 1)[0] if "/" in base else "."
+    return f"{head}/{name}" + (f"?{q}" if q else "")
+
+
+def shard_index_count(url: str, storage_options: dict | None = None) -> tuple[int, str] | None:
+    """How many samples the base corpus's own index says shard ``url`` holds: img2dataset's
+    ``{stem}_stats.json`` (``successes``), its sidecar ``{stem}.parquet`` beside a tar (rows with
+    ``status == "success"``), or a DALI ``wds2idx`` ``{stem}.idx`` (one line per sample).
+    Returns (count, which file) or None when there is no index. Never raises on a bad index."""
+    base = url.split("?", 1)[0]
+    stem = posixpath.basename(base)
+    for ext in (".tar.gz", ".tgz", ".tar", ".parquet"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    candidates = [f"{stem}_stats.json", f"{stem}.idx"] + ([f"{stem}.parquet"] if base.endswith(".tar") else [])
+    for name in candidates:
+        sib = _sibling(url, name)
+        try:
+            fs, path = fsspec.core.url_to_fs(sib, **(storage_options or {}))
+            if not fs.isfile(path):
+                continue
+            if name.endswith("_stats.json"):
+                n = json.loads(fs.cat_file(path)).get("successes")
+                if isinstance(n, int) and not isinstance(n, bool):
+                    return n, name
+            elif name.endswith(".idx"):
+                lines = [ln for ln in fs.cat_file(path).decode("utf-8", "replace").splitlines() if ln.strip()]
+                head = lines[0].split() if lines else []
+                if head and head[0].startswith("v") and len(head) > 1 and head[1].isdigit():
+                    return int(head[1]), name
+                return len(lines), name
+            else:
+                with fs.open(path, "rb") as f:
+                    t = pq.read_table(f, columns=None)
+                if "status" in t.column_names:
+                    return sum(1 for v in t.column("status").to_pylist() if v == "success"), name
+                return t.num_rows, name
+        except Exception:  # noqa: BLE001 - a missing or unreadable index is no index
+            continue
+    return None
 
 
 # --------------------------------------------------------------------------- parquet

@@ -258,11 +258,11 @@ def _actor_class():
         """Holds the models (loaded once); reinforces whole shards."""
 
         def __init__(self, job: JobConfig, ensemble: EnsembleSpec, threads: int, processor=None):
-            import torch
-
-            torch.set_num_threads(threads)   # Ray sets OMP threads from num_cpus; be explicit
             if processor is None:
+                import torch
+
                 from dr_pipeline.execute.shard_worker import ShardProcessor as processor
+                torch.set_num_threads(threads)   # Ray sets OMP threads from num_cpus; be explicit
             self.proc = processor(job, ensemble)
             self.dataset = output_dataset(job)
 

@@ -49,6 +49,9 @@ SOT, EOT = "<start_of_text>", "<end_of_text>"
 class CaptionBatch:
     captions: list[list[str]]      # per image: up to k clean captions, in caption-index order
     rejected: collections.Counter = field(default_factory=collections.Counter)  # reason -> rejected samples
+    attempts: int = 0      # draws decoded: first draws + redraws
+    resampled: int = 0     # redraws (draws after a caption's first), each costing only its own row
+    row_steps: int = 0     # decoder row-steps run, redraws included: the decode cost in row units
     resampled: int = 0             # caption rows redrawn after a degenerate draw (marker: captions_resampled)
 
 
@@ -83,6 +86,32 @@ def is_degenerate(text: str, min_words: int = 2) -> bool:
     if n >= 4 and counts.most_common(1)[0][1] > 0.5 * n:
         return True
     return any(words[i] == words[i + 1] == words[i + 2] for i in range(n - 2))  # "dog dog dog"
+
+
+@dataclass(frozen=True)
+class DegenerationRule:
+    """When a draw is given up *while it is decoded*, so its row is redrawn at once instead of
+    after a full decode. Checks see only final words: every word but the last of the cleaned
+    prefix (a later token can still extend the last word or glue punctuation to it). The default
+    rule only fires on draws ``is_degenerate`` is certain to reject at the end (a word three times
+    in a row; too few words with a letter left possible), so it changes no caption, only the
+    steps wasted. ``nonword_run`` > 0 is stricter (a run of that many words without a letter):
+    it changes which captions pass, so it belongs in the output-hashed sampling config."""
+    repeat: int = 3          # same word this many times in a row (3 = is_degenerate's; others change captions)
+    nonword_run: int = 0     # 0 = off
+
+    def gives_up(self, final_words: list[str], words_left: int) -> bool:
+        """``final_words`` lower-cased; ``words_left`` the most words the draw can still add."""
+        n = len(final_words)
+        alpha = [any(c.isalpha() for c in w) for w in final_words]
+        # is_degenerate: fewer than half the words have a letter, even if every later word has one
+        if sum(alpha) + words_left < 0.5 * (n + words_left):
+            return True
+        if self.nonword_run and any(not any(alpha[i:i + self.nonword_run])
+                                    for i in range(n - self.nonword_run + 1)):
+            return True
+        r = self.repeat
+        return r > 0 and any(len(set(final_words[i:i + r])) == 1 for i in range(n - r + 1))
 
 
 # --------------------------------------------------------------------------- seeded uniforms
@@ -180,17 +209,40 @@ def kv_cache_unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _self_attn_step(block: ResidualAttentionBlock, x: torch.Tensor, cache: torch.Tensor, p: int) -> torch.Tensor:
-    """One residual block for the newest position ``p`` only; x [n, W]; cache [2, n, H, L, dh]
-    holds the keys/values of positions < p and receives those of p. Same math as the block's
-    causal forward (pre-norm, MHA via SDPA, LayerScale, MLP) restricted to the last query."""
+class _Positions:
+    """The position each batch row feeds this step, ``p`` [n]. Rows all at one position (no row has
+    been redrawn yet) use plain slices of the caches; otherwise each row's attention is masked to
+    its own prefix, so a redrawn row reuses its slot while the others go on."""
+
+    def __init__(self, p: torch.Tensor) -> None:
+        lo, hi = int(p.min()), int(p.max())
+        self.p, self.kv_len = p, hi + 1
+        self.same = lo if lo == hi else None
+        self.rows = torch.arange(p.numel(), device=p.device)
+        self.mask = None if lo == hi else (
+            torch.arange(hi + 1, device=p.device) <= p[:, None]).view(-1, 1, 1, hi + 1)
+
+    def write(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the newest keys/values [n, H, dh] in cache [2, n, H, L, dh]."""
+        if self.same is not None:
+            cache[0, :, :, self.same] = k
+            cache[1, :, :, self.same] = v
+        else:
+            cache[0, self.rows, :, self.p] = k
+            cache[1, self.rows, :, self.p] = v
+
+
+def _self_attn_step(block: ResidualAttentionBlock, x: torch.Tensor, cache: torch.Tensor, pos: _Positions) -> torch.Tensor:
+    """One residual block for each row's newest position only; x [n, W]; cache [2, n, H, L, dh]
+    holds the keys/values of earlier positions and receives the newest. Same math as the block's
+    causal forward (pre-norm, fused q/k/v projection, SDPA, LayerScale, MLP) for the last query."""
     a = block.attn
     n, w = x.shape
     h = a.num_heads
     qkv = F.linear(block.ln_1(x), a.in_proj_weight, a.in_proj_bias).view(n, 3, h, w // h)
-    cache[0, :, :, p] = qkv[:, 1]
-    cache[1, :, :, p] = qkv[:, 2]
-    o = F.scaled_dot_product_attention(qkv[:, 0].unsqueeze(2), cache[0, :, :, :p + 1], cache[1, :, :, :p + 1])
+    pos.write(cache, qkv[:, 1], qkv[:, 2])
+    k, v = cache[0, :, :, :pos.kv_len], cache[1, :, :, :pos.kv_len]
+    o = F.scaled_dot_product_attention(qkv[:, 0].unsqueeze(2), k, v, attn_mask=pos.mask)
     x = x + block.ls_1(a.out_proj(o.reshape(n, w)))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
@@ -227,15 +279,100 @@ class _Groups:
 
 
 def _cross_attn_step(block: ResidualAttentionBlock, x: torch.Tensor, kv: torch.Tensor, groups: _Groups) -> torch.Tensor:
-    """Cross-attention block for the newest position; kv [2, B_img, H, T, dh] precomputed per image."""
+    """Cross-attention block for the newest position; kv [2, B_img, H, T, dh] precomputed per image.
+    Attention as two batched matmuls over the k queries of each image: with a handful of queries
+    per image SDPA's kernel is slower than plain matmuls (and these are the shapes the bench's
+    roof measures)."""
     a = block.attn
     n, w = x.shape
     h = a.num_heads
     bias = a.in_proj_bias[:w] if a.in_proj_bias is not None else None
     q = F.linear(block.ln_1(x), a.in_proj_weight[:w], bias).view(n, h, w // h)
-    o = groups.gather(F.scaled_dot_product_attention(groups.scatter(q), kv[0], kv[1]))
+    q = groups.scatter(q * (w // h) ** -0.5)
+    o = groups.gather(torch.softmax(q @ kv[0].transpose(-1, -2), dim=-1) @ kv[1])
     x = x + block.ls_1(a.out_proj(o))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+# --------------------------------------------------------------------------- redraws
+
+class _Draws:
+    """caption()'s bookkeeping for rows (key, caption index): the draw each is on, its verdicts.
+    Row r's draw a uses ``row_uniforms(seed, key, index, a)``: a caption depends on its identity
+    only, never on the batch, its slot, or the step its redraw started at."""
+
+    def __init__(self, cap: Captioner, keys: list[str], index: list[int], seed: int,
+                 max_attempts: int, greedy: bool) -> None:
+        self.keys, self.index, self.seed = keys, index, seed
+        self.salt, self.max_len = cap.id, cap.spec.sampling.max_len
+        self.max_attempts, self.greedy, self.rule = max_attempts, greedy, cap.rule
+        self.attempt = [0] * len(keys)
+        self.text: list[str | None] = [None] * len(keys)
+        self.rejected: collections.Counter = collections.Counter()
+        self.row_steps = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def part(self, lo: int, hi: int) -> _Draws:
+        sub = object.__new__(_Draws)
+        sub.__dict__.update(self.__dict__, keys=self.keys[lo:hi], index=self.index[lo:hi],
+                            attempt=self.attempt[lo:hi], text=self.text[lo:hi],
+                            rejected=collections.Counter(), row_steps=0)
+        return sub
+
+    def merge(self, sub: _Draws, lo: int) -> None:
+        self.attempt[lo:lo + len(sub)] = sub.attempt
+        self.text[lo:lo + len(sub)] = sub.text
+        self.rejected.update(sub.rejected)
+        self.row_steps += sub.row_steps
+
+    def uniforms(self, rows: list[int]) -> torch.Tensor:
+        """[len(rows), max_len] uniforms of each row's current draw."""
+        return torch.from_numpy(np.stack([row_uniforms(self.seed, self.keys[r], self.index[r], self.attempt[r],
+                                                       self.max_len, self.salt) for r in rows]))
+
+    def judge(self, r: int, text: str | None, reason: str | None = None) -> str:
+        """Verdict on row r's draw: its clean text (final) or a reason to give it up.
+        "again": redraw it; "keep" / "drop": the row is done."""
+        if reason is None:
+            reason = "empty" if not text else "degenerate" if is_degenerate(text) else None
+        if reason is None:
+            self.text[r] = text
+            return "keep"
+        self.rejected[reason] += 1
+        if self.attempt[r] + 1 < self.max_attempts:
+            self.attempt[r] += 1
+            return "again"
+        return "drop"
+
+    def review(self, cap: Captioner, out: torch.Tensor, idx: torch.Tensor, t: torch.Tensor, tok: torch.Tensor,
+               was: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """After a step: judge the slots whose draw ended (end-of-text, pad, forced end, sentence end)
+        or just completed a word. Returns the slots to redraw and a mask of slots to stop now."""
+        word_end, sentence_end = cap.token_flags()
+        ended = done | (was & sentence_end[tok])
+        look = (was & (ended | word_end[tok])).nonzero().squeeze(1)
+        stop = torch.zeros_like(was)
+        again: list[int] = []
+        if look.numel() == 0:
+            return torch.tensor(again, dtype=torch.long, device=was.device), stop
+        rows = idx[look]
+        ids, ts, fin = out[rows].tolist(), t[look].tolist(), ended[look].tolist()
+        for slot, r, row, ti, final in zip(look.tolist(), rows.tolist(), ids, ts, fin):
+            text = cap.text_of(torch.tensor(row[:ti + 1]))
+            if final:
+                verdict = self.judge(r, text)
+            else:
+                words = text.lower().split()[:-1]            # the last word may still change
+                if not self.rule.gives_up(words, self.max_len - 1 - ti):
+                    continue
+                verdict = self.judge(r, None, "degenerate")
+            if verdict == "again":
+                again.append(slot)
+            else:
+                stop[slot] = True
+        return torch.tensor(again, dtype=torch.long, device=was.device), stop
 
 
 # --------------------------------------------------------------------------- captioner
@@ -243,7 +380,8 @@ def _cross_attn_step(block: ResidualAttentionBlock, x: torch.Tensor, kv: torch.T
 class Captioner:
     """A frozen CoCa model with a batched, seeded decoding loop."""
 
-    def __init__(self, spec: CaptionerSpec, model: torch.nn.Module, tokenizer, device: str = "cpu") -> None:
+    def __init__(self, spec: CaptionerSpec, model: torch.nn.Module, tokenizer, device: str = "cpu",
+                 decode_batch: int = 0, rule: DegenerationRule | None = None) -> None:
         self.spec = spec
         self.id = spec.id
         self.image_size = spec.image_size
@@ -263,6 +401,9 @@ class Captioner:
         self.use_cache = self.kv_unsupported is None
         self.compact_every = 4     # compact finished rows out at least this often (steps) ...
         self.compact_fraction = 0.125   # ... or as soon as this share of the batch has finished
+        self.decode_batch = decode_batch   # caption(): most rows decoded together (0 = all)
+        self.rule = rule or DegenerationRule()
+        self._flags: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- building blocks (``next_logits`` is the full-prefix reference step; ``_step`` the cached one)
 
@@ -350,72 +491,119 @@ class Captioner:
 
     def _new_cache(self, blocks, n: int, max_len: int, dtype: torch.dtype) -> torch.Tensor:
         a = blocks[0].attn
-        return torch.empty(len(blocks), 2, n, a.num_heads, max_len, a.embed_dim // a.num_heads,
+        # zeros, not empty: a masked position still multiplies its value by 0, and 0 * NaN garbage is NaN
+        return torch.zeros(len(blocks), 2, n, a.num_heads, max_len, a.embed_dim // a.num_heads,
                            dtype=dtype, device=self.device)
 
-    def _step(self, tok: torch.Tensor, p: int, text_cache: torch.Tensor, dec_cache: torch.Tensor,
+    def _step(self, tok: torch.Tensor, pos: _Positions | int, text_cache: torch.Tensor, dec_cache: torch.Tensor,
               cross: torch.Tensor, groups: _Groups) -> torch.Tensor:
-        """Logits [n, vocab] after feeding token ``tok`` [n] at position ``p`` (caches hold < p)."""
+        """Logits [n, vocab] after feeding token ``tok`` [n] at positions ``pos`` (caches hold the
+        earlier ones). Python work per step: one loop over layers, nothing per head or per row."""
+        if isinstance(pos, int):
+            pos = _Positions(torch.full_like(tok, pos))
         text, dec = self.model.text, self.model.text_decoder
         cast = text.transformer.get_cast_dtype()
-        x = text.token_embedding(tok).to(cast) + text.positional_embedding[p].to(cast)
+        pe = text.positional_embedding[pos.same] if pos.same is not None else text.positional_embedding[pos.p]
+        x = text.token_embedding(tok).to(cast) + pe.to(cast)
         for i, block in enumerate(text.transformer.resblocks):
-            x = _self_attn_step(block, x, text_cache[i], p)
+            x = _self_attn_step(block, x, text_cache[i], pos)
         if text.cls_emb is None:             # without a cls token the tower's tokens are normed
             x = text.ln_final(x)
         for i, (block, cross_block) in enumerate(zip(dec.resblocks, dec.cross_attn)):
-            x = _self_attn_step(block, x, dec_cache[i], p)
+            x = _self_attn_step(block, x, dec_cache[i], pos)
             x = _cross_attn_step(cross_block, x, cross[i], groups)
         return (dec.ln_final(x) @ dec.text_projection).float()
 
     def _decode_cached(self, image_embs: torch.Tensor, rows: torch.Tensor,
-                       uniforms: torch.Tensor | None) -> torch.Tensor:
+                       uniforms: torch.Tensor | None, draws: _Draws | None = None) -> torch.Tensor:
+        """The batched KV-cached loop. Each batch slot decodes one output row; with ``draws``
+        (caption()'s bookkeeping) a slot whose draw is given up restarts at position 0 with the
+        row's next draw, in the same batch: its image tokens and cross-attention K/V stay as they
+        are, only its own self-attention cache is overwritten (masked beyond its position)."""
         s = self.spec.sampling
         n, max_len = rows.numel(), s.max_len
-        out = torch.full((n, max_len), self.pad, dtype=torch.long, device=self.device)
+        dev = self.device
+        out = torch.full((n, max_len), self.pad, dtype=torch.long, device=dev)
         out[:, 0] = self.sot
         text, dec = self.model.text, self.model.text_decoder
-        u_all = None if uniforms is None else uniforms.to(self.device)
+        u = None if uniforms is None else uniforms.to(dev)
         length = 1
-        with torch.inference_mode(), autocast(self.device):
+        with torch.inference_mode(), autocast(dev):
             used, img = torch.unique(rows, return_inverse=True)
             cross = self.cross_kv(image_embs[used])           # once per image, not per caption
             groups = _Groups(img)
             dtype = cross.dtype
             text_cache = self._new_cache(text.transformer.resblocks, n, max_len, dtype)
             dec_cache = self._new_cache(dec.resblocks, n, max_len, dtype)
-            idx = torch.arange(n, device=self.device)          # batch position -> output row
-            alive = torch.ones(n, dtype=torch.bool, device=self.device)
+            idx = torch.arange(n, device=dev)                 # batch slot -> output row
+            p = torch.zeros(n, dtype=torch.long, device=dev)  # position each slot feeds next
+            alive = torch.ones(n, dtype=torch.bool, device=dev)
             since = 0
-            for t in range(1, max_len):          # t = prefix length = position being filled
-                if t == max_len - 1:             # last slot: forced end, as generate does (no forward)
-                    out[idx[alive], t] = self.eot
+            while True:
+                pos = _Positions(p)
+                logits = self._step(out[idx, p], pos, text_cache, dec_cache, cross, groups)
+                t = p + 1                                     # position being filled
+                if draws is not None:
+                    draws.row_steps += int(alive.sum())
+                short = t < s.min_len
+                if bool(short.any()):
+                    logits[short, self.eot] = float("-inf")
+                tok = pick_tokens(logits, None if u is None else u[torch.arange(len(idx), device=dev), t],
+                                  s.temperature, s.top_k, s.top_p)
+                was = alive
+                out[idx[was], t[was]] = tok[was]
+                length = max(length, int(t[was].max()) + 1)
+                done = (tok == self.eot) | (tok == self.pad)
+                last = (t == max_len - 2) & ~done & was       # next slot is the forced end: no forward for it
+                if bool(last.any()):
+                    out[idx[last], max_len - 1] = self.eot
                     length = max_len
-                    break
-                logits = self._step(out[idx, t - 1], t - 1, text_cache, dec_cache, cross, groups)
-                if t < s.min_len:
-                    logits[:, self.eot] = float("-inf")
-                u = None if u_all is None else u_all[idx, t]
-                tok = pick_tokens(logits, u, s.temperature, s.top_k, s.top_p)
-                out[idx[alive], t] = tok[alive]
-                length = t + 1
-                alive &= (tok != self.eot) & (tok != self.pad)
+                done = (done | last) & was
+                alive = was & ~done
+                p = torch.where(alive, t, p)                  # finished slots idle in place until compacted
+                if draws is not None:
+                    again, stop = draws.review(self, out, idx, t, tok, was, done)
+                    alive &= ~stop
+                    if again.numel():                        # redraw those rows in their slots
+                        out[idx[again], 1:] = self.pad
+                        p[again] = 0
+                        alive[again] = True
+                        if u is not None:
+                            u[again] = draws.uniforms(idx[again].tolist()).to(u)
                 n_alive = int(alive.sum())
                 if n_alive == 0:
                     break
                 dead, since = len(idx) - n_alive, since + 1
                 if dead and (dead >= self.compact_fraction * len(idx) or since >= self.compact_every):
                     keep = alive.nonzero().squeeze(1)             # finished rows stop costing compute
-                    idx, img = idx[keep], img[keep]
+                    idx, img, p = idx[keep], img[keep], p[keep]
+                    if u is not None:
+                        u = u[keep]
                     text_cache = text_cache.index_select(2, keep)
                     dec_cache = dec_cache.index_select(2, keep)
                     used, img = torch.unique(img, return_inverse=True)
                     if used.numel() < cross.shape[2]:
                         cross = cross.index_select(2, used)
                     groups = _Groups(img)
-                    alive = torch.ones(len(idx), dtype=torch.bool, device=self.device)
+                    alive = torch.ones(len(idx), dtype=torch.bool, device=dev)
                     since = 0
         return out[:, :length]
+
+    def token_flags(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per vocabulary id: does the token end a word, does it end a sentence (a "." then a
+        space once decoded: ``clean_caption`` cuts there, so nothing after it matters). A
+        tokenizer without a BPE table gets "every token may end a word, none ends a sentence"."""
+        if self._flags is None:
+            vocab = self.model.text_decoder.text_projection.shape[-1]
+            table = getattr(self.tokenizer, "decoder", None)
+            if isinstance(table, dict):
+                pieces = [table.get(i, "") for i in range(vocab)]
+                word = torch.tensor([p.endswith("</w>") for p in pieces])
+                sentence = torch.tensor([p.endswith(".</w>") for p in pieces])
+            else:
+                word, sentence = torch.ones(vocab, dtype=torch.bool), torch.zeros(vocab, dtype=torch.bool)
+            self._flags = (word.to(self.device), sentence.to(self.device))
+        return self._flags
 
     def text_of(self, row: torch.Tensor) -> str:
         ids = row.tolist()[1:]
@@ -428,42 +616,57 @@ class Captioner:
 
     def caption(self, views: torch.Tensor, keys: list[str], seed: int, k: int,
                 greedy: bool = False) -> CaptionBatch:
-        """Up to k clean captions per image. Empty/degenerate samples are redrawn with attempt+1
+        """Up to k clean captions per image. An empty/degenerate draw is redrawn with attempt+1
         (at most ``sampling.max_attempts`` draws per caption), then dropped; every rejected draw
-        is counted in ``rejected`` by reason. Greedy (or temperature 0) decodes once, unseeded."""
+        is counted in ``rejected`` by reason. Greedy (or temperature 0) draws once, unseeded.
+
+        With the KV cache all rows decode in one batch (or ``decode_batch``-row chunks of whole
+        images) and a draw is judged while it is decoded (``rule``; a sentence end ends it, since
+        cleaning drops the rest): a given-up draw restarts in its own slot, so a redraw costs
+        that row's steps only. Captions are a function of (seed, key, caption index) alone."""
         if len(keys) != views.shape[0]:
             raise ValueError(f"{len(keys)} keys for {views.shape[0]} views")
         s = self.spec.sampling
         greedy = greedy or s.temperature == 0
-        captions: list[list[str | None]] = [[None] * k for _ in keys]
-        rejected: collections.Counter = collections.Counter()
         if k == 0 or not keys:
-            return CaptionBatch([[] for _ in keys], rejected)
+            return CaptionBatch([[] for _ in keys])
         image_embs = self.encode_images(views)
-        pending = [(i, j) for i in range(len(keys)) for j in range(k)]
-        for attempt in range(1 if greedy else s.max_attempts):
-            if not pending:
-                break
-            rows = torch.tensor([i for i, _ in pending], device=self.device)
-            u = None if greedy else torch.from_numpy(np.stack(
-                [row_uniforms(seed, keys[i], j, attempt, s.max_len, self.id) for i, j in pending]))
-            tokens = self.decode(image_embs, u, rows=rows).cpu()
-            still: list[tuple[int, int]] = []
-            for (i, j), row in zip(pending, tokens):
-                text = self.text_of(row)
-                reason = "empty" if not text else "degenerate" if is_degenerate(text) else None
-                if reason:
-                    rejected[reason] += 1
-                    still.append((i, j))
-                else:
-                    captions[i][j] = text
-            pending = still
-        return CaptionBatch([[c for c in caps if c is not None] for caps in captions], rejected)
+        pairs = [(i, j) for i in range(len(keys)) for j in range(k)]
+        draws = _Draws(self, [keys[i] for i, _ in pairs], [j for _, j in pairs], seed,
+                       1 if greedy else s.max_attempts, greedy)
+        if self.use_cache:
+            per = max(1, self.decode_batch // k) * k if self.decode_batch else len(pairs)
+            for lo in range(0, len(pairs), per):           # whole images per chunk; rows never interact
+                rows = torch.tensor([i for i, _ in pairs[lo:lo + per]], device=self.device)
+                sub = draws.part(lo, lo + per)
+                u = None if greedy else sub.uniforms(list(range(len(sub))))
+                self._decode_cached(image_embs, rows, u, sub)
+                draws.merge(sub, lo)
+        else:
+            self._caption_by_passes(image_embs, pairs, draws)
+        captions: list[list[str]] = [[] for _ in keys]
+        for (i, _), text in zip(pairs, draws.text):
+            if text is not None:
+                captions[i].append(text)
+        return CaptionBatch(captions, draws.rejected, attempts=sum(a + 1 for a in draws.attempt),
+                            resampled=sum(draws.attempt), row_steps=draws.row_steps)
+
+    def _caption_by_passes(self, image_embs: torch.Tensor, pairs: list[tuple[int, int]], draws: _Draws) -> None:
+        """Reference path (no KV cache): decode every pending row to the end, judge, redraw the
+        rejected ones in another full pass. Same captions as the single-pass loop."""
+        pending = list(range(len(pairs)))
+        while pending:
+            rows = torch.tensor([pairs[r][0] for r in pending], device=self.device)
+            u = None if draws.greedy else draws.uniforms(pending)
+            tokens = self.decode(image_embs, u, rows=rows, cache=False).cpu()
+            draws.row_steps += int((tokens[:, 1:] != self.pad).sum())
+            pending = [r for r, row in zip(pending, tokens) if draws.judge(r, self.text_of(row)) == "again"]
 
     def __repr__(self) -> str:
         return f"Captioner({self.id!r}, {self.spec.model}, size={self.image_size})"
 
 
-def load_captioner(spec: CaptionerSpec, ensemble: EnsembleSpec, device: str = "cpu") -> Captioner:
+def load_captioner(spec: CaptionerSpec, ensemble: EnsembleSpec, device: str = "cpu",
+                   decode_batch: int = 0) -> Captioner:
     model = load_model("captioner", spec, ensemble, device)
-    return Captioner(spec, model, open_clip.get_tokenizer(spec.model), device)
+    return Captioner(spec, model, open_clip.get_tokenizer(spec.model), device, decode_batch=decode_batch)

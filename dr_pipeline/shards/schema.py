@@ -16,15 +16,25 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"dr_pipeline"
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+
+
+def schema_path(name: str) -> Path:
+    """A file of ``schemas/`` (the one source of truth: the checkout's folder, or the copy a wheel
+    installs with the shipped data, ``config.data_root()``)."""
+    from dr_pipeline.config import data_root
+
+    return data_root() / "schemas" / name
 
 
 @lru_cache(maxsize=None)
 def contract(version: int = SCHEMA_VERSION) -> dict:
-    path = SCHEMA_DIR / f"reinforced-v{version}.json"
-    if not path.is_file():  # installed without the repo: fall back to the packaged copy
-        path = Path(__file__).with_name(f"reinforced-v{version}.json")
-    return json.loads(path.read_text())
+    return json.loads(schema_path(f"reinforced-v{version}.json").read_text())
+
+
+@lru_cache(maxsize=None)
+def json_schema(name: str, version: int = SCHEMA_VERSION) -> dict:
+    """The JSON Schema of a marker (``shard-stats``) or a manifest (``manifest``)."""
+    return json.loads(schema_path(f"{name}-v{version}.schema.json").read_text())
 
 
 _SIMPLE = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "uint16": pa.uint16(),

@@ -22,6 +22,12 @@ depend on the worker count; and a resumed run restarts exactly at the slot after
 sample of its last step, reading nothing before that shard. The price: every worker reads
 the bytes of all its rank's shards (it decodes only its own chunks).
 
+**Image cache** (``data.cache_images``, for datasets that fit in memory). Every base shard
+of the plan is read once, its images hashed and decoded, and kept in memory (``ImageCache``)
+before the loader workers start; the forked workers share it copy-on-write. Epochs then
+replay the stored augmentations from the decoded images without reading or decoding a byte
+of the base corpus again; the samples are identical to the uncached ones.
+
 **Skips.** A base record without a reinforcement row, a row whose image bytes, size or
 caption do not match, a row with inconsistent counts, an undecodable image or a
 reinforcement row without a base record is never trained on and never shifts the pairing;
@@ -112,6 +118,54 @@ def rank_shards(plan: DataPlan, cfg: DataConfig, seed: int, epoch: int, rank: in
     return pairs, True
 
 
+@dataclass
+class Decoded:
+    """A base image decoded once (``ImageCache``): the image (None: undecodable) and the sha256
+    of its stored bytes."""
+    image: Image.Image | None
+    sha256: str
+
+
+class ImageCache:
+    """The base records of every shard, images decoded (``data.cache_images``): url -> (records
+    with their ``Decoded`` and without their bytes, the read error that ended the shard)."""
+
+    def __init__(self) -> None:
+        self.shards: dict[str, tuple[list[tuple[Sample | Rejected, Decoded | None]], ShardReadError | None]] = {}
+
+    def fill(self, plan: DataPlan) -> "ImageCache":
+        for pair in plan.pairs:
+            self.shard(pair.base_url, plan.source(pair).storage_options)
+        return self
+
+    def shard(self, url: str, so: dict) -> tuple[list[tuple[Sample | Rejected, Decoded | None]], ShardReadError | None]:
+        if url not in self.shards:
+            recs: list[tuple[Sample | Rejected, Decoded | None]] = []
+            error = None
+            try:
+                for rec in iter_shard(url, so):
+                    if isinstance(rec, Rejected):
+                        recs.append((rec, None))
+                        continue
+                    try:
+                        img: Image.Image | None = decode_image(rec.image)
+                    except ImageRejected:
+                        img = None
+                    recs.append((dataclasses.replace(rec, image=None),
+                                 Decoded(img, hashlib.sha256(rec.image).hexdigest())))
+            except ShardReadError as e:
+                error = e
+            self.shards[url] = (recs, error)
+        return self.shards[url]
+
+    def records(self, url: str, so: dict) -> Iterator[tuple[Sample | Rejected, Decoded | None]]:
+        """The shard's records as ``iter_shard`` gave them, the same error at the same place."""
+        recs, error = self.shard(url, so)
+        yield from recs
+        if error is not None:
+            raise error
+
+
 class JoinedDataset(IterableDataset):
     """A rank's slot stream from ``start`` on, epoch after epoch (``epochs``: how many; None:
     endless), in *chunks*: runs of ``data.worker_chunk`` consecutive slots, dealt round-robin
@@ -122,11 +176,14 @@ class JoinedDataset(IterableDataset):
     flattened stream (``unchunk``) is the rank's slots in sequence for any worker count."""
 
     def __init__(self, plan: DataPlan, cfg: DataConfig, seed: int, image_size: int, context_length: int,
-                 rank: int = 0, world: int = 1, start: StreamState = StreamState(), epochs: int | None = None):
+                 rank: int = 0, world: int = 1, start: StreamState = StreamState(), epochs: int | None = None,
+                 cache: ImageCache | None = None):
         super().__init__()
         self.plan, self.cfg, self.seed = plan, cfg, seed
         self.image_size, self.context_length = image_size, context_length
         self.rank, self.world, self.start, self.epochs = rank, world, start, epochs
+        # cache_images: a prefilled cache (TrainStream) or one filled shard by shard in this process
+        self.cache = cache if cache is not None else (ImageCache() if cfg.cache_images else None)
 
     def __iter__(self) -> Iterator[Item]:
         info = get_worker_info()
@@ -168,14 +225,16 @@ class JoinedDataset(IterableDataset):
         index = load_index(pair, self.plan, self.seed, epoch, src.join_key, so)
         matched: set[str] = set()
         j = 0
+        base = (self.cache.records(pair.base_url, so) if self.cache is not None
+                else ((rec, None) for rec in iter_shard(pair.base_url, so)))
         try:
-            for rec in iter_shard(pair.base_url, so):
+            for rec, dec in base:
                 jk = rec.key if isinstance(rec, Rejected) or src.join_key == "key" else rec.uid
                 dup = jk in matched
                 if jk is not None:
                     matched.add(jk)
                 if j >= first:
-                    yield j, (lambda rec=rec, jk=jk, dup=dup: self._item(pair, rec, jk, dup, index))
+                    yield j, (lambda rec=rec, jk=jk, dup=dup, dec=dec: self._item(pair, rec, jk, dup, index, dec))
                 j += 1
         except ShardReadError as e:
             log.warning("base shard %s unreadable after %d records: %s", pair.base_url, j, e)
@@ -189,7 +248,8 @@ class JoinedDataset(IterableDataset):
                 j += 1
 
     # ------------------------------------------------------------------ one sample
-    def _item(self, pair: ShardPair, rec: Sample | Rejected, jk: str | None, dup: bool, index: ShardIndex) -> Item:
+    def _item(self, pair: ShardPair, rec: Sample | Rejected, jk: str | None, dup: bool, index: ShardIndex,
+              dec: Decoded | None = None) -> Item:
         if isinstance(rec, Rejected):
             return _skip(pair.name, rec.key, f"base_{rec.reason}")
         if jk is None:
@@ -208,12 +268,18 @@ class JoinedDataset(IterableDataset):
             caption = entry.caption
         if not caption:
             return _skip(pair.name, rec.key, "no_caption")
-        if self.cfg.verify_sha256 and entry.sha256 and hashlib.sha256(rec.image).hexdigest() != entry.sha256:
+        if self.cfg.verify_sha256 and entry.sha256 and \
+                (dec.sha256 if dec is not None else hashlib.sha256(rec.image).hexdigest()) != entry.sha256:
             return _skip(pair.name, rec.key, "mismatched_image")
-        try:
-            img = decode_image(rec.image)     # the exact decode the teachers' views were made from
-        except ImageRejected:
-            return _skip(pair.name, rec.key, "bad_image")
+        if dec is not None:                   # cache_images: decoded once, by the same decoder
+            if dec.image is None:
+                return _skip(pair.name, rec.key, "bad_image")
+            img = dec.image
+        else:
+            try:
+                img = decode_image(rec.image)     # the exact decode the teachers' views were made from
+            except ImageRejected:
+                return _skip(pair.name, rec.key, "bad_image")
         if entry.width is not None and (img.width, img.height) != (entry.width, entry.height):
             return _skip(pair.name, rec.key, "mismatched_size")
         try:
@@ -309,10 +375,11 @@ class TrainStream:
         self.skipped: Counter[str] = Counter()
         self.samples = 0
         tokenize(["warm up"], context_length)          # load the BPE once here; forked workers inherit it
+        self.cache = ImageCache().fill(plan) if cfg.cache_images else None   # before the workers fork
 
     def items(self) -> Iterator[Item]:
         ds = JoinedDataset(self.plan, self.cfg, self.seed, self.image_size, self.context_length,
-                           self.rank, self.world, self.state)
+                           self.rank, self.world, self.state, cache=self.cache)
         nw = self.cfg.num_workers
         loader = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity,
                             prefetch_factor=4 if nw else None, pin_memory=self.pin_memory)

@@ -9,10 +9,19 @@ from the checkpoint, so the resumed run computes the same steps as an uninterrup
 Multi-GPU: ``torchrun --nproc-per-node N -m dr_pipeline.train.loop --config C`` (or ``dr
 train`` under torchrun), or ``jobs/train_ray.py`` for Ray Train; both give each rank its
 process group, and ``batch_size`` is per rank.
+
+``accum_steps`` > 1 is open_clip's ``accum_freq``: the features of all micro-batches are
+computed once without gradients, then each micro-batch is recomputed with gradients and the
+loss taken over the whole accumulated batch, so the gradient is that of one batch
+``accum_steps`` times larger (the logit scale's is counted once, unlike open_clip's).
+Optional logging beside metrics.jsonl: TensorBoard event files (``tensorboard: true``) and
+Weights & Biases (``wandb_project``); ``eval`` runs ``dr eval``'s zero-shot / retrieval
+metrics every ``eval.every`` steps.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import math
@@ -87,9 +96,13 @@ class Trainer:
         if unknown:
             raise ConfigError(f"loss.teacher_logit_scales names teachers not trained on: {sorted(unknown)}")
         self.scales = {t.id: float(cfg.loss.teacher_logit_scales.get(t.id, t.logit_scale)) for t in self.plan.teachers}
-        self.loss_fn = DistillClipLoss(self.scales, cfg.loss.lam, cfg.loss.gt_weight, cfg.loss.syn_weight,
-                                       cfg.loss.local_loss)
+        # mix_synthetic_ratio: one caption per sample, so no separate synthetic-caption term (Apple)
+        syn_weight = 0.0 if cfg.data.mix_synthetic_ratio is not None else cfg.loss.syn_weight
+        self.loss_fn = DistillClipLoss(self.scales, cfg.loss.lam, cfg.loss.gt_weight, syn_weight,
+                                       cfg.loss.local_loss, cfg.loss.kd_form)
         self.student: Student = build_student(self.spec, seed=cfg.seed).to(env.device)
+        if cfg.student.grad_checkpointing:
+            self.student.set_grad_checkpointing(True)
         self.ema = self._new_ema() if cfg.optim.ema_decay else None
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.student, o.weight_decay), lr=o.lr, betas=o.betas,
@@ -114,6 +127,14 @@ class Trainer:
         self.metrics = MetricsLog(self.out, self.step if path else None) if env.is_main else None
         if env.is_main:
             self.out.write_bytes("train_config.yaml", yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False).encode())
+        self.loggers = _open_loggers(cfg, self.out) if env.is_main else []
+        self.eval_data = None
+        if cfg.eval is not None and env.is_main:
+            from dr_pipeline.train.evaluate import load_eval_data
+
+            self.eval_data = load_eval_data(cfg.eval.data, limit=cfg.eval.limit)
+            if not self.eval_data.pairs and not self.eval_data.tasks:
+                raise ConfigError(f"eval.data {cfg.eval.data}: no labelled images and no image-caption pairs")
 
     def _new_ema(self) -> Student:
         ema = copy.deepcopy(self.student)
@@ -143,7 +164,7 @@ class Trainer:
         return state
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         dev = self.env.device
         kinds = self.loss_fn.kinds()
         images = batch["image"].to(dev, non_blocking=True)
@@ -151,18 +172,53 @@ class Trainer:
         text = torch.cat([tokens[:, KINDS.index(c)] for c in kinds])
         teachers = {t: {"image": v[:, 0].to(dev), "gt": v[:, 1].to(dev), "syn": v[:, 2].to(dev)}
                     for t, v in batch["teachers"].items() if t in self.scales}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+        return images, text, teachers
+
+    def _features(self, images: torch.Tensor, text: torch.Tensor):
+        """(image features [b, d], {kind: text features [b, d]}, logit scale)."""
+        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.amp):
             img_f, txt_f, scale = self.model(images, text)
         b = images.shape[0]
-        parts = self.loss_fn(img_f, {c: txt_f[i * b:(i + 1) * b] for i, c in enumerate(kinds)}, scale, teachers)
+        return img_f, {c: txt_f[i * b:(i + 1) * b] for i, c in enumerate(self.loss_fn.kinds())}, scale
+
+    def train_step(self, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
+        """One optimizer step on a batch, or on a list of micro-batches (gradient accumulation)."""
+        micro = [batch] if isinstance(batch, dict) else list(batch)
+        inputs = [self._inputs(b) for b in micro]
         self.optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
+        if len(micro) == 1:
+            images, text, teachers = inputs[0]
+            img_f, txt_f, scale = self._features(images, text)
+            parts = self.loss_fn(img_f, txt_f, scale, teachers)
+            parts["loss"].backward()
+        else:
+            parts = self._accumulate(inputs)
         if self.cfg.optim.grad_clip:
             parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.student.clamp_logit_scale()
         if self.ema is not None:
             ema_update(self.ema, self.student, self.cfg.optim.ema_decay)
+        return parts
+
+    def _accumulate(self, inputs: list) -> dict[str, torch.Tensor]:
+        """open_clip's accum_freq: the loss over all micro-batches' features, its gradient taken
+        one micro-batch at a time (the others' features cached without gradient)."""
+        with torch.no_grad():
+            cached = [self._features(images, text) for images, text, _ in inputs]
+        teachers = {t: {k: torch.cat([inp[2][t][k] for inp in inputs]) for k in inputs[0][2][t]}
+                    for t in inputs[0][2]}
+        kinds = self.loss_fn.kinds()
+        last = len(inputs) - 1
+        for i, (images, text, _) in enumerate(inputs):
+            sync = self.model.no_sync() if i < last and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+            with sync:
+                img_f, txt_f, scale = self._features(images, text)
+                feats = [img_f if j == i else c[0] for j, c in enumerate(cached)]
+                texts = {c: torch.cat([txt_f[c] if j == i else x[1][c] for j, x in enumerate(cached)]) for c in kinds}
+                # the logit scale's gradient once (last micro-batch), not once per micro-batch
+                parts = self.loss_fn(torch.cat(feats), texts, scale if i == last else scale.detach(), teachers)
+                parts["loss"].backward()
         return parts
 
     # ------------------------------------------------------------------ the loop
@@ -175,13 +231,16 @@ class Trainer:
         stream = iter(self.stream)
         start = self.step
         while self.step < cfg.steps and (stop_after is None or self.step - start < stop_after):
-            batch, state = next(stream)
+            micro = []
+            for _ in range(cfg.accum_steps):
+                batch, state = next(stream)
+                micro.append(batch)
             lr = lr_at(self.step, cfg.optim, cfg.steps)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
-            parts = self.train_step(batch)
+            parts = self.train_step(micro[0] if cfg.accum_steps == 1 else micro)
             self.step += 1
-            samples_log += cfg.batch_size * env.world
+            samples_log += cfg.batch_size * cfg.accum_steps * env.world
             losses.append(parts["loss"].detach())
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 result.losses += torch.stack(losses).tolist()
@@ -189,12 +248,16 @@ class Trainer:
                 now = time.perf_counter()
                 self._log(parts, lr, state, samples_log / max(now - t_log, 1e-9))
                 t_log, samples_log = now, 0
+            if cfg.eval is not None and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
+                self.evaluate()
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 result.checkpoint = self.save(state)
                 last_ckpt_step = self.step
         result.losses += torch.stack(losses).tolist() if losses else []
         if self.metrics is not None:
             self.metrics.flush()
+        for lg in self.loggers:
+            lg.flush()
         result.step = self.step
         result.skipped = dict(self.stream.skipped)
         result.samples = self.stream.samples
@@ -212,10 +275,31 @@ class Trainer:
         row = {"step": self.step, "epoch": state.epoch, "lr": lr,
                "logit_scale": float(self.student.logit_scale.detach().exp()), "samples_per_s": samples_per_s, **values}
         self.metrics.append(row)
+        for lg in self.loggers:
+            lg.log({k: v for k, v in row.items() if k != "step"}, self.step)
         parts_txt = " ".join(f"{k} {values[k]:.4f}" for k in ("contrastive_loss", "distill_loss") if k in values)
         print(f"step {self.step}/{self.cfg.steps} | loss {values['loss']:.4f} ({parts_txt}) | lr {lr:.3g} | "
               f"scale {row['logit_scale']:.1f} | {samples_per_s:.1f} samples/s | epoch {state.epoch} | "
               f"skipped {values['skipped']}", flush=True)
+
+    def evaluate(self) -> dict | None:
+        """``dr eval``'s metrics of the current weights (the EMA's when there is one), main rank
+        only; rows ``{"step", "eval/<task>/top1", ...}`` in metrics.jsonl and the loggers."""
+        if self.eval_data is None:
+            return None
+        from dr_pipeline.train.evaluate import evaluate_model
+
+        model = (self.ema if self.ema is not None else self.student).reparameterize()   # eval-mode copy
+        res = evaluate_model(model, self.eval_data)
+        flat = {f"eval/{task}/{k}": float(v) for task, z in res["zeroshot"].items() for k, v in z.items()
+                if k in ("top1", "top5")}
+        flat.update({f"eval/retrieval/{k}": float(v) for k, v in res.get("retrieval", {}).items() if k != "n"})
+        if self.metrics is not None:
+            self.metrics.append({"step": self.step, **flat})
+        for lg in self.loggers:
+            lg.log(flat, self.step)
+        print(f"eval step {self.step}: " + " ".join(f"{k} {v:.3f}" for k, v in flat.items()), flush=True)
+        return res
 
     def save(self, state: StreamState) -> str | None:
         states = all_gather_ints(state.as_list(), self.env)      # a collective: every rank calls
@@ -233,6 +317,50 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.flush()
         return path
+
+
+class _TensorBoard:
+    def __init__(self, log_dir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ConfigError(f"tensorboard: true needs the tensorboard package (pip install tensorboard): {e}") from None
+        self.writer = SummaryWriter(log_dir=log_dir)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.writer.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+class _WandB:
+    def __init__(self, project: str, name: str, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("wandb_project is set but wandb is not installed (pip install wandb)") from None
+        self.run = wandb.init(project=project, name=name, config=config)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def flush(self) -> None:
+        pass
+
+
+def _open_loggers(cfg: TrainConfig, out) -> list:
+    """The optional loggers beside metrics.jsonl (main rank)."""
+    loggers: list = []
+    if cfg.tensorboard:
+        if not out.local:
+            raise ConfigError(f"tensorboard: true needs a local out_dir (got {cfg.out_dir})")
+        loggers.append(_TensorBoard(out.path_of("tensorboard")))
+    if cfg.wandb_project:
+        loggers.append(_WandB(cfg.wandb_project, cfg.out_dir.rstrip("/").rsplit("/", 1)[-1], redact(to_dict(cfg))))
+    return loggers
 
 
 def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None,

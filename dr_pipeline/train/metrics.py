@@ -47,7 +47,6 @@ def plot_curve(rows: list[dict]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
     for k in LOSS_KEYS:
         if any(k in r for r in rows):
@@ -58,7 +57,7 @@ def plot_curve(rows: list[dict]) -> bytes:
     ax.set_title("training loss")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    ax_lr.plot(steps, [r.get("lr", 0.0) for r in rows], color="tab:gray")
+    ax_lr.plot([r["step"] for r in rows if "lr" in r], [r["lr"] for r in rows if "lr" in r], color="tab:gray")
     ax_lr.set_xlabel("step")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_title("schedule")

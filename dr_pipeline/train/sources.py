@@ -423,14 +423,14 @@ def _parquet_batch(batch, caps, plan, n_aug, ch: Chooser, join_key) -> Iterator[
 
 def _datacompdr_entries(url: str, so: dict, plan: DataPlan, src: SourcePlan, ch: Chooser,
                         join_key: str) -> Iterator[Entry]:
-    from dr_pipeline.shards.datacompdr import iter_datacompdr_tar
+    from dr_pipeline.shards.datacompdr import iter_datacompdr_tar, member_limit
 
     offsets, o = {}, 0
     for t in plan.all_teachers:
         offsets[t.id] = (o, o + t.dim)
         o += t.dim
     total = o
-    for rec in iter_datacompdr_tar(url, so):
+    for rec in iter_datacompdr_tar(url, so, member_limit(total)):   # bounded inflation (issue 18)
         yield _datacompdr_entry(rec, plan, src, offsets, total, ch, join_key)
 
 
@@ -477,7 +477,7 @@ def _datacompdr_entry(rec: dict, plan: DataPlan, src: SourcePlan, offsets: dict,
         return e
     image_emb, text_emb, paug = rec.get("image_emb"), rec.get("text_emb"), rec.get("param_aug")
     if image_emb is None or text_emb is None or paug is None:
-        e.error = "incomplete_reinforcement"
+        e.error = rec.get("rejected") or "incomplete_reinforcement"     # too_large: a bounded-inflation refusal
         return e
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != total or text_emb.shape[1] != total:
         e.error = "mismatched_teacher_dim"

@@ -1,0 +1,187 @@
+"""The reinforced-dataset contract (shards/dataset.py) and the driver's bookkeeping at scale.
+
+- every marker and manifest the pipeline writes validates against the JSON Schemas in schemas/;
+- ``fake_reinforce`` writes through the same commit path: its output passes ``dr validate``;
+- planning costs a bounded number of storage calls whatever the number of shards: two output
+  listings, the manifest, and only the marker bodies committed after its last checkpoint;
+- the manifest is the driver's checkpoint: a driver interrupted mid-job leaves every committed shard in it;
+- ``dr status`` on a finished and on a running job, local and on moto S3, from the files alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import fsspec
+import jsonschema
+import pytest
+
+from dr_pipeline.bench_scale import StandInProcessor, make_scale_job, shard_names, write_job_file
+from dr_pipeline.cli import main as dr
+from dr_pipeline.config import load_ensemble, load_job
+from dr_pipeline.corpus.synthetic import make_corpus
+from dr_pipeline.execute.runner import plan_job, run_job
+from dr_pipeline.shards.dataset import Manifest, ReinforcedDataset
+from dr_pipeline.shards.schema import json_schema
+from dr_pipeline.status import job_status
+from dr_pipeline.storage.folder import Folder
+from dr_pipeline.train.fake_reinforce import make_fake_reinforced
+from dr_pipeline.validate import validate_dataset
+
+
+def assert_schema_valid(root: str, storage_options: dict | None = None) -> int:
+    """Every marker and the manifest of ``root`` against schemas/; returns the number of markers."""
+    ds = ReinforcedDataset(root, storage_options)
+    names = sorted(ds.listing().markers)
+    for n in names:
+        jsonschema.validate(ds.folder.read_json(ds.marker_rel(n)), json_schema("shard-stats"))
+    jsonschema.validate(ds.folder.read_json("manifest.json"), json_schema("manifest"))
+    return len(names)
+
+
+@pytest.fixture(scope="module")
+def fake_ds(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("contract")
+    make_corpus(str(root / "corpus"), n_shards=3, per_shard=6, seed=0, formats=("tar",))
+    make_fake_reinforced(str(root / "corpus" / "tar"), str(root / "ds"), [("ta", 16, 70.0)], captioners=("coca",), k=2)
+    return root / "ds"
+
+
+def test_fake_reinforce_goes_through_the_commit_path_and_validates(fake_ds):
+    assert assert_schema_valid(str(fake_ds)) == 3
+    rep = validate_dataset(str(fake_ds))
+    assert rep.ok, rep.render()
+    assert rep.shards == 3 and rep.samples == 18
+    assert (fake_ds / "README.md").read_text().count("shards/*.parquet") == 1     # the dataset card
+
+
+def test_markers_of_a_real_job_match_the_schema(tmp_path, tiny_ensemble):
+    """The tiny ensemble, --local: per-stage times are in every marker and summed in the manifest."""
+    make_corpus(str(tmp_path / "corpus"), n_shards=2, per_shard=3, seed=0, formats=("tar",))
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(json.dumps({"input": {"urls": str(tmp_path / "corpus" / "tar")}, "output": {"path": str(tmp_path / "ds")},
+                               "teachers": tiny_ensemble, "aug": {"n_aug": 2, "size": 64}, "captions": {"k": 2},
+                               "execution": {"batch_size": 4, "device": "cpu"}}))
+    assert dr(["reinforce", "--config", str(cfg), "--local"]) == 0
+    assert assert_schema_valid(str(tmp_path / "ds")) == 2
+    ds = ReinforcedDataset(str(tmp_path / "ds"))
+    for m in ds.markers().values():
+        assert {"read", "decode_augment", "write", "commit", "wait_input", "caption:tiny-coca",
+                "teacher:tiny-vit-a:image", "teacher:tiny-vit-a:text"} <= set(m.stage_s), m.stage_s
+        assert m.captions_resampled.keys() == {"tiny-coca"} and m.host and m.pid
+        assert m.started_at <= m.finished_at
+    man = ds.folder.read_json("manifest.json")
+    assert man["complete"] and man["stage_s"]["caption:tiny-coca"] > 0
+
+
+def _calls(plan) -> dict:
+    return dict(plan.dataset.folder.calls)
+
+
+@pytest.mark.parametrize("n", [200, 800])
+def test_planning_storage_calls_do_not_grow_with_the_shards(tmp_path, n):
+    job = load_job(make_scale_job(str(tmp_path), n, n // 2, after_checkpoint=7))
+    plan = plan_job(job, load_ensemble(job.ensemble_path()))
+    assert len(plan.skipped) == n // 2 and len(plan.todo) == n - n // 2 and plan.markers_read == 7
+    calls = _calls(plan)
+    assert calls["list"] == 2                       # _markers/ and shards/, once each
+    assert calls["read"] == 7 + 2                   # the 7 markers after the checkpoint, manifest, dataset.json
+    assert calls.get("remove", 0) <= 1 and calls["write"] <= 6
+
+
+def test_resume_redoes_a_shard_whose_data_file_changed_and_one_committed_by_another_config(tmp_path):
+    job = load_job(make_scale_job(str(tmp_path), 40, 20, after_checkpoint=4))
+    ds = ReinforcedDataset(job.output.path)
+    Path(ds.folder.path_of(ds.data_rel("shard-000003"))).write_bytes(b"replaced")         # in the checkpoint
+    other = ds.folder.read_json(ds.marker_rel("shard-000018"))                              # after it
+    ds.folder.write_json(ds.marker_rel("shard-000018"), {**other, "config_hash": "0123456789abcdef"})
+    plan = plan_job(job, load_ensemble(job.ensemble_path()), force=True)
+    redo = {u.rsplit("/", 1)[-1][:-4] for u in plan.todo}
+    assert {"shard-000003", "shard-000018"} <= redo and len(redo) == 22
+    assert not ds.folder.exists(ds.marker_rel("shard-000003")) and not ds.folder.exists(ds.marker_rel("shard-000018"))
+
+
+def test_a_changed_config_is_refused_naming_the_keys_that_differ(tmp_path):
+    job = load_job(make_scale_job(str(tmp_path), 10, 5, after_checkpoint=0))
+    cfg = Path(tmp_path / "job.yaml")
+    import yaml
+    d = yaml.safe_load(cfg.read_text())
+    d["aug"]["n_aug"] = 3
+    d["seed"] = 7
+    cfg.write_text(yaml.safe_dump(d))
+    job = load_job(cfg)
+    with pytest.raises(Exception) as e:
+        plan_job(job, load_ensemble(job.ensemble_path()))
+    assert "aug.n_aug" in str(e.value) and "seed" in str(e.value) and "--force" in str(e.value)
+
+
+class _Interrupting(StandInProcessor):
+    """Commits 5 shards, then the driver gets Ctrl-C."""
+    done = 0
+
+    def process(self, url, dataset, config_hash):
+        if _Interrupting.done == 5:
+            raise KeyboardInterrupt
+        _Interrupting.done += 1
+        return super().process(url, dataset, config_hash)
+
+
+def test_an_interrupted_driver_leaves_every_committed_shard_in_the_manifest(tmp_path):
+    os.environ["DR_STANDIN_MS"] = "0"
+    inputs = Folder(str(tmp_path / "in"))
+    for n in shard_names(12):
+        inputs.write_bytes(f"{n}.tar", b"")
+    job = load_job(write_job_file(str(tmp_path / "job.yaml"), inputs.root, str(tmp_path / "out"),
+                                  manifest_every_s=0.001))
+    ens = load_ensemble(job.ensemble_path())
+    with pytest.raises(KeyboardInterrupt):
+        run_job(job, ens, executor="local", processor=_Interrupting)
+    man = ReinforcedDataset(job.output.path).read_manifest()
+    assert sorted(man.shards) == shard_names(12)[:5] and not man.complete
+    rerun = run_job(job, ens, executor="local", processor=StandInProcessor)       # resumes from it
+    assert sorted(rerun.skipped) == shard_names(12)[:5] and len(rerun.committed) == 7
+    assert ReinforcedDataset(job.output.path).read_manifest().complete
+
+
+def _status_checks(root: str, so: dict | None) -> None:
+    st = job_status(root, so, now=2e9)
+    assert st.complete and st.shards_committed == st.shards_total == 30 and st.eta_s is None
+    ds = ReinforcedDataset(root, so)
+    # "running": a checkpoint that knows 20 shards, 4 more committed since, 6 to go
+    man = ds.read_manifest()
+    names = sorted(ds.listing().markers)
+    for n in names[24:]:
+        ds.uncommit(n)
+    partial = Manifest(man.config_hash, man.teachers, man.captioners, 30,
+                       shards={n: man.shards[n] for n in names[:20] if n in man.shards})
+    assert len(partial.shards) == 20
+    ds.write_manifest(partial)
+    st = job_status(root, so, now=2e9)
+    assert not st.complete and (st.shards_committed, st.shards_total) == (24, 30)
+    assert st.markers_after_checkpoint == 4
+    assert st.shards_per_hour > 0 and st.eta_s is not None and st.eta_s > 0
+    assert "24/30 committed" in st.render()
+
+
+def test_dr_status_finished_and_running_local(tmp_path, capsys):
+    job = load_job(make_scale_job(str(tmp_path), 30, 30, after_checkpoint=3))
+    root = job.output.path
+    assert dr(["status", root, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["complete"] and out["shards_committed"] == 30 and out["markers_after_checkpoint"] == 3
+    _status_checks(root, None)
+
+
+def test_dr_status_on_moto_s3(tmp_path, s3_bucket):
+    bucket, so = s3_bucket
+    job = load_job(make_scale_job(str(tmp_path), 30, 30, after_checkpoint=3))
+    fs = fsspec.filesystem("s3", **so)
+    fs.put(job.output.path + "/", f"{bucket}/ds/", recursive=True)
+    _status_checks(f"s3://{bucket}/ds", so)
+
+
+def test_dr_status_on_a_path_that_is_not_a_dataset(tmp_path, capsys):
+    assert dr(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "not a dr_pipeline dataset" in err and len(err.strip().splitlines()) == 1

@@ -164,7 +164,7 @@ def compare_datasets(ref: str, got: str, min_cosine: float = 0.99) -> dict:
 
 def report_lines(res: dict, min_cosine: float) -> list[str]:
     L = [f"gpu-check: {res['shards']} shard(s), {res['rows']} rows, {res['vectors']} embedding vectors, "
-         f"{res['captions']} greedy captions compared (CPU fp32 vs {res.get('device', '?')} bf16 autocast)"]
+         f"{res['captions']} greedy captions compared (CPU fp32 vs {res.get('device', '?')})"]
     for k, v in sorted(res["min_cosine"].items()):
         L.append(f"  min cosine {k:<40} {v:.5f}  {'ok' if v >= min_cosine else 'BELOW ' + str(min_cosine)}")
     L.append(f"  rows (keys, GT captions, image hashes) identical: {'yes' if res['rows_identical'] else 'NO'}")
@@ -207,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         name = torch.cuda.get_device_name(0) if gpu == "cuda" else "cpu"
         print(f"gpu-check: {a.shards} x {a.per_shard} samples, ensemble {ensemble.name} (captioners greedy), "
               f"settings of {a.config}; reference CPU fp32, checked: {gpu} ({name})", flush=True)
-        t_cpu = run_one(job_for(base, urls, str(work / "cpu"), "cpu"), ensemble)
-        t_gpu = run_one(job_for(base, urls, str(work / gpu), gpu), ensemble)
-        res = compare_datasets(str(work / "cpu"), str(work / gpu), a.min_cosine)
-        res.update(device=f"{gpu} ({name})", seconds={"cpu": round(t_cpu, 1), gpu: round(t_gpu, 1)},
+        t_cpu = run_one(job_for(base, urls, str(work / "ref-cpu"), "cpu"), ensemble)
+        t_gpu = run_one(job_for(base, urls, str(work / f"checked-{gpu}"), gpu), ensemble)
+        res = compare_datasets(str(work / "ref-cpu"), str(work / f"checked-{gpu}"), a.min_cosine)
+        precision = "bf16 autocast" if gpu == "cuda" else "fp32"
+        res.update(device=f"{gpu} ({name}, {precision})", seconds={"cpu": round(t_cpu, 1), gpu: round(t_gpu, 1)},
                    min_cosine_required=a.min_cosine, config=a.config, ensemble=ensemble.name)
         print("\n".join(report_lines(res, a.min_cosine)), flush=True)
         print(f"gpu-check: CPU run {t_cpu:.1f} s, {gpu} run {t_gpu:.1f} s", flush=True)

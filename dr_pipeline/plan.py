@@ -282,14 +282,15 @@ def _decode_efficiency(source: dict, configs: dict, image_eff: float | None) -> 
     vals = []
     for model, c in source.get("models", {}).items():
         cfg = configs.get(model) or open_clip_config(model)
-        if not cfg or not c.get("caption_s") or "multimodal_cfg" not in cfg:
+        per = c.get("decode_s") or c.get("caption_s")    # one sampled draw (newer bench), else caption()
+        if not cfg or not per or "multimodal_cfg" not in cfg:
             continue
         k = c.get("k", 5)
-        steps = max(1.0, c.get("mean_tokens", 30.0) - 1)
-        draws = c.get("draws_per_caption", 1.0)
+        steps = c.get("mean_steps") or max(1.0, c.get("mean_tokens", 30.0) - 1)
+        draws = 1.0 if c.get("decode_s") else c.get("draws_per_caption", 1.0)
         encode_s = 2 * caption_image_macs(cfg) / image_eff / k if image_eff else 0.0
-        decode_s = c["caption_s"] - encode_s
-        if decode_s > 0.05 * c["caption_s"]:
+        decode_s = per - encode_s
+        if decode_s > 0.05 * per:
             vals.append(2 * draws * decode_macs(cfg, steps) / decode_s)
     return sum(vals) / len(vals) if vals else None
 
@@ -382,7 +383,9 @@ def _measured_seconds(spec: PlanSpec, source: dict) -> tuple[dict[str, float], l
         if model in spec.configs:
             continue
         c = models.get(model, {})
-        if "caption_s" in c:
+        if "decode_s" in c:                              # one draw; retries priced by the spec
+            parts["caption_decode"] += spec.k * spec.draws_per_caption * c["decode_s"]
+        elif "caption_s" in c:
             parts["caption_decode"] += spec.k * spec.draws_per_caption * c["caption_s"]
         else:
             missing.append(f"{model}.caption_s")

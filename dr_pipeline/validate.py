@@ -26,11 +26,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
 
 from dr_pipeline import augment
 from dr_pipeline.config import AugSpec, ConfigError, from_dict, safe_yaml, strip_redacted
-from dr_pipeline.corpus.readers import (Damaged, Rejected, Sample, expand_urls, iter_shard, shard_index_count,
+from dr_pipeline.corpus.readers import (Rejected, Sample, expand_urls, iter_shard, shard_index_count,
                                         shard_name)
 from dr_pipeline.images import decode_image
 from dr_pipeline.shards.dataset import ReinforcedDataset
@@ -140,11 +139,8 @@ def check_base(name: str, url: str, written: list[str], marker: dict, storage_op
     framing the marker does not record is reported; the corpus's own index, if any, agrees."""
     base: Counter = Counter()
     damaged: list[dict] = []
-    for item in iter_shard(url, storage_options):
-        if isinstance(item, Damaged):
-            damaged.append(item.to_dict())
-        else:
-            base[item.key] += 1
+    for item in iter_shard(url, storage_options, on_damage=lambda d: damaged.append(d.to_dict())):
+        base[item.key] += 1
     if sum(base.values()) != marker["n_read"]:
         rep.add(name, f"the base shard has {sum(base.values())} record(s) but the marker says n_read={marker['n_read']}")
     recorded = {(d.get("offset"), d.get("end")) for d in marker.get("damaged") or [] if isinstance(d, dict)}

@@ -2,6 +2,12 @@
 
     ray job submit --working-dir . -- python jobs/reinforce.py --config jobs/configs/datacompdr-12m.yaml
     ray job submit --working-dir . -- python jobs/reinforce.py --config jobs/configs/dfndr-2b.yaml --force
+    ray job submit --working-dir . -- python jobs/reinforce.py --config "$PWD/jobs/configs/demo.yaml"
+
+Paths in the config resolve against the config file's folder (``pkg:teachers/...`` names a
+shipped ensemble), so the cluster configs (s3:// data) work from the uploaded working dir and
+on a KubeRay head alike; a config with local data must be given by absolute path on a disk the
+head sees (the demo line), since Ray's uploaded copy holds no git-ignored data (docs/cluster.md).
 
 Under ``ray job submit`` the entrypoint runs on the head node with ``RAY_ADDRESS`` set, and
 this script connects to that cluster (``--address auto`` unless you pass one); the model

@@ -70,10 +70,9 @@ def offsets(members: list[tuple[str, bytes]]) -> dict[str, int]:
 def read(tmp_path, raw: bytes, name: str = "x.tar"):
     p = tmp_path / name
     p.write_bytes(raw)
-    items = list(iter_shard(str(p)))
-    recs = [i for i in items if not isinstance(i, Damaged)]
-    return ([r for r in recs if isinstance(r, Sample)], [r for r in recs if isinstance(r, Rejected)],
-            [i for i in items if isinstance(i, Damaged)])
+    damaged: list[Damaged] = []
+    recs = list(iter_shard(str(p), on_damage=damaged.append))
+    return ([r for r in recs if isinstance(r, Sample)], [r for r in recs if isinstance(r, Rejected)], damaged)
 
 
 def keys(recs) -> list[str]:
@@ -233,6 +232,16 @@ def test_non_adjacent_members_join_their_sample(tmp_path):
     ok, rej, _ = read(tmp_path, tar([("a.jpg", b"A"), ("a.txt", b"1"), ("b.jpg", b"B"), ("b.txt", b"2"),
                                      ("a.jpg", b"A2"), ("a.txt", b"3")]))
     assert keys(ok) == ["a", "b"] and [(r.key, r.reason) for r in rej] == [("a", "duplicate_key")]
+
+
+def test_look_behind_is_bounded(tmp_path):
+    # A member more than LOOKBEHIND_GROUPS samples after its key's others starts a new (duplicate) sample.
+    from dr_pipeline.corpus.readers import LOOKBEHIND_GROUPS
+
+    ms = [("far.jpg", b"F")] + keyed(LOOKBEHIND_GROUPS + 2) + [("far.txt", b"late caption")]
+    ok, rej, _ = read(tmp_path, tar(ms))
+    assert ok[0].key == "far" and ok[0].caption is None
+    assert [(r.key, r.reason) for r in rej] == [("far", "duplicate_key")] and len(ok) == LOOKBEHIND_GROUPS + 3
 
 
 def test_empty_txt_falls_back_to_the_json_caption(tmp_path):

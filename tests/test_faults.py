@@ -122,9 +122,9 @@ class ShardKiller(threading.Thread):
     A worker's temporary data file is ``_tmp/{shard}.{pid}.{random}.parquet`` and exists from
     the shard's start to its commit, so seeing it means: that process is mid-shard."""
 
-    def __init__(self, root: Path, shard: str, times: int):
+    def __init__(self, root: Path, shard: str, times: int, sig: int = signal.SIGKILL):
         super().__init__(daemon=True)
-        self.tmp, self.shard, self.times = root / "_tmp", shard, times
+        self.tmp, self.shard, self.times, self.sig = root / "_tmp", shard, times, sig
         self.killed: list[int] = []
         self.halt = threading.Event()
 
@@ -136,7 +136,7 @@ class ShardKiller(threading.Thread):
                     seen.add(f.name)
                     pid = int(f.name.split(".")[1])
                     assert pid != os.getpid()
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, self.sig)
                     self.killed.append(pid)
             time.sleep(0.005)
 
@@ -254,6 +254,33 @@ def test_actor_sigkilled_mid_shard_job_completes_and_equals_undisturbed_run(
     assert sorted(ReinforcedDataset(str(tmp_path / "ds")).listing().data) == SHARDS
 
 
+@pytest.mark.timeout(240)
+def test_hung_actor_is_killed_and_its_shard_retried_elsewhere(ray_local, corpus, tiny_ensemble, reference, tmp_path):
+    """An actor SIGSTOPped mid-shard (a stuck NFS/S3 read, a deadlock, a wedged GPU look the same):
+    past the shard deadline the driver kills it, starts a replacement and retries the shard."""
+    cfg = job_file(tmp_path / "job.yaml", urls_of(corpus), tiny_ensemble, tmp_path / "ds", shard_timeout_s=25)
+    job = load_job(cfg)
+    with ShardKiller(tmp_path / "ds", "shard-00001", times=1, sig=signal.SIGSTOP) as stopper:
+        report = run_job(job, resolve_ensemble(job))
+    [pid] = stopper.killed
+    assert report.ok and sorted(report.committed) == SHARDS
+    assert [(r["shard"], r["attempt"]) for r in report.retried] == [("shard-00001", 1)]
+    assert report.retried[0]["error"].startswith("hung: no result after")
+    deadline = time.time() + 30
+    while _alive(pid) and time.time() < deadline:        # ray.kill of a stopped process: SIGKILL works
+        time.sleep(0.2)
+    assert not _alive(pid)
+    assert_same_dataset(reference, str(tmp_path / "ds"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.timeout(180)
 def test_poison_shard_is_retried_a_bounded_number_of_times_and_reported(
         ray_local, corpus, tiny_ensemble, reference, tmp_path, capsys):
@@ -351,9 +378,14 @@ def test_driver_killed_mid_job_then_rerun_resumes_to_the_undisturbed_dataset(
             assert time.time() < deadline, "no shard committed in time"
             time.sleep(0.02)
         own_raylet = [q for q in _session_pids(p.pid) if b"raylet" in _cmdline(q)]
-        os.killpg(p.pid, signal.SIGKILL)          # the driver, its Ray and its actors, mid-job
+        os.kill(p.pid, signal.SIGKILL)            # the driver alone, mid-job, as the OOM killer would
         assert own_raylet, "dr reinforce attached to another Ray instead of starting its own"
         committed_at_kill = len(list((root / "_markers").glob("*.json")))
+        deadline = time.time() + 60               # its watchdog reaps Ray's GCS, raylet, agents and actors
+        while _session_pids(p.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        left = [_cmdline(q)[:60] for q in _session_pids(p.pid)]
+        assert not left, f"processes of the killed driver's Ray survive: {left}"
     finally:
         p.kill()
         p.wait()

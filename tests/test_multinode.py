@@ -9,9 +9,13 @@ subprocess. As soon as actors on *both* nodes have been seen mid-shard (a worker
 file ``_tmp/{shard}.{pid}.*.parquet`` names its PID, and the PID's session names its node), every
 process of the second node is SIGKILLed while its actor is mid-shard. An actor seen while the
 other node's actor is still loading is paused (SIGSTOP) until that one has a shard too, so the
-test does not depend on which node starts faster (node_a's worker is prestarted, node_b's is not). The job must finish on the
-first node, retry the lost shard, and produce a dataset equal, column for column and row for
-row, to an undisturbed in-process run.
+test does not depend on which node starts faster (node_a's worker is prestarted, node_b's is
+not). The job must finish on the first node, retry the lost shard, and produce a dataset
+equal, column for column and row for row, to an undisturbed in-process run.
+
+The nodes use a token of their own (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``): Ray 2.5x+
+turns token auth on by itself wherever ``~/.ray/auth_token`` exists, which any local
+``ray.init`` on the machine creates.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from tests.test_faults import job_file, undisturbed_run
 N_SHARDS, PER_SHARD = 4, 6
 SHARDS = [f"shard-{i:05d}" for i in range(N_SHARDS)]
 RAY = str(Path(sys.executable).with_name("ray"))
-DEADLINE_S = 200          # the whole cluster part; pytest's timeout below is the hard stop
+DEADLINE_S = 250          # the cluster part (~130 s on a loaded 2-core machine); pytest's timeout: hard stop
 
 DRIVER = """
 import json, sys
@@ -136,7 +140,7 @@ class Cluster:
         self.sessions[name] = p.pid
         return p
 
-    def _wait(self, name: str, p: subprocess.Popen, deadline: float) -> None:
+    def wait(self, name: str, p: subprocess.Popen, deadline: float) -> None:
         while p.poll() is None:
             assert time.monotonic() < deadline, f"`ray start` for {name} did not return in time:\n{self.log(name)}"
             time.sleep(0.05)
@@ -148,10 +152,10 @@ class Cluster:
         return self._start("node_a", ["--head", f"--port={self.port}", f"--temp-dir={self.temp}",
                                       "--include-dashboard=false"], self.worker_ports)
 
-    def start(self, head: subprocess.Popen, deadline: float) -> None:
-        """Wait for the head (``start_head``), then start the second node and wait for it."""
-        self._wait("node_a", head, deadline)
-        self._wait("node_b", self._start("node_b", [f"--address={self.address}"], self.worker_ports + 400), deadline)
+    def start_worker(self, head: subprocess.Popen, deadline: float) -> subprocess.Popen:
+        """Wait for the head (``start_head``), then start the second node (``wait`` for it)."""
+        self.wait("node_a", head, deadline)
+        return self._start("node_b", [f"--address={self.address}"], self.worker_ports + 400)
 
     def log(self, name: str) -> str:
         with contextlib.suppress(OSError):
@@ -199,7 +203,7 @@ def assert_same_tables(ref: str, got: str) -> None:
 
 # --------------------------------------------------------------------------- the test
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_second_node_killed_mid_job_finishes_on_the_first_and_equals_undisturbed_run(tiny_ensemble, tmp_path):
     corpus = tmp_path / "corpus"
     make_corpus(str(corpus), n_shards=N_SHARDS, per_shard=PER_SHARD, seed=11, formats=("tar",))
@@ -214,8 +218,7 @@ def test_second_node_killed_mid_job_finishes_on_the_first_and_equals_undisturbed
         # the undisturbed run (in process, one torch thread like each 1-CPU actor) while the head boots
         ref = undisturbed_run(job_file(tmp_path / "ref.yaml", urls, tiny_ensemble, tmp_path / "ref"))
         t_ref = time.monotonic() - t0
-        cluster.start(head, deadline)
-        t_cluster = time.monotonic() - t0
+        worker = cluster.start_worker(head, deadline)
         root = tmp_path / "ds"
         cfg = job_file(tmp_path / "job.yaml", urls, tiny_ensemble, root, address=cluster.address,
                        min_actors=1, max_actors=2, cpus_per_actor=1, max_attempts=3, actor_start_timeout_s=120)
@@ -224,6 +227,8 @@ def test_second_node_killed_mid_job_finishes_on_the_first_and_equals_undisturbed
         with open(driver_log, "w") as log:
             driver = subprocess.Popen([sys.executable, "-c", DRIVER, cfg, str(tmp_path / "report.json")],
                                       cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cluster.wait("node_b", worker, deadline)    # meanwhile the driver starts and its node_a actor loads
+        t_cluster = time.monotonic() - t0
 
         # Watch the workers' temporary files (PID -> node). An actor seen mid-shard while the other
         # node has not been seen yet is paused (SIGSTOP), so the other node's actor, however slow

@@ -220,3 +220,17 @@ def test_datacompdr_formula_is_close_to_a_real_export():
     buf = io.BytesIO()
     write_datacompdr_tar(buf, rows, meta)
     assert datacompdr_bytes(spec) == pytest.approx(buf.tell() / 64, rel=0.1)
+
+
+def test_captioner_costs_from_either_bench_format():
+    """Older costs files: caption_s (one draw, mean_tokens); newer: decode_s (one draw) and caption_s
+    (redraws of random weights included): the decoder's efficiency comes from the single draw."""
+    from dr_pipeline.plan import efficiencies
+
+    cfgs = _configs("ViT-L-14", "coca_ViT-L-14")
+    base = {"ViT-L-14": {"image_s": 3.0}}
+    old = {"models": {**base, "coca_ViT-L-14": {"caption_s": 1.5, "mean_tokens": 30.0}}}
+    new = {"models": {**base, "coca_ViT-L-14": {"caption_s": 4.0, "decode_s": 1.5, "mean_steps": 29.0,
+                                                "draws_per_caption": 2.7}}}
+    assert efficiencies(old, cfgs)["decode"] == pytest.approx(efficiencies(new, cfgs)["decode"])
+    assert 0 < efficiencies(new, cfgs)["decode"] < efficiencies(new, cfgs)["image"]

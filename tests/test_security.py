@@ -126,6 +126,8 @@ def _outputs_are_plain_data(fs, root: str) -> list[str]:
             json.loads(data)
         elif name.endswith(".yaml"):
             yaml.safe_load(data)
+        elif name == "README.md":      # the dataset card: YAML front matter + text
+            assert data.startswith(b"---\n") and yaml.safe_load(data.split(b"---\n")[1])["configs"]
         else:
             raise AssertionError(f"unexpected output file {path}")
         assert b"\x80\x04\x95" not in data[:64] and b"\x80\x05\x95" not in data[:64], path   # no pickle header

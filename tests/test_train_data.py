@@ -497,3 +497,21 @@ def test_several_sources_with_upsampling_factors(world, truth, tmp_path):
     assert Counter(drawn)[1] / len(drawn) == pytest.approx(2 / 3, abs=0.08)
     with pytest.raises(ConfigError, match="upsampling_factor"):
         SourceConfig(reinforced="x", upsampling_factor=0)
+
+
+def test_cache_images_gives_the_same_samples_and_skips(world, tmp_path):
+    """data.cache_images: decoded once (prefilled before the workers fork), identical batches."""
+    expected = _damage(world, tmp_path / "ds")
+    plain, cached = (DataConfig(reinforced=str(tmp_path / "ds"), num_workers=0, worker_chunk=4, cache_images=c)
+                     for c in (False, True))
+    assert _sig([it for it in _epoch(cached) if "skip" not in it]) == \
+           _sig([it for it in _epoch(plain) if "skip" not in it])
+    assert {it["key"]: it["skip"] for it in _epoch(cached) if "skip" in it} == expected
+    plan = make_plan(plain)
+    ts = [TrainStream(plan, dataclasses.replace(c, num_workers=2), SEED, batch_size=5, image_size=SIZE,
+                      context_length=CTX) for c in (plain, cached)]
+    assert ts[0].cache is None and set(ts[1].cache.shards) == {p.base_url for p in plan.pairs}
+    streams = [iter(t) for t in ts]
+    for _ in range(5):                                   # 25 samples: across an epoch boundary
+        (a, sa), (b, sb) = next(streams[0]), next(streams[1])
+        assert a["keys"] == b["keys"] and sa == sb and torch.equal(a["image"], b["image"])

@@ -127,8 +127,6 @@ def test_manifest_disagrees(ds, capsys):
 def _rewrite(ds: Path, edit) -> None:
     """Edit the victim's table, then rewrite file, marker sha256/bytes and manifest entry to match
     (an attacker or a buggy tool that 'fixes' the checksums)."""
-    import hashlib
-
     import pyarrow.parquet as pq
 
     f = ds / "shards" / f"{VICTIM}.parquet"

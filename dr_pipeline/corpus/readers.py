@@ -20,13 +20,15 @@ bad_member_name, too_large (docs/bad-data.md lists them all).
 from __future__ import annotations
 
 import bz2
+import collections
 import gzip
 import json
+import logging
 import lzma
 import os
 import posixpath
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import fsspec
@@ -34,7 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
-from dr_pipeline.storage.retry import PermanentError
+from dr_pipeline.storage.retry import PermanentError, redact_url
+
+log = logging.getLogger(__name__)
 
 SHARD_EXTENSIONS = (".tar", ".parquet")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # tar member suffixes (any case)
@@ -148,18 +152,32 @@ def _expand_one(pattern: str, so: dict | None) -> list[str]:
     raise ShardReadError(f"{pattern}: no such file or directory (fix input.urls)")
 
 
+IMG2DATASET_STATS = "_stats.json"     # img2dataset writes {shard}_stats.json beside every shard
+
+
+def drop_img2dataset_sidecars(urls: set[str]) -> set[str]:
+    """img2dataset's output folder as input: its ``{shard}_stats.json`` files and, in webdataset
+    mode, the metadata ``{shard}.parquet`` written beside each ``{shard}.tar`` (no image column;
+    it would also claim the tar's output name) are not shards. A ``.parquet`` without a ``.tar`` of
+    the same name (img2dataset's parquet mode, images included) is kept."""
+    tars = {u[: -len(".tar")] for u in urls if u.endswith(".tar")}
+    return {u for u in urls if not u.endswith(IMG2DATASET_STATS)
+            and not (u.endswith(".parquet") and u[: -len(".parquet")] in tars)}
+
+
 def expand_urls(urls: str | Sequence[str], storage_options: dict | None = None) -> list[str]:
     """Expand brace patterns, globs and directories into a sorted, de-duplicated URL list.
 
     Local paths come back absolute. A glob or directory that matches nothing raises
     ShardReadError; brace-expanded concrete shard URLs are not checked for existence.
+    img2dataset's sidecar files are left out (``drop_img2dataset_sidecars``).
     """
     items = [urls] if isinstance(urls, str) else list(urls)
     out: set[str] = set()
     for item in items:
         for pattern in braceexpand(item):
             out.update(_expand_one(pattern, storage_options))
-    return sorted(out)
+    return sorted(drop_img2dataset_sidecars(out))
 
 
 def shard_name(url: str) -> str:
@@ -207,15 +225,28 @@ def escape_key(key: str) -> str:
 
 # --------------------------------------------------------------------------- dispatch
 
-def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[Sample | Rejected | Damaged]:
-    """Stream one shard's records (``Sample`` / ``Rejected``) and, for tars, ``Damaged`` events
-    (skipped bytes: no key, not a record). Raises ShardReadError if the shard is unreadable."""
+def iter_shard(url: str, storage_options: dict | None = None,
+               on_damage: Callable[[Damaged], None] | None = None) -> Iterator[Sample | Rejected]:
+    """Stream one shard's records (``Sample`` / ``Rejected``). Damaged tar framing (skipped bytes:
+    no key, not a record) goes to ``on_damage`` (the reinforcement marker keeps it); without a
+    callback it is logged. Raises ShardReadError if the shard is unreadable."""
     path = url.split("?", 1)[0].lower()
     if path.endswith((".tar", ".tar.gz", ".tgz")):
-        return _iter_tar(url, storage_options)
+        return _without_damage(_iter_tar(url, storage_options), url, on_damage)
     if path.endswith(".parquet"):
         return _iter_parquet(url, storage_options)
     raise PermanentShardError(f"{url}: unsupported shard extension (expected .tar or .parquet)")
+
+
+def _without_damage(items: Iterator, url: str, on_damage) -> Iterator[Sample | Rejected]:
+    for item in items:
+        if isinstance(item, Damaged):
+            if on_damage is None:
+                log.warning("%s: damaged tar framing: %s", redact_url(url), item.detail)
+            else:
+                on_damage(item)
+        else:
+            yield item
 
 
 def _open(url: str, storage_options: dict | None):
@@ -654,8 +685,8 @@ class _Groups:
     the order they started, so the output order does not depend on the window."""
 
     def __init__(self):
-        self.open: dict[int, _Group] = {}        # insertion ordered
-        self.latest: dict[str, _Group] = {}
+        self.open: collections.deque[_Group] = collections.deque()     # oldest first
+        self.latest: dict[str, _Group] = {}      # key -> its newest open sample
         self.seen: set[str] = set()
         self.current: _Group | None = None
         self.bytes = 0
@@ -667,9 +698,9 @@ class _Groups:
         out: list[Sample | Rejected] = []
         if g is None or g.key != key:
             g = self.latest.get(key)
-            if g is None or id(g) not in self.open or slot in g.slots:
+            if g is None or slot in g.slots:
                 g = _Group(key)
-                self.open[id(g)] = g
+                self.open.append(g)
                 self.latest[key] = g
                 self.current = g
                 out = self._evict()
@@ -704,6 +735,8 @@ class _Groups:
 
     def _emit(self, g: _Group) -> Sample | Rejected:
         self.bytes -= g.bytes
+        if self.latest.get(g.key) is g:
+            del self.latest[g.key]
         rec = g.finish()
         if rec.key in self.seen:
             rec = Rejected(rec.key, "duplicate_key")
@@ -713,15 +746,13 @@ class _Groups:
     def _evict(self) -> list[Sample | Rejected]:
         out = []
         while self.open and (len(self.open) > LOOKBEHIND_GROUPS or self.bytes > LOOKBEHIND_BYTES):
-            oldest = next(iter(self.open.values()))
-            if oldest is self.current:
+            if self.open[0] is self.current:
                 break
-            del self.open[id(oldest)]
-            out.append(self._emit(oldest))
+            out.append(self._emit(self.open.popleft()))
         return out
 
     def flush(self) -> list[Sample | Rejected]:
-        out = [self._emit(g) for g in self.open.values()]
+        out = [self._emit(g) for g in self.open]
         self.open.clear()
         self.current = None
         return out

@@ -490,6 +490,9 @@ def run_ray(plan: JobPlan, job: JobConfig, ensemble: EnsembleSpec, report: JobRe
         except ConnectionError as e:
             raise ConfigError(f"no Ray cluster at address {address!r} ({e}); start one (`ray start --head`), "
                               "fix execution.address / --address, or leave both unset for a local Ray") from None
+        if local:       # a killed driver must not leave its Ray processes behind
+            from dr_pipeline.execute import watchdog
+            watchdog.guard(watchdog.local_ray_pids())
     pool = None
     progress = Progress(len(plan.todo))
     try:

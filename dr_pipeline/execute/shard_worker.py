@@ -160,9 +160,12 @@ class ShardProcessor:
         }
 
     # ---------------------------------------------------------------- CPU stage
-    def batches(self, url: str, clock: StageClock | None = None) -> Iterator[Batch]:
-        """Read + decode + augment in a thread pool, ``batch_size`` samples per batch."""
+    def batches(self, url: str, clock: StageClock | None = None,
+                damaged: list[dict] | None = None) -> Iterator[Batch]:
+        """Read + decode + augment in a thread pool, ``batch_size`` samples per batch; damaged tar
+        framing the reader skipped is appended to ``damaged`` (the marker keeps it)."""
         clock = clock or StageClock()
+        damaged = [] if damaged is None else damaged
         view_sizes = {t.image_size for t in self.teachers}
         center_sizes = {c.image_size for c in self.captioners}
         bs = self.job.execution.batch_size
@@ -174,7 +177,8 @@ class ShardProcessor:
                     for r in pool.map(lambda s: prepare(s, self.job, view_sizes, center_sizes), pending):
                         (out.rejected if isinstance(r, Rejected) else out.prepared).append(r)
                 return out
-            for item in _timed_iter(iter_shard(url, self.job.input.storage_options), clock, "read"):
+            items = iter_shard(url, self.job.input.storage_options, on_damage=lambda d: damaged.append(d.to_dict()))
+            for item in _timed_iter(items, clock, "read"):
                 if isinstance(item, Rejected):
                     batch.rejected.append(item)
                 else:
@@ -185,12 +189,13 @@ class ShardProcessor:
             if pending or batch.rejected:
                 yield flush()
 
-    def _opened(self, url: str, clock: StageClock) -> Iterator[Batch]:
+    def _opened(self, url: str, clock: StageClock, damaged: list[dict]) -> Iterator[Batch]:
         """``batches(url)`` whose start (open + first batch) is retried on transient storage
         errors with backoff: until a batch is handed out nothing is consumed, so starting
         over is safe. A failure later in the shard fails the attempt (the runner retries it)."""
         def start() -> Iterator[Batch]:
-            it = self.batches(url, clock)
+            del damaged[:]                  # a retried start re-reads from the beginning
+            it = self.batches(url, clock, damaged)
             try:
                 first = next(it)
             except StopIteration:
@@ -199,7 +204,7 @@ class ShardProcessor:
         ex = self.job.execution
         return retry_call(start, f"read {redact_url(url)}", RetryPolicy(ex.io_attempts, ex.io_backoff_s))
 
-    def prefetched(self, url: str, clock: StageClock, depth: int = 2) -> Iterator[Batch]:
+    def prefetched(self, url: str, clock: StageClock, damaged: list[dict], depth: int = 2) -> Iterator[Batch]:
         """``batches(url)`` run ahead in a background thread so decoding overlaps model compute;
         the time the model loop waits for the next batch is ``wait_input``."""
         q: queue.Queue = queue.Queue(maxsize=depth)
@@ -208,7 +213,7 @@ class ShardProcessor:
 
         def run() -> None:
             try:
-                for b in self._opened(url, clock):
+                for b in self._opened(url, clock, damaged):
                     while not stop.is_set():
                         try:
                             q.put(b, timeout=0.1)
@@ -289,9 +294,10 @@ class ShardProcessor:
         reasons: Counter = Counter()
         captions_rejected: dict[str, Counter] = {c.id: Counter() for c in self.captioners}
         resampled: Counter = Counter({c.id: 0 for c in self.captioners})
+        damaged: list[dict] = []
         n_read = 0
         try:
-            for batch in self.prefetched(url, clock):
+            for batch in self.prefetched(url, clock, damaged):
                 n_read += len(batch.prepared) + len(batch.rejected)
                 for r in batch.rejected:
                     reasons[r.reason] += 1
@@ -314,7 +320,7 @@ class ShardProcessor:
             n_read=n_read, n_written=writer.rows, n_rejected=sum(reasons.values()),
             rejected_by_reason=dict(sorted(reasons.items())), rejected_keys=rejected,
             captions_rejected={k: dict(v) for k, v in captions_rejected.items()},
-            captions_resampled=dict(resampled),
+            captions_resampled=dict(resampled), damaged=damaged,
             teachers=[t.id for t in self.teachers], captioners=[c.id for c in self.ensemble.captioners],
             seconds=round(time.perf_counter() - t0, 3), stage_s=clock.rounded(),
             started_at=round(started, 3), host=socket.gethostname(), pid=os.getpid())

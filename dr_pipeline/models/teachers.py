@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import re
 from pathlib import Path
@@ -292,13 +293,64 @@ def check_ensemble(ensemble: EnsembleSpec) -> None:
             _check_checkpoint_shapes(who, spec, ensemble)
 
 
+_RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                 "xavier_uniform_", "xavier_normal_", "orthogonal_", "constant_", "zeros_", "ones_")
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Build modules without initializing their weights: ``torch.nn.init`` and the random in-place
+    tensor fills do nothing, so parameters stay ``torch.empty`` (pages never touched, no RSS, no
+    time). Only for models whose every parameter is then loaded from a checkpoint (strict)."""
+    saved = [(torch.nn.init, n, getattr(torch.nn.init, n)) for n in _RANDOM_INITS]
+    saved += [(torch.Tensor, n, getattr(torch.Tensor, n)) for n in ("uniform_", "normal_")]
+
+    def keep(tensor, *args, **kwargs):
+        return tensor
+    try:
+        for owner, name, _ in saved:
+            setattr(owner, name, keep)
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def create_from_checkpoint(model_name: str, checkpoint: str, device: str | torch.device = "cpu",
+                           force_quick_gelu: bool = False) -> torch.nn.Module:
+    """``open_clip.create_model(model_name, pretrained=checkpoint)`` without its random init and
+    without a second copy of the weights: the model is built uninitialized on ``device``, and
+    open_clip's own ``load_checkpoint`` (key conversions, position-embedding resize, strict
+    check) reads the file straight onto ``device`` and *assigns* its tensors as the parameters.
+    Parameters keep the dtype the model was built with (a checkpoint in another dtype is cast)."""
+    with skip_init():
+        model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=force_quick_gelu,
+                                       device=device)
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    model.load_state_dict = functools.partial(type(model).load_state_dict, model, assign=True)
+    try:
+        open_clip.load_checkpoint(model, checkpoint, strict=True, device=str(device))
+    finally:
+        del model.load_state_dict
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in dtypes and t.dtype != dtypes[name] and t.is_floating_point():
+            t.data = t.data.to(dtypes[name])
+    return model
+
+
 def load_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleSpec, device: str,
                force_quick_gelu: bool = False) -> torch.nn.Module:
-    """The single load path for teachers and captioners: check, then open_clip.create_model."""
+    """The single load path for teachers and captioners: check, then build. A local checkpoint
+    file loads through ``create_from_checkpoint`` (no random init, no second copy); tags and
+    hf-hub / local-dir models through ``open_clip.create_model``."""
     register_model_configs(ensemble)
     _check_entry(kind, spec, ensemble, _ensemble_file(ensemble))
-    model = open_clip.create_model(spec.model, pretrained=ensemble.resolve(spec.pretrained),
-                                   force_quick_gelu=force_quick_gelu, device=device)
+    pretrained = ensemble.resolve(spec.pretrained)
+    if pretrained and is_local_path(spec.pretrained) and not spec.model.startswith(("hf-hub:", "local-dir:")):
+        model = create_from_checkpoint(spec.model, pretrained, device, force_quick_gelu=force_quick_gelu)
+    else:
+        model = open_clip.create_model(spec.model, pretrained=pretrained, force_quick_gelu=force_quick_gelu,
+                                       device=device)
     return model.eval().requires_grad_(False)
 
 

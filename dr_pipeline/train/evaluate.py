@@ -94,7 +94,7 @@ def load_eval_data(data: str, storage_options: dict | None = None, limit: int | 
                 break
     for task, (images, names) in labelled.items():
         classes = sorted(set(names) | _known_classes(task, names))
-        if len(classes) >= 2:
+        if images and len(classes) >= 2:          # unlabelled (real) shards: no zero-shot task
             out.tasks[task] = (images, [classes.index(n) for n in names], classes)
     return out
 
@@ -165,7 +165,13 @@ def evaluate(checkpoint: str, data: str, device: str | None = None, limit: int |
         raise ConfigError(f"eval data {data}: no image-caption pairs and no labelled images found")
     res: dict = {"checkpoint": ck["path"], "step": int(ck["step"]), "arch": ck["student"]["arch"], "data": data}
     res.update(evaluate_model(model, ed))
+    if not res["zeroshot"]:
+        res["note"] = RETRIEVAL_ONLY
     return res
+
+
+RETRIEVAL_ONLY = ("retrieval only: the data has no labelled images (zero-shot needs an image folder "
+                  "DATA/<class>/* or synthetic-corpus labels)")
 
 
 def evaluate_model(model: Student, ed: EvalData) -> dict:
@@ -195,6 +201,8 @@ def format_table(res: dict) -> str:
             top5 = f"{z['top5']:>8.3f}" if "top5" in z else f"{'-':>8}"
             lines.append(f"  {task + ' (' + str(z['n_classes']) + ' classes)':<24}{z['top1']:>8.3f}{top5}"
                          f"{z['chance']:>8.3f}{z['n']:>6}")
+    if res.get("note"):
+        lines.append(res["note"])
     return "\n".join(lines)
 
 

@@ -249,7 +249,9 @@ class Trainer:
                 self._log(parts, lr, state, samples_log / max(now - t_log, 1e-9))
                 t_log, samples_log = now, 0
             if cfg.eval is not None and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
+                t_eval = time.perf_counter()
                 self.evaluate()
+                t_log += time.perf_counter() - t_eval          # samples/s: training time only
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 result.checkpoint = self.save(state)
                 last_ckpt_step = self.step

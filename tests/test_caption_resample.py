@@ -1,0 +1,71 @@
+"""Redraws inside the batched decode: same captions, counts and seeding as decoding every draw
+in full passes, one image encode and one cross-attention K/V per image, whatever the batch."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from dr_pipeline.config import load_ensemble
+from dr_pipeline.models.captioner import Captioner, DegenerationRule, clean_caption, is_degenerate
+from dr_pipeline.models.teachers import register_model_configs
+from tests.test_models import _boosted_captioner, _views
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cap() -> Captioner:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    register_model_configs(load_ensemble(ROOT / "teachers" / "tiny.yaml"))
+    yield _boosted_captioner("dr-tiny-coca", boost=2.0, max_len=16, min_len=4)
+    torch.set_num_threads(n)
+
+
+def _run(cap, views, keys, k=4, **kw):
+    out = cap.caption(views, keys, seed=3, k=k, **kw)
+    return out.captions, out.rejected, out.attempts
+
+
+def test_in_batch_redraws_equal_full_passes(cap, monkeypatch):
+    views, keys = _views(6, cap.image_size, seed=2), [f"k{i}" for i in range(6)]
+    calls = []
+    cross_kv = Captioner.cross_kv
+    monkeypatch.setattr(Captioner, "cross_kv", lambda self, e: calls.append(e.shape[0]) or cross_kv(self, e))
+    one = cap.caption(views, keys, seed=3, k=4)
+    assert one.resampled > 0 and one.attempts == 24 + one.resampled          # redraws did happen
+    assert calls == [6]                                                       # one K/V pass, 6 images
+    assert one.row_steps > 0
+    monkeypatch.setattr(cap, "use_cache", False)
+    passes = cap.caption(views, keys, seed=3, k=4)
+    assert (passes.captions, passes.rejected, passes.attempts) == (one.captions, one.rejected, one.attempts)
+
+
+def test_redraws_do_not_depend_on_the_batch(cap, monkeypatch):
+    views, keys = _views(5, cap.image_size, seed=4), [f"b{i}" for i in range(5)]
+    whole = _run(cap, views, keys)
+    monkeypatch.setattr(cap, "decode_batch", 8)                              # chunks of 2 images
+    assert _run(cap, views, keys) == whole
+    monkeypatch.setattr(cap, "decode_batch", 0)
+    alone = [_run(cap, views[i:i + 1], keys[i:i + 1]) for i in (3, 0)]
+    assert [a[0][0] for a in alone] == [whole[0][3], whole[0][0]]
+
+
+def test_default_rule_only_gives_up_on_draws_is_degenerate_rejects():
+    rng = random.Random(0)
+    pool = ["dog", "dog", "a", "2", "3", ",", ".", "cat", "x", "!!", "on"]
+    rule = DegenerationRule()
+    fired = 0
+    for _ in range(3000):
+        words = [rng.choice(pool) for _ in range(rng.randint(1, 12))]
+        total = len(words)
+        for cut in range(1, total):
+            final = clean_caption(" ".join(words[:cut])).lower().split()[:-1]
+            if rule.gives_up(final, total - cut + 1):
+                fired += 1
+                assert is_degenerate(clean_caption(" ".join(words))), words
+                break
+    assert fired > 20

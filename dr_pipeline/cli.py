@@ -1,7 +1,11 @@
 """The ``dr`` command. Each sub-command is a thin wrapper over one module.
 
-Config and usage errors print one line (``error: ...``) and exit 2 before any model is
-loaded or any shard written; a job with failed shards exits 1 after a summary.
+Exit codes: 0 done; 1 some shards failed (one line each, then a summary; rerunning the same
+command resumes and redoes only those); 2 a config or usage error, one line, before any model
+is loaded or shard written; 3 storage or environment (disk full, read-only, permission denied,
+403, a vanished folder, a refused file), one line saying what to fix; rerunning resumes; 4 an
+unexpected error (a bug): one line, the traceback goes to a log file (``$DR_LOG_DIR`` or
+``~/.cache/dr_pipeline/logs``), never to the terminal.
 
 Start-up is kept cheap: this module imports only argparse and the config loader; torch,
 open_clip, ray and transformers are imported inside a command, after its config is valid, so
@@ -386,6 +390,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+ENVIRONMENT_ERRNOS = {28: "the disk is full: free space or choose another output.path",
+                      30: "the file system is read-only: choose a writable output.path",
+                      13: "permission denied: fix the permissions or credentials",
+                      1: "operation not permitted: fix the permissions or credentials",
+                      2: "a file or folder vanished: check that the dataset / corpus path still exists",
+                      122: "disk quota exceeded: free space or choose another output.path"}
+
+
+def _log_traceback(argv: list[str] | None) -> str:
+    """Write the current exception's traceback to a log file; returns its path."""
+    import os
+    import time
+    import traceback
+
+    d = Path(os.environ.get("DR_LOG_DIR") or Path.home() / ".cache" / "dr_pipeline" / "logs")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"dr-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text(f"dr {' '.join(argv if argv is not None else sys.argv[1:])}\n\n{traceback.format_exc()}")
+        return str(path)
+    except OSError:
+        return "(no log: the log folder is not writable either)"
+
+
+def _one_line(e: BaseException) -> str:
+    from dr_pipeline.storage.retry import describe
+
+    return " ".join(describe(e).split())[:500]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -394,6 +428,30 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: what was committed is kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into one line
+        from dr_pipeline.storage.retry import PermanentError, RetriesExhausted
+
+        log = _log_traceback(argv)
+        errno = next((x.errno for x in _chain(e) if isinstance(x, OSError) and x.errno in ENVIRONMENT_ERRNOS), None)
+        if errno is not None or isinstance(e, (PermanentError, RetriesExhausted, OSError)) or \
+                type(e).__name__ in ("UnpicklingError", "UnsafeMemberError"):
+            fix = ENVIRONMENT_ERRNOS.get(errno, "fix the cause named above") if errno else "fix the cause named above"
+            print(f"error: {_one_line(e)}; {fix}; rerun the same command to resume (traceback: {log})", file=sys.stderr)
+            return 3
+        print(f"error: unexpected {_one_line(e)} (a bug: please report it with the traceback in {log})", file=sys.stderr)
+        return 4
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
 
 
 if __name__ == "__main__":

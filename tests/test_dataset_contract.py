@@ -185,3 +185,42 @@ def test_dr_status_on_a_path_that_is_not_a_dataset(tmp_path, capsys):
     assert dr(["status", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "not a dr_pipeline dataset" in err and len(err.strip().splitlines()) == 1
+
+
+def _enospc_job(tmp_path, tiny_ensemble) -> Path:
+    make_corpus(str(tmp_path / "corpus"), n_shards=2, per_shard=2, seed=0, formats=("tar",))
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(json.dumps({"input": {"urls": str(tmp_path / "corpus" / "tar")}, "output": {"path": str(tmp_path / "ds")},
+                               "teachers": tiny_ensemble, "aug": {"n_aug": 1, "size": 64}, "captions": {"k": 1},
+                               "execution": {"batch_size": 4, "device": "cpu"}}))
+    return cfg
+
+
+def test_a_full_disk_ends_in_one_line_per_shard_and_a_summary(tmp_path, tiny_ensemble, monkeypatch, capsys):
+    """ENOSPC while committing: each shard fails at once (permanent), one line each, exit 1, and the
+    summary says a rerun resumes; when even the manifest cannot be written: one line, exit 3, the
+    traceback in a log file only."""
+    import errno
+
+    cfg = _enospc_job(tmp_path, tiny_ensemble)
+    real = Folder.write_bytes
+
+    def full(self, rel, data):
+        if rel.startswith("_markers/shard") or (rel == "manifest.json" and full.manifest):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, rel, data)
+    full.manifest = False
+    monkeypatch.setattr(Folder, "write_bytes", full)
+    monkeypatch.setenv("DR_LOG_DIR", str(tmp_path / "logs"))
+    assert dr(["reinforce", "--config", str(cfg), "--local"]) == 1
+    err = capsys.readouterr().err
+    failed = [line for line in err.splitlines() if line.startswith("FAILED ")]
+    assert len(failed) == 2 and all("permanent error, not retried" in f and "No space left" in f for f in failed)
+    assert "rerun the same command" in err and "Traceback" not in err
+    full.manifest = True
+    assert dr(["reinforce", "--config", str(cfg), "--local"]) == 3
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "disk is full" in line and "rerun the same command to resume" in line and "Traceback" not in err
+    [log] = (tmp_path / "logs").glob("dr-*.log")
+    assert "Traceback" in log.read_text()

@@ -1033,8 +1033,9 @@ def bench_train(work: Path, quick: bool = False, image_size: int = 224, batch_si
     env = setup("cpu")
     steps: dict[str, list[float]] = {"default": [], "cache_images": [], "memory": []}
     n_steps, log_every = (20, 5) if quick else (30, 5)
-    for r in range(rounds):
-        log(f"train steps round {r + 1}/{rounds}")
+    step_rounds = 1 if quick else 3
+    for r in range(step_rounds):
+        log(f"train steps round {r + 1}/{step_rounds}")
         for name, data in (("default", default), ("cache_images", cached)):
             cfg = TrainConfig(out_dir=str(work / f"train-run-{name}-{r}"), data=data, steps=10 ** 6,
                               batch_size=batch_size, student=StudentConfig(arch="tiny"), checkpoint_every=10 ** 6,
@@ -1098,7 +1099,9 @@ def train_section(tb: dict | None) -> list[str]:
         L.append(f"| {k} | {', '.join(_f(x, 1) for x in v)} |")
     L += ["", "Training: the `tiny` student (train-tiny.yaml's arch, 64 px) at batch "
           f"{tb['batch_size']} through `Trainer.run` (steady-state steps/s from its own log intervals, the first "
-          "one dropped), vs the same `Trainer.train_step` on batches collected beforehand (fed from memory).", "",
+          "one dropped), vs the same `Trainer.train_step` on batches collected beforehand (fed from memory). On a "
+          "CPU-only machine the loader's workers and the training step share the same cores, which the "
+          "from-memory loop has to itself.", "",
           "| run | steps/s per round |", "|---|---|"]
     for k, v in tb["steps_per_s"].items():
         L.append(f"| {k} | {', '.join(_f(x, 2) for x in v)} |")
@@ -1282,6 +1285,9 @@ def render(res: dict) -> str:
     if res.get("scale"):
         from dr_pipeline.bench_scale import render_section
         L += render_section(res["scale"])
+    if res.get("startup"):
+        from dr_pipeline.bench_startup import render_section as render_startup
+        L += render_startup(res["startup"])
     if res.get("gpu"):
         from dr_pipeline.bench_gpu import render_section as render_gpu
         L += render_gpu(res["gpu"])
@@ -1348,7 +1354,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--workdir", help="scratch folder (default: a temporary one, removed after)")
     ap.add_argument("--costs-dir", default=str(ROOT / "bench"))
-    ap.add_argument("--only", help="comma list of sections: captioning,load,text,pipeline,storage,loader,costs,scale,gpu,"
+    ap.add_argument("--only", help="comma list of sections: captioning,load,text,pipeline,storage,loader,costs,scale,startup,gpu,"
                                    "train "
                                    "(the other sections keep their last results)")
     ap.add_argument("--render", metavar="RESULTS_JSON", help="only re-render --out from a saved results file")
@@ -1362,7 +1368,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     only = set(a.only.split(",")) if a.only else {"captioning", "load", "text", "pipeline", "storage", "loader", "costs",
-                                                   "scale", "gpu", "train"}
+                                                   "scale", "startup", "gpu", "train"}
     if only == {"gpu"} and not torch.cuda.is_available():
         print("gpu: skipped: no CUDA (nothing measured, nothing written)", file=sys.stderr, flush=True)
         return 0
@@ -1398,6 +1404,10 @@ def main(argv: list[str] | None = None) -> int:
             from dr_pipeline.bench_gpu import run_section as run_gpu
             if (gpu := run_gpu(str(work), quick=q)) is not None:
                 res["gpu"] = gpu
+        if "startup" in only:
+            from dr_pipeline.bench_startup import run_section as run_startup
+            log("start-up and actor memory: dr reinforce to the first actor ready, per ensemble")
+            res["startup"] = run_startup(str(work), big=a.full)
         if "scale" in only:
             from dr_pipeline.bench_scale import run_section
             log("driver at scale: planning 200,000 shards (local) and 20,000 (moto S3), scheduling 20,000")

@@ -124,7 +124,7 @@ def row_bytes(spec: PlanSpec) -> dict[str, float]:
 
 def datacompdr_bytes(spec: PlanSpec) -> float:
     """Per-sample bytes of the same content in the DataCompDR layout (fp32 npz + JSON members in a
-    tar), by formula: 4 B per value, ~59 JSON B per augmentation (REFERENCE.md), the strings, and
+    tar), by formula: 4 B per value, ~59 JSON B per augmentation (docs/reference.md#storage-sizes), the strings, and
     per member a 512 B tar header + ~256 B mean padding, ~300 B npz/zip framing per array."""
     rb = row_bytes(spec)
     s = spec.strings

@@ -35,7 +35,7 @@ def _sim(u: list[list[float]], v: list[list[float]], scale: float) -> list[list[
 
 
 def reference(image, texts, scale, teachers, scales, lam, weights) -> dict[str, float]:
-    """REFERENCE.md's formula with Python floats and loops, nothing shared with the module."""
+    """The formula of docs/reference.md#loss with Python floats and loops, nothing shared with the module."""
     b = len(image)
     img = [_norm(r) for r in image]
     total = clip_total = kd_total = 0.0

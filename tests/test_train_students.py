@@ -9,7 +9,7 @@ import torch
 from dr_pipeline.train.config import StudentConfig
 from dr_pipeline.train.students import StudentSpec, build_student, image_param_count, resolve_spec, tokenize
 
-# REFERENCE.md "MCi students": image-encoder parameters (millions)
+# docs/reference.md#mci-students: image-encoder parameters (millions)
 PUBLISHED = {"mci0": 11.4, "mci1": 21.5, "mci2": 35.7, "mci3": 125.1, "mci4": 321.6}
 
 

@@ -258,6 +258,7 @@ def _actor_class():
         """Holds the models (loaded once); reinforces whole shards."""
 
         def __init__(self, job: JobConfig, ensemble: EnsembleSpec, threads: int, processor=None):
+            t0 = time.perf_counter()
             if processor is None:
                 import torch
 
@@ -265,14 +266,33 @@ def _actor_class():
                 torch.set_num_threads(threads)   # Ray sets OMP threads from num_cpus; be explicit
             self.proc = processor(job, ensemble)
             self.dataset = output_dataset(job)
+            self.load_s = time.perf_counter() - t0
 
         def process(self, url: str, config_hash: str) -> ShardStats:
             return self.proc.process(url, self.dataset, config_hash)
 
-        def pid(self) -> int:
-            return os.getpid()
+        def ready(self) -> ActorInfo:
+            import resource
+
+            weights = self.proc.weight_bytes() if hasattr(self.proc, "weight_bytes") else 0
+            return ActorInfo(os.getpid(), round(self.load_s, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                             weights)
 
     return ReinforceActor
+
+
+@dataclass
+class ActorInfo:
+    """What a ready actor reports: the start-up and memory figures docs/cluster.md tabulates."""
+    pid: int
+    load_s: float            # imports + model load inside the actor
+    peak_rss: int            # bytes, after loading
+    weight_bytes: int        # the models' parameters and buffers
+
+    def line(self) -> str:
+        mem = f", peak RSS {self.peak_rss / 2**30:.2f} GiB" + (
+            f" for {self.weight_bytes / 2**30:.2f} GiB of weights" if self.weight_bytes else "")
+        return f"pid {self.pid}, models loaded in {self.load_s:.1f}s{mem}"
 
 
 class ShardDeadline:
@@ -295,7 +315,7 @@ class RayActorPool:
     """Long-lived model actors, elastic between ``min_actors`` and ``max_actors``.
 
     All actors are asked for at once; each becomes usable when its models are loaded (its
-    ``pid()`` call returns), so actors Ray cannot place yet (busy cluster, autoscaler still
+    ``ready()`` call returns), so actors Ray cannot place yet (busy cluster, autoscaler still
     adding GPU nodes) never hold work: shards only go to ready actors. A dead actor is
     replaced and its shard comes back as a failed attempt. The pool fails only when it has
     had fewer than ``min_actors`` ready actors for ``actor_start_timeout_s``, or when actors
@@ -320,10 +340,11 @@ class RayActorPool:
         self.deadline = ShardDeadline(ex)
         self.target = max(1, min(ex.max_actors, len(plan.todo)))
         self.need = max(1, min(ex.min_actors, len(plan.todo)))
-        self.starting: dict = {}          # pid() ref -> actor not ready yet
+        self.starting: dict = {}          # ready() ref -> actor not ready yet
         self.idle: list = []
         self.running: dict = {}           # process() ref -> (actor, url, attempt, started monotonic)
         self.start_failures, self.ever_ready = 0, 0
+        self.actor_infos: list[ActorInfo] = []
         self.short_since: float | None = time.monotonic()
         for _ in range(self.target):
             self._spawn()
@@ -331,7 +352,7 @@ class RayActorPool:
     # -------------------------------------------------------------- bookkeeping
     def _spawn(self) -> None:
         actor = self._new()
-        self.starting[actor.pid.remote()] = actor
+        self.starting[actor.ready.remote()] = actor
 
     def _kill(self, actor) -> None:
         try:
@@ -439,7 +460,7 @@ class RayActorPool:
     def _started(self, ref) -> None:
         actor = self.starting.pop(ref)
         try:
-            pid = self.ray.get(ref)
+            info: ActorInfo = self.ray.get(ref)
         except self.ray.exceptions.RayError as e:    # died while loading models
             self._kill(actor)
             self.start_failures += 1
@@ -451,7 +472,8 @@ class RayActorPool:
         self.ever_ready += 1
         self.idle.append(actor)
         self._track_capacity()
-        self.progress.note(f"actor ready (pid {pid}); {self.n_ready()} ready, {len(self.starting)} starting")
+        self.actor_infos.append(info)
+        self.progress.note(f"actor ready ({info.line()}); {self.n_ready()} ready, {len(self.starting)} starting")
 
     def shutdown(self) -> None:
         for a in [*self.idle, *(a for a, *_ in self.running.values()), *self.starting.values()]:
@@ -483,6 +505,7 @@ def run_ray(plan: JobPlan, job: JobConfig, ensemble: EnsembleSpec, report: JobRe
     if started_here:
         address = ray_address(ex)
         local = address == "local"
+        t0 = time.perf_counter()
         try:
             ray.init(address=address, num_cpus=ex.num_cpus if local else None,
                      num_gpus=ex.num_gpus if local else None,
@@ -495,6 +518,8 @@ def run_ray(plan: JobPlan, job: JobConfig, ensemble: EnsembleSpec, report: JobRe
             watchdog.guard(watchdog.local_ray_pids())
     pool = None
     progress = Progress(len(plan.todo))
+    if started_here:
+        progress.note(f"Ray started in {time.perf_counter() - t0:.1f}s ({ray_address(ex)})")
     try:
         pool = RayActorPool(plan, job, ensemble, progress, processor)
         progress.note(f"reinforcing {len(plan.todo)} shards on up to {pool.target} actor(s) "

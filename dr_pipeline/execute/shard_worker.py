@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import queue
+import resource
 import socket
 import threading
 import time
@@ -148,6 +149,11 @@ class ShardProcessor:
             [load_captioner(c, ensemble, self.device) for c in ensemble.captioners] if with_captioners else [])
         self.layout = ShardLayout(job.aug.n_aug, tuple(TeacherLayout(t.id, t.dim) for t in self.teachers),
                                   tuple(c.id for c in ensemble.captioners))
+
+    def weight_bytes(self) -> int:
+        """Bytes of the loaded models' parameters and buffers (what an actor must hold at least)."""
+        models = [m.model for m in (*self.teachers, *self.captioners)]
+        return sum(t.numel() * t.element_size() for m in models for t in (*m.parameters(), *m.buffers()))
 
     # ---------------------------------------------------------------- metadata
     def file_metadata(self, shard: str, config_hash: str) -> dict:
@@ -323,7 +329,8 @@ class ShardProcessor:
             captions_resampled=dict(resampled), damaged=damaged,
             teachers=[t.id for t in self.teachers], captioners=[c.id for c in self.ensemble.captioners],
             seconds=round(time.perf_counter() - t0, 3), stage_s=clock.rounded(),
-            started_at=round(started, 3), host=socket.gethostname(), pid=os.getpid())
+            started_at=round(started, 3), host=socket.gethostname(), pid=os.getpid(),
+            peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         try:
             return dataset.commit(tmp, stats)
         finally:

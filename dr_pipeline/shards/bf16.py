@@ -1,7 +1,7 @@
 """bfloat16 <-> Arrow codec.
 
 Arrow and Parquet have no bf16 type. A bf16 value is stored as its raw 16 bits in a
-``uint16`` inside ``fixed_size_list<uint16, W>`` (STACK.md explains why not
+``uint16`` inside ``fixed_size_list<uint16, W>`` (docs/stack.md#bf16-in-parquet explains why not
 ``fixed_size_binary``). Encoding and decoding are bit-exact and zero-copy where possible.
 """
 from __future__ import annotations

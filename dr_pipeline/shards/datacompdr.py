@@ -1,6 +1,6 @@
 """DataCompDR-layout tars: export from this project's Parquet shards, and a safe reader.
 
-Layout (REFERENCE.md, what Apple's MobileCLIP trainer reads), one sample per key:
+Layout (docs/reference.md#datacompdr-tar-layout, what Apple's MobileCLIP trainer reads), one sample per key:
 ``url.txt``, ``syn.json`` {"syn_text": [...]}, ``paug.json`` {"param_aug": [[[i,j,h,w],[[op,mag],..]],..]},
 ``npz`` {image_emb float32 [N, ΣD], text_emb float32 [1+k, ΣD] (GT caption first)}, ``json``
 {"uid", "sha256"}. Teachers are concatenated along D in ensemble order.

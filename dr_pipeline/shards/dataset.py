@@ -76,6 +76,7 @@ class ShardStats:
     finished_at: float = 0.0
     host: str = ""
     pid: int = 0
+    peak_rss: int = 0                # bytes: the writing process's peak resident memory so far
     bytes: int = 0
     sha256: str = ""
     data_file: str = ""

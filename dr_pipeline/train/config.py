@@ -148,7 +148,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """L = Σ_c w_c [(1−λ)·L_CLIP^c + λ·L_Distill^c] over caption kinds c ∈ {gt, syn} (REFERENCE.md)."""
+    """L = Σ_c w_c [(1−λ)·L_CLIP^c + λ·L_Distill^c] over caption kinds c ∈ {gt, syn} (docs/reference.md#loss)."""
     lam: float = 1.0                     # λ: distillation weight; the CLIP loss gets 1 − λ
     gt_weight: float = 1.0               # ground-truth caption terms
     syn_weight: float = 1.0              # synthetic caption terms

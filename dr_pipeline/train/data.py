@@ -1,6 +1,6 @@
 """The training loader: base shards joined with reinforcement shards, augmentation replayed.
 
-Per sample (REFERENCE.md / DESIGN.md "Training"): the augmentation index drawn uniformly
+Per sample (docs/reference.md#training-sample): the augmentation index drawn uniformly
 from (seed, epoch, key), that stored augmentation replayed at the student resolution, the
 GT caption, one synthetic caption drawn uniformly, and every selected teacher's embeddings
 of exactly that view and those captions (``sources.load_index``).
@@ -128,10 +128,12 @@ class Decoded:
 
 class ImageCache:
     """The base records of every shard, images decoded (``data.cache_images``): url -> (records
-    with their ``Decoded`` and without their bytes, the read error that ended the shard)."""
+    with their ``Decoded`` and without their bytes, the read error that ended the shard); and
+    the tokens of every caption seen (one context length per loader)."""
 
     def __init__(self) -> None:
         self.shards: dict[str, tuple[list[tuple[Sample | Rejected, Decoded | None]], ShardReadError | None]] = {}
+        self.tokens: dict[str, torch.Tensor] = {}      # caption -> [ctx] tokens, filled by each worker
 
     def fill(self, plan: DataPlan) -> "ImageCache":
         for pair in plan.pairs:
@@ -295,11 +297,23 @@ class JoinedDataset(IterableDataset):
             caption = syn
         return {
             "key": rec.key, "shard": pair.name, "image": image,
-            "tokens": tokenize([caption, syn], self.context_length),
+            "tokens": self._tokens(caption, syn),
             "teachers": {t: torch.from_numpy(v) for t, v in entry.emb.items()},
             "aug_index": entry.aug_index, "syn_index": entry.syn_index,
             "caption": caption, "syn_caption": syn,
         }
+
+    def _tokens(self, caption: str, syn: str) -> torch.Tensor:
+        """[2, ctx] tokens of (GT, synthetic) caption; with ``cache_images`` each text is tokenized
+        once per worker (the same BPE, so the same tokens)."""
+        if self.cache is None:
+            return tokenize([caption, syn], self.context_length)
+        memo = self.cache.tokens
+        missing = [t for t in (caption, syn) if t not in memo]
+        if missing:
+            for t, row in zip(missing, tokenize(missing, self.context_length)):
+                memo[t] = row
+        return torch.stack([memo[caption], memo[syn]])
 
     def _params(self, pair: ShardPair, entry: Entry, img: Image.Image) -> augment.AugParams:
         if pair.kind == DATACOMPDR:

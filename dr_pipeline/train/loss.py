@@ -1,4 +1,4 @@
-"""Multi-teacher CLIP distillation loss (MobileCLIP / MobileCLIP2, REFERENCE.md "Loss").
+"""Multi-teacher CLIP distillation loss (MobileCLIP / MobileCLIP2, docs/reference.md#loss).
 
 For each caption kind c ∈ {gt, syn} (ground-truth, synthetic) with weight w_c::
 
@@ -16,8 +16,9 @@ terms are *summed*. ``"apple"`` is the public trainer's (ml-mobileclip's open_cl
 ``DRClipLoss`` with ``average_after_softmax``): the K teachers' softmax distributions are
 averaged, P = 1/K Σ_k S_τk(Ψ^k), and the term is the cross-entropy with the student's
 log-softmax, 1/(2b) Σ_rows [CE(P_img→txt, Φ) + CE(P_txt→img, Φ)]. Its gradient is the summed
-form's divided by K and its value differs by the averaged distribution's entropy (a
-constant). ``tests/test_train_loss.py`` checks both forms against plain-loop references.
+form's divided by K and its value is the summed form's divided by K plus the mean of the
+teachers' entropies (a constant; docs/reference.md#summed-vs-averaged-softmax-kd-form).
+``tests/test_train_loss.py`` checks both forms against plain-loop references.
 (Apple's multi-GPU path without ``local_loss`` uses the transpose of the averaged
 image→text matrix for the text→image rows; here every row is a row softmax, which is what
 Apple's single-GPU and ``local_loss`` paths compute.)

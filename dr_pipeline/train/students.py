@@ -72,7 +72,7 @@ class StudentSpec:
         return cls(**d)
 
 
-# Published stage layouts (REFERENCE.md "MCi students"); the text towers are those of
+# Published stage layouts (docs/reference.md#mci-students); the text towers are those of
 # open_clip's MobileCLIP(2) configs. OpenCLIP model with the same layout in the comment.
 ARCHS: dict[str, dict[str, Any]] = {
     "mci0": dict(timm_model="fastvit_mci0", embed_dim=512, text_width=512, text_heads=8,   # MobileCLIP2-S0

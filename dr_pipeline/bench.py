@@ -1048,7 +1048,7 @@ def bench_train(work: Path, quick: bool = False, image_size: int = 224, batch_si
             if name == "default":
                 batches = [b for b, _ in itertools.islice(iter(tr.stream), n_steps)]
         t0 = clock()
-        for i, b in enumerate(batches):
+        for b in batches:
             lr = lr_at(tr.step, tr.cfg.optim, tr.cfg.steps)
             for g in tr.optimizer.param_groups:
                 g["lr"] = lr

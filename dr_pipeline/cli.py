@@ -191,7 +191,13 @@ def cmd_add_teacher(a: argparse.Namespace) -> int:
         check_device(ExecutionSpec(device=a.device), "local", local_machine=True)
     from dr_pipeline.execute.add_teacher import add_teachers
 
-    rep = add_teachers(a.dataset, cli_path(a.teachers), a.teacher, device=a.device)
+    rep = add_teachers(a.dataset, cli_path(a.teachers), a.teacher, device=a.device,
+                       executor="local" if a.local else "ray")
+    if not rep.ok:
+        for f in rep.failed:
+            print(f"  {f.shard}: {f.error} ({f.attempts} attempt(s))", file=sys.stderr)
+        print("rerun the same command: shards that have the teacher already are skipped", file=sys.stderr)
+        return 1
     print(f"added {','.join(a.teacher)} to {len(rep.committed)} shard(s) ({len(rep.skipped)} already had it)")
     return 0
 
@@ -355,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teachers", required=True, help="ensemble file that defines the new teacher(s)")
     s.add_argument("--teacher", required=True, action="append", help="teacher id (repeatable)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the new teacher runs (cuda needs a CUDA device here)")
+    s.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
     s.set_defaults(fn=cmd_add_teacher)
 
     s = _cmd(sub, "train", help="train an MCi student on reinforced shards")

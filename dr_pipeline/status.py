@@ -13,8 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from dr_pipeline.config import ConfigError
-from dr_pipeline.execute.progress import stage_shares
-from dr_pipeline.shards.dataset import FailedShard, Manifest, ReinforcedDataset
+from dr_pipeline.shards.dataset import FailedShard, Manifest, ReinforcedDataset, stage_shares
 from dr_pipeline.storage.retry import redact_url
 
 WINDOW_S = 900.0        # throughput over the commits of the last 15 minutes (or all, if fewer)

@@ -109,7 +109,7 @@ def assert_same_dataset(ref: str, got: str, so: dict | None = None, names: list[
         same = ("n_read", "n_written", "n_rejected", "rejected_by_reason", "rejected_keys", "teachers")
         assert {k: ma[n][k] for k in same} == {k: mb[n][k] for k in same}
         if exact:   # same config, same bytes: the markers differ in timings only
-            timing = {"seconds", "stage_s", "started_at", "finished_at", "host", "pid"}
+            timing = {"seconds", "stage_s", "started_at", "finished_at", "host", "pid", "peak_rss"}
             diff = {k for k in set(ma[n]) | set(mb[n]) if ma[n].get(k) != mb[n].get(k)} - timing
             assert not diff, f"{n}: markers differ in {sorted(diff)}"
     if exact and names == sorted(ma):

@@ -195,7 +195,7 @@ def assert_same_tables(ref: str, got: str) -> None:
         for col in ta.column_names:
             assert ta.column(col).equals(tb.column(col)), f"{n}: column {col} differs"
         assert ta.schema.metadata == tb.schema.metadata, n
-        who = {"seconds", "stage_s", "started_at", "finished_at", "host", "pid"}
+        who = {"seconds", "stage_s", "started_at", "finished_at", "host", "pid", "peak_rss"}
         ja, jb = ma[n].to_json(), mb[n].to_json()
         assert {k: v for k, v in ja.items() if k not in who} == {k: v for k, v in jb.items() if k not in who}, n
     assert deterministic(a.folder.read_json("manifest.json")) == deterministic(b.folder.read_json("manifest.json"))

@@ -197,7 +197,7 @@ def test_s3_on_ray_survives_transient_errors_ignores_half_uploads_and_never_leak
 
     assert_same_dataset(reference, root, so, exact=False)
     assert validate_dataset(root, so).ok                             # the half upload was overwritten
-    manifest = ds.read_json("manifest.json")
+    manifest = ds.folder.read_json("manifest.json")
     assert manifest["complete"] and sorted(manifest["shards"]) == SHARDS
 
     # Credentials: in no file of the dataset (configs, markers, manifest, Parquet metadata), in no output.

@@ -129,7 +129,7 @@ def test_dr_train_reduces_the_loss_and_dr_eval_loads_its_checkpoint(dataset, tmp
 
     # a labelled image folder: DATA/<class>/<image>
     folder = tmp_path / "folder"
-    for n, colour in enumerate(["red", "blue", "green"]):
+    for colour in ["red", "blue", "green"]:
         (folder / colour).mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (40 + 8 * i, 48), colour).save(folder / colour / f"{i}.png")
@@ -274,8 +274,8 @@ def test_open_clip_student_trains_with_apple_options_and_dr_eval_loads_it(datase
     import open_clip
 
     from dr_pipeline.train.config import LossConfig
-    from dr_pipeline.train.loop import Trainer
     from dr_pipeline.train.distributed import setup
+    from dr_pipeline.train.loop import Trainer
 
     open_clip.add_model_config(REPO / "teachers" / "models")
     data = DataConfig(reinforced=str(dataset / "ds"), num_workers=0, mix_synthetic_ratio=0.5, sample_sequential=True)
@@ -293,8 +293,9 @@ def test_open_clip_student_trains_with_apple_options_and_dr_eval_loads_it(datase
 
 def test_tensorboard_logging_and_zero_shot_eval_every_k_steps(dataset, tmp_path):
     pytest.importorskip("tensorboard")
-    from dr_pipeline.train.config import EvalConfig
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dr_pipeline.train.config import EvalConfig
 
     folder = tmp_path / "labelled"
     for colour in ("red", "blue"):

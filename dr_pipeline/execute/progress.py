@@ -13,17 +13,7 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from dr_pipeline.shards.dataset import ShardStats
-
-
-def stage_shares(stage_s: dict[str, float], top: int = 4) -> str:
-    """'caption:coca 61% teacher:a:image 22% ...' over the model-side stages (reader stages overlap them)."""
-    model = {k: v for k, v in stage_s.items() if k not in ("read", "decode_augment")}
-    total = sum(model.values())
-    if total <= 0:
-        return ""
-    parts = sorted(model.items(), key=lambda kv: -kv[1])[:top]
-    return " ".join(f"{k} {v / total:.0%}" for k, v in parts)
+from dr_pipeline.shards.dataset import ShardStats, stage_shares
 
 
 def rejects_line(reasons: Counter, top: int = 3) -> str:

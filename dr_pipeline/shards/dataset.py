@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from dr_pipeline.config import ConfigError, EnsembleSpec, JobConfig, from_dict, redact, strip_redacted, to_dict
-from dr_pipeline.shards.schema import SCHEMA_VERSION
+from dr_pipeline.shards.schema import SCHEMA_VERSION, check_version
 from dr_pipeline.storage.folder import Folder, file_digest
 from dr_pipeline.storage.retry import RetryPolicy, redact_url
 
@@ -92,7 +92,8 @@ class ShardStats:
 
     @classmethod
     def from_json(cls, obj: dict) -> ShardStats:
-        """Parse a marker; fields a later minor version added are ignored (schemas/README.md)."""
+        """Parse a marker; fields added within v1 are ignored, a newer version refused (schemas/README.md)."""
+        check_version(obj.get("schema_version", SCHEMA_VERSION), f"marker of {obj.get('shard', '?')!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in obj.items() if k in names})
 
@@ -177,6 +178,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, obj: dict) -> Manifest:
+        check_version(obj.get("schema_version", SCHEMA_VERSION), "manifest.json")
         entry_fields = {f.name for f in dataclasses.fields(ManifestEntry)}
         return cls(
             config_hash=obj.get("config_hash", ""), teachers=list(obj.get("teachers", [])),
@@ -186,6 +188,17 @@ class Manifest:
             failed=[FailedShard(**f) for f in obj.get("failed", [])],
             stage_s=Counter(obj.get("stage_s", {})), captions_resampled=Counter(obj.get("captions_resampled", {})),
             started_at=float(obj.get("started_at", 0.0)))
+
+
+def stage_shares(stage_s: dict[str, float], top: int = 4) -> str:
+    """'caption:coca 61% teacher:a:image 22% ...': shares of the model-side stages (the reader's
+    stages run in threads that overlap them, so they are left out)."""
+    model = {k: v for k, v in stage_s.items() if k not in ("read", "decode_augment")}
+    total = sum(model.values())
+    if total <= 0:
+        return ""
+    parts = sorted(model.items(), key=lambda kv: -kv[1])[:top]
+    return " ".join(f"{k} {v / total:.0%}" for k, v in parts)
 
 
 def deterministic(manifest_json: dict) -> dict:
@@ -393,4 +406,4 @@ def load_dataset_config(ds: ReinforcedDataset) -> tuple[JobConfig, EnsembleSpec]
 
 
 __all__ = ["FailedShard", "Listing", "Manifest", "ManifestEntry", "ReinforcedDataset", "ResumeState",
-           "ShardStats", "deterministic", "load_dataset_config"]
+           "ShardStats", "deterministic", "load_dataset_config", "stage_shares"]

@@ -128,4 +128,17 @@ def read_metadata(schema: pa.Schema) -> dict:
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ValueError("not a dr_pipeline shard: file metadata has no 'dr_pipeline' entry")
-    return json.loads(raw)
+    meta = json.loads(raw)
+    check_version(meta.get("schema_version", SCHEMA_VERSION), "shard")
+    return meta
+
+
+class NewerSchemaError(ValueError):
+    """Data written by a newer schema version than this reader knows (schemas/README.md)."""
+
+
+def check_version(version: object, what: str) -> None:
+    """Refuse data of a newer major schema version: its columns or fields may mean other things."""
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise NewerSchemaError(f"{what} has schema_version {version!r}; this dr_pipeline reads up to "
+                               f"{SCHEMA_VERSION}: upgrade dr_pipeline to read it")

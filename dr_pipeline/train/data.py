@@ -50,8 +50,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dr_pipeline import augment
-from dr_pipeline.images import ImageRejected, decode_image
 from dr_pipeline.corpus.readers import Rejected, Sample, ShardReadError, clean_caption, iter_shard
+from dr_pipeline.images import ImageRejected, decode_image
 from dr_pipeline.train.config import DataConfig
 from dr_pipeline.train.sources import DATACOMPDR, DataPlan, Entry, ShardIndex, ShardPair, load_index
 from dr_pipeline.train.students import tokenize
@@ -135,7 +135,7 @@ class ImageCache:
         self.shards: dict[str, tuple[list[tuple[Sample | Rejected, Decoded | None]], ShardReadError | None]] = {}
         self.tokens: dict[str, torch.Tensor] = {}      # caption -> [ctx] tokens, filled by each worker
 
-    def fill(self, plan: DataPlan) -> "ImageCache":
+    def fill(self, plan: DataPlan) -> ImageCache:
         for pair in plan.pairs:
             self.shard(pair.base_url, plan.source(pair).storage_options)
         return self
@@ -224,7 +224,7 @@ class JoinedDataset(IterableDataset):
         """(record index, thunk -> item) for every record of the shard from ``first`` on."""
         src = self.plan.source(pair)
         so = dict(src.storage_options)
-        index = load_index(pair, self.plan, self.seed, epoch, src.join_key, so)
+        index = load_index(pair, self.plan, self.seed, epoch, src.join_key, so, lazy=True)
         matched: set[str] = set()
         j = 0
         base = (self.cache.records(pair.base_url, so) if self.cache is not None
@@ -243,7 +243,7 @@ class JoinedDataset(IterableDataset):
             if j >= first:
                 yield j, (lambda: _skip(pair.name, "?", "base_unreadable"))
             j += 1
-        for key, entry in index.entries.items():       # reinforcement rows without a base record
+        for key in index.entries:                      # reinforcement rows without a base record
             if key not in matched:
                 if j >= first:
                     yield j, (lambda key=key: _skip(pair.name, key, "missing_base"))
@@ -258,7 +258,7 @@ class JoinedDataset(IterableDataset):
             return _skip(pair.name, rec.key, "no_join_key")
         if dup:
             return _skip(pair.name, rec.key, "duplicate_base_key")
-        entry = index.entries.get(jk)
+        entry = index.get(jk)
         if entry is None:
             return _skip(pair.name, rec.key, index.error or "missing_reinforcement")
         if entry.error:

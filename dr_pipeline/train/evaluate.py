@@ -21,10 +21,10 @@ from pathlib import Path
 import fsspec
 import torch
 
-from dr_pipeline.images import decode_image
 from dr_pipeline.augment import center_view
 from dr_pipeline.config import ConfigError
 from dr_pipeline.corpus.readers import Sample, ShardReadError, expand_urls, iter_shard
+from dr_pipeline.images import decode_image
 from dr_pipeline.train import checkpoint as ckpt
 from dr_pipeline.train.students import Student, StudentSpec, build_student, tokenize
 

@@ -22,8 +22,16 @@ import torch
 from PIL import Image
 
 from dr_pipeline import augment
-from dr_pipeline.config import (AugSpec, CaptionerSpec, CaptionSpec, EnsembleSpec, InputSpec, JobConfig, OutputSpec,
-                                TeacherSpec)
+from dr_pipeline.config import (
+    AugSpec,
+    CaptionerSpec,
+    CaptionSpec,
+    EnsembleSpec,
+    InputSpec,
+    JobConfig,
+    OutputSpec,
+    TeacherSpec,
+)
 from dr_pipeline.corpus.readers import Rejected, Sample, clean_caption, expand_urls, iter_shard, shard_name
 from dr_pipeline.shards.dataset import Manifest, ReinforcedDataset, ShardStats
 from dr_pipeline.shards.parquet_io import ReinforcedRows, ShardLayout, ShardWriter, TeacherLayout

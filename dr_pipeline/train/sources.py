@@ -25,23 +25,24 @@ other bytes is skipped (``mismatched_image``) when ``data.verify_sha256``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
+
 from dr_pipeline.config import AugSpec, ConfigError, JobConfig, from_dict
 from dr_pipeline.corpus.readers import ShardReadError, expand_urls, shard_name
 from dr_pipeline.shards import bf16
 from dr_pipeline.shards.dataset import ReinforcedDataset, load_dataset_config
-from dr_pipeline.shards.schema import (image_col, layout_from_metadata, read_metadata, syn_col, syn_emb_col,
-                                       text_col)
+from dr_pipeline.shards.schema import image_col, layout_from_metadata, read_metadata, syn_col, syn_emb_col, text_col
 from dr_pipeline.train.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -323,8 +324,23 @@ class Entry:
 
 @dataclass
 class ShardIndex:
-    entries: dict[str, Entry]           # join key -> entry, in shard order
+    entries: dict[str, Entry | Pending]  # join key -> entry, in shard order (Pending: lazy=True)
     error: str | None = None            # the shard (or its tail) could not be read
+
+    def get(self, key: str) -> Entry | None:
+        """The entry of ``key``, built now if it is still pending."""
+        e = self.entries.get(key)
+        if isinstance(e, Pending):
+            e = self.entries[key] = e.make()
+        return e
+
+
+@dataclass
+class Pending:
+    """A Parquet row whose Entry is built on first use (``load_index(lazy=True)``): a loader
+    worker reads every row of its shards but trains on its own chunks only."""
+    key: str
+    make: Callable[[], Entry]
 
 
 def _to_f32(bits: np.ndarray) -> np.ndarray:
@@ -333,16 +349,20 @@ def _to_f32(bits: np.ndarray) -> np.ndarray:
 
 
 def load_index(pair: ShardPair, plan: DataPlan, seed: int, epoch: int, join_key: str,
-               storage_options: dict | None = None) -> ShardIndex:
+               storage_options: dict | None = None, lazy: bool = False) -> ShardIndex:
+    """``lazy``: Parquet rows stay ``Pending`` until ``ShardIndex.get`` (the same entries)."""
     so = storage_options or {}
-    entries: dict[str, Entry] = {}
+    entries: dict[str, Entry | Pending] = {}
     src = plan.source(pair)
     ch = Chooser(seed, epoch, pair.visit, src.copies, plan.sample_sequential, plan.mix_synthetic_ratio)
     try:
-        reader = _parquet_entries if pair.kind == PARQUET else _datacompdr_entries
-        for e in reader(pair.reinf_url, so, plan, src, ch, join_key):
+        if pair.kind == PARQUET:
+            rows = _parquet_entries(pair.reinf_url, so, plan, src, ch, join_key, lazy)
+        else:
+            rows = _datacompdr_entries(pair.reinf_url, so, plan, src, ch, join_key)
+        for e in rows:
             if e.key in entries:        # ambiguous: never guess which row is right
-                entries[e.key].error = "duplicate_reinforcement_key"
+                entries[e.key] = Entry(key=e.key, error="duplicate_reinforcement_key")
                 continue
             entries[e.key] = e
     except _ShardError as e:
@@ -359,7 +379,7 @@ class _ShardError(Exception):
 
 
 def _parquet_entries(url: str, so: dict, plan: DataPlan, src: SourcePlan, ch: Chooser,
-                     join_key: str) -> Iterator[Entry]:
+                     join_key: str, lazy: bool = False) -> Iterator[Entry | Pending]:
     with fsspec.open(url, "rb", **so) as f:
         pf = pq.ParquetFile(f)
         meta = read_metadata(pf.schema_arrow)
@@ -380,10 +400,10 @@ def _parquet_entries(url: str, so: dict, plan: DataPlan, src: SourcePlan, ch: Ch
             cols += [image_col(t.id, n_aug, t.dim), text_col(t.id, t.dim)]
             cols += [syn_emb_col(t.id, c, t.dim) for c in caps]
         for batch in pf.iter_batches(columns=cols, batch_size=1024):
-            yield from _parquet_batch(batch, caps, plan, n_aug, ch, join_key)
+            yield from _parquet_batch(batch, caps, plan, n_aug, ch, join_key, lazy)
 
 
-def _parquet_batch(batch, caps, plan, n_aug, ch: Chooser, join_key) -> Iterator[Entry]:
+def _parquet_batch(batch, caps, plan, n_aug, ch: Chooser, join_key, lazy: bool = False) -> Iterator[Entry | Pending]:
     n = batch.num_rows
     col = batch.column
     keys, uids = col("key").to_pylist(), col("uid").to_pylist()
@@ -396,18 +416,14 @@ def _parquet_batch(batch, caps, plan, n_aug, ch: Chooser, join_key) -> Iterator[
         img[t.id] = bf16.fsl_to_numpy(col(image_col(t.id, n_aug, t.dim))).reshape(n, n_aug, t.dim)
         txt[t.id] = bf16.fsl_to_numpy(col(text_col(t.id, t.dim)))
         syn_emb[t.id] = {c: bf16.list_of_fsl_to_numpy(col(syn_emb_col(t.id, c, t.dim))) for c in caps}
-    for i in range(n):
-        key = keys[i] if join_key == "key" else uids[i]
-        e = Entry(key=str(key), width=widths[i], height=heights[i], sha256=shas[i], caption=captions[i])
-        if key is None:
-            e.key, e.error = f"<row without {join_key}>", "no_join_key"
-            yield e
-            continue
+
+    def row(i: int) -> Entry:
+        e = Entry(key=str(keys[i] if join_key == "key" else uids[i]), width=widths[i], height=heights[i],
+                  sha256=shas[i], caption=captions[i])
         pool = [(c, j) for c in caps for j in range(len(syn[c][i]))]
         if any(len(syn_emb[t.id][c][i]) != len(syn[c][i]) for t in plan.teachers for c in caps):
             e.error = "mismatched_syn_count"
-            yield e
-            continue
+            return e
         e.aug_index = ch.aug(e.key, n_aug)
         e.aug = aug[i, e.aug_index].copy()
         e.syn_index = ch.syn(e.key, [len(syn[c][i]) for c in caps])
@@ -418,7 +434,15 @@ def _parquet_batch(batch, caps, plan, n_aug, ch: Chooser, join_key) -> Iterator[
         for t in plan.teachers:
             s = syn_emb[t.id][c][i][j] if e.syn_index >= 0 else txt[t.id][i]
             e.emb[t.id] = _to_f32(np.stack([img[t.id][i, e.aug_index], s if e.mixed else txt[t.id][i], s]))
-        yield e
+        return e
+
+    for i in range(n):
+        key = keys[i] if join_key == "key" else uids[i]
+        if key is None:
+            yield Entry(key=f"<row without {join_key}>", width=widths[i], height=heights[i], sha256=shas[i],
+                        caption=captions[i], error="no_join_key")
+        else:
+            yield Pending(str(key), functools.partial(row, i)) if lazy else row(i)
 
 
 def _datacompdr_entries(url: str, so: dict, plan: DataPlan, src: SourcePlan, ch: Chooser,

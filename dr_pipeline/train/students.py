@@ -60,7 +60,7 @@ class StudentSpec:
                 for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StudentSpec":
+    def from_dict(cls, d: dict) -> StudentSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -179,7 +179,7 @@ class Student(nn.Module):
         self.visual.trunk.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 
-    def reparameterize(self) -> "Student":
+    def reparameterize(self) -> Student:
         """An inference copy with every multi-branch block fused (same outputs, eval mode)."""
         from timm.utils import reparameterize_model
 
@@ -226,7 +226,7 @@ class OpenClipStudent(Student):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.clip.set_grad_checkpointing(enable)
 
-    def reparameterize(self) -> "OpenClipStudent":
+    def reparameterize(self) -> OpenClipStudent:
         from timm.utils import reparameterize_model
 
         m = copy.deepcopy(self).eval()

@@ -7,7 +7,7 @@ DR     := $(VENV)/bin/dr
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= out/demo
 
-.PHONY: install demo test bench clean reproduce bootstrap gpu-check gpu-bench
+.PHONY: install demo test lint bench clean reproduce bootstrap gpu-check gpu-bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,12 @@ reproduce: $(STAMP)
 bootstrap: $(STAMP)
 	$(DR) bootstrap teachers/synthetic.yaml
 
-test: $(STAMP)
+# Lint and format check first (ruff, configured in pyproject.toml), then the suite.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dr_pipeline tests jobs
+	$(VENV)/bin/ruff format --check dr_pipeline tests jobs
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

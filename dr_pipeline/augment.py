@@ -27,6 +27,7 @@ Packed layout, ``PARAM_WIDTH`` = 8 uint16 values (16 bytes) per augmentation::
 
 Crop boxes are relative to the image as stored (not an EXIF-rotated view).
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,19 +44,33 @@ from torchvision.transforms.v2 import functional as F
 
 from dr_pipeline.config import AugSpec
 
-OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
-       "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")  # torchvision RandAugment order
-SIGNED_OPS = frozenset(range(1, 10))    # ShearX .. Sharpness: torchvision flips their sign with p=0.5
+OPS = (
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+)  # torchvision RandAugment order
+SIGNED_OPS = frozenset(range(1, 10))  # ShearX .. Sharpness: torchvision flips their sign with p=0.5
 NO_MAGNITUDE_OPS = frozenset({0, 12, 13})  # Identity, AutoContrast, Equalize
 PARAM_WIDTH = 8
 MAX_OPS = 3
-Q = 65535                                # crop quantization: fractions in 1/65535 steps
+Q = 65535  # crop quantization: fractions in 1/65535 steps
 EMPTY = 0xFFFF
 
 
 @dataclass(frozen=True)
 class AugParams:
-    crop: tuple[int, int, int, int]        # (top, left, height, width) as fractions of source H/W, in 1/65535
+    crop: tuple[int, int, int, int]  # (top, left, height, width) as fractions of source H/W, in 1/65535
     flip: bool
     ops: tuple[tuple[int, int, int], ...]  # (op index into OPS, magnitude bin, sign 0=+ / 1=-), applied in order
 
@@ -80,6 +95,7 @@ class AugParams:
 
 
 # --------------------------------------------------------------------------- sampling
+
 
 def _rng(seed: int, key: str, index: int) -> np.random.Generator:
     # seed and index are ints (no '|'), so the string is unambiguous whatever the key holds.
@@ -115,7 +131,7 @@ def _quantize(start: int, extent: int, dim: int) -> tuple[int, int]:
     """Pixel span -> (start, extent) in 1/65535 of dim. Both ends are rounded, so start + extent <= Q."""
     a = round(start / dim * Q)
     b = round((start + extent) / dim * Q)
-    b = min(Q, max(b, a + 1))                # never empty, even for huge images
+    b = min(Q, max(b, a + 1))  # never empty, even for huge images
     return min(a, b - 1), b - min(a, b - 1)
 
 
@@ -153,6 +169,7 @@ def sample_all(spec: AugSpec, seed: int, key: str, width: int, height: int) -> l
 
 
 # --------------------------------------------------------------------------- packing
+
 
 def pack(params: Sequence[AugParams]) -> np.ndarray:
     """-> uint16 [N, PARAM_WIDTH] (layout in the module docstring)."""
@@ -192,6 +209,7 @@ def unpack(arr: np.ndarray) -> list[AugParams]:
 
 
 # --------------------------------------------------------------------------- replay
+
 
 def crop_box(p: AugParams, width: int, height: int) -> tuple[float, float, float, float]:
     """(left, top, right, bottom) in source pixels (floats), for ``Image.resize(box=...)``."""
@@ -236,8 +254,9 @@ def _apply_op(img: torch.Tensor, name: str, mag: float) -> torch.Tensor:
     if name in ("ShearX", "ShearY"):
         deg = math.degrees(math.atan(mag))
         shear = [deg, 0.0] if name == "ShearX" else [0.0, deg]
-        return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear,
-                        interpolation=nearest, fill=None, center=[0, 0])
+        return F.affine(
+            img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest, fill=None, center=[0, 0]
+        )
     if name in ("TranslateX", "TranslateY"):
         t = [int(mag), 0] if name == "TranslateX" else [0, int(mag)]  # torchvision truncates to pixels
         return F.affine(img, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0], interpolation=nearest, fill=None)
@@ -286,6 +305,7 @@ def center_view(image: Image.Image, size: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- DataCompDR interop
+
 
 def to_datacompdr(p: AugParams, width: int, height: int, spec: AugSpec) -> list:
     """-> ``[[i, j, h, w], [[op, magnitude], ...]]``: crop in source pixels, magnitudes at ``spec.size``."""

@@ -20,6 +20,7 @@ augmentations, 5 captions, batch 128, bf16 autocast on CUDA). Measured:
 Without CUDA it prints "skipped: no CUDA" and records nothing. ``measure`` itself is device
 agnostic (the tests run it on the CPU with the tiny ensemble). ~3-5 minutes on one GPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,8 +90,9 @@ def random_checkpoints(ensemble, folder: Path):
                 log(f"writing random-init {entry.model} to {path}")
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)
-                    model = open_clip.create_model(entry.model, pretrained=None,
-                                                   force_quick_gelu=getattr(entry, "force_quick_gelu", False))
+                    model = open_clip.create_model(
+                        entry.model, pretrained=None, force_quick_gelu=getattr(entry, "force_quick_gelu", False)
+                    )
                     init_uninitialized(model)
                 save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path) + ".tmp")
                 os.replace(str(path) + ".tmp", path)
@@ -99,12 +101,15 @@ def random_checkpoints(ensemble, folder: Path):
         return paths[entry.model]
 
     return dataclasses.replace(
-        ensemble, teachers=tuple(dataclasses.replace(t, pretrained=ckpt(t)) for t in ensemble.teachers),
-        captioners=tuple(dataclasses.replace(c, pretrained=ckpt(c)) for c in ensemble.captioners))
+        ensemble,
+        teachers=tuple(dataclasses.replace(t, pretrained=ckpt(t)) for t in ensemble.teachers),
+        captioners=tuple(dataclasses.replace(c, pretrained=ckpt(c)) for c in ensemble.captioners),
+    )
 
 
-def measure(job, ensemble, urls: list[str], dataset: str, n_images: int = 256, n_caption_images: int = 64,
-            rounds: int = 3) -> dict:
+def measure(
+    job, ensemble, urls: list[str], dataset: str, n_images: int = 256, n_caption_images: int = 64, rounds: int = 3
+) -> dict:
     """Teacher images/s, captions/s and the busy fraction of a real ``ShardProcessor`` run.
     ``urls``: at least 2 shards (the first warms up: cuDNN/cuBLAS autotuning, allocator, threads)."""
     from dr_pipeline.execute.shard_worker import ShardProcessor
@@ -114,18 +119,27 @@ def measure(job, ensemble, urls: list[str], dataset: str, n_images: int = 256, n
     dt_load, proc = timed(lambda: ShardProcessor(job, ensemble), device)
     log(f"models loaded in {dt_load:.1f}s on {proc.device}")
     dev = proc.device
-    out: dict = {"device": dev, "load_s": dt_load, "batch_size": job.execution.batch_size,
-                 "n_aug": job.aug.n_aug, "k": job.captions.k}
+    out: dict = {
+        "device": dev,
+        "load_s": dt_load,
+        "batch_size": job.execution.batch_size,
+        "n_aug": job.aug.n_aug,
+        "k": job.captions.k,
+    }
 
     # teachers: each alone, then the pair as the pipeline runs them (each image through both)
     per: dict[str, dict] = {}
     for t in proc.teachers:
         views = _views(n_images, t.image_size, seed=1)
         t.encode_images(views[: min(8, n_images)])
-        t.encode_images(views)                            # warm-up at full batch
+        t.encode_images(views)  # warm-up at full batch
         times = [timed(lambda t=t, v=views: t.encode_images(v), dev)[0] for _ in range(rounds)]
-        per[t.id] = {"model": t.spec.model, "image_size": t.image_size, "images_per_s": n_images / statistics.median(times),
-                     "times": times}
+        per[t.id] = {
+            "model": t.spec.model,
+            "image_size": t.image_size,
+            "images_per_s": n_images / statistics.median(times),
+            "times": times,
+        }
         log(f"teacher {t.id}: {per[t.id]['images_per_s']:.0f} images/s")
     out["teachers"] = per
     out["teacher_pair_images_per_s"] = 1.0 / sum(1.0 / v["images_per_s"] for v in per.values())
@@ -137,16 +151,23 @@ def measure(job, ensemble, urls: list[str], dataset: str, n_images: int = 256, n
     for c in proc.captioners:
         views = _views(n_caption_images, c.image_size, seed=2)
         keys = [f"bench-{i}" for i in range(n_caption_images)]
-        c.caption(views[: min(4, n_caption_images)], keys[:4], 0, k)          # warm-up
+        c.caption(views[: min(4, n_caption_images)], keys[:4], 0, k)  # warm-up
         runs = []
         for r in range(max(1, rounds - 1)):
-            dt, got = timed(lambda v=views, ks=keys, r=r: c.caption(v, ks, r + 1, k), dev)
+            dt, got = timed(lambda v=views, ks=keys, r=r, c=c: c.caption(v, ks, r + 1, k), dev)
             runs.append((dt, sum(len(x) for x in got.captions), int(getattr(got, "resampled", 0) or 0)))
         dt = statistics.median(x[0] for x in runs)
-        caps[c.id] = {"model": c.spec.model, "images": n_caption_images, "k": k,
-                      "captions_per_s": n_caption_images * k / dt, "kept_captions": runs[-1][1],
-                      "resampled_rows": runs[-1][2], "times": [x[0] for x in runs],
-                      "max_len": c.spec.sampling.max_len, "top_p": c.spec.sampling.top_p}
+        caps[c.id] = {
+            "model": c.spec.model,
+            "images": n_caption_images,
+            "k": k,
+            "captions_per_s": n_caption_images * k / dt,
+            "kept_captions": runs[-1][1],
+            "resampled_rows": runs[-1][2],
+            "times": [x[0] for x in runs],
+            "max_len": c.spec.sampling.max_len,
+            "top_p": c.spec.sampling.top_p,
+        }
         log(f"captioner {c.id}: {caps[c.id]['captions_per_s']:.1f} captions/s")
     out["captioners"] = caps
 
@@ -161,12 +182,18 @@ def measure(job, ensemble, urls: list[str], dataset: str, n_images: int = 256, n
     counters = {c.id: Counter() for c in proc.captioners}
     model_s, _ = timed(lambda: [proc.reinforce(b.prepared, counters) for b in batches], dev)
     n = sum(len(b.prepared) for b in batches)
-    out["pipeline"] = {"samples": n, "wall_s": wall, "models_only_s": model_s, "busy_fraction": model_s / wall,
-                       "samples_per_s": n / wall, "models_only_samples_per_s": n / model_s,
-                       "stage_s": dict(getattr(stats, "stage_s", {}) or {})}
+    out["pipeline"] = {
+        "samples": n,
+        "wall_s": wall,
+        "models_only_s": model_s,
+        "busy_fraction": model_s / wall,
+        "samples_per_s": n / wall,
+        "models_only_samples_per_s": n / model_s,
+        "stage_s": dict(getattr(stats, "stage_s", {}) or {}),
+    }
     log(f"pipeline: {n} samples, {wall:.1f}s wall vs {model_s:.1f}s models-only: busy {model_s / wall:.2f}")
     if dev == "cuda":
-        out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
 
@@ -189,11 +216,26 @@ def run_section(work: str, quick: bool = False) -> dict | None:
         make_split("web", str(corpus), n_shards=2, per_shard=per_shard, seed=0, formats=("tar",))
     urls = [str(corpus / "tar" / f"shard-{i:05d}.tar") for i in range(2)]
     job_path = w / "job.yaml"
-    job_path.write_text(JOB.format(urls=urls[0], out=w / "ds", teachers=ROOT / "teachers" / "dfndr2b.yaml",
-                                   batch=128, device="cuda", threads=max(2, min(6, (os.cpu_count() or 4) - 2))))
+    job_path.write_text(
+        JOB.format(
+            urls=urls[0],
+            out=w / "ds",
+            teachers=ROOT / "teachers" / "dfndr2b.yaml",
+            batch=128,
+            device="cuda",
+            threads=max(2, min(6, (os.cpu_count() or 4) - 2)),
+        )
+    )
     job = load_job(job_path)
-    res = measure(job, ensemble, urls, str(w / "ds"), n_images=128 if quick else 256,
-                  n_caption_images=16 if quick else 64, rounds=2 if quick else 3)
+    res = measure(
+        job,
+        ensemble,
+        urls,
+        str(w / "ds"),
+        n_images=128 if quick else 256,
+        n_caption_images=16 if quick else 64,
+        rounds=2 if quick else 3,
+    )
     res["per_shard"] = per_shard
     res["wall_s"] = clock() - t0
     return res
@@ -202,28 +244,46 @@ def run_section(work: str, quick: bool = False) -> dict | None:
 def render_section(d: dict) -> list[str]:
     """Markdown for BENCHMARKS: summary lines and a table."""
     p = d["pipeline"]
-    L = ["## GPU: the DFNDR-2B ensemble on one device", "",
-         f"Device: {d.get('gpu') or d['device']}; random-init weights of `teachers/dfndr2b.yaml`'s models, "
-         f"the product's `ShardProcessor` (bf16 autocast on CUDA), DFNDR-2B job settings (n_aug {d['n_aug']}, "
-         f"k {d['k']}, batch {d['batch_size']}). Section wall time {d.get('wall_s', 0) / 60:.1f} min, "
-         f"model load {d['load_s']:.1f} s" + (f", peak GPU memory {d['max_memory_gib']:.1f} GiB" if "max_memory_gib" in d
-                                              else "") + ".", "",
-         "| measurement | value | how |", "|---|---|---|"]
+    L = [
+        "## GPU: the DFNDR-2B ensemble on one device",
+        "",
+        f"Device: {d.get('gpu') or d['device']}; random-init weights of `teachers/dfndr2b.yaml`'s models, "
+        f"the product's `ShardProcessor` (bf16 autocast on CUDA), DFNDR-2B job settings (n_aug {d['n_aug']}, "
+        f"k {d['k']}, batch {d['batch_size']}). Section wall time {d.get('wall_s', 0) / 60:.1f} min, "
+        f"model load {d['load_s']:.1f} s"
+        + (f", peak GPU memory {d['max_memory_gib']:.1f} GiB" if "max_memory_gib" in d else "")
+        + ".",
+        "",
+        "| measurement | value | how |",
+        "|---|---|---|",
+    ]
     for tid, v in d["teachers"].items():
-        L.append(f"| teacher {tid} ({v['model']} @ {v['image_size']}) | {v['images_per_s']:.0f} images/s | "
-                 f"`Teacher.encode_images`, batch {d['teacher_batch']}, median of {len(v['times'])} |")
-    L.append(f"| teacher pair ({len(d['teachers'])} teachers, each image through all) | "
-             f"**{d['teacher_pair_images_per_s']:.0f} images/s** | 1 / sum(1 / per-teacher rate) |")
+        L.append(
+            f"| teacher {tid} ({v['model']} @ {v['image_size']}) | {v['images_per_s']:.0f} images/s | "
+            f"`Teacher.encode_images`, batch {d['teacher_batch']}, median of {len(v['times'])} |"
+        )
+    L.append(
+        f"| teacher pair ({len(d['teachers'])} teachers, each image through all) | "
+        f"**{d['teacher_pair_images_per_s']:.0f} images/s** | 1 / sum(1 / per-teacher rate) |"
+    )
     for cid, v in d["captioners"].items():
-        L.append(f"| captioner {cid} ({v['model']}, top_p {v['top_p']}, seq {v['max_len']}) | "
-                 f"**{v['captions_per_s']:.1f} captions/s** | `Captioner.caption`, {v['images']} images x k {v['k']}, "
-                 f"resampling included |")
-    L.append(f"| pipeline: one shard of {p['samples']} samples | {p['samples_per_s']:.1f} samples/s "
-             f"({p['wall_s']:.1f} s) | `ShardProcessor.process` (read, decode, augment, models, write, commit) |")
-    L.append(f"| models only, same shard | {p['models_only_samples_per_s']:.1f} samples/s ({p['models_only_s']:.1f} s) | "
-             "`ShardProcessor.reinforce` over pre-decoded batches, CUDA-synchronised |")
-    L.append(f"| **accelerator busy fraction** | **{p['busy_fraction']:.2f}** | models-only / pipeline wall "
-             f"(target >= 0.85) |")
+        L.append(
+            f"| captioner {cid} ({v['model']}, top_p {v['top_p']}, seq {v['max_len']}) | "
+            f"**{v['captions_per_s']:.1f} captions/s** | `Captioner.caption`, {v['images']} images x k {v['k']}, "
+            f"resampling included |"
+        )
+    L.append(
+        f"| pipeline: one shard of {p['samples']} samples | {p['samples_per_s']:.1f} samples/s "
+        f"({p['wall_s']:.1f} s) | `ShardProcessor.process` (read, decode, augment, models, write, commit) |"
+    )
+    L.append(
+        f"| models only, same shard | {p['models_only_samples_per_s']:.1f} samples/s ({p['models_only_s']:.1f} s) | "
+        "`ShardProcessor.reinforce` over pre-decoded batches, CUDA-synchronised |"
+    )
+    L.append(
+        f"| **accelerator busy fraction** | **{p['busy_fraction']:.2f}** | models-only / pipeline wall "
+        f"(target >= 0.85) |"
+    )
     if p.get("stage_s"):
         shares = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(p["stage_s"].items(), key=lambda kv: -kv[1]))
         L += ["", f"Stage times of the measured shard (marker `stage_s`): {shares}."]

@@ -12,6 +12,7 @@ on one machine (``make bench`` section ``scale``; tests reuse it at small sizes)
   ``kills`` random actors mid-run; shards/s, driver CPU per shard, and an exactly-once check
   of the resulting dataset (every input shard one marker and one data file, nothing else).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ from dr_pipeline.config import JobConfig, load_ensemble, load_job
 from dr_pipeline.shards.dataset import Manifest, ReinforcedDataset, ShardStats
 from dr_pipeline.storage.folder import Folder
 
-TEACHERS = "pkg:teachers/synthetic.yaml"      # real checkpoints: check_ensemble reads their headers
+TEACHERS = "pkg:teachers/synthetic.yaml"  # real checkpoints: check_ensemble reads their headers
 
 
 def shard_names(n: int) -> list[str]:
@@ -41,25 +42,46 @@ def shard_names(n: int) -> list[str]:
 
 def _stats(name: str, url: str, config_hash: str, data: bytes) -> ShardStats:
     import hashlib
-    return ShardStats(shard=name, input_url=url, config_hash=config_hash, n_read=0, n_written=0, n_rejected=0,
-                      teachers=["syn-vit-a"], stage_s={"read": 0.001, "write": 0.001}, bytes=len(data),
-                      sha256=hashlib.sha256(data).hexdigest(), data_file=f"shards/{name}.parquet",
-                      started_at=time.time(), finished_at=time.time())
+
+    return ShardStats(
+        shard=name,
+        input_url=url,
+        config_hash=config_hash,
+        n_read=0,
+        n_written=0,
+        n_rejected=0,
+        teachers=["syn-vit-a"],
+        stage_s={"read": 0.001, "write": 0.001},
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        data_file=f"shards/{name}.parquet",
+        started_at=time.time(),
+        finished_at=time.time(),
+    )
 
 
-def write_job_file(path: str, input_urls: str, output: str, storage_options: dict | None = None,
-                   **execution) -> str:
-    cfg = {"input": {"urls": input_urls, "storage_options": storage_options or {}},
-           "output": {"path": output, "storage_options": storage_options or {}},
-           "teachers": TEACHERS, "aug": {"n_aug": 2, "size": 64},
-           "execution": {"max_actors": 2, "cpus_per_actor": 1, **execution}}
+def write_job_file(path: str, input_urls: str, output: str, storage_options: dict | None = None, **execution) -> str:
+    cfg = {
+        "input": {"urls": input_urls, "storage_options": storage_options or {}},
+        "output": {"path": output, "storage_options": storage_options or {}},
+        "teachers": TEACHERS,
+        "aug": {"n_aug": 2, "size": 64},
+        "execution": {"max_actors": 2, "cpus_per_actor": 1, **execution},
+    }
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     return path
 
 
-def make_scale_job(workdir: str, n_shards: int, committed: int, after_checkpoint: int,
-                   base_url: str | None = None, storage_options: dict | None = None, put=None) -> str:
+def make_scale_job(
+    workdir: str,
+    n_shards: int,
+    committed: int,
+    after_checkpoint: int,
+    base_url: str | None = None,
+    storage_options: dict | None = None,
+    put=None,
+) -> str:
     """Build the input shards and a half-done output; returns the job file's path. ``put(folder,
     {rel: bytes})`` stores files (default: plain writes / batched PUTs; the moto bench fills the
     server's in-process backend directly, since 40,000 PUTs through moto's HTTP layer take ~10 min)."""
@@ -107,8 +129,8 @@ def _put_many(folder: Folder, files: dict[str, bytes]) -> None:
                 f.write(data)
         return
     items = list(files.items())
-    for i in range(0, len(items), 2000):        # s3fs sends a batch concurrently
-        folder.fs.pipe({folder.path_of(r): d for r, d in items[i:i + 2000]})
+    for i in range(0, len(items), 2000):  # s3fs sends a batch concurrently
+        folder.fs.pipe({folder.path_of(r): d for r, d in items[i : i + 2000]})
 
 
 @dataclass
@@ -117,16 +139,21 @@ class PlanMeasurement:
     committed: int
     markers_read: int
     todo: int
-    seconds: float              # plan_job, after the imports
-    import_s: float             # torch + open_clip (check_ensemble needs them): a fixed start-up cost
+    seconds: float  # plan_job, after the imports
+    import_s: float  # torch + open_clip (check_ensemble needs them): a fixed start-up cost
     storage_calls: dict[str, int]
     peak_rss_mb: float
 
 
 def measure_plan(job_file: str, env: dict | None = None) -> PlanMeasurement:
     """``plan_job`` in a fresh interpreter (clean peak RSS); parsed from its one JSON line."""
-    out = subprocess.run([sys.executable, "-m", "dr_pipeline.bench_scale", "plan", job_file],
-                         capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "dr_pipeline.bench_scale", "plan", job_file],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
     if out.returncode:
         raise RuntimeError(f"planning failed:\n{out.stderr[-3000:]}")
     return PlanMeasurement(**json.loads(out.stdout.strip().splitlines()[-1]))
@@ -139,15 +166,25 @@ def _plan_here(job_file: str) -> PlanMeasurement:
     ens = load_ensemble(job.ensemble_path())
     t0 = time.perf_counter()
     import dr_pipeline.models.teachers  # noqa: F401  (what check_ensemble imports)
+
     t1 = time.perf_counter()
     plan = plan_job(job, ens)
     dt = time.perf_counter() - t1
     calls = {"list input": 1, **plan.dataset.folder.calls}
-    return PlanMeasurement(len(plan.urls), len(plan.skipped), plan.markers_read, len(plan.todo), round(dt, 3),
-                           round(t1 - t0, 3), calls, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return PlanMeasurement(
+        len(plan.urls),
+        len(plan.skipped),
+        plan.markers_read,
+        len(plan.todo),
+        round(dt, 3),
+        round(t1 - t0, 3),
+        calls,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
 
 
 # --------------------------------------------------------------------------- scheduling
+
 
 class StandInProcessor:
     """No models: sleeps ``DR_STANDIN_MS`` ms, then commits a small data file and its marker
@@ -174,9 +211,9 @@ class ScheduleMeasurement:
     shards: int
     actors: int
     kills: int
-    seconds: float                      # whole run_job: planning, Ray start, actor start, manifest
-    shards_per_s: float                 # from the first commit to the end (all actors up)
-    driver_cpu_ms_per_shard: float      # driver process CPU over that window / shards done in it
+    seconds: float  # whole run_job: planning, Ray start, actor start, manifest
+    shards_per_s: float  # from the first commit to the end (all actors up)
+    driver_cpu_ms_per_shard: float  # driver process CPU over that window / shards done in it
     driver_peak_rss_mb: float
     retried: int
     failed: int
@@ -201,8 +238,9 @@ def _actor_pids() -> list[int]:
     return out
 
 
-def measure_schedule(workdir: str, n_shards: int, actors: int, kills: int, standin_ms: float = 3.0,
-                     seed: int = 0) -> ScheduleMeasurement:
+def measure_schedule(
+    workdir: str, n_shards: int, actors: int, kills: int, standin_ms: float = 3.0, seed: int = 0
+) -> ScheduleMeasurement:
     """The real ``run_job`` (Ray actor pool) over ``n_shards`` with stand-in processors."""
     import ray
 
@@ -211,15 +249,29 @@ def measure_schedule(workdir: str, n_shards: int, actors: int, kills: int, stand
     os.environ["DR_STANDIN_MS"] = str(standin_ms)
     inputs = Folder(os.path.join(workdir, "input"))
     _put_many(inputs, {f"{n}.tar": b"" for n in shard_names(n_shards)})
-    job = load_job(write_job_file(os.path.join(workdir, "job.yaml"), inputs.root, os.path.join(workdir, "output"),
-                                  max_actors=actors, min_actors=1, cpus_per_actor=0, max_attempts=3,
-                                  manifest_every_s=10))
+    job = load_job(
+        write_job_file(
+            os.path.join(workdir, "job.yaml"),
+            inputs.root,
+            os.path.join(workdir, "output"),
+            max_actors=actors,
+            min_actors=1,
+            cpus_per_actor=0,
+            max_attempts=3,
+            manifest_every_s=10,
+        )
+    )
     ens = load_ensemble(job.ensemble_path())
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"DR_STANDIN_MS": str(standin_ms)}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"DR_STANDIN_MS": str(standin_ms)}},
+    )
     stop = threading.Event()
     killed: list[int] = []
-    steady: dict[str, float] = {}      # CPU and wall when the first shard committed (actors up)
+    steady: dict[str, float] = {}  # CPU and wall when the first shard committed (actors up)
 
     def killer() -> None:
         rng = random.Random(seed)
@@ -235,12 +287,13 @@ def measure_schedule(workdir: str, n_shards: int, actors: int, kills: int, stand
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             stop.wait(0.2)
+
     try:
         t = threading.Thread(target=killer, daemon=True)
         cpu0, t0 = time.process_time(), time.perf_counter()
         t.start()
         report = run_job(job, ens, executor="ray", processor=StandInProcessor)
-        dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        dt, _cpu = time.perf_counter() - t0, time.process_time() - cpu0
         stop.set()
         t.join()
         n_steady = n_shards - steady.get("done", 0)
@@ -253,14 +306,25 @@ def measure_schedule(workdir: str, n_shards: int, actors: int, kills: int, stand
     want = set(shard_names(n_shards))
     manifest = ds.read_manifest()
     return ScheduleMeasurement(
-        n_shards, actors, len(killed), round(dt, 2), round(n_steady / steady_s, 1),
+        n_shards,
+        actors,
+        len(killed),
+        round(dt, 2),
+        round(n_steady / steady_s, 1),
         round(1000 * steady_cpu / max(n_steady, 1), 3),
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, len(report.retried), len(report.failed),
-        len(li.markers), len(li.data), len(want - set(li.markers)), len(set(li.markers) - want),
-        len(manifest.shards) if manifest else 0)
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        len(report.retried),
+        len(report.failed),
+        len(li.markers),
+        len(li.data),
+        len(want - set(li.markers)),
+        len(set(li.markers) - want),
+        len(manifest.shards) if manifest else 0,
+    )
 
 
 # --------------------------------------------------------------------------- the bench section
+
 
 def _moto_server():
     """A ThreadedMotoServer on 127.0.0.1 with test credentials; returns (server, storage_options)."""
@@ -292,15 +356,20 @@ def run_section(work: str, quick: bool = False) -> dict:
         fsspec.filesystem("s3", skip_instance_cache=True, **so).mkdir("dr-scale")
         d = os.path.join(work, "scale-s3")
         os.makedirs(d, exist_ok=True)
-        job = make_scale_job(d, n_s3, n_s3 // 2, n_s3 // 40, base_url="s3://dr-scale/job", storage_options=so,
-                             put=moto_put)
+        job = make_scale_job(
+            d, n_s3, n_s3 // 2, n_s3 // 40, base_url="s3://dr-scale/job", storage_options=so, put=moto_put
+        )
         out["plan_s3"] = measure_plan(job).__dict__
     finally:
         server.stop()
     d = os.path.join(work, "scale-sched")
     os.makedirs(d, exist_ok=True)
-    r = subprocess.run([sys.executable, "-m", "dr_pipeline.bench_scale", "schedule", str(n_sched), str(actors),
-                        str(kills)], capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "dr_pipeline.bench_scale", "schedule", str(n_sched), str(actors), str(kills)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode:
         raise RuntimeError(f"scheduling bench failed:\n{r.stderr[-3000:]}")
     out["schedule"] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -312,17 +381,24 @@ def render_section(d: dict) -> list[str]:
 
     def calls(m: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(m["storage_calls"].items()))
-    ok = lambda good: "met" if good else "MISSED"   # noqa: E731
-    exact = sc["missing"] == 0 and sc["extra"] == 0 and sc["markers"] == sc["data_files"] == sc["shards"] \
-        == sc["manifest_shards"]
+
+    ok = lambda good: "met" if good else "MISSED"  # noqa: E731
+    exact = (
+        sc["missing"] == 0
+        and sc["extra"] == 0
+        and sc["markers"] == sc["data_files"] == sc["shards"] == sc["manifest_shards"]
+    )
     return [
-        "## Driver at scale", "",
+        "## Driver at scale",
+        "",
         "`dr_pipeline/bench_scale.py`. Planning: the real `plan_job` in a fresh process on N empty input "
         "shards and an output where half of them are committed (real markers and data files), 2.5 % of all "
         "shards committed after the manifest's last checkpoint (as a driver killed between checkpoints leaves "
         "it). Scheduling: the real `run_job` and Ray actor pool with a stand-in shard processor (no models: a "
-        "3 ms sleep, then the real commit path with its fsyncs), random actors SIGKILLed during the run.", "",
-        "| measurement | result | target | |", "|---|---|---|---|",
+        "3 ms sleep, then the real commit path with its fsyncs), random actors SIGKILLed during the run.",
+        "",
+        "| measurement | result | target | |",
+        "|---|---|---|---|",
         f"| plan {pl['shards']:,} shards ({pl['committed']:,} committed, {pl['markers_read']:,} marker bodies read), "
         f"local disk | {pl['seconds']:.1f} s (+ {pl['import_s']:.1f} s imports) | <= 30 s | {ok(pl['seconds'] <= 30)} |",
         f"| same, storage calls | {calls(pl)} | O(1) listings, bodies only after the checkpoint | |",
@@ -340,10 +416,13 @@ def render_section(d: dict) -> list[str]:
         f"{ok(sc['failed'] == 0)} |",
         f"| every shard exactly once (markers, data files, manifest; missing / extra) | {sc['markers']:,}, "
         f"{sc['data_files']:,}, {sc['manifest_shards']:,}; {sc['missing']} / {sc['extra']} | all equal, 0 / 0 | "
-        f"{ok(exact)} |", "",
+        f"{ok(exact)} |",
+        "",
         "On these 2 cores the actors' commits (two fsynced writes and a rename per shard) bound the achieved "
         "rate; the driver's own CPU per shard says what it could sustain. The manifest is rewritten every "
-        "`execution.manifest_every_s` (>= 20x its write time), not per shard.", ""]
+        "`execution.manifest_every_s` (>= 20x its write time), not per shard.",
+        "",
+    ]
 
 
 def main(argv: list[str]) -> int:

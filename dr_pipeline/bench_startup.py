@@ -10,6 +10,7 @@ Ensembles: the committed synthetic teachers, and the public-pipeline-sized ViT-B
 convnext_tiny + coca_ViT-B-32 (random weights written once as fp32 safetensors, as a real
 checkpoint would be). ``--big`` adds the DFNDR ensemble (2 x ViT-L-14 + coca_ViT-L-14, ~6 GB).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,22 @@ from pathlib import Path
 
 import yaml
 
-READY = re.compile(r"actor ready \(pid (\d+), models loaded in ([\d.]+)s, peak RSS ([\d.]+) GiB"
-                   r"(?: for ([\d.]+) GiB of weights)?")
+READY = re.compile(
+    r"actor ready \(pid (\d+), models loaded in ([\d.]+)s, peak RSS ([\d.]+) GiB"
+    r"(?: for ([\d.]+) GiB of weights)?"
+)
 RAY = re.compile(r"Ray started in ([\d.]+)s")
 
-PUBLIC_B32 = {"name": "public-b32", "teachers": [("vit-b-32", "ViT-B-32", 224), ("convnext-tiny", "convnext_tiny", 224)],
-              "captioners": [("coca-b-32", "coca_ViT-B-32", 224)]}
-DFNDR = {"name": "dfndr-l14", "teachers": [("dfn-l14-a", "ViT-L-14", 224), ("dfn-l14-b", "ViT-L-14", 224)],
-         "captioners": [("coca-l14", "coca_ViT-L-14", 224)]}
+PUBLIC_B32 = {
+    "name": "public-b32",
+    "teachers": [("vit-b-32", "ViT-B-32", 224), ("convnext-tiny", "convnext_tiny", 224)],
+    "captioners": [("coca-b-32", "coca_ViT-B-32", 224)],
+}
+DFNDR = {
+    "name": "dfndr-l14",
+    "teachers": [("dfn-l14-a", "ViT-L-14", 224), ("dfn-l14-b", "ViT-L-14", 224)],
+    "captioners": [("coca-l14", "coca_ViT-L-14", 224)],
+}
 
 
 def write_random_ensemble(spec: dict, folder: Path) -> Path:
@@ -64,13 +73,25 @@ def measure(ensemble: str, work: Path, timeout_s: float = 900) -> dict:
         make_corpus(str(corpus), n_shards=1, per_shard=4, seed=0, formats=("tar",))
     out = work / f"ds-{Path(ensemble).stem}"
     cfg = work / f"job-{Path(ensemble).stem}.yaml"
-    cfg.write_text(yaml.safe_dump({"input": {"urls": str(corpus / "tar")}, "output": {"path": str(out)},
-                                   "teachers": str(ensemble), "aug": {"n_aug": 2, "size": 224}, "captions": {"k": 1},
-                                   "execution": {"max_actors": 1, "cpus_per_actor": 1, "batch_size": 4,
-                                                 "device": "cpu", "num_cpus": 2}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"urls": str(corpus / "tar")},
+                "output": {"path": str(out)},
+                "teachers": str(ensemble),
+                "aug": {"n_aug": 2, "size": 224},
+                "captions": {"k": 1},
+                "execution": {"max_actors": 1, "cpus_per_actor": 1, "batch_size": 4, "device": "cpu", "num_cpus": 2},
+            }
+        )
+    )
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "dr_pipeline.cli", "reinforce", "--config", str(cfg), "--force"],
-                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "dr_pipeline.cli", "reinforce", "--config", str(cfg), "--force"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     res: dict = {"ensemble": Path(ensemble).stem}
     try:
         for line in p.stderr:
@@ -78,8 +99,12 @@ def measure(ensemble: str, work: Path, timeout_s: float = 900) -> dict:
             if (m := RAY.search(line)) and "ray_ready_s" not in res:
                 res["ray_ready_s"], res["ray_init_s"] = round(now, 1), float(m.group(1))
             if (m := READY.search(line)) and "actor_ready_s" not in res:
-                res.update(actor_ready_s=round(now, 1), actor_load_s=float(m.group(2)),
-                           peak_rss_gib=float(m.group(3)), weights_gib=float(m.group(4) or 0))
+                res.update(
+                    actor_ready_s=round(now, 1),
+                    actor_load_s=float(m.group(2)),
+                    peak_rss_gib=float(m.group(3)),
+                    weights_gib=float(m.group(4) or 0),
+                )
             if now > timeout_s:
                 p.kill()
         p.wait()
@@ -91,7 +116,7 @@ def measure(ensemble: str, work: Path, timeout_s: float = 900) -> dict:
     from dr_pipeline.shards.dataset import ReinforcedDataset
 
     markers = ReinforcedDataset(str(out)).markers() if out.exists() else {}
-    if markers:     # after a shard: every weight page touched (mmap'd checkpoints load lazily)
+    if markers:  # after a shard: every weight page touched (mmap'd checkpoints load lazily)
         res["peak_rss_after_shard_gib"] = round(max(m.peak_rss for m in markers.values()) / 2**30, 2)
     if res.get("weights_gib") and "peak_rss_after_shard_gib" in res:
         res["rss_per_weight"] = round(res["peak_rss_after_shard_gib"] / res["weights_gib"], 2)
@@ -110,21 +135,31 @@ def run_section(work: str, big: bool = False) -> list[dict]:
 
 
 def render_section(rows: list[dict]) -> list[str]:
-    out = ["## Start-up and actor memory", "",
-           "`dr_pipeline/bench_startup.py`: `dr reinforce` launched as a fresh process on a 1-shard corpus, one "
-           "actor (1 CPU); times are when its stderr lines arrived. *Driver* = imports, config, planning and "
-           "`ray.init`; *actor load* = the actor's own imports and model load (it reports it, with its peak RSS, "
-           "when ready). Weights = the loaded models' parameters and buffers.", "",
-           "| ensemble | Ray up (s) | first actor ready (s) | actor load (s) | RSS when ready (GiB) | "
-           "peak RSS after a shard (GiB) | weights (GiB) | peak RSS / weights | whole 1-shard job (s) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "## Start-up and actor memory",
+        "",
+        "`dr_pipeline/bench_startup.py`: `dr reinforce` launched as a fresh process on a 1-shard corpus, one "
+        "actor (1 CPU); times are when its stderr lines arrived. *Driver* = imports, config, planning and "
+        "`ray.init`; *actor load* = the actor's own imports and model load (it reports it, with its peak RSS, "
+        "when ready). Weights = the loaded models' parameters and buffers.",
+        "",
+        "| ensemble | Ray up (s) | first actor ready (s) | actor load (s) | RSS when ready (GiB) | "
+        "peak RSS after a shard (GiB) | weights (GiB) | peak RSS / weights | whole 1-shard job (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['ensemble']} | {r.get('ray_ready_s', '?')} | {r.get('actor_ready_s', '?')} | "
-                   f"{r.get('actor_load_s', '?')} | {r.get('peak_rss_gib', '?')} | {r.get('peak_rss_after_shard_gib', '?')} | "
-                   f"{r.get('weights_gib', '?')} | {r.get('rss_per_weight', '-')} | {r.get('job_s', '?')} |")
-    out += ["", "Budget: peak RSS <= 1.3 x weights + the bounded batch buffers. The fixed part of an actor "
-            "(Python, torch, open_clip, Ray's core worker) is ~0.5 GiB whatever the ensemble, so small "
-            "ensembles sit above the ratio; see docs/cluster.md for memory per ensemble.", ""]
+        out.append(
+            f"| {r['ensemble']} | {r.get('ray_ready_s', '?')} | {r.get('actor_ready_s', '?')} | "
+            f"{r.get('actor_load_s', '?')} | {r.get('peak_rss_gib', '?')} | {r.get('peak_rss_after_shard_gib', '?')} | "
+            f"{r.get('weights_gib', '?')} | {r.get('rss_per_weight', '-')} | {r.get('job_s', '?')} |"
+        )
+    out += [
+        "",
+        "Budget: peak RSS <= 1.3 x weights + the bounded batch buffers. The fixed part of an actor "
+        "(Python, torch, open_clip, Ray's core worker) is ~0.5 GiB whatever the ensemble, so small "
+        "ensembles sit above the ratio; see docs/cluster.md for memory per ensemble.",
+        "",
+    ]
     return out
 
 

@@ -30,6 +30,7 @@ set under 20 MB; ``SHA256SUMS`` beside them is ``sha256sum -c`` compatible, and
 the captioner's caption accuracy on held-out images, all measured on the saved checkpoints
 loaded through the normal path.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,11 +76,11 @@ ZS_TEMPLATES = syn.ZEROSHOT_TEMPLATES
 @dataclass(frozen=True)
 class BootstrapConfig:
     seed: int = 0
-    n_train: int = 12_000          # clean-split images
-    per_shard: int = 1000          # clean-split layout (sample i -> shard i // per_shard)
-    clip_steps: int = 3000         # per CLIP teacher
+    n_train: int = 12_000  # clean-split images
+    per_shard: int = 1000  # clean-split layout (sample i -> shard i // per_shard)
+    clip_steps: int = 3000  # per CLIP teacher
     coca_steps: int = 3000
-    batch_size: int = 64           # 32 minimal pairs
+    batch_size: int = 64  # 32 minimal pairs
     lr: float = 2e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100
@@ -87,12 +88,12 @@ class BootstrapConfig:
     caption_loss_weight: float = 2.0
     clip_loss_weight: float = 1.0
     max_logit_scale: float = 100.0
-    n_eval: int = 200              # held-out test-split scenes for caption accuracy
-    eval_captions: int = 5         # captions per held-out image (the reinforce job's k)
-    zeroshot_per_class: int = 4    # held-out zero-shot images per (colour, shape) class
-    jobs: int = 2                  # models trained in parallel processes (1 thread each)
-    captioner_backbone: str | None = "syn-vit-a"   # init the captioner's image tower from this teacher
-    dtype: str = "float16"         # checkpoint storage: float16 | float32
+    n_eval: int = 200  # held-out test-split scenes for caption accuracy
+    eval_captions: int = 5  # captions per held-out image (the reinforce job's k)
+    zeroshot_per_class: int = 4  # held-out zero-shot images per (colour, shape) class
+    jobs: int = 2  # models trained in parallel processes (1 thread each)
+    captioner_backbone: str | None = "syn-vit-a"  # init the captioner's image tower from this teacher
+    dtype: str = "float16"  # checkpoint storage: float16 | float32
 
     def __post_init__(self) -> None:
         if self.n_train < self.batch_size or self.batch_size < 2 or self.batch_size % 2:
@@ -105,9 +106,9 @@ class BootstrapConfig:
 
 # --------------------------------------------------------------------------- data
 
+
 def clean_samples(cfg: BootstrapConfig) -> list[dict]:
-    return [syn.make_split_sample("clean", cfg.seed, i // cfg.per_shard, i % cfg.per_shard)
-            for i in range(cfg.n_train)]
+    return [syn.make_split_sample("clean", cfg.seed, i // cfg.per_shard, i % cfg.per_shard) for i in range(cfg.n_train)]
 
 
 def centre_views(jpgs: Sequence[bytes], size: int) -> np.ndarray:
@@ -135,12 +136,13 @@ def model_seed(seed: int, entry_id: str) -> int:
 
 # --------------------------------------------------------------------------- training
 
+
 def _init_decoder(model: torch.nn.Module, vocab: torch.Tensor) -> None:
     """What open_clip's (broken) ``MultimodalTransformer.init_parameters`` means to do, and the
     decoder projection's columns outside the domain vocabulary set to zero."""
     dec = model.text_decoder
     w = dec.width
-    proj_std, attn_std, fc_std = (w ** -0.5) * ((2 * dec.layers) ** -0.5), w ** -0.5, (2 * w) ** -0.5
+    proj_std, attn_std, fc_std = (w**-0.5) * ((2 * dec.layers) ** -0.5), w**-0.5, (2 * w) ** -0.5
     with torch.no_grad():
         for block in [*dec.resblocks, *dec.cross_attn]:
             torch.nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
@@ -149,7 +151,7 @@ def _init_decoder(model: torch.nn.Module, vocab: torch.Tensor) -> None:
             torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         keep = torch.zeros(dec.text_projection.shape[1], dtype=torch.bool)
         keep[vocab] = True
-        torch.nn.init.normal_(dec.text_projection, std=w ** -0.5)
+        torch.nn.init.normal_(dec.text_projection, std=w**-0.5)
         dec.text_projection[:, ~keep] = 0.0
 
 
@@ -164,14 +166,15 @@ def decoder_hidden(model: torch.nn.Module, image_embs: torch.Tensor, token_embs:
     return dec.ln_final(x)
 
 
-def caption_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocab: torch.Tensor,
-                 remap: torch.Tensor) -> torch.Tensor:
+def caption_loss(
+    model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocab: torch.Tensor, remap: torch.Tensor
+) -> torch.Tensor:
     """Full-vocabulary cross-entropy, computed over the domain vocabulary + one lumped class.
 
     Columns outside ``vocab`` are zero, so each of the n_other other tokens has logit 0 and
     together they weigh n_other·e⁰: one extra logit log(n_other). Pad (0) is ignored."""
     proj = model.text_decoder.text_projection
-    logits = hidden @ proj[:, vocab]                                   # [B, L, |V|]
+    logits = hidden @ proj[:, vocab]  # [B, L, |V|]
     n_other = proj.shape[1] - vocab.numel()
     lump = torch.full_like(logits[..., :1], math.log(n_other))
     logits = torch.cat([logits, lump], dim=-1)
@@ -182,7 +185,7 @@ def domain_vocab(token_rows: torch.Tensor, n_vocab: int) -> tuple[torch.Tensor, 
     """(sorted domain token ids, map full id -> index in them; pad -> -100; others -> lump index)."""
     ids = torch.unique(token_rows)
     vocab = ids[ids != 0]
-    remap = torch.full((n_vocab,), vocab.numel(), dtype=torch.long)   # unseen tokens -> the lump
+    remap = torch.full((n_vocab,), vocab.numel(), dtype=torch.long)  # unseen tokens -> the lump
     remap[vocab] = torch.arange(vocab.numel())
     remap[0] = -100
     return vocab, remap
@@ -194,15 +197,24 @@ def init_image_tower(model: torch.nn.Module, teacher_state: dict[str, torch.Tens
     projection stay fresh (a CoCa pools with attention)."""
     own = model.visual.state_dict()
     trunk = ("conv1.", "class_embedding", "positional_embedding", "ln_pre.", "transformer.")
-    copied = {k: teacher_state[f"visual.{k}"].float() for k in own
-              if k.startswith(trunk) and f"visual.{k}" in teacher_state and teacher_state[f"visual.{k}"].shape == own[k].shape}
+    copied = {
+        k: teacher_state[f"visual.{k}"].float()
+        for k in own
+        if k.startswith(trunk) and f"visual.{k}" in teacher_state and teacher_state[f"visual.{k}"].shape == own[k].shape
+    }
     model.visual.load_state_dict(copied, strict=False)
     return sorted(copied)
 
 
-def train_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleSpec, views: np.ndarray,
-                tokens: np.ndarray, cfg: BootstrapConfig, init: dict[str, torch.Tensor] | None = None
-                ) -> tuple[dict[str, torch.Tensor], dict]:
+def train_model(
+    kind: str,
+    spec: TeacherSpec | CaptionerSpec,
+    ensemble: EnsembleSpec,
+    views: np.ndarray,
+    tokens: np.ndarray,
+    cfg: BootstrapConfig,
+    init: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Train one model (from scratch; a captioner's image tower from ``init``, a teacher's state);
     returns (state dict, stats). Runs in one thread."""
     import open_clip
@@ -228,8 +240,9 @@ def train_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: Ensemble
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     imgs = torch.from_numpy(views)
     clip_loss = DistillClipLoss({}, lam=0.0, gt_weight=1.0, syn_weight=0.0)
-    optim = OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                        weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    optim = OptimConfig(
+        lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
+    )
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=optim.betas, eps=1e-6)
     n, b = len(imgs) // 2 * 2, cfg.batch_size
     per_epoch = n // b
@@ -238,10 +251,10 @@ def train_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: Ensemble
     max_log = math.log(cfg.max_logit_scale)
     for step in range(steps):
         epoch, j = divmod(step, per_epoch)
-        if j == 0:   # twins (2i, 2i+1: minimal pairs of the clean split) stay in one batch
+        if j == 0:  # twins (2i, 2i+1: minimal pairs of the clean split) stay in one batch
             pairs = np.random.default_rng([cfg.seed, model_seed(0, spec.id) & 0xFFFFFFFF, epoch]).permutation(n // 2)
             order = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
-        idx = torch.from_numpy(order[j * b:(j + 1) * b])
+        idx = torch.from_numpy(order[j * b : (j + 1) * b])
         x = (imgs[idx].float() / 255.0 - mean) / std
         t = tok[idx]
         for g in opt.param_groups:
@@ -264,15 +277,30 @@ def train_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: Ensemble
         with torch.no_grad():
             model.logit_scale.clamp_(0, max_log)
         if step % 50 == 0 or step == steps - 1:
-            row.update(step=step + 1, lr=opt.param_groups[0]["lr"], logit_scale=float(model.logit_scale.detach().exp()),
-                       seconds=round(time.time() - t0, 1))
+            row.update(
+                step=step + 1,
+                lr=opt.param_groups[0]["lr"],
+                logit_scale=float(model.logit_scale.detach().exp()),
+                seconds=round(time.time() - t0, 1),
+            )
             hist.append(row)
-            print(f"[{spec.id}] step {step + 1}/{steps} " + " ".join(
-                f"{k} {v:.4g}" for k, v in row.items() if k not in ("step",)), file=sys.stderr, flush=True)
+            print(
+                f"[{spec.id}] step {step + 1}/{steps} "
+                + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step",)),
+                file=sys.stderr,
+                flush=True,
+            )
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    stats = {"id": spec.id, "model": spec.model, "kind": kind, "steps": steps, "seconds": round(time.time() - t0, 1),
-             "logit_scale": float(model.logit_scale.detach().exp()), "loss_history": hist,
-             "params": int(sum(p.numel() for p in model.parameters()))}
+    stats = {
+        "id": spec.id,
+        "model": spec.model,
+        "kind": kind,
+        "steps": steps,
+        "seconds": round(time.time() - t0, 1),
+        "logit_scale": float(model.logit_scale.detach().exp()),
+        "loss_history": hist,
+        "params": int(sum(p.numel() for p in model.parameters())),
+    }
     if kind == "captioner":
         stats["domain_vocab_size"] = int(vocab.numel())
         stats["image_tower_init"] = {"from": cfg.captioner_backbone, "tensors": len(copied)} if copied else None
@@ -339,7 +367,7 @@ def parse_caption(text: str) -> dict:
     m = _BG.search(text)
     if m:
         bg = m.group(1) if m.group(1) in syn.COLOURS else None
-        text = text[:m.start()]
+        text = text[: m.start()]
     objects = []
     for phrase in re.split(r",\s*|\s+and\s+", text):
         words = phrase.split()
@@ -360,8 +388,23 @@ def caption_accuracy(captions: Sequence[Sequence[str]], labels: Sequence[dict]) 
     with both; ``recall`` = fraction of the scene's objects named with the right colour and
     shape; ``exact`` = the caption names exactly the scene's (colour, shape) pairs;
     ``background`` = the background colour is right (when named)."""
-    n = {k: 0 for k in ("colour", "shape", "pair", "colour_n", "shape_n", "pair_n", "recall", "recall_n",
-                        "exact", "captions", "background", "background_n")}
+    n = {
+        k: 0
+        for k in (
+            "colour",
+            "shape",
+            "pair",
+            "colour_n",
+            "shape_n",
+            "pair_n",
+            "recall",
+            "recall_n",
+            "exact",
+            "captions",
+            "background",
+            "background_n",
+        )
+    }
     for caps, label in zip(captions, labels):
         objs = [(o["colour"], o["shape"]) for o in label["objects"]]
         colours, shapes = {c for c, _ in objs}, {s for _, s in objs}
@@ -387,12 +430,16 @@ def caption_accuracy(captions: Sequence[Sequence[str]], labels: Sequence[dict]) 
                 n["background_n"] += 1
                 n["background"] += p["background"] == label["background_colour"]
     div = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
-    return {"colour_word_accuracy": div(n["colour"], n["colour_n"]),
-            "shape_word_accuracy": div(n["shape"], n["shape_n"]),
-            "pair_accuracy": div(n["pair"], n["pair_n"]), "object_recall": div(n["recall"], n["recall_n"]),
-            "exact_match": div(n["exact"], n["captions"]),
-            "background_colour_accuracy": div(n["background"], n["background_n"]),
-            "captions": n["captions"], "named_objects": n["colour_n"]}
+    return {
+        "colour_word_accuracy": div(n["colour"], n["colour_n"]),
+        "shape_word_accuracy": div(n["shape"], n["shape_n"]),
+        "pair_accuracy": div(n["pair"], n["pair_n"]),
+        "object_recall": div(n["recall"], n["recall_n"]),
+        "exact_match": div(n["exact"], n["captions"]),
+        "background_colour_accuracy": div(n["background"], n["background_n"]),
+        "captions": n["captions"],
+        "named_objects": n["colour_n"],
+    }
 
 
 def heldout_scenes(cfg: BootstrapConfig) -> list[dict]:
@@ -414,21 +461,27 @@ def zeroshot_set(cfg: BootstrapConfig) -> tuple[list[bytes], list[int], list[str
 def teacher_zeroshot(teacher, images: Sequence[bytes], labels: Sequence[int], classes: Sequence[str]) -> dict:
     """Zero-shot top-1 of a loaded ``Teacher`` (colour x shape, and colour / shape alone)."""
     views = torch.from_numpy(centre_views(images, teacher.image_size))
-    img = torch.cat([teacher.encode_images(views[i:i + 256]) for i in range(0, len(views), 256)])
-    cls = torch.stack([F.normalize(teacher.encode_texts([t.format(c) for t in ZS_TEMPLATES]).mean(0), dim=0)
-                       for c in classes])
+    img = torch.cat([teacher.encode_images(views[i : i + 256]) for i in range(0, len(views), 256)])
+    cls = torch.stack(
+        [F.normalize(teacher.encode_texts([t.format(c) for t in ZS_TEMPLATES]).mean(0), dim=0) for c in classes]
+    )
     pred = (img @ cls.T).argmax(1)
     y = torch.tensor(list(labels))
     pc = [classes[i].split() for i in pred.tolist()]
     yc = [classes[i].split() for i in y.tolist()]
-    return {"top1": round(float((pred == y).float().mean()), 4),
-            "colour": round(float(np.mean([a[0] == b[0] for a, b in zip(pc, yc)])), 4),
-            "shape": round(float(np.mean([a[1] == b[1] for a, b in zip(pc, yc)])), 4),
-            "n": len(y), "n_classes": len(classes), "chance": round(1 / len(classes), 4)}
+    return {
+        "top1": round(float((pred == y).float().mean()), 4),
+        "colour": round(float(np.mean([a[0] == b[0] for a, b in zip(pc, yc)])), 4),
+        "shape": round(float(np.mean([a[1] == b[1] for a, b in zip(pc, yc)])), 4),
+        "n": len(y),
+        "n_classes": len(classes),
+        "chance": round(1 / len(classes), 4),
+    }
 
 
-def evaluate_ensemble(ensemble_path: str, cfg: BootstrapConfig, captioner_k: int | None = None,
-                      only: Sequence[str] | None = None) -> dict:
+def evaluate_ensemble(
+    ensemble_path: str, cfg: BootstrapConfig, captioner_k: int | None = None, only: Sequence[str] | None = None
+) -> dict:
     """Load every entry (or those in ``only``) through the normal path and measure it on held-out data."""
     from dr_pipeline.models.captioner import load_captioner
     from dr_pipeline.models.teachers import load_teacher
@@ -448,18 +501,25 @@ def evaluate_ensemble(ensemble_path: str, cfg: BootstrapConfig, captioner_k: int
         k = captioner_k or cfg.eval_captions
         caps: list[list[str]] = []
         for i in range(0, len(scenes), 32):
-            caps += cap.caption(views[i:i + 32], [s["key"] for s in scenes[i:i + 32]], cfg.seed, k).captions
+            caps += cap.caption(views[i : i + 32], [s["key"] for s in scenes[i : i + 32]], cfg.seed, k).captions
         acc = caption_accuracy(caps, [s["label"] for s in scenes])
         greedy = cap.caption(views[:64], [s["key"] for s in scenes[:64]], cfg.seed, 1, greedy=True).captions
         out["captioners"][spec.id] = {
-            "sampled": acc, "greedy": caption_accuracy(greedy, [s["label"] for s in scenes[:64]]),
-            "sampling": to_dict(spec.sampling), "images": len(scenes), "k": k,
-            "examples": [{"caption": c[0] if c else "", "truth": s["label"]["clean_caption"]}
-                         for c, s in list(zip(caps, scenes))[:6]]}
+            "sampled": acc,
+            "greedy": caption_accuracy(greedy, [s["label"] for s in scenes[:64]]),
+            "sampling": to_dict(spec.sampling),
+            "images": len(scenes),
+            "k": k,
+            "examples": [
+                {"caption": c[0] if c else "", "truth": s["label"]["clean_caption"]}
+                for c, s in list(zip(caps, scenes))[:6]
+            ],
+        }
     return out
 
 
 # --------------------------------------------------------------------------- driver
+
 
 def _entries(ens: EnsembleSpec, only: Sequence[str] | None) -> list[tuple[str, TeacherSpec | CaptionerSpec]]:
     entries = [("teacher", t) for t in ens.teachers] + [("captioner", c) for c in ens.captioners]
@@ -468,12 +528,14 @@ def _entries(ens: EnsembleSpec, only: Sequence[str] | None) -> list[tuple[str, T
         if unknown:
             raise ConfigError(f"bootstrap: no entry {sorted(unknown)} in {ens.name} (has {[s.id for _, s in entries]})")
         entries = [(k, s) for k, s in entries if s.id in only]
-    for kind, spec in entries:
+    for _kind, spec in entries:
         from dr_pipeline.models.teachers import is_local_path, is_tiny
 
         if not is_local_path(spec.pretrained) or not is_tiny(spec.model, ens):
-            raise ConfigError(f"bootstrap: '{spec.id}' must be a model of the ensemble's model_configs folder "
-                              "with a local checkpoint path (pretrained: a .safetensors file)")
+            raise ConfigError(
+                f"bootstrap: '{spec.id}' must be a model of the ensemble's model_configs folder "
+                "with a local checkpoint path (pretrained: a .safetensors file)"
+            )
     return entries
 
 
@@ -495,8 +557,13 @@ def relocate(ensemble_path: str, out_dir: str) -> str:
     return str(dst)
 
 
-def bootstrap(ensemble_path: str, cfg: BootstrapConfig, out_dir: str | None = None,
-              only: Sequence[str] | None = None, evaluate: bool = True) -> dict:
+def bootstrap(
+    ensemble_path: str,
+    cfg: BootstrapConfig,
+    out_dir: str | None = None,
+    only: Sequence[str] | None = None,
+    evaluate: bool = True,
+) -> dict:
     """Train the ensemble's models on the clean split and write their checkpoints, ``SHA256SUMS``
     and ``bootstrap.json``. ``out_dir``: write there instead (plus a relocated ensemble file)."""
     t_all = time.time()
@@ -506,11 +573,13 @@ def bootstrap(ensemble_path: str, cfg: BootstrapConfig, out_dir: str | None = No
     entries = _entries(ens, only)
     from dr_pipeline.models.teachers import register_model_configs
 
-    register_model_configs(ens)            # the tokenizers read the context length from the model JSONs
+    register_model_configs(ens)  # the tokenizers read the context length from the model JSONs
     t0 = time.time()
     samples = clean_samples(cfg)
     jpgs = [s["jpg"] for s in samples]
-    print(f"bootstrap: rendered {len(samples)} clean-split images in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+    print(
+        f"bootstrap: rendered {len(samples)} clean-split images in {time.time() - t0:.1f}s", file=sys.stderr, flush=True
+    )
     work = tempfile.mkdtemp(prefix="dr-bootstrap-")
     try:
         tasks = []
@@ -526,8 +595,10 @@ def bootstrap(ensemble_path: str, cfg: BootstrapConfig, out_dir: str | None = No
             if kind == "captioner" and cfg.captioner_backbone:
                 init = ens.resolve(ens.teacher(cfg.captioner_backbone).pretrained)
                 if cfg.captioner_backbone not in {s.id for _, s in entries} and not Path(init).is_file():
-                    raise ConfigError(f"bootstrap: the captioner starts from teacher {cfg.captioner_backbone!r}, "
-                                      f"whose checkpoint {init} does not exist yet (train it too)")
+                    raise ConfigError(
+                        f"bootstrap: the captioner starts from teacher {cfg.captioner_backbone!r}, "
+                        f"whose checkpoint {init} does not exist yet (train it too)"
+                    )
             tasks.append((kind, spec, ens, views_cache[spec.image_size], tp, cfg, ens.resolve(spec.pretrained), init))
         # Two phases: the teachers, then the captioner (its image tower starts from a trained teacher's).
         phases = [[t for t in tasks if t[0] == "teacher"], [t for t in tasks if t[0] == "captioner"]]
@@ -540,22 +611,36 @@ def bootstrap(ensemble_path: str, cfg: BootstrapConfig, out_dir: str | None = No
     for path, _ in results:
         sums[Path(path).name] = sha256_file(path)
     (folder / SUMS).write_text("".join(f"{d}  {n}\n" for n, d in sorted(sums.items())))
-    report = {"config": dataclasses.asdict(cfg), "ensemble": str(ensemble_path),
-              "command": "dr bootstrap " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bootstrap"] else None,
-              "models": {stats["id"]: {**stats, "file": Path(path).name, "sha256": sums[Path(path).name],
-                                       "bytes": os.path.getsize(path)} for path, stats in results},
-              "train_seconds": round(time.time() - t_all, 1), "threads_per_model": 1,
-              "torch": torch.__version__}
+    report = {
+        "config": dataclasses.asdict(cfg),
+        "ensemble": str(ensemble_path),
+        "command": "dr bootstrap " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bootstrap"] else None,
+        "models": {
+            stats["id"]: {
+                **stats,
+                "file": Path(path).name,
+                "sha256": sums[Path(path).name],
+                "bytes": os.path.getsize(path),
+            }
+            for path, stats in results
+        },
+        "train_seconds": round(time.time() - t_all, 1),
+        "threads_per_model": 1,
+        "torch": torch.__version__,
+    }
     if evaluate:
         t1 = time.time()
         report["eval"] = evaluate_ensemble(ensemble_path, cfg, only=only)
         report["eval_seconds"] = round(time.time() - t1, 1)
-        for tid, r in report["eval"]["teachers"].items():
+        for tid, _r in report["eval"]["teachers"].items():
             spec = ens.teacher(tid)
             learned = report["models"].get(tid, {}).get("logit_scale")
             if learned and abs(learned - spec.logit_scale) > 0.1 * learned:
-                print(f"note: teacher {tid} learned logit scale {learned:.1f}; the ensemble file says "
-                      f"{spec.logit_scale} (update it)", file=sys.stderr)
+                print(
+                    f"note: teacher {tid} learned logit scale {learned:.1f}; the ensemble file says "
+                    f"{spec.logit_scale} (update it)",
+                    file=sys.stderr,
+                )
     report["total_seconds"] = round(time.time() - t_all, 1)
     prev = {}
     if (folder / REPORT).is_file() and only:
@@ -568,19 +653,25 @@ def bootstrap(ensemble_path: str, cfg: BootstrapConfig, out_dir: str | None = No
 def format_report(rep: dict) -> str:
     lines = []
     for mid, m in rep["models"].items():
-        lines.append(f"{mid:<10} {m['model']:<14} {m['params'] / 1e6:5.2f}M params  {m['bytes'] / 1e6:5.2f} MB  "
-                     f"{m['steps']} steps in {m['seconds']:.0f}s  logit scale {m['logit_scale']:.1f}")
+        lines.append(
+            f"{mid:<10} {m['model']:<14} {m['params'] / 1e6:5.2f}M params  {m['bytes'] / 1e6:5.2f} MB  "
+            f"{m['steps']} steps in {m['seconds']:.0f}s  logit scale {m['logit_scale']:.1f}"
+        )
     ev = rep.get("eval") or {}
     for tid, r in ev.get("teachers", {}).items():
         z = r["zeroshot"]
-        lines.append(f"{tid:<10} zero-shot colour x shape top-1 {z['top1']:.3f} (colour {z['colour']:.3f}, "
-                     f"shape {z['shape']:.3f}; chance {z['chance']:.3f}, n={z['n']})")
+        lines.append(
+            f"{tid:<10} zero-shot colour x shape top-1 {z['top1']:.3f} (colour {z['colour']:.3f}, "
+            f"shape {z['shape']:.3f}; chance {z['chance']:.3f}, n={z['n']})"
+        )
     for cid, r in ev.get("captioners", {}).items():
         for mode in ("sampled", "greedy"):
             a = r[mode]
-            lines.append(f"{cid:<10} {mode:<8} captions: colour words {a['colour_word_accuracy']}, shape words "
-                         f"{a['shape_word_accuracy']}, colour+shape {a['pair_accuracy']}, object recall "
-                         f"{a['object_recall']}, exact {a['exact_match']} ({a['captions']} captions)")
+            lines.append(
+                f"{cid:<10} {mode:<8} captions: colour words {a['colour_word_accuracy']}, shape words "
+                f"{a['shape_word_accuracy']}, colour+shape {a['pair_accuracy']}, object recall "
+                f"{a['object_recall']}, exact {a['exact_match']} ({a['captions']} captions)"
+            )
         for ex in r["examples"][:3]:
             lines.append(f"    {ex['caption']!r}  <- truth: {ex['truth']!r}")
     lines.append(f"total {rep['total_seconds']:.0f}s")

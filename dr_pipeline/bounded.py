@@ -7,6 +7,7 @@ produced in chunks and the work stops as soon as the limit is passed, so peak me
 the limit, never the bomb's size. Over the limit raises ``TooLarge`` (a ``ValueError``), which
 readers turn into a counted rejection.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,7 +30,7 @@ def gunzip(data: bytes, limit: int, what: str = "gzip member") -> bytes:
     out = bytearray()
     rest = data
     while rest:
-        d = zlib.decompressobj(wbits=47)            # 32 + 15: gzip or zlib header, auto-detected
+        d = zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib header, auto-detected
         src = rest
         while True:
             chunk = d.decompress(src, CHUNK)
@@ -42,7 +43,7 @@ def gunzip(data: bytes, limit: int, what: str = "gzip member") -> bytes:
         if not d.eof:
             raise ValueError(f"{what}: truncated compressed data")
         rest = d.unused_data
-        if not rest.strip(b"\0"):                   # zero padding after the last member
+        if not rest.strip(b"\0"):  # zero padding after the last member
             break
     return bytes(out)
 
@@ -71,7 +72,7 @@ def check_zip(data: bytes, limit: int, what: str = "npz member") -> None:
                 total += info.file_size
                 if total > limit:
                     raise _limit_error(what, limit)
-                with z.open(info) as f:               # the declared size may lie: count what comes out
+                with z.open(info) as f:  # the declared size may lie: count what comes out
                     n = 0
                     while chunk := f.read(CHUNK):
                         n += len(chunk)

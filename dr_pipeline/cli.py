@@ -12,6 +12,7 @@ open_clip, ray and transformers are imported inside a command, after its config 
 ``dr --help``, every ``--help``, config errors and ``dr plan`` answer at once
 (tests/test_cli_fast.py checks that they import none of them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,20 @@ def cmd_make_corpus(a: argparse.Namespace) -> int:
     if a.split is None:
         urls = make_corpus(a.out, n_shards=a.shards, per_shard=a.per_shard, seed=a.seed, formats=formats)
     else:
-        urls = make_split(a.split, a.out, n_shards=a.shards, per_shard=a.per_shard, seed=a.seed,
-                          formats=formats, per_class=a.per_class)
+        urls = make_split(
+            a.split,
+            a.out,
+            n_shards=a.shards,
+            per_shard=a.per_shard,
+            seed=a.seed,
+            formats=formats,
+            per_class=a.per_class,
+        )
     print(f"wrote {len(urls)} shard file(s) under {a.out}")
     if a.split == "test" and a.per_class > 0:
-        print(f"wrote the zero-shot set ({a.per_class} images x {len(zeroshot_classes())} classes) under {a.out}/{ZEROSHOT_DIR}/")
+        print(
+            f"wrote the zero-shot set ({a.per_class} images x {len(zeroshot_classes())} classes) under {a.out}/{ZEROSHOT_DIR}/"
+        )
     return 0
 
 
@@ -55,14 +65,26 @@ def cmd_bootstrap(a: argparse.Namespace) -> int:
         for p in problems:
             print(f"error: {p}", file=sys.stderr)
         if problems:
-            print(f"the committed checkpoints of {a.ensemble} are missing or changed: restore them "
-                  f"(git checkout) or regenerate them with `dr bootstrap {a.ensemble}`", file=sys.stderr)
+            print(
+                f"the committed checkpoints of {a.ensemble} are missing or changed: restore them "
+                f"(git checkout) or regenerate them with `dr bootstrap {a.ensemble}`",
+                file=sys.stderr,
+            )
             return 1
         print(f"{a.ensemble}: every checkpoint matches its SHA256SUMS entry")
         return 0
-    overrides = {k: v for k, v in (("seed", a.seed), ("n_train", a.n_train), ("clip_steps", a.clip_steps),
-                                   ("coca_steps", a.coca_steps), ("batch_size", a.batch_size), ("jobs", a.jobs))
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("seed", a.seed),
+            ("n_train", a.n_train),
+            ("clip_steps", a.clip_steps),
+            ("coca_steps", a.coca_steps),
+            ("batch_size", a.batch_size),
+            ("jobs", a.jobs),
+        )
+        if v is not None
+    }
     try:
         cfg = dc.replace(BootstrapConfig(), **overrides)
     except (TypeError, ValueError) as e:
@@ -80,10 +102,18 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     cfg = load_reproduce_config(a.config)
     if a.seeds:
         seeds = tuple(int(s) for s in a.seeds.split(","))
-        cfg = dc.replace(cfg, train=dc.replace(cfg.train, seeds=seeds,
-                                               ablation_seeds=tuple(s for s in cfg.train.ablation_seeds if s in seeds) or seeds[:1]))
+        cfg = dc.replace(
+            cfg,
+            train=dc.replace(
+                cfg.train,
+                seeds=seeds,
+                ablation_seeds=tuple(s for s in cfg.train.ablation_seeds if s in seeds) or seeds[:1],
+            ),
+        )
     if a.ablation_seeds:
-        cfg = dc.replace(cfg, train=dc.replace(cfg.train, ablation_seeds=tuple(int(s) for s in a.ablation_seeds.split(","))))
+        cfg = dc.replace(
+            cfg, train=dc.replace(cfg.train, ablation_seeds=tuple(int(s) for s in a.ablation_seeds.split(",")))
+        )
     if a.results_dir:
         cfg = dc.replace(cfg, results_dir=a.results_dir)
     res = reproduce(cfg, only=a.only)
@@ -125,7 +155,7 @@ def cmd_reinforce(a: argparse.Namespace) -> int:
     ensemble = load_job_ensemble(job)
     executor = "local" if a.local else "ray"
     check_device(job.execution, executor, runs_on_this_machine(a, job))
-    from dr_pipeline.execute.runner import run_job    # torch, open_clip, ray: only once the config is valid
+    from dr_pipeline.execute.runner import run_job  # torch, open_clip, ray: only once the config is valid
 
     report = run_job(job, ensemble, force=a.force, executor=executor)
     if report.failed:
@@ -155,8 +185,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from dr_pipeline.shards.dataset import ReinforcedDataset
 
     if not ReinforcedDataset(a.dataset).is_dataset():
-        raise ConfigError(f"{a.dataset}: not a dr_pipeline dataset (no dataset.json or _markers/ there): "
-                          "give the folder `dr reinforce` wrote (the job's output.path)")
+        raise ConfigError(
+            f"{a.dataset}: not a dr_pipeline dataset (no dataset.json or _markers/ there): "
+            "give the folder `dr reinforce` wrote (the job's output.path)"
+        )
     from dr_pipeline.inspect_dataset import contact_sheet, render_summary, summarize
 
     print(render_summary(summarize(a.dataset)))
@@ -191,8 +223,9 @@ def cmd_add_teacher(a: argparse.Namespace) -> int:
         check_device(ExecutionSpec(device=a.device), "local", local_machine=True)
     from dr_pipeline.execute.add_teacher import add_teachers
 
-    rep = add_teachers(a.dataset, cli_path(a.teachers), a.teacher, device=a.device,
-                       executor="local" if a.local else "ray")
+    rep = add_teachers(
+        a.dataset, cli_path(a.teachers), a.teacher, device=a.device, executor="local" if a.local else "ray"
+    )
     if not rep.ok:
         for f in rep.failed:
             print(f"  {f.shard}: {f.error} ({f.attempts} attempt(s))", file=sys.stderr)
@@ -222,10 +255,21 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if not (a.ensemble or a.teacher or a.captioner):
         raise ConfigError("plan: give --ensemble FILE or --teacher MODEL[:DIM] / --captioner MODEL")
     try:
-        spec = spec_from_args(a.samples, a.teacher or [], a.captioner or [], cli_path(a.ensemble), a.n_aug, a.k,
-                              a.per_shard, gpus=a.gpus, mfu=a.mfu, batch_size=a.batch_size,
-                              text_tokens=a.text_tokens, caption_tokens=a.caption_tokens,
-                              draws_per_caption=a.draws_per_caption)
+        spec = spec_from_args(
+            a.samples,
+            a.teacher or [],
+            a.captioner or [],
+            cli_path(a.ensemble),
+            a.n_aug,
+            a.k,
+            a.per_shard,
+            gpus=a.gpus,
+            mfu=a.mfu,
+            batch_size=a.batch_size,
+            text_tokens=a.text_tokens,
+            caption_tokens=a.caption_tokens,
+            draws_per_caption=a.draws_per_caption,
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     plan = make_plan(spec, load_costs(a.costs))
@@ -239,7 +283,7 @@ EXAMPLES = {
     "reproduce": "dr reproduce --config jobs/configs/reproduce.yaml --only reinforced",
     "make-teachers": "dr make-teachers teachers/tiny.yaml",
     "reinforce": "dr reinforce --config jobs/configs/demo.yaml          # a fresh local Ray\n"
-                 "  dr reinforce --config jobs/configs/dfndr-2b.yaml --address auto",
+    "  dr reinforce --config jobs/configs/dfndr-2b.yaml --address auto",
     "validate": "dr validate out/demo/dataset",
     "inspect": "dr inspect out/demo/dataset --out out/demo/contact_sheet.png",
     "export": "dr export out/demo/dataset --format datacompdr --out out/demo/datacompdr",
@@ -249,8 +293,10 @@ EXAMPLES = {
     "eval": "dr eval --checkpoint out/demo/train-tiny --data out/demo/corpus/tar/shard-00003.tar",
     "plan": "dr plan --samples 1.9B --ensemble teachers/dfndr2b.yaml --gpus 256",
 }
-PATHS_NOTE = ("paths: on the command line, relative to the current folder; inside a config file,\n"
-              "relative to that file's folder; pkg:teachers/NAME.yaml names a shipped ensemble")
+PATHS_NOTE = (
+    "paths: on the command line, relative to the current folder; inside a config file,\n"
+    "relative to that file's folder; pkg:teachers/NAME.yaml names a shipped ensemble"
+)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -265,15 +311,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def _cmd(sub, name: str, help: str) -> argparse.ArgumentParser:
     """A sub-command whose --help shows its defaults and one example."""
-    return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter,
-                          epilog=f"example:\n  {EXAMPLES[name]}\n\n{PATHS_NOTE}" if name in EXAMPLES else PATHS_NOTE)
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        formatter_class=HelpFormatter,
+        epilog=f"example:\n  {EXAMPLES[name]}\n\n{PATHS_NOTE}" if name in EXAMPLES else PATHS_NOTE,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dr", description="Dataset reinforcement for CLIP training (MobileCLIP-style).",
-                                formatter_class=HelpFormatter,
-                                epilog="example:\n  dr reinforce --config jobs/configs/demo.yaml\n\n"
-                                       "`dr COMMAND --help` shows a command's options, defaults and an example.")
+    p = argparse.ArgumentParser(
+        prog="dr",
+        description="Dataset reinforcement for CLIP training (MobileCLIP-style).",
+        formatter_class=HelpFormatter,
+        epilog="example:\n  dr reinforce --config jobs/configs/demo.yaml\n\n"
+        "`dr COMMAND --help` shows a command's options, defaults and an example.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -283,10 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-shard", type=int, default=32, help="samples per shard")
     s.add_argument("--seed", type=int, default=0, help="corpus seed")
     s.add_argument("--formats", default="tar,parquet", help="comma list of tar, parquet")
-    s.add_argument("--split", choices=["clean", "web", "test"],
-                   help="a split of the learning-efficiency experiment: clean (accurate captions, teacher "
-                        "training), web (alt-text-like noisy captions), test (+ zero-shot folder); "
-                        "default: the demo corpus")
+    s.add_argument(
+        "--split",
+        choices=["clean", "web", "test"],
+        help="a split of the learning-efficiency experiment: clean (accurate captions, teacher "
+        "training), web (alt-text-like noisy captions), test (+ zero-shot folder); "
+        "default: the demo corpus",
+    )
     s.add_argument("--per-class", type=int, default=8, help="--split test: zero-shot images per colour x shape class")
     s.set_defaults(fn=cmd_make_corpus)
 
@@ -319,24 +376,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _cmd(sub, "reinforce", help="run a reinforcement job (Ray)")
     s.add_argument("--config", required=True, help="jobs/configs/<job>.yaml")
-    s.add_argument("--address", help="Ray cluster address: 'auto', host:port or ray://host:port "
-                                     "(default: the job's, else $RAY_ADDRESS, else a new local Ray)")
+    s.add_argument(
+        "--address",
+        help="Ray cluster address: 'auto', host:port or ray://host:port "
+        "(default: the job's, else $RAY_ADDRESS, else a new local Ray)",
+    )
     s.add_argument("--output", help="override output.path")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                   help="override execution.device; cuda is refused at once on a machine without CUDA "
-                        "when the job runs here (--local or a fresh local Ray), not for a cluster")
-    s.add_argument("--force", action="store_true",
-                   help="redo a dataset made by a different config (its shards are uncommitted, then rewritten); "
-                        "without it a changed config is refused: use --output for a new location")
+    s.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="override execution.device; cuda is refused at once on a machine without CUDA "
+        "when the job runs here (--local or a fresh local Ray), not for a cluster",
+    )
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="redo a dataset made by a different config (its shards are uncommitted, then rewritten); "
+        "without it a changed config is refused: use --output for a new location",
+    )
     s.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
     s.set_defaults(fn=cmd_reinforce)
 
     s = _cmd(sub, "validate", help="check every committed shard against the contract")
     s.add_argument("dataset", help="dataset folder or URL (the job's output.path)")
     s.add_argument("--no-base", action="store_true", help="skip the check against the base corpus keys")
-    s.add_argument("--deep", nargs="?", type=float, const=1.0, metavar="FRACTION",
-                   help="also compare rows with their base samples and recompute the teachers' embeddings "
-                        "(all rows, or this fraction of them, e.g. --deep 0.01; loads the teachers)")
+    s.add_argument(
+        "--deep",
+        nargs="?",
+        type=float,
+        const=1.0,
+        metavar="FRACTION",
+        help="also compare rows with their base samples and recompute the teachers' embeddings "
+        "(all rows, or this fraction of them, e.g. --deep 0.01; loads the teachers)",
+    )
     s.set_defaults(fn=cmd_validate)
 
     s = _cmd(sub, "inspect", help="print a summary and write a contact-sheet PNG")
@@ -360,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset", help="dataset folder or URL (the job's output.path)")
     s.add_argument("--teachers", required=True, help="ensemble file that defines the new teacher(s)")
     s.add_argument("--teacher", required=True, action="append", help="teacher id (repeatable)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the new teacher runs (cuda needs a CUDA device here)")
+    s.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="where the new teacher runs (cuda needs a CUDA device here)"
+    )
     s.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
     s.set_defaults(fn=cmd_add_teacher)
 
@@ -371,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _cmd(sub, "eval", help="zero-shot classification and retrieval of a student checkpoint")
     s.add_argument("--checkpoint", required=True, help="checkpoint .pt or run directory (latest)")
-    s.add_argument("--data", required=True, help="base shards (retrieval + zero-shot) or an image folder DATA/<class>/*")
+    s.add_argument(
+        "--data", required=True, help="base shards (retrieval + zero-shot) or an image folder DATA/<class>/*"
+    )
     s.add_argument("--out", help="write the metrics JSON here")
     s.set_defaults(fn=cmd_eval)
 
@@ -384,25 +460,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=5, help="synthetic captions per captioner")
     s.add_argument("--per-shard", type=int, default=10_000, help="samples per shard")
     s.add_argument("--gpus", type=int, default=64, help="G in 'with G GPUs: D days, S shards/hour' (one actor each)")
-    s.add_argument("--mfu", type=float, default=0.25,
-                   help="assumed model FLOPs utilisation of the image towers for the estimated A100/H100 rows")
+    s.add_argument(
+        "--mfu",
+        type=float,
+        default=0.25,
+        help="assumed model FLOPs utilisation of the image towers for the estimated A100/H100 rows",
+    )
     s.add_argument("--batch-size", type=int, default=128, help="images per model step (memory per actor)")
     s.add_argument("--text-tokens", type=float, default=20.0, help="mean tokens per caption through the text towers")
     s.add_argument("--caption-tokens", type=float, default=16.0, help="mean decoding steps per synthetic caption")
-    s.add_argument("--draws-per-caption", type=float, default=1.1,
-                   help="sampled draws per kept caption (degenerate draws are resampled; at most max_attempts)")
+    s.add_argument(
+        "--draws-per-caption",
+        type=float,
+        default=1.1,
+        help="sampled draws per kept caption (degenerate draws are resampled; at most max_attempts)",
+    )
     s.add_argument("--costs", action="append", help="costs JSON from make bench (default: bench/costs-*.json)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(fn=cmd_plan)
     return p
 
 
-ENVIRONMENT_ERRNOS = {28: "the disk is full: free space or choose another output.path",
-                      30: "the file system is read-only: choose a writable output.path",
-                      13: "permission denied: fix the permissions or credentials",
-                      1: "operation not permitted: fix the permissions or credentials",
-                      2: "a file or folder vanished: check that the dataset / corpus path still exists",
-                      122: "disk quota exceeded: free space or choose another output.path"}
+ENVIRONMENT_ERRNOS = {
+    28: "the disk is full: free space or choose another output.path",
+    30: "the file system is read-only: choose a writable output.path",
+    13: "permission denied: fix the permissions or credentials",
+    1: "operation not permitted: fix the permissions or credentials",
+    2: "a file or folder vanished: check that the dataset / corpus path still exists",
+    122: "disk quota exceeded: free space or choose another output.path",
+}
 
 
 def _log_traceback(argv: list[str] | None) -> str:
@@ -429,7 +515,9 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.fn(args)
     except ConfigError as e:
@@ -443,12 +531,17 @@ def main(argv: list[str] | None = None) -> int:
 
         log = _log_traceback(argv)
         errno = next((x.errno for x in _chain(e) if isinstance(x, OSError) and x.errno in ENVIRONMENT_ERRNOS), None)
-        if errno is not None or isinstance(e, (PermanentError, RetriesExhausted, OSError)) or \
-                type(e).__name__ in ("UnpicklingError", "UnsafeMemberError"):
+        if (
+            errno is not None
+            or isinstance(e, (PermanentError, RetriesExhausted, OSError))
+            or type(e).__name__ in ("UnpicklingError", "UnsafeMemberError")
+        ):
             fix = ENVIRONMENT_ERRNOS.get(errno, "fix the cause named above") if errno else "fix the cause named above"
             print(f"error: {_one_line(e)}; {fix}; rerun the same command to resume (traceback: {log})", file=sys.stderr)
             return 3
-        print(f"error: unexpected {_one_line(e)} (a bug: please report it with the traceback in {log})", file=sys.stderr)
+        print(
+            f"error: unexpected {_one_line(e)} (a bug: please report it with the traceback in {log})", file=sys.stderr
+        )
         return 4
 
 

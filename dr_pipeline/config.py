@@ -4,6 +4,7 @@ Every config is a frozen dataclass. ``load_yaml(cls, path)`` refuses unknown key
 must never be ignored silently) and names the closest valid key. ``ConfigError`` carries a
 one-line message naming the problem and the fix; the CLI prints it and exits 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- generic loader
+
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
@@ -57,7 +59,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got a {type(value).__name__}")   # never echo: secrets
+            raise ConfigError(f"{where}: expected a mapping, got a {type(value).__name__}")  # never echo: secrets
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -110,8 +112,8 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 
-MAX_CONFIG_BYTES = 1 << 20        # a config file larger than this is refused
-MAX_CONFIG_VALUES = 100_000       # values in a config once YAML aliases are expanded
+MAX_CONFIG_BYTES = 1 << 20  # a config file larger than this is refused
+MAX_CONFIG_VALUES = 100_000  # values in a config once YAML aliases are expanded
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -135,7 +137,7 @@ class _StrictLoader(yaml.SafeLoader):
                     if key in first:
                         raise _DuplicateKey(key, line, first[key])
                     first[key] = line
-                except TypeError:        # unhashable: the base constructor says so
+                except TypeError:  # unhashable: the base constructor says so
                     pass
         return super().construct_mapping(node, deep=deep)
 
@@ -165,8 +167,10 @@ def safe_yaml(text: str, where: str) -> Any:
     expansion (an alias bomb is refused before anything expands it). Every problem is one
     ``ConfigError`` line naming ``where`` (and the line), never the values."""
     if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{where}: {len(text)} characters, larger than the {MAX_CONFIG_BYTES >> 20} MiB a config "
-                          "may have (is this the right file?)")
+        raise ConfigError(
+            f"{where}: {len(text)} characters, larger than the {MAX_CONFIG_BYTES >> 20} MiB a config "
+            "may have (is this the right file?)"
+        )
     loader = _StrictLoader(text)
     try:
         node = loader.get_single_node()
@@ -174,8 +178,10 @@ def safe_yaml(text: str, where: str) -> Any:
             return None
         n = _expanded_values(node, {}, set())
         if n > MAX_CONFIG_VALUES:
-            raise ConfigError(f"{where}: expands to {n} values through YAML aliases (limit {MAX_CONFIG_VALUES}; "
-                              "an alias bomb?): write the values out or drop the aliases")
+            raise ConfigError(
+                f"{where}: expands to {n} values through YAML aliases (limit {MAX_CONFIG_VALUES}; "
+                "an alias bomb?): write the values out or drop the aliases"
+            )
         return loader.construct_document(node)
     except yaml.YAMLError as e:
         problem = " ".join(str(getattr(e, "problem", None) or e).split())
@@ -183,8 +189,9 @@ def safe_yaml(text: str, where: str) -> Any:
         at = f" at line {mark.line + 1}" if mark is not None else ""
         if isinstance(e, _DuplicateKey):
             raise ConfigError(f"{where}: {problem}") from None
-        raise ConfigError(f"{where}: not valid YAML{at}: {problem} (fix the file; only plain YAML, "
-                          "no !!python tags, is accepted)") from None
+        raise ConfigError(
+            f"{where}: not valid YAML{at}: {problem} (fix the file; only plain YAML, no !!python tags, is accepted)"
+        ) from None
     except RecursionError:
         raise ConfigError(f"{where}: nested too deeply (fix the file)") from None
     finally:
@@ -197,8 +204,10 @@ def load_yaml(cls: type, path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (check the path)")
     if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: {path.stat().st_size} bytes, larger than the {MAX_CONFIG_BYTES >> 20} MiB a "
-                          "config may have (is this the right file?)")
+        raise ConfigError(
+            f"{path}: {path.stat().st_size} bytes, larger than the {MAX_CONFIG_BYTES >> 20} MiB a "
+            "config may have (is this the right file?)"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -233,8 +242,11 @@ def check_storage_options(so: Any, where: str) -> None:
             for i, x in enumerate(v):
                 walk(x, f"{at}[{i}]", depth + 1)
         elif not isinstance(v, _SO_SCALARS):
-            raise ConfigError(f"{at}: a {type(v).__name__} is not a valid option value (use text, numbers, "
-                              "true/false, lists or mappings)")
+            raise ConfigError(
+                f"{at}: a {type(v).__name__} is not a valid option value (use text, numbers, "
+                "true/false, lists or mappings)"
+            )
+
     walk(so, where, 0)
     for k, v in so.items():
         if (k in _SO_MAPPINGS or k.endswith("_kwargs")) and not isinstance(v, dict):
@@ -256,9 +268,22 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-SECRET_WORDS = ("secret", "password", "passwd", "token", "key_id", "access_key", "session", "credential",
-                "_key", "apikey", "auth", "connection_string", "signature")
-SECRET_NAMES = ("key", "pass", "pwd")    # exact names: s3fs's access key id is plain `key`
+SECRET_WORDS = (
+    "secret",
+    "password",
+    "passwd",
+    "token",
+    "key_id",
+    "access_key",
+    "session",
+    "credential",
+    "_key",
+    "apikey",
+    "auth",
+    "connection_string",
+    "signature",
+)
+SECRET_NAMES = ("key", "pass", "pwd")  # exact names: s3fs's access key id is plain `key`
 REDACTED = "***"
 
 
@@ -295,7 +320,7 @@ def strip_redacted(obj: Any) -> Any:
 # synthetic.yaml``: the project's teachers/ folder, in a checkout, an editable install or a wheel).
 
 PKG = "pkg:"
-SHIPPED = ("teachers", "schemas")          # top-level folders shipped with the package (pyproject data-files)
+SHIPPED = ("teachers", "schemas")  # top-level folders shipped with the package (pyproject data-files)
 
 
 def data_root() -> Path:
@@ -318,8 +343,7 @@ def shipped(name: str) -> Path:
     """``pkg:NAME`` -> the shipped file (``teachers/dfndr2b.yaml``); ConfigError naming the choices."""
     path = data_root() / name
     if not path.exists():
-        have = sorted(f"{PKG}{p.relative_to(data_root())}" for d in SHIPPED
-                      for p in (data_root() / d).glob("*.yaml"))
+        have = sorted(f"{PKG}{p.relative_to(data_root())}" for d in SHIPPED for p in (data_root() / d).glob("*.yaml"))
         raise ConfigError(f"no shipped file {PKG}{name} (shipped: {', '.join(have) or 'none'})")
     return path
 
@@ -333,7 +357,7 @@ def resolve_path(p: str, base: str | Path) -> str:
     if is_url(p):
         return p
     if p.startswith(PKG):
-        return str(shipped(p[len(PKG):]))
+        return str(shipped(p[len(PKG) :]))
     q = Path(p).expanduser()
     if q.is_absolute():
         return str(q)
@@ -368,21 +392,27 @@ def check_device(ex: ExecutionSpec, executor: str, local_machine: bool) -> None:
     if ex.device != "cuda":
         return
     if executor == "ray" and ex.gpus_per_actor <= 0:
-        raise ConfigError("execution.device is cuda but execution.gpus_per_actor is 0: Ray hides GPUs from "
-                          "actors that ask for none; set gpus_per_actor: 1 (one actor per GPU) or device: auto")
+        raise ConfigError(
+            "execution.device is cuda but execution.gpus_per_actor is 0: Ray hides GPUs from "
+            "actors that ask for none; set gpus_per_actor: 1 (one actor per GPU) or device: auto"
+        )
     if local_machine and not cuda_visible():
-        raise ConfigError("device cuda, but this machine has no CUDA device (no NVIDIA driver, or "
-                          "CUDA_VISIBLE_DEVICES hides them): use --device auto or cpu, or send the job to a "
-                          "GPU cluster (--address / ray job submit)")
+        raise ConfigError(
+            "device cuda, but this machine has no CUDA device (no NVIDIA driver, or "
+            "CUDA_VISIBLE_DEVICES hides them): use --device auto or cpu, or send the job to a "
+            "GPU cluster (--address / ray job submit)"
+        )
 
 
 # --------------------------------------------------------------------------- augmentation
 
+
 @dataclass(frozen=True)
 class AugSpec:
     """RandomResizedCrop + RandAugment (+ optional flip), as in MobileCLIP's reinforcement."""
+
     n_aug: int = 4
-    size: int = 224                  # generation size: DataCompDR magnitudes are expressed at it
+    size: int = 224  # generation size: DataCompDR magnitudes are expressed at it
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     randaug_ops: int = 2
@@ -407,6 +437,7 @@ class AugSpec:
 
 # --------------------------------------------------------------------------- teacher ensemble
 
+
 @dataclass(frozen=True)
 class TeacherSpec:
     """One CLIP teacher: an open_clip model name plus where its weights come from.
@@ -414,6 +445,7 @@ class TeacherSpec:
     ``pretrained`` is an open_clip pretrained tag (e.g. ``dfn2b``), an ``hf-hub:org/repo`` id,
     or a local checkpoint path (relative paths resolve against the ensemble file's folder).
     """
+
     id: str
     model: str
     pretrained: str | None = None
@@ -422,18 +454,18 @@ class TeacherSpec:
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     interpolation: str = "bicubic"
-    context_length: int | None = None   # None: the model's own
+    context_length: int | None = None  # None: the model's own
     force_quick_gelu: bool = False
 
 
 @dataclass(frozen=True)
 class SamplingSpec:
     top_p: float = 0.9
-    top_k: int = 0                 # 0 = off
+    top_k: int = 0  # 0 = off
     temperature: float = 1.0
-    max_len: int = 30              # tokens, incl. start token
+    max_len: int = 30  # tokens, incl. start token
     min_len: int = 5
-    max_attempts: int = 3          # resample a degenerate caption at most this often
+    max_attempts: int = 3  # resample a degenerate caption at most this often
 
 
 @dataclass(frozen=True)
@@ -453,14 +485,16 @@ class EnsembleSpec:
     name: str
     teachers: tuple[TeacherSpec, ...]
     captioners: tuple[CaptionerSpec, ...] = ()
-    model_configs: str | None = None     # folder of extra open_clip model JSONs (tiny models)
-    source: str = ""                     # folder the file was loaded from (paths resolve here)
+    model_configs: str | None = None  # folder of extra open_clip model JSONs (tiny models)
+    source: str = ""  # folder the file was loaded from (paths resolve here)
 
     def __post_init__(self) -> None:
         ids = [t.id for t in self.teachers] + [c.id for c in self.captioners]
         dup = {i for i in ids if ids.count(i) > 1}
         if dup:
-            raise ConfigError(f"ensemble '{self.name}': duplicate ids {sorted(dup)}; give every teacher/captioner a unique id")
+            raise ConfigError(
+                f"ensemble '{self.name}': duplicate ids {sorted(dup)}; give every teacher/captioner a unique id"
+            )
         if not self.teachers:
             raise ConfigError(f"ensemble '{self.name}': needs at least one teacher")
         for i in ids:
@@ -474,7 +508,7 @@ class EnsembleSpec:
         if p is None or p.startswith("hf-hub:") or "/" not in p and "." not in p and not p.startswith(PKG):
             return p
         if p.startswith("local-dir:"):
-            return "local-dir:" + resolve_path(p[len("local-dir:"):], self.source)
+            return "local-dir:" + resolve_path(p[len("local-dir:") :], self.source)
         return resolve_path(p, self.source)
 
     def teacher(self, tid: str) -> TeacherSpec:
@@ -492,17 +526,19 @@ def load_ensemble(path: str | Path) -> EnsembleSpec:
 
 # --------------------------------------------------------------------------- job
 
+
 @dataclass(frozen=True)
 class InputSpec:
-    urls: str | tuple[str, ...]               # path, brace pattern, glob or s3:// URL(s)
+    urls: str | tuple[str, ...]  # path, brace pattern, glob or s3:// URL(s)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_storage_options(self.storage_options, "input.storage_options")
         urls = [self.urls] if isinstance(self.urls, str) else list(self.urls)
         if not urls or any(not u.strip() for u in urls):
-            raise ConfigError("input.urls is empty; set input.urls to shard file(s), a brace pattern, "
-                              "a glob or a directory")
+            raise ConfigError(
+                "input.urls is empty; set input.urls to shard file(s), a brace pattern, a glob or a directory"
+            )
 
 
 @dataclass(frozen=True)
@@ -531,25 +567,26 @@ class CaptionSpec:
 @dataclass(frozen=True)
 class ExecutionSpec:
     """How the job runs. Nothing here changes the output bytes, so it is not in the config hash."""
-    address: str | None = None        # None: a new local Ray (or $RAY_ADDRESS); "auto" / host:port / ray://... for a cluster
-    num_cpus: int | None = None       # for a local Ray instance
-    num_gpus: int | None = None       # for a local Ray instance (None: what Ray detects)
-    min_actors: int = 1               # fewer ready actors than this for actor_start_timeout_s fails the job
-    max_actors: int = 2               # actors asked for (capped by the number of shards to do)
-    cpus_per_actor: float = 1.0       # Ray resources per model actor; also its torch threads
-    gpus_per_actor: float = 0.0       # 1 = one actor per GPU; 0.5 = two actors share a GPU
-    actor_start_timeout_s: float = 600.0   # how long the pool may stay below min_actors (placement, autoscaling)
+
+    address: str | None = None  # None: a new local Ray (or $RAY_ADDRESS); "auto" / host:port / ray://... for a cluster
+    num_cpus: int | None = None  # for a local Ray instance
+    num_gpus: int | None = None  # for a local Ray instance (None: what Ray detects)
+    min_actors: int = 1  # fewer ready actors than this for actor_start_timeout_s fails the job
+    max_actors: int = 2  # actors asked for (capped by the number of shards to do)
+    cpus_per_actor: float = 1.0  # Ray resources per model actor; also its torch threads
+    gpus_per_actor: float = 0.0  # 1 = one actor per GPU; 0.5 = two actors share a GPU
+    actor_start_timeout_s: float = 600.0  # how long the pool may stay below min_actors (placement, autoscaling)
     batch_size: int = 32
-    max_attempts: int = 3             # per shard, counting the first; permanent errors (403/404) get one
-    io_attempts: int = 6              # per storage call on transient errors (backoff with jitter)
-    io_backoff_s: float = 0.5         # first backoff ceiling; doubles per retry (capped at 20 s)
-    device: str = "auto"              # auto | cpu | cuda
+    max_attempts: int = 3  # per shard, counting the first; permanent errors (403/404) get one
+    io_attempts: int = 6  # per storage call on transient errors (backoff with jitter)
+    io_backoff_s: float = 0.5  # first backoff ceiling; doubles per retry (capped at 20 s)
+    device: str = "auto"  # auto | cpu | cuda
     decode_threads: int = 2
-    shard_timeout_s: float = 0.0      # a shard attempt running longer is hung: its actor is killed, the shard
-                                      # retried elsewhere. 0 = auto: max(shard_timeout_min_s, 10 x the median
-                                      # shard time so far); no deadline before 3 shards finished
+    shard_timeout_s: float = 0.0  # a shard attempt running longer is hung: its actor is killed, the shard
+    # retried elsewhere. 0 = auto: max(shard_timeout_min_s, 10 x the median
+    # shard time so far); no deadline before 3 shards finished
     shard_timeout_min_s: float = 600.0
-    manifest_every_s: float = 60.0    # the driver checkpoints manifest.json this often (and at the end)
+    manifest_every_s: float = 60.0  # the driver checkpoints manifest.json this often (and at the end)
 
     def __post_init__(self) -> None:
         if self.shard_timeout_s < 0 or self.shard_timeout_min_s <= 0 or self.manifest_every_s <= 0:
@@ -572,13 +609,13 @@ class ExecutionSpec:
 class JobConfig:
     input: InputSpec
     output: OutputSpec
-    teachers: str                     # path of a teachers/*.yaml ensemble file
+    teachers: str  # path of a teachers/*.yaml ensemble file
     seed: int = 0
     aug: AugSpec = field(default_factory=AugSpec)
     captions: CaptionSpec = field(default_factory=CaptionSpec)
     execution: ExecutionSpec = field(default_factory=ExecutionSpec)
-    min_image_side: int = 8           # smaller images are rejected ("too_small")
-    source: str = ""                  # folder of the job file: relative paths in it resolve here
+    min_image_side: int = 8  # smaller images are rejected ("too_small")
+    source: str = ""  # folder of the job file: relative paths in it resolve here
 
     def __post_init__(self) -> None:
         if not self.teachers.strip():
@@ -593,7 +630,10 @@ class JobConfig:
     def _output_fields(self, ensemble: EnsembleSpec) -> dict:
         """Everything that determines the output bytes (not how the job runs)."""
         return {
-            "input": self.input.urls, "seed": self.seed, "aug": self.aug, "captions": self.captions,
+            "input": self.input.urls,
+            "seed": self.seed,
+            "aug": self.aug,
+            "captions": self.captions,
             "min_image_side": self.min_image_side,
             "teachers": list(ensemble.teachers),
             "captioners": list(ensemble.captioners),
@@ -617,6 +657,7 @@ class JobConfig:
                     walk(f"{prefix}[{i}]", x)
             else:
                 flat[prefix] = stable_hash(v)[:8]
+
         walk("", self._output_fields(ensemble))
         return flat
 
@@ -629,9 +670,12 @@ def load_job(path: str | Path) -> JobConfig:
     base = path.resolve().parent
     urls = job.input.urls
     urls = resolve_path(urls, base) if isinstance(urls, str) else tuple(resolve_path(u, base) for u in urls)
-    job = dataclasses.replace(job, source=str(base),
-                              input=dataclasses.replace(job.input, urls=urls),
-                              output=dataclasses.replace(job.output, path=resolve_path(job.output.path, base)))
+    job = dataclasses.replace(
+        job,
+        source=str(base),
+        input=dataclasses.replace(job.input, urls=urls),
+        output=dataclasses.replace(job.output, path=resolve_path(job.output.path, base)),
+    )
     _refuse_ray_package_output(job, path)
     return job
 
@@ -640,8 +684,10 @@ def load_job_ensemble(job: JobConfig) -> EnsembleSpec:
     """The job's ensemble file (``teachers:`` by the path rule), loaded strictly."""
     path = job.ensemble_path()
     if not path.is_file():
-        raise ConfigError(f"teachers file not found: {path} (set 'teachers:' to an ensemble file, relative to "
-                          f"the job file's folder {job.source or '.'}, or a shipped one: pkg:teachers/NAME.yaml)")
+        raise ConfigError(
+            f"teachers file not found: {path} (set 'teachers:' to an ensemble file, relative to "
+            f"the job file's folder {job.source or '.'}, or a shipped one: pkg:teachers/NAME.yaml)"
+        )
     return load_ensemble(path)
 
 
@@ -655,4 +701,5 @@ def _refuse_ray_package_output(job: JobConfig, path: Path) -> None:
     raise ConfigError(
         f"{path.name}: output.path resolves inside the --working-dir copy Ray uploaded ({pkg}), which Ray "
         "deletes and which holds no git-ignored data: pass the config by absolute path on a disk the "
-        "cluster sees (--config \"$PWD/jobs/configs/...\"), or use an absolute path / s3:// URL")
+        'cluster sees (--config "$PWD/jobs/configs/..."), or use an absolute path / s3:// URL'
+    )

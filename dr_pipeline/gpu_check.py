@@ -18,6 +18,7 @@ Exit status 0 when every check holds, 1 otherwise. Without a CUDA device it says
 0 (nothing to check). ``--device cpu`` (hidden, for the tests) runs the "GPU" side on the CPU
 too, which proves the comparison machinery on any machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,17 +41,20 @@ NO_CUDA = "gpu-check: no CUDA device (torch.cuda.is_available() is False); nothi
 
 def greedy(ensemble):
     """The ensemble with every captioner decoding greedily (temperature 0: argmax, one attempt)."""
-    caps = tuple(dataclasses.replace(c, sampling=dataclasses.replace(c.sampling, temperature=0.0))
-                 for c in ensemble.captioners)
+    caps = tuple(
+        dataclasses.replace(c, sampling=dataclasses.replace(c.sampling, temperature=0.0)) for c in ensemble.captioners
+    )
     return dataclasses.replace(ensemble, captioners=caps)
 
 
 def job_for(base, urls: str, out: str, device: str):
     """``base`` (the demo job) reading ``urls``, writing ``out``, on ``device``, in process."""
     return dataclasses.replace(
-        base, input=dataclasses.replace(base.input, urls=urls, storage_options={}),
+        base,
+        input=dataclasses.replace(base.input, urls=urls, storage_options={}),
         output=dataclasses.replace(base.output, path=out, storage_options={}),
-        execution=dataclasses.replace(base.execution, device=device))
+        execution=dataclasses.replace(base.execution, device=device),
+    )
 
 
 def run_one(job, ensemble) -> float:
@@ -71,8 +75,17 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def compare_rows(ref, got, min_cosine: float = 0.99, shard: str = "") -> dict:
     """Compare two ``ReinforcedRows`` of one shard (``ref``: CPU fp32, ``got``: the run checked)."""
-    out: dict = {"rows": len(ref), "problems": [], "min_cosine": {}, "vectors": 0, "below": 0,
-                 "caption_mismatches": 0, "captions": 0, "rows_identical": True, "aug_identical": True}
+    out: dict = {
+        "rows": len(ref),
+        "problems": [],
+        "min_cosine": {},
+        "vectors": 0,
+        "below": 0,
+        "caption_mismatches": 0,
+        "captions": 0,
+        "rows_identical": True,
+        "aug_identical": True,
+    }
     p = out["problems"]
     if ref.keys != got.keys:
         p.append(f"{shard}: different rows (keys) - {len(ref.keys)} vs {len(got.keys)}")
@@ -115,8 +128,10 @@ def compare_rows(ref, got, min_cosine: float = 0.99, shard: str = "") -> dict:
         lo = float(c.min())
         out["min_cosine"][name] = min(lo, out["min_cosine"].get(name, 1.0))
         if lo < min_cosine:
-            p.append(f"{shard}: {name}: {int((c < min_cosine).sum())} of {c.numel()} vectors below cosine "
-                     f"{min_cosine} (min {lo:.4f})")
+            p.append(
+                f"{shard}: {name}: {int((c < min_cosine).sum())} of {c.numel()} vectors below cosine "
+                f"{min_cosine} (min {lo:.4f})"
+            )
 
     for t, emb in ref.image_emb.items():
         if t not in got.image_emb:
@@ -124,9 +139,13 @@ def compare_rows(ref, got, min_cosine: float = 0.99, shard: str = "") -> dict:
             continue
         check(f"{t}:image", emb, got.image_emb[t])
         check(f"{t}:text", ref.text_emb[t], got.text_emb[t])
-        for cap, per_row in ref.syn_emb[t].items():     # only captions both runs wrote alike embed the same text
-            pairs = [(x[i], y[i]) for x, y, f in zip(per_row, got.syn_emb[t][cap], same_caption.get(cap, []))
-                     for i, ok in enumerate(f) if ok]
+        for cap, per_row in ref.syn_emb[t].items():  # only captions both runs wrote alike embed the same text
+            pairs = [
+                (x[i], y[i])
+                for x, y, f in zip(per_row, got.syn_emb[t][cap], same_caption.get(cap, []))
+                for i, ok in enumerate(f)
+                if ok
+            ]
             if pairs:
                 check(f"{t}:syn:{cap}", torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
     return out
@@ -138,9 +157,18 @@ def compare_datasets(ref: str, got: str, min_cosine: float = 0.99) -> dict:
 
     ref_names = sorted(p.stem for p in (Path(ref) / "shards").glob("*.parquet"))
     got_names = sorted(p.stem for p in (Path(got) / "shards").glob("*.parquet"))
-    res: dict = {"shards": len(ref_names), "rows": 0, "vectors": 0, "below": 0, "captions": 0,
-                 "caption_mismatches": 0, "min_cosine": {}, "problems": [], "rows_identical": True,
-                 "aug_identical": True}
+    res: dict = {
+        "shards": len(ref_names),
+        "rows": 0,
+        "vectors": 0,
+        "below": 0,
+        "captions": 0,
+        "caption_mismatches": 0,
+        "min_cosine": {},
+        "problems": [],
+        "rows_identical": True,
+        "aug_identical": True,
+    }
     if not ref_names:
         res["problems"].append(f"{ref}: no shards")
     if ref_names != got_names:
@@ -163,8 +191,10 @@ def compare_datasets(ref: str, got: str, min_cosine: float = 0.99) -> dict:
 
 
 def report_lines(res: dict, min_cosine: float) -> list[str]:
-    L = [f"gpu-check: {res['shards']} shard(s), {res['rows']} rows, {res['vectors']} embedding vectors, "
-         f"{res['captions']} greedy captions compared (CPU fp32 vs {res.get('device', '?')})"]
+    L = [
+        f"gpu-check: {res['shards']} shard(s), {res['rows']} rows, {res['vectors']} embedding vectors, "
+        f"{res['captions']} greedy captions compared (CPU fp32 vs {res.get('device', '?')})"
+    ]
     for k, v in sorted(res["min_cosine"].items()):
         L.append(f"  min cosine {k:<40} {v:.5f}  {'ok' if v >= min_cosine else 'BELOW ' + str(min_cosine)}")
     L.append(f"  rows (keys, GT captions, image hashes) identical: {'yes' if res['rows_identical'] else 'NO'}")
@@ -184,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", help="keep corpus and both datasets here (default: a temporary folder, removed)")
     ap.add_argument("--json", help="also write the comparison as JSON here")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
-    ap.add_argument("--teachers", help=argparse.SUPPRESS)       # another ensemble file (tests: the tiny one)
+    ap.add_argument("--teachers", help=argparse.SUPPRESS)  # another ensemble file (tests: the tiny one)
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         print(NO_CUDA, flush=True)
@@ -205,14 +235,22 @@ def main(argv: list[str] | None = None) -> int:
         urls = f"{corpus}/tar/shard-{{00000..{a.shards - 1:05d}}}.tar"
         gpu = a.device
         name = torch.cuda.get_device_name(0) if gpu == "cuda" else "cpu"
-        print(f"gpu-check: {a.shards} x {a.per_shard} samples, ensemble {ensemble.name} (captioners greedy), "
-              f"settings of {a.config}; reference CPU fp32, checked: {gpu} ({name})", flush=True)
+        print(
+            f"gpu-check: {a.shards} x {a.per_shard} samples, ensemble {ensemble.name} (captioners greedy), "
+            f"settings of {a.config}; reference CPU fp32, checked: {gpu} ({name})",
+            flush=True,
+        )
         t_cpu = run_one(job_for(base, urls, str(work / "ref-cpu"), "cpu"), ensemble)
         t_gpu = run_one(job_for(base, urls, str(work / f"checked-{gpu}"), gpu), ensemble)
         res = compare_datasets(str(work / "ref-cpu"), str(work / f"checked-{gpu}"), a.min_cosine)
         precision = "bf16 autocast" if gpu == "cuda" else "fp32"
-        res.update(device=f"{gpu} ({name}, {precision})", seconds={"cpu": round(t_cpu, 1), gpu: round(t_gpu, 1)},
-                   min_cosine_required=a.min_cosine, config=a.config, ensemble=ensemble.name)
+        res.update(
+            device=f"{gpu} ({name}, {precision})",
+            seconds={"cpu": round(t_cpu, 1), gpu: round(t_gpu, 1)},
+            min_cosine_required=a.min_cosine,
+            config=a.config,
+            ensemble=ensemble.name,
+        )
         print("\n".join(report_lines(res, a.min_cosine)), flush=True)
         print(f"gpu-check: CPU run {t_cpu:.1f} s, {gpu} run {t_gpu:.1f} s", flush=True)
         if a.json:

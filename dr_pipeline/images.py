@@ -18,6 +18,7 @@ are relative to the pixels as stored, which is what every trainer decodes (this 
 and MobileCLIP's DataCompDR loader both open the bytes with plain PIL). Rotating here would
 make the teachers see a view the student never sees. See docs/bad-data.md.
 """
+
 from __future__ import annotations
 
 import io
@@ -25,8 +26,8 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-MAX_IMAGE_PIXELS = 64_000_000          # declared width x height above this -> too_large
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")   # JPEG covers MPO
+MAX_IMAGE_PIXELS = 64_000_000  # declared width x height above this -> too_large
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
 _WHITE = (255, 255, 255)
 
 
@@ -45,10 +46,12 @@ def open_checked(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
         raise ImageRejected("empty_image", "0 bytes")
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except Image.DecompressionBombError as e:       # PIL's own guard (> 2x its limit) fires at open
+    except Image.DecompressionBombError as e:  # PIL's own guard (> 2x its limit) fires at open
         raise ImageRejected("too_large", str(e)[:200]) from None
     except UnidentifiedImageError:
-        raise ImageRejected("undecodable", f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})") from None
+        raise ImageRejected(
+            "undecodable", f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})"
+        ) from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt headers
         raise ImageRejected("undecodable", f"{type(e).__name__}: {e}"[:200]) from None
     w, h = img.size
@@ -66,7 +69,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         a = np.asarray(img)
-        if a.dtype.itemsize > 2 or a.dtype.kind != "u":      # "I" is int32: clip to the 16-bit range
+        if a.dtype.itemsize > 2 or a.dtype.kind != "u":  # "I" is int32: clip to the 16-bit range
             a = np.clip(a, 0, 65535)
         a = (a >> 8).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
@@ -78,7 +81,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         out = Image.new("RGB", rgba.size, _WHITE)
         out.paste(rgba, mask=rgba.getchannel("A"))
         return out
-    return img.convert("RGB")      # CMYK, YCbCr, L, 1, P, RGBX, LAB, HSV, ...
+    return img.convert("RGB")  # CMYK, YCbCr, L, 1, P, RGBX, LAB, HSV, ...
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:

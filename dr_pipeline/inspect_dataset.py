@@ -3,6 +3,7 @@
 The contact sheet shows a few source images, their N augmentations *replayed from the
 stored params* (not re-sampled), and their synthetic captions: what the teachers saw.
 """
+
 from __future__ import annotations
 
 import textwrap
@@ -13,8 +14,8 @@ from PIL import Image, ImageDraw
 from dr_pipeline import augment
 from dr_pipeline.config import AugSpec, from_dict
 from dr_pipeline.corpus.readers import Sample, expand_urls, iter_shard, shard_name
-from dr_pipeline.shards.dataset import ReinforcedDataset, load_dataset_config
 from dr_pipeline.images import decode_image
+from dr_pipeline.shards.dataset import ReinforcedDataset, load_dataset_config
 from dr_pipeline.shards.parquet_io import read_shard
 
 
@@ -41,7 +42,9 @@ def summarize(root: str, storage_options: dict | None = None) -> dict:
         for caps in rows.syn.values():
             syn_counts += [len(c) for c in caps]
     return {
-        "dataset": root, "shards": len(markers), "samples": written,
+        "dataset": root,
+        "shards": len(markers),
+        "samples": written,
         "read": sum(m.n_read for m in markers.values()),
         "rejected": sum(reasons.values()),
         "rejected_by_reason": dict(reasons.most_common()),
@@ -49,11 +52,15 @@ def summarize(root: str, storage_options: dict | None = None) -> dict:
         "failed_shards": failed,
         "captions_rejected": dict(cap_rej),
         "captions_resampled": dict(resampled),
-        "teachers": [f"{t['id']} ({t['model']}, dim {t['dim']}, {t['image_size']}px)" for t in meta.get("teachers", [])],
+        "teachers": [
+            f"{t['id']} ({t['model']}, dim {t['dim']}, {t['image_size']}px)" for t in meta.get("teachers", [])
+        ],
         "captioners": [c["id"] for c in meta.get("captioners", [])],
-        "n_aug": meta.get("aug", {}).get("n_aug"), "seed": meta.get("seed"),
+        "n_aug": meta.get("aug", {}).get("n_aug"),
+        "seed": meta.get("seed"),
         "captions_per_image": round(sum(syn_counts) / max(len(syn_counts), 1), 2),
-        "bytes": nbytes, "bytes_per_sample": round(nbytes / max(written, 1), 1),
+        "bytes": nbytes,
+        "bytes_per_sample": round(nbytes / max(written, 1), 1),
     }
 
 
@@ -63,8 +70,10 @@ def render_summary(s: dict) -> str:
         if k == "rejected_by_reason":
             lines.append(f"{k:>20}: " + (", ".join(f"{r} {n}" for r, n in v.items()) or "none"))
         elif k == "rejected_by_shard":
-            lines += [f"{'rejected in ' + n:>20}: " + ", ".join(f"{r} {c}" for r, c in sorted(rs.items()))
-                      for n, rs in v.items()]
+            lines += [
+                f"{'rejected in ' + n:>20}: " + ", ".join(f"{r} {c}" for r, c in sorted(rs.items()))
+                for n, rs in v.items()
+            ]
         elif k == "failed_shards":
             lines += [f"{'FAILED ' + n:>20}: {err}" for n, err in v.items()]
         else:
@@ -72,8 +81,9 @@ def render_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def contact_sheet(root: str, out_png: str, n_images: int = 4, tile: int = 128,
-                  storage_options: dict | None = None) -> str:
+def contact_sheet(
+    root: str, out_png: str, n_images: int = 4, tile: int = 128, storage_options: dict | None = None
+) -> str:
     ds = ReinforcedDataset(root, storage_options)
     job, _ = load_dataset_config(ds)
     markers = {n: m for n, m in ds.markers().items() if m.n_written}
@@ -89,7 +99,7 @@ def contact_sheet(root: str, out_png: str, n_images: int = 4, tile: int = 128,
     images: dict[str, Image.Image] = {}
     for item in iter_shard(base_url, input_so):
         if isinstance(item, Sample) and item.key in wanted and item.key not in images:
-            images[item.key] = decode_image(item.image)     # the decode the teachers saw
+            images[item.key] = decode_image(item.image)  # the decode the teachers saw
             if len(images) == len(wanted):
                 break
     n_aug = spec.n_aug
@@ -107,7 +117,7 @@ def contact_sheet(root: str, out_png: str, n_images: int = 4, tile: int = 128,
         lines = [f"{key}  GT: {rows.captions[i]}"]
         for cap, per_row in rows.syn.items():
             lines += [f"[{cap}] {c}" for c in per_row[i]]
-        max_lines = tile // 12           # one caption per line, shortened to fit the tile
+        max_lines = tile // 12  # one caption per line, shortened to fit the tile
         text = "\n".join(textwrap.shorten(t, 92, placeholder=" ...") for t in lines[:max_lines])
         draw.multiline_text((tile * (n_aug + 1) + 6, r * tile + 4), text, fill="black", spacing=2)
     sheet.save(out_png)

@@ -22,6 +22,7 @@ Time = FLOPs / efficiency, per stage of this project's own code path (docs/clust
   is one, else this machine's). The public ViT-L/14 anchor (~312 img/s per A100) implies an MFU,
   printed alongside as a second, more conservative figure.
 """
+
 from __future__ import annotations
 
 import glob
@@ -41,11 +42,15 @@ GPUS: dict[str, dict] = {
     "A100": {"peak_flops": 312e12, "memory_gb": 80, "match": ("A100",)},
     "H100": {"peak_flops": 989e12, "memory_gb": 80, "match": ("H100", "H200")},
 }
-DEFAULT_MFU = 0.25                   # assumed for batched bf16 image towers (stated in every estimate)
-ANCHOR = {"model": "ViT-L-14", "images_per_s": 312.0, "gpu": "A100",
-          "source": "ViT-L/14 inference figure (~312 img/s per A100, clip-retrieval)"}
-DEFAULT_RATIOS = {"text": 0.7, "decode": 0.25}      # efficiency vs the image tower, if nothing is measured
-BENCH_TEXT_TOKENS = 14.5             # make bench's text costs: 5-16 word captions + start/end tokens
+DEFAULT_MFU = 0.25  # assumed for batched bf16 image towers (stated in every estimate)
+ANCHOR = {
+    "model": "ViT-L-14",
+    "images_per_s": 312.0,
+    "gpu": "A100",
+    "source": "ViT-L/14 inference figure (~312 img/s per A100, clip-retrieval)",
+}
+DEFAULT_RATIOS = {"text": 0.7, "decode": 0.25}  # efficiency vs the image tower, if nothing is measured
+BENCH_TEXT_TOKENS = 14.5  # make bench's text costs: 5-16 word captions + start/end tokens
 
 # Mean string lengths (bytes) for the estimate of the variable-size columns.
 STRING_DEFAULTS = {"key": 12, "uid": 32, "url": 100, "image_sha256": 64, "caption": 60, "syn_caption": 60}
@@ -54,19 +59,19 @@ STRING_DEFAULTS = {"key": 12, "uid": 32, "url": 100, "image_sha256": 64, "captio
 @dataclass(frozen=True)
 class PlanSpec:
     samples: int
-    teachers: tuple[tuple[str, int], ...]          # (open_clip model, embedding dim)
-    captioners: tuple[str, ...]                    # open_clip CoCa models
+    teachers: tuple[tuple[str, int], ...]  # (open_clip model, embedding dim)
+    captioners: tuple[str, ...]  # open_clip CoCa models
     n_aug: int
-    k: int                                         # synthetic captions per captioner per sample
-    per_shard: int = 10_000                        # samples per input (= output) shard
+    k: int  # synthetic captions per captioner per sample
+    per_shard: int = 10_000  # samples per input (= output) shard
     strings: dict = field(default_factory=lambda: dict(STRING_DEFAULTS))
-    configs: dict = field(default_factory=dict)    # model -> open_clip config (for FLOPs); missing: measured only
-    text_tokens: float = 20.0                      # mean tokens of a GT / synthetic caption (with start/end)
-    caption_tokens: float = 16.0                   # mean decoding steps per synthetic caption (<= max_len)
-    draws_per_caption: float = 1.1                 # sampled draws per kept caption (resampling of degenerate ones)
-    batch_size: int = 128                          # images per model step (memory per actor)
-    max_len: int = 30                              # decoder's length cap (KV cache size)
-    gpus: int = 64                                 # "with G GPUs: D days"
+    configs: dict = field(default_factory=dict)  # model -> open_clip config (for FLOPs); missing: measured only
+    text_tokens: float = 20.0  # mean tokens of a GT / synthetic caption (with start/end)
+    caption_tokens: float = 16.0  # mean decoding steps per synthetic caption (<= max_len)
+    draws_per_caption: float = 1.1  # sampled draws per kept caption (resampling of degenerate ones)
+    batch_size: int = 128  # images per model step (memory per actor)
+    max_len: int = 30  # decoder's length cap (KV cache size)
+    gpus: int = 64  # "with G GPUs: D days"
     mfu: float = DEFAULT_MFU
 
     def __post_init__(self) -> None:
@@ -78,11 +83,15 @@ class PlanSpec:
 
 def layout(spec: PlanSpec) -> ShardLayout:
     """The shard layout of the run (teacher/captioner ids are positional placeholders)."""
-    return ShardLayout(spec.n_aug, tuple(TeacherLayout(f"t{i}", d) for i, (_, d) in enumerate(spec.teachers)),
-                       tuple(f"c{i}" for i in range(len(spec.captioners))))
+    return ShardLayout(
+        spec.n_aug,
+        tuple(TeacherLayout(f"t{i}", d) for i, (_, d) in enumerate(spec.teachers)),
+        tuple(f"c{i}" for i in range(len(spec.captioners))),
+    )
 
 
 # --------------------------------------------------------------------------- bytes
+
 
 def _fixed_bytes(t, k: int) -> int | None:
     """Value bytes per row of an Arrow type from the contract; None for strings."""
@@ -91,7 +100,7 @@ def _fixed_bytes(t, k: int) -> int | None:
     if pa.types.is_fixed_size_list(t):
         inner = _fixed_bytes(t.value_type, k)
         return None if inner is None else t.list_size * inner
-    if pa.types.is_list(t):                       # list<fixed_size_list<...>>: k synthetic rows
+    if pa.types.is_list(t):  # list<fixed_size_list<...>>: k synthetic rows
         inner = _fixed_bytes(t.value_type, k)
         return None if inner is None else k * inner
     if pa.types.is_string(t):
@@ -138,10 +147,11 @@ def datacompdr_bytes(spec: PlanSpec) -> float:
 # Multiply-accumulates (MACs) of the matmuls; FLOPs = 2 x MACs. Norms, softmax, GELU are ignored
 # (< 2 % of a ViT's FLOPs).
 
+
 def _blocks(tokens: float, width: int, layers: int, mlp_ratio: float = 4.0, dense_w2: float = 4.0) -> float:
     """MACs of ``layers`` transformer blocks over ``tokens`` tokens: QKV + out projection
     (``dense_w2`` x W^2 per token), MLP (2 x mlp_ratio x W^2) and attention (2 x tokens^2 x W)."""
-    return layers * (tokens * (dense_w2 + 2 * mlp_ratio) * width ** 2 + 2 * tokens ** 2 * width)
+    return layers * (tokens * (dense_w2 + 2 * mlp_ratio) * width**2 + 2 * tokens**2 * width)
 
 
 def vision_tokens(cfg: dict) -> int:
@@ -159,7 +169,7 @@ def image_macs(cfg: dict) -> float:
     t, w, p = vision_tokens(cfg), v["width"], v["patch_size"]
     macs = t * 3 * p * p * w + _blocks(t, w, v["layers"], v.get("mlp_ratio", 4.0))
     d = cfg.get("embed_dim", w)
-    if v.get("attentional_pool"):             # CoCa: n_queries attend to the tokens
+    if v.get("attentional_pool"):  # CoCa: n_queries attend to the tokens
         q = v.get("attn_pooler_queries", 256)
         macs += 2 * q * d * d + 2 * t * w * d + 2 * q * t * d
     return macs + w * d
@@ -187,8 +197,8 @@ def decode_step_macs(cfg: dict, position: float) -> float:
     t, m = cfg["text_cfg"], cfg.get("multimodal_cfg", {})
     tw, mw = t.get("width", 512), m.get("width", 512)
     q = cfg["vision_cfg"].get("attn_pooler_queries", 256)
-    text = t.get("layers", 12) * ((4 + 2 * t.get("mlp_ratio", 4.0)) * tw ** 2 + 2 * position * tw)
-    dec = m.get("layers", 12) * ((6 + 2 * m.get("mlp_ratio", 4.0)) * mw ** 2 + 2 * position * mw + 2 * q * mw)
+    text = t.get("layers", 12) * ((4 + 2 * t.get("mlp_ratio", 4.0)) * tw**2 + 2 * position * tw)
+    dec = m.get("layers", 12) * ((6 + 2 * m.get("mlp_ratio", 4.0)) * mw**2 + 2 * position * mw + 2 * q * mw)
     return text + dec + mw * m.get("vocab_size", t.get("vocab_size", 49408))
 
 
@@ -214,11 +224,12 @@ def param_count(cfg: dict) -> float:
 
 # --------------------------------------------------------------------------- per-sample work
 
+
 def stage_flops(spec: PlanSpec) -> tuple[dict[str, float], list[str]]:
     """FLOPs per sample by stage, and the models whose config is unknown (no FLOPs for them)."""
     out = {"teacher_images": 0.0, "teacher_texts": 0.0, "caption_images": 0.0, "caption_decode": 0.0}
     unknown: list[str] = []
-    texts = 1 + spec.k * len(spec.captioners)         # GT + synthetic captions, per teacher
+    texts = 1 + spec.k * len(spec.captioners)  # GT + synthetic captions, per teacher
     for model, _ in spec.teachers:
         cfg = spec.configs.get(model)
         try:
@@ -241,6 +252,7 @@ def decode_steps(spec: PlanSpec) -> float:
 
 
 # --------------------------------------------------------------------------- efficiency from make bench
+
 
 def load_costs(paths: list[str] | None = None) -> dict[str, dict]:
     """Measured sources: ``bench/costs-*.json`` (written by ``make bench``) unless paths are given."""
@@ -282,7 +294,7 @@ def _decode_efficiency(source: dict, configs: dict, image_eff: float | None) -> 
     vals = []
     for model, c in source.get("models", {}).items():
         cfg = configs.get(model) or open_clip_config(model)
-        per = c.get("decode_s") or c.get("caption_s")    # one sampled draw (newer bench), else caption()
+        per = c.get("decode_s") or c.get("caption_s")  # one sampled draw (newer bench), else caption()
         if not cfg or not per or "multimodal_cfg" not in cfg:
             continue
         k = c.get("k", 5)
@@ -323,6 +335,7 @@ def anchor_mfu() -> float:
 
 # --------------------------------------------------------------------------- the plan
 
+
 @dataclass
 class Plan:
     spec: PlanSpec
@@ -332,36 +345,53 @@ class Plan:
     disk_basis: str
     datacompdr_bytes: float
     shards: int
-    flops: dict[str, float]            # FLOPs per sample by stage
-    unknown: list[str]                 # models without a config: not in the FLOPs
-    compute: dict[str, dict]           # row -> {kind, device, seconds_per_sample, parts, hours, days, ...}
-    memory: dict[str, float]           # per actor, GB
+    flops: dict[str, float]  # FLOPs per sample by stage
+    unknown: list[str]  # models without a config: not in the FLOPs
+    compute: dict[str, dict]  # row -> {kind, device, seconds_per_sample, parts, hours, days, ...}
+    memory: dict[str, float]  # per actor, GB
     assumptions: list[str]
 
     def to_dict(self) -> dict:
         spec = {k: v for k, v in self.spec.__dict__.items() if k != "configs"}
-        return {"spec": {**spec, "teachers": [list(t) for t in self.spec.teachers]},
-                "bytes_per_sample": self.bytes_per_sample, "raw_bytes": self.raw_bytes,
-                "disk_bytes": self.disk_bytes, "disk_basis": self.disk_basis,
-                "datacompdr_bytes": self.datacompdr_bytes, "shards": self.shards, "flops_per_sample": self.flops,
-                "unknown_models": self.unknown, "compute": self.compute, "memory_gb_per_actor": self.memory,
-                "assumptions": self.assumptions}
+        return {
+            "spec": {**spec, "teachers": [list(t) for t in self.spec.teachers]},
+            "bytes_per_sample": self.bytes_per_sample,
+            "raw_bytes": self.raw_bytes,
+            "disk_bytes": self.disk_bytes,
+            "disk_basis": self.disk_basis,
+            "datacompdr_bytes": self.datacompdr_bytes,
+            "shards": self.shards,
+            "flops_per_sample": self.flops,
+            "unknown_models": self.unknown,
+            "compute": self.compute,
+            "memory_gb_per_actor": self.memory,
+            "assumptions": self.assumptions,
+        }
 
 
 STAGE_EFF = {"teacher_images": "image", "teacher_texts": "text", "caption_images": "image", "caption_decode": "decode"}
 
 
-def _row(spec: PlanSpec, flops: dict[str, float], eff: dict[str, float], kind: str, device: str,
-         note: str) -> dict:
+def _row(spec: PlanSpec, flops: dict[str, float], eff: dict[str, float], kind: str, device: str, note: str) -> dict:
     """Seconds per sample = FLOPs / efficiency per stage; then hours, days on G GPUs, shards/hour."""
     parts = {s: (f / eff[STAGE_EFF[s]] if f and STAGE_EFF[s] in eff else 0.0) for s, f in flops.items()}
     missing = [s for s, f in flops.items() if f and STAGE_EFF[s] not in eff]
     sec = sum(parts.values())
     hours = sec * spec.samples / 3600
-    return {"kind": kind, "device": device, "seconds_per_sample": sec, "parts": parts, "hours": hours,
-            "device_days": hours / 24, "gpus": spec.gpus, "days_on_gpus": hours / 24 / spec.gpus,
-            "shards_per_hour": spec.gpus * 3600 / (sec * spec.per_shard) if sec else math.inf,
-            "efficiency": eff, "missing": missing, "note": note}
+    return {
+        "kind": kind,
+        "device": device,
+        "seconds_per_sample": sec,
+        "parts": parts,
+        "hours": hours,
+        "device_days": hours / 24,
+        "gpus": spec.gpus,
+        "days_on_gpus": hours / 24 / spec.gpus,
+        "shards_per_hour": spec.gpus * 3600 / (sec * spec.per_shard) if sec else math.inf,
+        "efficiency": eff,
+        "missing": missing,
+        "note": note,
+    }
 
 
 def _measured_seconds(spec: PlanSpec, source: dict) -> tuple[dict[str, float], list[str]]:
@@ -383,7 +413,7 @@ def _measured_seconds(spec: PlanSpec, source: dict) -> tuple[dict[str, float], l
         if model in spec.configs:
             continue
         c = models.get(model, {})
-        if "decode_s" in c:                              # one draw; retries priced by the spec
+        if "decode_s" in c:  # one draw; retries priced by the spec
             parts["caption_decode"] += spec.k * spec.draws_per_caption * c["decode_s"]
         elif "caption_s" in c:
             parts["caption_decode"] += spec.k * spec.draws_per_caption * c["caption_s"]
@@ -410,27 +440,39 @@ def _measured_rows(spec: PlanSpec, sources: dict[str, dict]) -> dict[str, dict]:
         sec = sum(parts.values())
         hours = sec * spec.samples / 3600
         gpu = (src.get("machine") or {}).get("gpu")
-        rows[name] = {"kind": "measured", "device": gpu or src.get("device", "?"), "seconds_per_sample": sec,
-                      "parts": parts, "hours": hours, "device_days": hours / 24, "gpus": spec.gpus,
-                      "days_on_gpus": hours / 24 / spec.gpus,
-                      "shards_per_hour": spec.gpus * 3600 / (sec * spec.per_shard) if sec else math.inf,
-                      "efficiency": efficiencies(src, spec.configs), "missing": missing,
-                      "note": src.get("note", ""), "gpu_kind": _gpu_kind(src)}
+        rows[name] = {
+            "kind": "measured",
+            "device": gpu or src.get("device", "?"),
+            "seconds_per_sample": sec,
+            "parts": parts,
+            "hours": hours,
+            "device_days": hours / 24,
+            "gpus": spec.gpus,
+            "days_on_gpus": hours / 24 / spec.gpus,
+            "shards_per_hour": spec.gpus * 3600 / (sec * spec.per_shard) if sec else math.inf,
+            "efficiency": efficiencies(src, spec.configs),
+            "missing": missing,
+            "note": src.get("note", ""),
+            "gpu_kind": _gpu_kind(src),
+        }
     return rows
 
 
-def _estimated_rows(spec: PlanSpec, flops: dict[str, float], sources: dict[str, dict],
-                    measured: dict[str, dict]) -> dict[str, dict]:
+def _estimated_rows(
+    spec: PlanSpec, flops: dict[str, float], sources: dict[str, dict], measured: dict[str, dict]
+) -> dict[str, dict]:
     r, basis = ratios(sources, spec.configs)
     a_mfu = anchor_mfu()
     rows = {}
     for gpu, g in GPUS.items():
         if any(m.get("gpu_kind") == gpu for m in measured.values()):
-            continue                                     # a measurement of this GPU is shown instead
+            continue  # a measurement of this GPU is shown instead
         image = g["peak_flops"] * spec.mfu
         eff = {"image": image, "text": image * r["text"], "decode": image * r["decode"]}
-        note = (f"peak {g['peak_flops'] / 1e12:,.0f} TFLOP/s bf16 x assumed MFU {spec.mfu:.2f} (image towers); "
-                f"text towers x{r['text']:.2f}, KV-cached decoder x{r['decode']:.2f} of that ({basis})")
+        note = (
+            f"peak {g['peak_flops'] / 1e12:,.0f} TFLOP/s bf16 x assumed MFU {spec.mfu:.2f} (image towers); "
+            f"text towers x{r['text']:.2f}, KV-cached decoder x{r['decode']:.2f} of that ({basis})"
+        )
         row = _row(spec, flops, eff, "estimated", gpu, note)
         row["missing"] += [f"{m} (no model config)" for m in stage_flops(spec)[1]]
         cons = _row(spec, flops, {k: v * a_mfu / spec.mfu for k, v in eff.items()}, "estimated", gpu, "")
@@ -465,7 +507,7 @@ def memory_per_actor(spec: PlanSpec) -> dict[str, float]:
     gb = 1e-9
     out = {"weights_fp32": params * 4 * gb, "bf16_copies": params * 2 * gb, "activations": max(act, dec) * gb}
     out["gpu_total"] = sum(out.values())
-    out["host_ram"] = params * 4 * gb + 4.0      # a CPU copy while loading + decode threads, Ray worker
+    out["host_ram"] = params * 4 * gb + 4.0  # a CPU copy while loading + decode threads, Ray worker
     return out
 
 
@@ -475,9 +517,11 @@ def make_plan(spec: PlanSpec, sources: dict[str, dict] | None = None) -> Plan:
     raw = rb["total"] * spec.samples
     storage = next((s["storage"] for s in sources.values() if s.get("kind") == "measured" and "storage" in s), None)
     if storage:
-        disk = spec.samples * (rb["values"] * storage["bf16_bytes_per_value"]
-                               + spec.n_aug * storage["aug_bytes_per_aug"]
-                               + (rb["strings"] + rb["ints"]) * storage.get("string_ratio", 1.0))
+        disk = spec.samples * (
+            rb["values"] * storage["bf16_bytes_per_value"]
+            + spec.n_aug * storage["aug_bytes_per_aug"]
+            + (rb["strings"] + rb["ints"]) * storage.get("string_ratio", 1.0)
+        )
         basis = f"compression measured by make bench ({storage.get('machine', '?')})"
     else:
         disk, basis = raw, "no bench measurement found: raw bytes"
@@ -492,12 +536,24 @@ def make_plan(spec: PlanSpec, sources: dict[str, dict] | None = None) -> Plan:
         f"estimates: MFU {spec.mfu:.2f} assumed for image towers; the public {ANCHOR['source']} implies "
         f"MFU {anchor_mfu():.2f}, shown as the conservative figure",
     ]
-    return Plan(spec, rb, raw, disk, basis, datacompdr_bytes(spec) * spec.samples,
-                math.ceil(spec.samples / spec.per_shard), flops, unknown, compute, memory_per_actor(spec),
-                assumptions)
+    return Plan(
+        spec,
+        rb,
+        raw,
+        disk,
+        basis,
+        datacompdr_bytes(spec) * spec.samples,
+        math.ceil(spec.samples / spec.per_shard),
+        flops,
+        unknown,
+        compute,
+        memory_per_actor(spec),
+        assumptions,
+    )
 
 
 # --------------------------------------------------------------------------- rendering
+
 
 def parse_count(text: str) -> int:
     """'2e9', '1.9B', '12.8M', '500k', '10000' -> int."""
@@ -524,15 +580,19 @@ def _row_lines(name: str, c: dict) -> list[str]:
     p = c["parts"]
     label = "MEASURED" if c["kind"] == "measured" else "ESTIMATED"
     ms = {k: v * 1e3 for k, v in p.items()}
-    lines = [f"  {name} [{label}, {c['device']}]: {c['seconds_per_sample'] * 1e3:,.2f} ms/sample "
-             f"(teacher images {ms['teacher_images']:,.2f}, texts {ms['teacher_texts']:,.2f}, captioner images "
-             f"{ms['caption_images']:,.2f}, decoding {ms['caption_decode']:,.2f})",
-             f"      {c['device_days']:,.1f} device-days; with {c['gpus']:,} of them: {c['days_on_gpus']:,.2f} days, "
-             f"{_rate(c['shards_per_hour'])} shards/hour"]
+    lines = [
+        f"  {name} [{label}, {c['device']}]: {c['seconds_per_sample'] * 1e3:,.2f} ms/sample "
+        f"(teacher images {ms['teacher_images']:,.2f}, texts {ms['teacher_texts']:,.2f}, captioner images "
+        f"{ms['caption_images']:,.2f}, decoding {ms['caption_decode']:,.2f})",
+        f"      {c['device_days']:,.1f} device-days; with {c['gpus']:,} of them: {c['days_on_gpus']:,.2f} days, "
+        f"{_rate(c['shards_per_hour'])} shards/hour",
+    ]
     if "anchor" in c:
         a = c["anchor"]
-        lines.append(f"      at the public anchor's MFU {a['mfu']:.2f}: {a['device_days']:,.1f} device-days, "
-                     f"{a['days_on_gpus']:,.2f} days on {c['gpus']:,} of them")
+        lines.append(
+            f"      at the public anchor's MFU {a['mfu']:.2f}: {a['device_days']:,.1f} device-days, "
+            f"{a['days_on_gpus']:,.2f} days on {c['gpus']:,} of them"
+        )
     if c["missing"]:
         lines.append(f"      not priced (total is a lower bound): {', '.join(c['missing'])}")
     if c["note"]:
@@ -564,17 +624,24 @@ def render(plan: Plan) -> str:
     if plan.unknown:
         lines.append(f"  no config (priced from measured seconds only): {', '.join(plan.unknown)}")
     lines += [f"  assumed: {a}" for a in plan.assumptions]
-    lines += ["", f"compute (per row one device type; with G = {s.gpus:,} of them, one actor each: D days, S shards/hour)"]
+    lines += [
+        "",
+        f"compute (per row one device type; with G = {s.gpus:,} of them, one actor each: D days, S shards/hour)",
+    ]
     for name, c in plan.compute.items():
         lines += _row_lines(name, c)
-    lines += ["", f"memory per actor (batch {s.batch_size} images = {s.batch_size * s.n_aug} teacher views, "
-                  f"{s.batch_size * s.k} caption rows; estimates from parameter counts)",
-              f"  GPU: {mem['gpu_total']:,.1f} GB = weights fp32 {mem['weights_fp32']:,.1f} + bf16 autocast copies "
-              f"{mem['bf16_copies']:,.1f} + activations {mem['activations']:,.1f}; host RAM ~{mem['host_ram']:,.0f} GB"]
+    lines += [
+        "",
+        f"memory per actor (batch {s.batch_size} images = {s.batch_size * s.n_aug} teacher views, "
+        f"{s.batch_size * s.k} caption rows; estimates from parameter counts)",
+        f"  GPU: {mem['gpu_total']:,.1f} GB = weights fp32 {mem['weights_fp32']:,.1f} + bf16 autocast copies "
+        f"{mem['bf16_copies']:,.1f} + activations {mem['activations']:,.1f}; host RAM ~{mem['host_ram']:,.0f} GB",
+    ]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- configs without open_clip
+
 
 def open_clip_config_dir() -> Path | None:
     """open_clip's bundled model_configs folder, found without importing open_clip (slow)."""
@@ -590,8 +657,16 @@ def open_clip_config(model: str, extra: list[Path] | tuple = ()) -> dict | None:
     return None
 
 
-def spec_from_args(samples: str, teachers: list[str], captioners: list[str], ensemble: str | None,
-                   n_aug: int, k: int, per_shard: int, **options) -> PlanSpec:
+def spec_from_args(
+    samples: str,
+    teachers: list[str],
+    captioners: list[str],
+    ensemble: str | None,
+    n_aug: int,
+    k: int,
+    per_shard: int,
+    **options,
+) -> PlanSpec:
     """Teachers as 'MODEL' or 'MODEL:DIM' (dims of open_clip models come from their configs), or
     the teachers and captioners of an ensemble file; ``options``: PlanSpec fields (gpus, mfu, ...)."""
     from dr_pipeline.config import ConfigError, load_ensemble
@@ -612,7 +687,7 @@ def spec_from_args(samples: str, teachers: list[str], captioners: list[str], ens
     for t in teachers:
         model, _, dim = t.partition(":")
         pairs.append((model, int(dim) if dim else None))
-        if (c := open_clip_config(model, extra)):
+        if c := open_clip_config(model, extra):
             configs[model] = c
     out = []
     for model, dim in pairs:

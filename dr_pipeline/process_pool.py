@@ -1,4 +1,5 @@
 """Run independent CPU jobs (model trainings, renders) in parallel processes, one thread each."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

@@ -32,6 +32,7 @@ sample) with the same sampler and replay code (``augment.sample_params`` / ``rep
 an online mode the trainer does not have. Runs train in parallel processes, one thread each,
 so each run is a deterministic function of its seed on a given machine.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,13 +60,14 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- config
 
+
 @dataclass(frozen=True)
 class CorpusConfig:
     web_shards: int = 8
     web_per_shard: int = 256
-    test_shards: int = 1             # clean-caption pairs for retrieval
+    test_shards: int = 1  # clean-caption pairs for retrieval
     test_per_shard: int = 256
-    zeroshot_per_class: int = 8      # x 60 colour x shape classes
+    zeroshot_per_class: int = 8  # x 60 colour x shape classes
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,9 @@ class ReinforceConfig:
     teachers: str = "teachers/synthetic.yaml"
     n_aug: int = 10
     k: int = 5
-    aug_size: int = 64               # generation size of the stored params (magnitudes scale with it)
-    rrc_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop area range (plain runs use the same)
-    executor: str = "ray"            # ray | local
+    aug_size: int = 64  # generation size of the stored params (magnitudes scale with it)
+    rrc_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (plain runs use the same)
+    executor: str = "ray"  # ray | local
     batch_size: int = 32
     num_cpus: int = 2
 
@@ -91,7 +93,7 @@ class Variant:
     lam: float
     gt_weight: float = 1.0
     syn_weight: float = 0.0
-    online_aug: bool = False         # True: fresh RRC + RandAugment params per epoch (plain)
+    online_aug: bool = False  # True: fresh RRC + RandAugment params per epoch (plain)
 
 
 DEFAULT_VARIANTS = (
@@ -107,12 +109,15 @@ class TrainRuns:
     steps: int = 400
     batch_size: int = 64
     eval_every: int = 25
-    seeds: tuple[int, ...] = (0, 1, 2)          # baseline and target variants
-    ablation_seeds: tuple[int, ...] = (0,)      # the other variants
-    jobs: int = 2                               # runs in parallel processes, 1 thread each
+    seeds: tuple[int, ...] = (0, 1, 2)  # baseline and target variants
+    ablation_seeds: tuple[int, ...] = (0,)  # the other variants
+    jobs: int = 2  # runs in parallel processes, 1 thread each
     student: StudentConfig = field(default_factory=lambda: StudentConfig(arch="tiny", image_size=64, context_length=32))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=2e-3, min_lr=1e-5, warmup_steps=20, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            lr=2e-3, min_lr=1e-5, warmup_steps=20, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0
+        )
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 2 or self.eval_every < 1 or self.jobs < 1 or not self.seeds:
@@ -121,24 +126,25 @@ class TrainRuns:
 
 @dataclass(frozen=True)
 class ReproduceConfig:
-    out_dir: str = "out/reproduce"              # corpora, reinforced dataset, runs (regenerable)
-    results_dir: str = "reproduce"              # results.json, results.md, accuracy_vs_steps.png
-    seed: int = 0                               # corpus + reinforcement seed
+    out_dir: str = "out/reproduce"  # corpora, reinforced dataset, runs (regenerable)
+    results_dir: str = "reproduce"  # results.json, results.md, accuracy_vs_steps.png
+    seed: int = 0  # corpus + reinforcement seed
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     reinforce: ReinforceConfig = field(default_factory=ReinforceConfig)
     train: TrainRuns = field(default_factory=TrainRuns)
     variants: tuple[Variant, ...] = DEFAULT_VARIANTS
     baseline: str = "plain"
     target: str = "full"
-    smooth_evals: int = 3                       # accuracy = trailing mean over this many evaluations
+    smooth_evals: int = 3  # accuracy = trailing mean over this many evaluations
 
     def __post_init__(self) -> None:
         if self.smooth_evals < 1:
             raise ConfigError(f"smooth_evals must be >= 1 (got {self.smooth_evals})")
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names) or self.baseline not in names or self.target not in names:
-            raise ConfigError(f"variants: unique names including baseline {self.baseline!r} and target "
-                              f"{self.target!r} (got {names})")
+            raise ConfigError(
+                f"variants: unique names including baseline {self.baseline!r} and target {self.target!r} (got {names})"
+            )
 
 
 def load_reproduce_config(path: str | Path) -> ReproduceConfig:
@@ -147,20 +153,30 @@ def load_reproduce_config(path: str | Path) -> ReproduceConfig:
 
 # --------------------------------------------------------------------------- paths
 
+
 @dataclass(frozen=True)
 class Layout:
     root: Path
 
     @property
-    def web(self) -> Path: return self.root / "web"
+    def web(self) -> Path:
+        return self.root / "web"
+
     @property
-    def test(self) -> Path: return self.root / "test"
+    def test(self) -> Path:
+        return self.root / "test"
+
     @property
-    def dataset(self) -> Path: return self.root / "dataset"
+    def dataset(self) -> Path:
+        return self.root / "dataset"
+
     @property
-    def zeroshot(self) -> Path: return self.test / "zeroshot"
+    def zeroshot(self) -> Path:
+        return self.test / "zeroshot"
+
     @property
-    def runs(self) -> Path: return self.root / "runs"
+    def runs(self) -> Path:
+        return self.root / "runs"
 
     def views(self, size: int) -> Path:
         return self.root / f"views{size}.npy"
@@ -173,25 +189,44 @@ def _web_urls(cfg: ReproduceConfig, lay: Layout) -> str:
 
 # --------------------------------------------------------------------------- stages
 
+
 def make_corpora(cfg: ReproduceConfig, lay: Layout) -> None:
     from dr_pipeline.corpus.synthetic import make_split
 
     c = cfg.corpus
     make_split("web", str(lay.web), c.web_shards, c.web_per_shard, cfg.seed, formats=("tar",))
-    make_split("test", str(lay.test), c.test_shards, c.test_per_shard, cfg.seed, formats=("tar",),
-               per_class=c.zeroshot_per_class)
+    make_split(
+        "test",
+        str(lay.test),
+        c.test_shards,
+        c.test_per_shard,
+        cfg.seed,
+        formats=("tar",),
+        per_class=c.zeroshot_per_class,
+    )
 
 
 def job_config(cfg: ReproduceConfig, lay: Layout):
     from dr_pipeline.config import JobConfig
 
     r = cfg.reinforce
-    data = {"input": {"urls": _web_urls(cfg, lay)}, "output": {"path": str(lay.dataset)},
-            "teachers": str(Path(r.teachers).resolve()), "seed": cfg.seed,
-            "aug": {"n_aug": r.n_aug, "size": r.aug_size, "scale": list(r.rrc_scale)}, "captions": {"k": r.k},
-            "execution": {"num_cpus": r.num_cpus, "min_actors": 1, "max_actors": r.num_cpus,
-                          "cpus_per_actor": 1, "batch_size": r.batch_size, "device": "cpu",
-                          "decode_threads": 1}}
+    data = {
+        "input": {"urls": _web_urls(cfg, lay)},
+        "output": {"path": str(lay.dataset)},
+        "teachers": str(Path(r.teachers).resolve()),
+        "seed": cfg.seed,
+        "aug": {"n_aug": r.n_aug, "size": r.aug_size, "scale": list(r.rrc_scale)},
+        "captions": {"k": r.k},
+        "execution": {
+            "num_cpus": r.num_cpus,
+            "min_actors": 1,
+            "max_actors": r.num_cpus,
+            "cpus_per_actor": 1,
+            "batch_size": r.batch_size,
+            "device": "cpu",
+            "decode_threads": 1,
+        },
+    }
     return from_dict(JobConfig, data, "reproduce job")
 
 
@@ -214,12 +249,21 @@ def _train_config(cfg: ReproduceConfig, lay: Layout, v: Variant, seed: int):
     from dr_pipeline.train.config import DataConfig, LossConfig, TrainConfig
 
     t = cfg.train
-    return TrainConfig(out_dir=str(lay.runs / f"{v.name}-s{seed}"),
-                       data=DataConfig(reinforced=str(lay.dataset), num_workers=0),
-                       steps=t.steps, batch_size=t.batch_size, student=t.student,
-                       loss=LossConfig(lam=v.lam, gt_weight=v.gt_weight, syn_weight=v.syn_weight),
-                       optim=t.optim, seed=seed, precision="fp32", device="cpu",
-                       checkpoint_every=t.steps, keep_checkpoints=1, log_every=t.eval_every)
+    return TrainConfig(
+        out_dir=str(lay.runs / f"{v.name}-s{seed}"),
+        data=DataConfig(reinforced=str(lay.dataset), num_workers=0),
+        steps=t.steps,
+        batch_size=t.batch_size,
+        student=t.student,
+        loss=LossConfig(lam=v.lam, gt_weight=v.gt_weight, syn_weight=v.syn_weight),
+        optim=t.optim,
+        seed=seed,
+        precision="fp32",
+        device="cpu",
+        checkpoint_every=t.steps,
+        keep_checkpoints=1,
+        log_every=t.eval_every,
+    )
 
 
 def _base_images(plan) -> dict[str, Any]:
@@ -270,10 +314,15 @@ def render_views(cfg: ReproduceConfig, lay: Layout, plan, size: int) -> dict:
     keys = [k for ks, _ in results for k in ks]
     np.save(path, np.concatenate([v for _, v in results]), allow_pickle=False)
     meta_path.write_text(json.dumps({"stamp": stamp, "keys": keys}))
-    return {"seconds": round(time.time() - t0, 1), "cached": False, "views": int(sum(v.shape[0] * v.shape[1] for _, v in results))}
+    return {
+        "seconds": round(time.time() - t0, 1),
+        "cached": False,
+        "views": int(sum(v.shape[0] * v.shape[1] for _, v in results)),
+    }
 
 
 # --------------------------------------------------------------------------- evaluation
+
 
 class EvalSet:
     """Zero-shot folder (60 colour x shape classes) + retrieval pairs, decoded once."""
@@ -300,24 +349,31 @@ class EvalSet:
         was_training = model.training
         model.eval()
         try:
-            img = torch.cat([model.encode_image(self.views[i:i + 256]) for i in range(0, len(self.views), 256)])
+            img = torch.cat([model.encode_image(self.views[i : i + 256]) for i in range(0, len(self.views), 256)])
             cls = embed_texts(model, [t.format(c) for c in self.classes for t in self.templates])
             cls = F.normalize(cls.view(len(self.classes), len(self.templates), -1).mean(1), dim=-1)
             pred = (img @ cls.T).argmax(1).tolist()
             pc = [self.classes[p].split() for p in pred]
             yc = [self.classes[y].split() for y in self.labels]
-            pimg = torch.cat([model.encode_image(self.pair_views[i:i + 256]) for i in range(0, len(self.pair_views), 256)])
+            pimg = torch.cat(
+                [model.encode_image(self.pair_views[i : i + 256]) for i in range(0, len(self.pair_views), 256)]
+            )
             ret = retrieval_metrics(pimg, embed_texts(model, self.pair_texts))
         finally:
             model.train(was_training)
-        return {"top1": float(np.mean([p == y for p, y in zip(pred, self.labels)])),
-                "colour": float(np.mean([a[0] == b[0] for a, b in zip(pc, yc)])),
-                "shape": float(np.mean([a[1] == b[1] for a, b in zip(pc, yc)])),
-                "i2t_R@1": ret["image_to_text_R@1"], "t2i_R@1": ret["text_to_image_R@1"],
-                "i2t_R@5": ret["image_to_text_R@5"], "t2i_R@5": ret["text_to_image_R@5"]}
+        return {
+            "top1": float(np.mean([p == y for p, y in zip(pred, self.labels)])),
+            "colour": float(np.mean([a[0] == b[0] for a, b in zip(pc, yc)])),
+            "shape": float(np.mean([a[1] == b[1] for a, b in zip(pc, yc)])),
+            "i2t_R@1": ret["image_to_text_R@1"],
+            "t2i_R@1": ret["text_to_image_R@1"],
+            "i2t_R@5": ret["image_to_text_R@5"],
+            "t2i_R@5": ret["text_to_image_R@5"],
+        }
 
 
 # --------------------------------------------------------------------------- one run
+
 
 class _Batches:
     """The adapter data path: batches in the trainer's collate format, epoch by epoch."""
@@ -356,8 +412,15 @@ class _Batches:
             for k in order:
                 img, _, cap = self.base[k]
                 p = augment.sample_params(self.plan.aug, aug_seed, k, 0, img.width, img.height)
-                items.append({"key": k, "image": augment.replay(img, p, self.size, self.plan.aug), "caption": cap,
-                              "syn": cap, "teachers": {}})
+                items.append(
+                    {
+                        "key": k,
+                        "image": augment.replay(img, p, self.size, self.plan.aug),
+                        "caption": cap,
+                        "syn": cap,
+                        "teachers": {},
+                    }
+                )
             return items
         entries = {}
         for pair in self.plan.pairs:
@@ -370,9 +433,15 @@ class _Batches:
             img, sha, cap = self.base[k]
             if e.error or e.sha256 != sha or e.caption != cap:
                 raise RuntimeError(f"{k}: reinforcement row does not match its base sample ({e.error})")
-            items.append({"key": k, "image": torch.from_numpy(np.array(self.views[self.row[k], e.aug_index])),
-                          "caption": cap, "syn": e.syn_caption if e.syn_caption is not None else cap,
-                          "teachers": {t: torch.from_numpy(x) for t, x in e.emb.items()}})
+            items.append(
+                {
+                    "key": k,
+                    "image": torch.from_numpy(np.array(self.views[self.row[k], e.aug_index])),
+                    "caption": cap,
+                    "syn": e.syn_caption if e.syn_caption is not None else cap,
+                    "teachers": {t: torch.from_numpy(x) for t, x in e.emb.items()},
+                }
+            )
         return items
 
     def __iter__(self):
@@ -381,11 +450,14 @@ class _Batches:
         while True:
             items = self._epoch(epoch)
             for i in range(0, len(items) - b + 1, b):
-                chunk = items[i:i + b]
-                yield {"image": torch.stack([it["image"] for it in chunk]),
-                       "tokens": torch.stack([torch.stack([self._tokens(it["caption"]), self._tokens(it["syn"])])
-                                              for it in chunk]),
-                       "teachers": {t: torch.stack([it["teachers"][t] for it in chunk]) for t in chunk[0]["teachers"]}}
+                chunk = items[i : i + b]
+                yield {
+                    "image": torch.stack([it["image"] for it in chunk]),
+                    "tokens": torch.stack(
+                        [torch.stack([self._tokens(it["caption"]), self._tokens(it["syn"])]) for it in chunk]
+                    ),
+                    "teachers": {t: torch.stack([it["teachers"][t] for it in chunk]) for t in chunk[0]["teachers"]},
+                }
             epoch += 1
 
 
@@ -418,20 +490,34 @@ def run_one(args: tuple) -> dict:
             t_train += time.time() - t1
             losses.append(float(parts["loss"].detach()))
             if trainer.step % cfg.train.eval_every == 0 or trainer.step == tcfg.steps:
-                row = {"step": trainer.step, **evalset(trainer.student),
-                       "loss": float(np.mean(losses[-cfg.train.eval_every:]))}
+                row = {
+                    "step": trainer.step,
+                    **evalset(trainer.student),
+                    "loss": float(np.mean(losses[-cfg.train.eval_every :])),
+                }
                 curve.append(row)
-                print(f"[{v.name}-s{seed}] step {row['step']}/{tcfg.steps} zero-shot top1 {row['top1']:.3f} "
-                      f"(colour {row['colour']:.3f} shape {row['shape']:.3f}) i2t R@1 {row['i2t_R@1']:.3f} "
-                      f"loss {row['loss']:.3f}", file=sys.stderr, flush=True)
+                print(
+                    f"[{v.name}-s{seed}] step {row['step']}/{tcfg.steps} zero-shot top1 {row['top1']:.3f} "
+                    f"(colour {row['colour']:.3f} shape {row['shape']:.3f}) i2t R@1 {row['i2t_R@1']:.3f} "
+                    f"loss {row['loss']:.3f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         ckpt = trainer.save(StreamState())
     finally:
         teardown(env)
-    return {"variant": v.name, "seed": seed, "curve": curve, "checkpoint": ckpt,
-            "seconds": round(time.time() - t0, 1), "train_seconds": round(t_train, 1)}
+    return {
+        "variant": v.name,
+        "seed": seed,
+        "curve": curve,
+        "checkpoint": ckpt,
+        "seconds": round(time.time() - t0, 1),
+        "train_seconds": round(t_train, 1),
+    }
 
 
 # --------------------------------------------------------------------------- analysis
+
 
 def steps_to_reach(curve: list[dict], target: float, metric: str = "top1") -> float | None:
     """First step at which ``curve`` reaches ``target`` (linear interpolation between evaluations)."""
@@ -454,15 +540,20 @@ def smoothed(curve: list[dict], window: int) -> list[dict]:
     *reaches* the plain one's when its own trailing mean does (the lag makes this conservative)."""
     out = []
     for i, row in enumerate(curve):
-        win = curve[max(0, i - window + 1):i + 1]
+        win = curve[max(0, i - window + 1) : i + 1]
         out.append({k: (v if k == "step" else float(np.mean([r[k] for r in win if k in r]))) for k, v in row.items()})
     return out
 
 
 def _stats(xs: list[float]) -> dict:
     a = np.asarray(xs, dtype=float)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max()), "n": len(a)}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": len(a),
+    }
 
 
 def analyse(cfg: ReproduceConfig, runs: list[dict]) -> dict:
@@ -486,20 +577,32 @@ def analyse(cfg: ReproduceConfig, runs: list[dict]) -> dict:
             else:
                 ratios.append(reach / steps)
         rows[v.name] = {
-            "label": v.label, "seeds": seeds, "lam": v.lam, "gt_weight": v.gt_weight, "syn_weight": v.syn_weight,
+            "label": v.label,
+            "seeds": seeds,
+            "lam": v.lam,
+            "gt_weight": v.gt_weight,
+            "syn_weight": v.syn_weight,
             "online_aug": v.online_aug,
-            "final_top1": _stats([f["top1"] for f in final]), "final_colour": _stats([f["colour"] for f in final]),
+            "final_top1": _stats([f["top1"] for f in final]),
+            "final_colour": _stats([f["colour"] for f in final]),
             "final_shape": _stats([f["shape"] for f in final]),
-            "final_i2t_R@1": _stats([f["i2t_R@1"] for f in final]), "final_t2i_R@1": _stats([f["t2i_R@1"] for f in final]),
-            "ratio": _stats(ratios) if ratios else None, "ratio_per_seed": ratios, "not_reached": unreached,
+            "final_i2t_R@1": _stats([f["i2t_R@1"] for f in final]),
+            "final_t2i_R@1": _stats([f["t2i_R@1"] for f in final]),
+            "ratio": _stats(ratios) if ratios else None,
+            "ratio_per_seed": ratios,
+            "not_reached": unreached,
         }
     tgt = rows.get(cfg.target, {})
     ratio = tgt.get("ratio")
-    headline = {"metric": "zero-shot colour x shape top-1 (60 classes)",
-                "ratio_mean": ratio["mean"] if ratio else None, "ratio_std": ratio["std"] if ratio else None,
-                "ratio_per_seed": tgt.get("ratio_per_seed"), "not_reached": tgt.get("not_reached"),
-                "efficiency": (1 / ratio["mean"]) if ratio and ratio["mean"] > 0 else None,
-                "target_met": bool(ratio and not tgt.get("not_reached") and ratio["mean"] <= 1 / 3)}
+    headline = {
+        "metric": "zero-shot colour x shape top-1 (60 classes)",
+        "ratio_mean": ratio["mean"] if ratio else None,
+        "ratio_std": ratio["std"] if ratio else None,
+        "ratio_per_seed": tgt.get("ratio_per_seed"),
+        "not_reached": tgt.get("not_reached"),
+        "efficiency": (1 / ratio["mean"]) if ratio and ratio["mean"] > 0 else None,
+        "target_met": bool(ratio and not tgt.get("not_reached") and ratio["mean"] <= 1 / 3),
+    }
     return {"variants": rows, "headline": headline}
 
 
@@ -511,8 +614,10 @@ def plot(cfg: ReproduceConfig, runs: list[dict], path: Path) -> None:
 
     colours = {"plain": "tab:gray", "kd": "tab:blue", "syn": "tab:green", "full": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for ax, metric, title in ((axes[0], "top1", "zero-shot colour x shape top-1 (60 classes)"),
-                              (axes[1], "i2t_R@1", "image->text retrieval R@1 (held-out clean captions)")):
+    for ax, metric, title in (
+        (axes[0], "top1", "zero-shot colour x shape top-1 (60 classes)"),
+        (axes[1], "i2t_R@1", "image->text retrieval R@1 (held-out clean captions)"),
+    ):
         for v in cfg.variants:
             rs = [r for r in runs if r["variant"] == v.name]
             if not rs:
@@ -527,8 +632,13 @@ def plot(cfg: ReproduceConfig, runs: list[dict], path: Path) -> None:
         if metric == "top1":
             base = [smoothed(r["curve"], cfg.smooth_evals)[-1]["top1"] for r in runs if r["variant"] == cfg.baseline]
             if base:
-                ax.axhline(float(np.mean(base)), color="tab:gray", linestyle="--", linewidth=1,
-                           label=f"plain final (trailing mean of {cfg.smooth_evals} evals)")
+                ax.axhline(
+                    float(np.mean(base)),
+                    color="tab:gray",
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"plain final (trailing mean of {cfg.smooth_evals} evals)",
+                )
         ax.set_xlabel("training step")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -553,11 +663,19 @@ def format_markdown(res: dict) -> str:
         f"Steps-to-accuracy ratio (reinforced steps to reach the plain student's final zero-shot top-1, "
         f"as a fraction of {cfg['train']['steps']} steps; accuracies are trailing means over "
         f"{cfg['smooth_evals']} evaluations): "
-        + (f"**{h['ratio_mean']:.3f} ± {h['ratio_std']:.3f}** (mean ± std over seeds; per seed "
-           + ", ".join(f"{r:.3f}" for r in h["ratio_per_seed"]) + ") = **"
-           + (f"{h['efficiency']:.1f}x" if h["efficiency"] else "unbounded") + "** learning efficiency"
-           if h["ratio_mean"] is not None else "not reached" if h.get("not_reached") else "n/a (no plain and reinforced runs of one seed)")
-        + (f"; {h['not_reached']} seed(s) never reached it" if h.get("not_reached") else "") + ".",
+        + (
+            f"**{h['ratio_mean']:.3f} ± {h['ratio_std']:.3f}** (mean ± std over seeds; per seed "
+            + ", ".join(f"{r:.3f}" for r in h["ratio_per_seed"])
+            + ") = **"
+            + (f"{h['efficiency']:.1f}x" if h["efficiency"] else "unbounded")
+            + "** learning efficiency"
+            if h["ratio_mean"] is not None
+            else "not reached"
+            if h.get("not_reached")
+            else "n/a (no plain and reinforced runs of one seed)"
+        )
+        + (f"; {h['not_reached']} seed(s) never reached it" if h.get("not_reached") else "")
+        + ".",
         "",
         "| variant | λ | GT / syn caption weights | augmentation | seeds | final zero-shot top-1 | colour | shape | "
         "i2t R@1 | t2i R@1 | steps to plain's final (fraction) |",
@@ -567,18 +685,24 @@ def format_markdown(res: dict) -> str:
         ratio = _pm(r["ratio"]) if r["ratio"] else "not reached" if r["not_reached"] else "n/a (no plain run)"
         if r["not_reached"] and r["ratio"]:
             ratio += f" ({r['not_reached']} not reached)"
-        lines.append(f"| {name} | {r['lam']:g} | {r['gt_weight']:g} / {r['syn_weight']:g} | "
-                     f"{'online RRC+RandAugment' if r['online_aug'] else 'replayed (stored)'} | {len(r['seeds'])} | "
-                     f"{_pm(r['final_top1'])} | {_pm(r['final_colour'])} | {_pm(r['final_shape'])} | "
-                     f"{_pm(r['final_i2t_R@1'])} | {_pm(r['final_t2i_R@1'])} | {ratio} |")
+        lines.append(
+            f"| {name} | {r['lam']:g} | {r['gt_weight']:g} / {r['syn_weight']:g} | "
+            f"{'online RRC+RandAugment' if r['online_aug'] else 'replayed (stored)'} | {len(r['seeds'])} | "
+            f"{_pm(r['final_top1'])} | {_pm(r['final_colour'])} | {_pm(r['final_shape'])} | "
+            f"{_pm(r['final_i2t_R@1'])} | {_pm(r['final_t2i_R@1'])} | {ratio} |"
+        )
     t = res["timings"]
-    lines += ["", f"Timings: corpora {t['corpora_s']:.0f}s, reinforcement {t['reinforce_s']:.0f}s, view rendering "
-                  f"{t['views_s']:.0f}s, {t['n_runs']} training runs {t['train_s']:.0f}s, total {t['total_s']:.0f}s "
-                  f"({t['cpus']} CPUs)."]
+    lines += [
+        "",
+        f"Timings: corpora {t['corpora_s']:.0f}s, reinforcement {t['reinforce_s']:.0f}s, view rendering "
+        f"{t['views_s']:.0f}s, {t['n_runs']} training runs {t['train_s']:.0f}s, total {t['total_s']:.0f}s "
+        f"({t['cpus']} CPUs).",
+    ]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- driver
+
 
 def reproduce(cfg: ReproduceConfig, only: list[str] | None = None) -> dict:
     from dr_pipeline.train.config import DataConfig
@@ -613,8 +737,14 @@ def reproduce(cfg: ReproduceConfig, only: list[str] | None = None) -> dict:
     timings["train_s"] = round(time.time() - t0, 1)
     timings["n_runs"] = len(runs)
     timings["total_s"] = round(time.time() - t_all, 1)
-    res = {"config": to_dict(cfg), "timings": timings, "reinforce": rep, "runs": runs,
-           "analysis": analyse(cfg, runs), "torch": torch.__version__}
+    res = {
+        "config": to_dict(cfg),
+        "timings": timings,
+        "reinforce": rep,
+        "runs": runs,
+        "analysis": analyse(cfg, runs),
+        "torch": torch.__version__,
+    }
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot(cfg, runs, out / "accuracy_vs_steps.png")

@@ -6,6 +6,7 @@ the end) and the markers committed since (one listing, bodies read concurrently)
 a handful of storage calls on a job of any size and never touches a running driver or Ray.
 Throughput and ETA come from the markers' commit timestamps over the recent window.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,7 +17,7 @@ from dr_pipeline.config import ConfigError
 from dr_pipeline.shards.dataset import FailedShard, Manifest, ReinforcedDataset, stage_shares
 from dr_pipeline.storage.retry import redact_url
 
-WINDOW_S = 900.0        # throughput over the commits of the last 15 minutes (or all, if fewer)
+WINDOW_S = 900.0  # throughput over the commits of the last 15 minutes (or all, if fewer)
 
 
 @dataclass
@@ -32,32 +33,41 @@ class JobStatus:
     failed: list[FailedShard]
     shards_per_hour: float
     samples_per_s: float
-    eta_s: float | None                 # None: finished, or no rate yet
+    eta_s: float | None  # None: finished, or no rate yet
     last_commit_age_s: float | None
     stage_s: dict[str, float]
     stage_shares: str
     captions_resampled: dict[str, int]
-    markers_after_checkpoint: int       # committed since the manifest was last written
+    markers_after_checkpoint: int  # committed since the manifest was last written
     teachers: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def render(self) -> str:
-        state = "finished, complete" if self.complete else (
-            "finished with failures" if self.failed and self.last_commit_age_s and self.last_commit_age_s > WINDOW_S
-            else "running or stopped")
+        state = (
+            "finished, complete"
+            if self.complete
+            else (
+                "finished with failures"
+                if self.failed and self.last_commit_age_s and self.last_commit_age_s > WINDOW_S
+                else "running or stopped"
+            )
+        )
         lines = [
             f"dataset    : {self.dataset} (config {self.config_hash}; teachers {', '.join(self.teachers)})",
             f"state      : {state}",
             f"shards     : {self.shards_committed}/{self.shards_total} committed"
             f" ({100 * self.shards_committed / max(self.shards_total, 1):.1f}%)",
             f"samples    : {self.samples_written} written, {self.samples_rejected} rejected"
-            + (" (" + ", ".join(f"{r} {n}" for r, n in self.rejected_by_reason.items()) + ")"
-               if self.rejected_by_reason else ""),
+            + (
+                " (" + ", ".join(f"{r} {n}" for r, n in self.rejected_by_reason.items()) + ")"
+                if self.rejected_by_reason
+                else ""
+            ),
             f"throughput : {self.shards_per_hour:.1f} shards/h, {self.samples_per_s:.1f} samples/s"
             + (f", last commit {self.last_commit_age_s:.0f}s ago" if self.last_commit_age_s is not None else ""),
-            f"ETA        : " + ("-" if self.eta_s is None else _duration(self.eta_s)),
+            "ETA        : " + ("-" if self.eta_s is None else _duration(self.eta_s)),
             f"stages     : {self.stage_shares or '-'}",
         ]
         if any(self.captions_resampled.values()):
@@ -101,13 +111,22 @@ def job_status(root: str, storage_options: dict | None = None, now: float | None
     totals = m.totals()
     reasons = Counter(totals["rejected_by_reason"])
     return JobStatus(
-        dataset=redact_url(root), config_hash=config_hash, complete=bool(n_total) and left == 0,
-        shards_committed=len(m.shards), shards_total=n_total,
-        samples_written=totals["n_written"], samples_rejected=totals["n_rejected"],
-        rejected_by_reason=dict(reasons.most_common()), failed=m.failed,
-        shards_per_hour=rate * 3600, samples_per_s=samples_rate,
+        dataset=redact_url(root),
+        config_hash=config_hash,
+        complete=bool(n_total) and left == 0,
+        shards_committed=len(m.shards),
+        shards_total=n_total,
+        samples_written=totals["n_written"],
+        samples_rejected=totals["n_rejected"],
+        rejected_by_reason=dict(reasons.most_common()),
+        failed=m.failed,
+        shards_per_hour=rate * 3600,
+        samples_per_s=samples_rate,
         eta_s=(left / rate if rate > 0 and left else None),
         last_commit_age_s=(now - finished[-1]) if finished else None,
-        stage_s={k: round(v, 3) for k, v in sorted(m.stage_s.items())}, stage_shares=stage_shares(m.stage_s),
-        captions_resampled=dict(m.captions_resampled), markers_after_checkpoint=state.markers_read,
-        teachers=m.teachers)
+        stage_s={k: round(v, 3) for k, v in sorted(m.stage_s.items())},
+        stage_shares=stage_shares(m.stage_s),
+        captions_resampled=dict(m.captions_resampled),
+        markers_after_checkpoint=state.markers_read,
+        teachers=m.teachers,
+    )

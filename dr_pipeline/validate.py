@@ -15,6 +15,7 @@ committed output are errors (with the job's error, from the manifest, when it fa
 keys that occur in several shards are a warning (rows join base shards by shard name and
 key, so this is legal, but usually a sign of an un-deduplicated corpus).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,14 +30,13 @@ import torch
 
 from dr_pipeline import augment
 from dr_pipeline.config import AugSpec, ConfigError, from_dict, safe_yaml, strip_redacted
-from dr_pipeline.corpus.readers import (Rejected, Sample, expand_urls, iter_shard, shard_index_count,
-                                        shard_name)
+from dr_pipeline.corpus.readers import Rejected, Sample, expand_urls, iter_shard, shard_index_count, shard_name
 from dr_pipeline.images import decode_image
 from dr_pipeline.shards.dataset import ReinforcedDataset
 from dr_pipeline.shards.parquet_io import decode_table
 from dr_pipeline.shards.schema import SCHEMA_VERSION, layout_from_metadata, read_metadata
 
-NORM_TOL = 2e-2      # bf16 has an 8-bit mantissa: |x| of a unit vector is off by ~1e-3 per element
+NORM_TOL = 2e-2  # bf16 has an 8-bit mantissa: |x| of a unit vector is off by ~1e-3 per element
 MARKER_FIELDS = ("n_read", "n_written", "n_rejected", "rejected_by_reason", "rejected_keys", "bytes", "sha256")
 
 
@@ -44,10 +44,10 @@ MARKER_FIELDS = ("n_read", "n_written", "n_rejected", "rejected_by_reason", "rej
 class ValidationReport:
     shards: int = 0
     samples: int = 0
-    problems: list[tuple[str, str]] = field(default_factory=list)     # (shard, message)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (shard, message)
     warnings: list[tuple[str, str]] = field(default_factory=list)
-    rejected: Counter = field(default_factory=Counter)                 # reason -> count, all markers
-    deep_rows: int = 0                                                 # rows --deep compared and recomputed
+    rejected: Counter = field(default_factory=Counter)  # reason -> count, all markers
+    deep_rows: int = 0  # rows --deep compared and recomputed
 
     @property
     def ok(self) -> bool:
@@ -57,11 +57,15 @@ class ValidationReport:
         self.problems.append((shard, msg))
 
     def render(self) -> str:
-        lines = [f"{self.shards} committed shard(s), {self.samples} samples checked"
-                 + (f", {self.deep_rows} row(s) checked deep" if self.deep_rows else "")]
+        lines = [
+            f"{self.shards} committed shard(s), {self.samples} samples checked"
+            + (f", {self.deep_rows} row(s) checked deep" if self.deep_rows else "")
+        ]
         if self.rejected:
-            lines.append(f"{sum(self.rejected.values())} rejected: "
-                         + ", ".join(f"{r} {n}" for r, n in self.rejected.most_common()))
+            lines.append(
+                f"{sum(self.rejected.values())} rejected: "
+                + ", ".join(f"{r} {n}" for r, n in self.rejected.most_common())
+            )
         lines += [f"WARNING {s}: {m}" for s, m in self.warnings]
         lines += [f"ERROR   {s}: {m}" for s, m in self.problems]
         lines.append("OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
@@ -112,14 +116,19 @@ def check_rows(name: str, table: pa.Table, marker: dict, rep: ValidationReport) 
             norms = e.norm(dim=-1)
             bad = int(((norms - 1).abs() > NORM_TOL).sum())
             if bad:
-                rep.add(name, f"teacher {t.id} {kind}: {bad} embedding(s) not unit-norm (min {norms.min():.3f}, max {norms.max():.3f})")
+                rep.add(
+                    name,
+                    f"teacher {t.id} {kind}: {bad} embedding(s) not unit-norm (min {norms.min():.3f}, max {norms.max():.3f})",
+                )
 
 
 def _damage_line(d: dict) -> str:
     end = "end of file" if d.get("end") is None else f"byte {d.get('end')}"
     lost = d.get("samples_lost")
-    return (f"damaged tar: bytes {d.get('offset')}..{end} skipped ({d.get('members_skipped')} member(s), "
-            f"samples lost: {'unknown' if lost is None else lost}): {d.get('detail', '')}")
+    return (
+        f"damaged tar: bytes {d.get('offset')}..{end} skipped ({d.get('members_skipped')} member(s), "
+        f"samples lost: {'unknown' if lost is None else lost}): {d.get('detail', '')}"
+    )
 
 
 def report_damage(name: str, damaged: list, rep: ValidationReport) -> None:
@@ -133,8 +142,9 @@ def report_damage(name: str, damaged: list, rep: ValidationReport) -> None:
             rep.add(name, _damage_line(d) + " (repair or re-download the base shard, then re-run the job for it)")
 
 
-def check_base(name: str, url: str, written: list[str], marker: dict, storage_options: dict,
-               rep: ValidationReport) -> None:
+def check_base(
+    name: str, url: str, written: list[str], marker: dict, storage_options: dict, rep: ValidationReport
+) -> None:
     """Every key of the base shard is written or rejected, and nothing else appears; damaged
     framing the marker does not record is reported; the corpus's own index, if any, agrees."""
     base: Counter = Counter()
@@ -142,18 +152,25 @@ def check_base(name: str, url: str, written: list[str], marker: dict, storage_op
     for item in iter_shard(url, storage_options, on_damage=lambda d: damaged.append(d.to_dict())):
         base[item.key] += 1
     if sum(base.values()) != marker["n_read"]:
-        rep.add(name, f"the base shard has {sum(base.values())} record(s) but the marker says n_read={marker['n_read']}")
+        rep.add(
+            name, f"the base shard has {sum(base.values())} record(s) but the marker says n_read={marker['n_read']}"
+        )
     recorded = {(d.get("offset"), d.get("end")) for d in marker.get("damaged") or [] if isinstance(d, dict)}
     report_damage(name, [d for d in damaged if (d["offset"], d["end"]) not in recorded], rep)
     index = shard_index_count(url, storage_options)
     if index is not None and index[0] != sum(base.values()):
-        rep.add(name, f"the corpus index {index[1]} says {index[0]} sample(s) but the base shard yields "
-                      f"{sum(base.values())} record(s) ({abs(index[0] - sum(base.values()))} unaccounted for)")
+        rep.add(
+            name,
+            f"the corpus index {index[1]} says {index[0]} sample(s) but the base shard yields "
+            f"{sum(base.values())} record(s) ({abs(index[0] - sum(base.values()))} unaccounted for)",
+        )
     got = Counter(written) + Counter(k for k, _, _ in marker["rejected_keys"])
     missing = base - got
     extra = got - base
     if missing:
-        rep.add(name, f"{sum(missing.values())} base sample(s) neither written nor rejected, e.g. {next(iter(missing))!r}")
+        rep.add(
+            name, f"{sum(missing.values())} base sample(s) neither written nor rejected, e.g. {next(iter(missing))!r}"
+        )
     if extra:
         rep.add(name, f"{sum(extra.values())} output/rejected key(s) not in the base shard, e.g. {next(iter(extra))!r}")
 
@@ -161,7 +178,7 @@ def check_base(name: str, url: str, written: list[str], marker: dict, storage_op
 def _picked(key: str, fraction: float) -> bool:
     """A stable pseudo-random choice of rows (the same on every run)."""
     h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-    return h < fraction * 2.0 ** 64
+    return h < fraction * 2.0**64
 
 
 class DeepCheck:
@@ -173,8 +190,8 @@ class DeepCheck:
     ``ensemble.yaml`` re-embeds the views, the GT caption and the synthetic captions, which must
     equal the stored bf16 values within bf16 rounding (``EMB_RTOL`` x |value| + ``EMB_ATOL``)."""
 
-    EMB_RTOL = 2.0 ** -7     # 2 bf16 ulps
-    EMB_ATOL = 2e-3          # float noise of a different batch / thread count
+    EMB_RTOL = 2.0**-7  # 2 bf16 ulps
+    EMB_ATOL = 2e-3  # float noise of a different batch / thread count
 
     def __init__(self, ds: ReinforcedDataset, fraction: float, device: str = "cpu"):
         self.ds, self.fraction, self.device = ds, fraction, device
@@ -194,7 +211,8 @@ class DeepCheck:
     def _close(self, stored: torch.Tensor, fresh: torch.Tensor) -> bool:
         stored, fresh = stored.float().cpu(), fresh.float().cpu()
         return stored.shape == fresh.shape and bool(
-            ((stored - fresh).abs() <= self.EMB_RTOL * fresh.abs() + self.EMB_ATOL).all())
+            ((stored - fresh).abs() <= self.EMB_RTOL * fresh.abs() + self.EMB_ATOL).all()
+        )
 
     def check(self, name: str, url: str, table: pa.Table, storage_options: dict, rep: ValidationReport) -> None:
         rows, meta = decode_table(table)
@@ -218,7 +236,9 @@ class DeepCheck:
                 continue
             img = decode_image(s.image)
             if img.size != (rows.widths[i], rows.heights[i]):
-                bad.append(f"{key!r}: width/height {rows.widths[i]}x{rows.heights[i]} != the base image's {img.size[0]}x{img.size[1]}")
+                bad.append(
+                    f"{key!r}: width/height {rows.widths[i]}x{rows.heights[i]} != the base image's {img.size[0]}x{img.size[1]}"
+                )
             if (s.caption or "") != rows.captions[i]:
                 bad.append(f"{key!r}: caption differs from the base sample's")
             params = augment.unpack(rows.aug_params[i])
@@ -226,14 +246,18 @@ class DeepCheck:
                 for t in layout.teachers:
                     teacher = self.teacher(t.id)
                     views = torch.stack([augment.replay(img, p, teacher.image_size, spec) for p in params])
-                    if not self._close(rows.image_emb[t.id][i].reshape(len(params), t.dim), teacher.encode_images(views)):
+                    if not self._close(
+                        rows.image_emb[t.id][i].reshape(len(params), t.dim), teacher.encode_images(views)
+                    ):
                         bad.append(f"{key!r}: teacher {t.id} image embeddings differ from a recomputation")
-                    if not self._close(rows.text_emb[t.id][i:i + 1], teacher.encode_texts([rows.captions[i]])):
+                    if not self._close(rows.text_emb[t.id][i : i + 1], teacher.encode_texts([rows.captions[i]])):
                         bad.append(f"{key!r}: teacher {t.id} caption embedding differs from a recomputation")
                     for cap in layout.captioners:
                         texts = rows.syn[cap][i]
                         if texts and not self._close(rows.syn_emb[t.id][cap][i], teacher.encode_texts(list(texts))):
-                            bad.append(f"{key!r}: teacher {t.id} embeddings of {cap} captions differ from a recomputation")
+                            bad.append(
+                                f"{key!r}: teacher {t.id} embeddings of {cap} captions differ from a recomputation"
+                            )
         rep.deep_rows += len(want)
         if bad:
             rep.add(name, f"--deep: {len(bad)} problem(s) in {len(want)} checked row(s), e.g. {bad[0]}")
@@ -279,16 +303,21 @@ def _markers(ds: ReinforcedDataset, rep: ValidationReport) -> dict[str, dict]:
             if not isinstance(marker, dict):
                 raise ValueError(f"expected a JSON object, got {type(marker).__name__}")
         except (ValueError, UnicodeDecodeError) as e:
-            rep.add(name, f"marker _markers/{base} unreadable ({type(e).__name__}: {str(e)[:120]}); "
-                          "delete it and re-run the job for this shard")
+            rep.add(
+                name,
+                f"marker _markers/{base} unreadable ({type(e).__name__}: {str(e)[:120]}); "
+                "delete it and re-run the job for this shard",
+            )
             continue
         out[name] = marker
     return out
 
 
 def _key_hashes(keys: list) -> np.ndarray:
-    return np.array([int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little")
-                     for k in keys], dtype=np.uint64)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little") for k in keys],
+        dtype=np.uint64,
+    )
 
 
 def check_cross_shard_duplicates(ds: ReinforcedDataset, hashes: dict[str, np.ndarray], rep: ValidationReport) -> None:
@@ -312,13 +341,19 @@ def check_cross_shard_duplicates(ds: ReinforcedDataset, hashes: dict[str, np.nda
         example = next(k for k, h in zip(keys, _key_hashes(keys).tolist()) if h in dup)
     except Exception:  # noqa: BLE001 - the example is a courtesy
         pass
-    rep.warnings.append((",".join(shards), f"{len(dup)} key(s) occur in more than one shard, e.g. {example!r} "
-                         "(legal: rows join base shards by shard name + key; deduplicate the base corpus "
-                         "if these are the same samples)"))
+    rep.warnings.append(
+        (
+            ",".join(shards),
+            f"{len(dup)} key(s) occur in more than one shard, e.g. {example!r} "
+            "(legal: rows join base shards by shard name + key; deduplicate the base corpus "
+            "if these are the same samples)",
+        )
+    )
 
 
-def validate_dataset(root: str, storage_options: dict | None = None, check_base_keys: bool = True,
-                     deep: float | None = None) -> ValidationReport:
+def validate_dataset(
+    root: str, storage_options: dict | None = None, check_base_keys: bool = True, deep: float | None = None
+) -> ValidationReport:
     """``deep``: the fraction of rows (0..1] that ``DeepCheck`` checks against the base corpus and
     the teachers; None: no deep check."""
     ds = ReinforcedDataset(root, storage_options)
@@ -345,8 +380,11 @@ def validate_dataset(root: str, storage_options: dict | None = None, check_base_
     except ValueError:
         dataset_hash = None
     if dataset_hash is None:
-        rep.add("-", "dataset.json missing or unreadable: the config hash of the shards cannot be checked "
-                     "(re-run the job to rewrite it)")
+        rep.add(
+            "-",
+            "dataset.json missing or unreadable: the config hash of the shards cannot be checked "
+            "(re-run the job to rewrite it)",
+        )
     elif manifest is not None and manifest.get("config_hash") != dataset_hash:
         rep.add("-", f"manifest.json config_hash {manifest.get('config_hash')} != dataset.json's {dataset_hash}")
     if deep is not None and not check_base_keys:
@@ -371,8 +409,11 @@ def validate_dataset(root: str, storage_options: dict | None = None, check_base_
         if not check_marker(name, marker, rep):
             continue
         if dataset_hash is not None and marker.get("config_hash") != dataset_hash:
-            rep.add(name, f"marker config_hash {marker.get('config_hash')} != dataset.json's {dataset_hash} "
-                          "(a shard of another config: delete its marker and re-run the job)")
+            rep.add(
+                name,
+                f"marker config_hash {marker.get('config_hash')} != dataset.json's {dataset_hash} "
+                "(a shard of another config: delete its marker and re-run the job)",
+            )
         report_damage(name, marker.get("damaged"), rep)
         rel = marker.get("data_file", f"shards/{name}.parquet")
         try:
@@ -383,7 +424,7 @@ def validate_dataset(root: str, storage_options: dict | None = None, check_base_
         if len(data) != marker["bytes"] or hashlib.sha256(data).hexdigest() != marker["sha256"]:
             rep.add(name, f"checksum mismatch: {rel} differs from its marker (corrupted or replaced)")
         try:
-            table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)   # every page
+            table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)  # every page
             file_meta = read_metadata(table.schema)
         except Exception as e:
             rep.add(name, f"unreadable Parquet: {type(e).__name__}: {e}")
@@ -415,8 +456,9 @@ def validate_dataset(root: str, storage_options: dict | None = None, check_base_
         rep.warnings.append(("-", "no manifest.json (job not finished?)"))
     else:
         for name, m in manifest.get("shards", {}).items():
-            if name in markers and (m.get("sha256") != markers[name].get("sha256")
-                                    or m.get("n_written") != markers[name].get("n_written")):
+            if name in markers and (
+                m.get("sha256") != markers[name].get("sha256") or m.get("n_written") != markers[name].get("n_written")
+            ):
                 rep.add(name, "manifest entry (checksum / n_written) differs from the marker")
             elif name in markers and "config_hash" in m and m.get("config_hash") != markers[name].get("config_hash"):
                 rep.add(name, "manifest entry config_hash differs from the marker")

@@ -15,13 +15,14 @@ actors are placed on the GPU workers. Resubmitting the same command resumes: com
 shards are skipped. Exit codes as ``dr reinforce``: 0 all shards committed, 1 some failed
 (listed; resubmit to retry them), 2 a config error (nothing was written).
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:          # `python jobs/reinforce.py` puts jobs/ on sys.path, not the repo
+if str(ROOT) not in sys.path:  # `python jobs/reinforce.py` puts jobs/ on sys.path, not the repo
     sys.path.insert(0, str(ROOT))
 
 from dr_pipeline.cli import build_parser, main
@@ -36,7 +37,7 @@ def entry(argv: list[str]) -> int:
         try:
             configured = load_job(a.config).execution.address
         except ConfigError:
-            configured = None            # main() reports the error
+            configured = None  # main() reports the error
         if configured is None:
             argv = [*argv, "--address", "auto"]
     return main(["reinforce", *argv])

@@ -9,6 +9,7 @@ Checkpoints, metrics and the curve go to the config's ``out_dir``, which every w
 reach (an object store URL or a shared file system); a restarted job continues from it with
 ``--resume latest``, exactly where the last checkpoint left off.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = load_train_config(loop_config["config"])
     device = ray.train.torch.get_device()
     result = train(cfg, resume=loop_config.get("resume"), device=device)
-    ray.train.report({"step": result.step, "samples": result.samples,
-                      "last_loss": result.losses[-1] if result.losses else float("nan"),
-                      "skipped": int(sum(result.skipped.values()))})
+    ray.train.report(
+        {
+            "step": result.step,
+            "samples": result.samples,
+            "last_loss": result.losses[-1] if result.losses else float("nan"),
+            "skipped": int(sum(result.skipped.values())),
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
     p.add_argument("--workers", type=int, default=1, help="training processes (one per GPU with --gpu)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPUs per worker, for its data-loader processes (default: data.num_workers + 1)")
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="CPUs per worker, for its data-loader processes (default: data.num_workers + 1)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: connect or start local)")
     p.add_argument("--storage", default=None, help="Ray Train run storage (default: Ray's)")
     a = p.parse_args(argv)
@@ -52,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from dr_pipeline.train.config import load_train_config
 
     try:
-        cfg = load_train_config(a.config)   # fail fast, before any worker starts
+        cfg = load_train_config(a.config)  # fail fast, before any worker starts
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
 """Shared fixtures: one local Ray for the session, a moto S3 server on 127.0.0.1."""
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,11 @@ def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         os.environ[k] = v
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
@@ -57,8 +61,7 @@ def ray_local():
     """One local Ray instance for the whole test session (2 CPUs, like CI)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             ignore_reinit_error=True)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", ignore_reinit_error=True)
     try:
         yield ray
     finally:
@@ -86,10 +89,23 @@ def write_job(path, **overrides) -> str:
     """Write a job YAML (dict overrides merged one level deep) and return its path."""
     import yaml
 
-    job = {"input": {"urls": ""}, "output": {"path": ""}, "teachers": "", "seed": 0,
-           "aug": {"n_aug": 2, "size": 64}, "captions": {"k": 2},
-           "execution": {"min_actors": 1, "max_actors": 2, "cpus_per_actor": 1, "batch_size": 5,
-                         "max_attempts": 2, "device": "cpu", "decode_threads": 1}}
+    job = {
+        "input": {"urls": ""},
+        "output": {"path": ""},
+        "teachers": "",
+        "seed": 0,
+        "aug": {"n_aug": 2, "size": 64},
+        "captions": {"k": 2},
+        "execution": {
+            "min_actors": 1,
+            "max_actors": 2,
+            "cpus_per_actor": 1,
+            "batch_size": 5,
+            "max_attempts": 2,
+            "device": "cpu",
+            "decode_threads": 1,
+        },
+    }
     for k, v in overrides.items():
         job[k] = {**job[k], **v} if isinstance(v, dict) and isinstance(job.get(k), dict) else v
     with open(path, "w") as f:

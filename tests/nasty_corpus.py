@@ -29,6 +29,7 @@ file ``NastyCorpus.sentinel``; tests assert it never exists. This module lives i
 not in the package: it builds hostile *input* (pickle payloads included), and nothing the
 package writes or reads is ever pickled.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -55,15 +56,15 @@ LONG_CAPTION_BYTES = 50_000
 class Case:
     key: str
     what: str
-    outcome: str                     # WRITTEN or the rejection reason
+    outcome: str  # WRITTEN or the rejection reason
 
 
 @dataclass
 class NastyShard:
-    name: str                        # shard name (output shard of the same name)
+    name: str  # shard name (output shard of the same name)
     url: str
     cases: list[Case] = field(default_factory=list)
-    error: str | None = None         # the whole shard fails: a substring of its error
+    error: str | None = None  # the whole shard fails: a substring of its error
 
     @property
     def n_read(self) -> int:
@@ -87,7 +88,7 @@ class NastyShard:
 class NastyCorpus:
     root: str
     shards: list[NastyShard]
-    sentinel: str                    # created only if a pickle payload ever runs
+    sentinel: str  # created only if a pickle payload ever runs
 
     @property
     def urls(self) -> list[str]:
@@ -98,6 +99,7 @@ class NastyCorpus:
 
 
 # --------------------------------------------------------------------------- payloads
+
 
 class _OpenPayload:
     """Unpickling this calls ``open(path, "w")``: a visible side effect, no shell needed."""
@@ -143,9 +145,11 @@ def npy_payload(sentinel: str) -> bytes:
 def write_malicious_datacompdr_tar(path: str, sentinel: str) -> str:
     """A DataCompDR-layout tar whose ``pth.gz`` (sample a) and ``npz`` (sample b) carry payloads."""
     members = [
-        ("a.url.txt", b"http://x/a"), ("a.syn.json", json.dumps({"syn_text": ["a"]}).encode()),
+        ("a.url.txt", b"http://x/a"),
+        ("a.syn.json", json.dumps({"syn_text": ["a"]}).encode()),
         ("a.pth.gz", gzip.compress(torch_payload(sentinel))),
-        ("b.url.txt", b"http://x/b"), ("b.npz", npz_payload(sentinel)),
+        ("b.url.txt", b"http://x/b"),
+        ("b.npz", npz_payload(sentinel)),
     ]
     with open(path, "wb") as f:
         _write_tar(f, members)
@@ -153,6 +157,7 @@ def write_malicious_datacompdr_tar(path: str, sentinel: str) -> str:
 
 
 # --------------------------------------------------------------------------- images
+
 
 def _pixels(w: int, h: int, seed: int, channels: int = 3) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -181,17 +186,18 @@ def exif_rotated_jpeg(w: int = 48, h: int = 32, orientation: int = 6) -> bytes:
 def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
     """A real decompression bomb: a 1-bit PNG of zeros declaring width x height (~width*height/8
     bytes once decoded by PIL as mode "1", 1 byte per pixel) in a file of ~1/1000 that size."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
-    row = 1 + (width + 7) // 8                     # filter byte + packed bits
+    row = 1 + (width + 7) // 8  # filter byte + packed bits
     comp = zlib.compressobj(9)
     block = bytes(row * 256)
     out = []
     for start in range(0, height, 256):
         out.append(comp.compress(block[: row * min(256, height - start)]))
     out.append(comp.flush())
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)   # 1-bit grayscale
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(out)) + chunk(b"IEND", b"")
 
 
@@ -208,20 +214,35 @@ def image_zoo() -> list[tuple[str, str, bytes, str]]:
         ("cut-jpeg", "the first half of a valid JPEG", good[: len(good) // 2], "undecodable"),
         ("zero-byte", "0-byte image member", b"", "empty_image"),
         ("one-pixel", "1x1 PNG", _encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), "too_small"),
-        ("png-rgba", "RGBA PNG, alpha ramp (composited on white)", _encode(Image.fromarray(rgba, "RGBA"), "PNG"), WRITTEN),
+        (
+            "png-rgba",
+            "RGBA PNG, alpha ramp (composited on white)",
+            _encode(Image.fromarray(rgba, "RGBA"), "PNG"),
+            WRITTEN,
+        ),
         ("png-palette", "palette PNG with a transparent index", _encode(pal, "PNG", transparency=0), WRITTEN),
         ("png-16bit", "16-bit grayscale PNG (I;16, scaled to 8 bit)", _encode(Image.fromarray(gray16), "PNG"), WRITTEN),
         ("png-gray", "8-bit grayscale PNG", _encode(Image.fromarray(_pixels(40, 36, 4, 1), "L"), "PNG"), WRITTEN),
         ("png-la", "grayscale + alpha PNG", _encode(Image.fromarray(la, "LA"), "PNG"), WRITTEN),
-        ("jpeg-cmyk", "CMYK JPEG", _encode(Image.fromarray(_pixels(40, 36, 6), "RGB").convert("CMYK"), "JPEG"), WRITTEN),
+        (
+            "jpeg-cmyk",
+            "CMYK JPEG",
+            _encode(Image.fromarray(_pixels(40, 36, 6), "RGB").convert("CMYK"), "JPEG"),
+            WRITTEN,
+        ),
         ("bomb", "1-bit PNG declaring 30000x30000 pixels", bomb_png(), "too_large"),
         ("exif-rotated", "JPEG 48x32 with EXIF orientation 6 (kept as stored)", exif_rotated_jpeg(), WRITTEN),
-        ("postscript", "EPS bytes named .jpg (PIL's Ghostscript plugin must not run)",
-         b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 40\nnewpath 0 0 moveto showpage\n", "undecodable"),
+        (
+            "postscript",
+            "EPS bytes named .jpg (PIL's Ghostscript plugin must not run)",
+            b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 40\nnewpath 0 0 moveto showpage\n",
+            "undecodable",
+        ),
     ]
 
 
 # --------------------------------------------------------------------------- writing
+
 
 def _info(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
@@ -249,7 +270,10 @@ def _symlink(name: str, target: str) -> tarfile.TarInfo:
 def _images_shard(path: str) -> list[Case]:
     members, cases = [], []
     for key, what, data, outcome in image_zoo():
-        members += [(f"{key}.jpg" if key != "one-pixel" else f"{key}.png", data), (f"{key}.txt", f"a picture: {what}".encode())]
+        members += [
+            (f"{key}.jpg" if key != "one-pixel" else f"{key}.png", data),
+            (f"{key}.txt", f"a picture: {what}".encode()),
+        ]
         cases.append(Case(key, what, outcome))
     members += [("dup-across.jpg", jpeg(44, 40, seed=7)), ("dup-across.txt", b"the same key is in captions.tar")]
     cases.append(Case("dup-across", "key also used in captions.tar (written in both shards)", WRITTEN))
@@ -262,34 +286,99 @@ def _captions_shard(path: str, sentinel: str) -> list[Case]:
     img = jpeg(40, 40, seed=11)
     long_caption = ("a very long caption " * (LONG_CAPTION_BYTES // 20 + 1))[:LONG_CAPTION_BYTES].encode()
     cases = [
-        ("non-utf8", [("non-utf8.jpg", img), ("non-utf8.txt", b"caf\xe9 au lait \xff\xfe")],
-         "caption with invalid UTF-8 (decoded with U+FFFD)", WRITTEN),
+        (
+            "non-utf8",
+            [("non-utf8.jpg", img), ("non-utf8.txt", b"caf\xe9 au lait \xff\xfe")],
+            "caption with invalid UTF-8 (decoded with U+FFFD)",
+            WRITTEN,
+        ),
         ("no-caption", [("no-caption.jpg", img)], "image without any caption", "no_caption"),
         ("empty-caption", [("empty-caption.jpg", img), ("empty-caption.txt", b"")], "0-byte caption", "no_caption"),
-        ("blank-caption", [("blank-caption.jpg", img), ("blank-caption.txt", b" \n\t ")], "whitespace caption", "no_caption"),
-        ("long-caption", [("long-caption.jpg", img), ("long-caption.txt", long_caption)],
-         "50 KB caption (stored cut to MAX_CAPTION_CHARS)", WRITTEN),
-        ("json-caption", [("json-caption.jpg", img), ("json-caption.json", json.dumps({"caption": "from json"}).encode())],
-         "caption only inside the .json (img2dataset)", WRITTEN),
-        ("dup-inside", [("dup-inside.jpg", img), ("dup-inside.txt", b"first of two")], "first of a duplicated key", WRITTEN),
+        (
+            "blank-caption",
+            [("blank-caption.jpg", img), ("blank-caption.txt", b" \n\t ")],
+            "whitespace caption",
+            "no_caption",
+        ),
+        (
+            "long-caption",
+            [("long-caption.jpg", img), ("long-caption.txt", long_caption)],
+            "50 KB caption (stored cut to MAX_CAPTION_CHARS)",
+            WRITTEN,
+        ),
+        (
+            "json-caption",
+            [("json-caption.jpg", img), ("json-caption.json", json.dumps({"caption": "from json"}).encode())],
+            "caption only inside the .json (img2dataset)",
+            WRITTEN,
+        ),
+        (
+            "dup-inside",
+            [("dup-inside.jpg", img), ("dup-inside.txt", b"first of two")],
+            "first of a duplicated key",
+            WRITTEN,
+        ),
         ("caption-only", [("caption-only.txt", b"an orphan caption")], "caption but no image", "no_image"),
-        ("unknown-ext", [("unknown-ext.jpg", img), ("unknown-ext.txt", b"with extras"), ("unknown-ext.xyz", b"?"),
-                         ("unknown-ext.cls", b"7")], "unknown extra members (ignored)", WRITTEN),
+        (
+            "unknown-ext",
+            [
+                ("unknown-ext.jpg", img),
+                ("unknown-ext.txt", b"with extras"),
+                ("unknown-ext.xyz", b"?"),
+                ("unknown-ext.cls", b"7"),
+            ],
+            "unknown extra members (ignored)",
+            WRITTEN,
+        ),
         ("only-unknown", [("only-unknown.xyz", b"?")], "a key with only an unknown member", "no_image"),
-        ("../escape", [("../escape.jpg", img), ("../escape.txt", b"path traversal")], "member names with ../",
-         "bad_member_name"),
-        ("/tmp/dr-nasty-absolute", [("/tmp/dr-nasty-absolute.jpg", img), ("/tmp/dr-nasty-absolute.txt", b"absolute")],
-         "absolute member names", "bad_member_name"),
-        ("a/../../nested", [("a/../../nested.jpg", img), ("a/../../nested.txt", b"nested traversal")],
-         "../ inside the path", "bad_member_name"),
-        ("symlink", [_symlink("symlink.jpg", "/etc/passwd"), ("symlink.txt", b"a link")], "symlink member", "bad_member_name"),
-        ("pickled", [("pickled.jpg", img), ("pickled.txt", b"carries payloads"), ("pickled.pyd", pickle_payload(sentinel)),
-                     ("pickled.pth", torch_payload(sentinel)), ("pickled.npy", npy_payload(sentinel))],
-         "pickle payloads in .pyd/.pth/.npy members (never loaded)", WRITTEN),
-        ("dup-inside", [("dup-inside.jpg", img), ("dup-inside.txt", b"second of two")], "second of a duplicated key",
-         "duplicate_key"),
-        ("dup-across", [("dup-across.jpg", jpeg(44, 40, seed=8)), ("dup-across.txt", b"also in images.tar")],
-         "key also used in images.tar", WRITTEN),
+        (
+            "../escape",
+            [("../escape.jpg", img), ("../escape.txt", b"path traversal")],
+            "member names with ../",
+            "bad_member_name",
+        ),
+        (
+            "/tmp/dr-nasty-absolute",
+            [("/tmp/dr-nasty-absolute.jpg", img), ("/tmp/dr-nasty-absolute.txt", b"absolute")],
+            "absolute member names",
+            "bad_member_name",
+        ),
+        (
+            "a/../../nested",
+            [("a/../../nested.jpg", img), ("a/../../nested.txt", b"nested traversal")],
+            "../ inside the path",
+            "bad_member_name",
+        ),
+        (
+            "symlink",
+            [_symlink("symlink.jpg", "/etc/passwd"), ("symlink.txt", b"a link")],
+            "symlink member",
+            "bad_member_name",
+        ),
+        (
+            "pickled",
+            [
+                ("pickled.jpg", img),
+                ("pickled.txt", b"carries payloads"),
+                ("pickled.pyd", pickle_payload(sentinel)),
+                ("pickled.pth", torch_payload(sentinel)),
+                ("pickled.npy", npy_payload(sentinel)),
+            ],
+            "pickle payloads in .pyd/.pth/.npy members (never loaded)",
+            WRITTEN,
+        ),
+        (
+            "dup-inside",
+            [("dup-inside.jpg", img), ("dup-inside.txt", b"second of two")],
+            "second of a duplicated key",
+            "duplicate_key",
+        ),
+        (
+            "dup-across",
+            [("dup-across.jpg", jpeg(44, 40, seed=8)), ("dup-across.txt", b"also in images.tar")],
+            "key also used in images.tar",
+            WRITTEN,
+        ),
     ]
     with open(path, "wb") as f:
         _write_tar(f, [m for _, ms, _, _ in cases for m in ms])
@@ -299,15 +388,22 @@ def _captions_shard(path: str, sentinel: str) -> list[Case]:
 def _truncated_shard(path: str) -> list[Case]:
     keys = [f"t{i}" for i in range(4)]
     buf = io.BytesIO()
-    _write_tar(buf, [m for i, k in enumerate(keys) for m in ((f"{k}.txt", f"sample {k}".encode()),
-                                                            (f"{k}.jpg", jpeg(40, 40, seed=20 + i)))])
+    _write_tar(
+        buf,
+        [
+            m
+            for i, k in enumerate(keys)
+            for m in ((f"{k}.txt", f"sample {k}".encode()), (f"{k}.jpg", jpeg(40, 40, seed=20 + i)))
+        ],
+    )
     raw = buf.getvalue()
     with tarfile.open(fileobj=io.BytesIO(raw)) as t:
         last = t.getmember("t3.jpg")
     with open(path, "wb") as f:
-        f.write(raw[: last.offset_data + last.size // 2])          # cut mid-member
-    return [Case(k, "complete sample before the cut", WRITTEN) for k in keys[:3]] + \
-        [Case("t3", "image member cut in half", "truncated")]
+        f.write(raw[: last.offset_data + last.size // 2])  # cut mid-member
+    return [Case(k, "complete sample before the cut", WRITTEN) for k in keys[:3]] + [
+        Case("t3", "image member cut in half", "truncated")
+    ]
 
 
 def _rows_parquet(path: str) -> list[Case]:
@@ -322,12 +418,14 @@ def _rows_parquet(path: str) -> list[Case]:
         ("p-null-caption", img, None, "no_caption", "null caption"),
         ("p-tiny", _encode(Image.new("RGB", (4, 4)), "PNG"), b"tiny", "too_small", "4x4 image"),
     ]
-    table = pa.table({
-        "key": pa.array([r[0] for r in rows], pa.string()),
-        "jpg": pa.array([r[1] for r in rows], pa.binary()),
-        "caption": pa.array([r[2] for r in rows], pa.binary()),
-        "url": pa.array([f"http://example.invalid/{i}" for i in range(len(rows))], pa.string()),
-    })
+    table = pa.table(
+        {
+            "key": pa.array([r[0] for r in rows], pa.string()),
+            "jpg": pa.array([r[1] for r in rows], pa.binary()),
+            "caption": pa.array([r[2] for r in rows], pa.binary()),
+            "url": pa.array([f"http://example.invalid/{i}" for i in range(len(rows))], pa.string()),
+        }
+    )
     pq.write_table(table, path, row_group_size=3)
     return [Case(r[0] if r[0] is not None else f"<row {i}>", r[4], r[3]) for i, r in enumerate(rows)]
 
@@ -350,14 +448,31 @@ def make_nasty_corpus(out_dir: str) -> NastyCorpus:
         _write_tar(f, [])
     with open(p("zero-bytes.tar"), "wb"):
         pass
-    shards += [NastyShard("empty", p("empty.tar")), NastyShard("zero-bytes", p("zero-bytes.tar")),
-               NastyShard("rows", p("rows.parquet"), _rows_parquet(p("rows.parquet")))]
-    pq.write_table(pa.table({"key": ["w0", "w1"], "image": ["not", "bytes"], "caption": ["a", "b"]}),
-                   p("wrong-schema.parquet"))
-    shards += [NastyShard("wrong-schema", p("wrong-schema.parquet"), error="has type string, expected binary"),
-               NastyShard("does-not-exist", p("does-not-exist.tar"), error="file not found")]
+    shards += [
+        NastyShard("empty", p("empty.tar")),
+        NastyShard("zero-bytes", p("zero-bytes.tar")),
+        NastyShard("rows", p("rows.parquet"), _rows_parquet(p("rows.parquet"))),
+    ]
+    pq.write_table(
+        pa.table({"key": ["w0", "w1"], "image": ["not", "bytes"], "caption": ["a", "b"]}), p("wrong-schema.parquet")
+    )
+    shards += [
+        NastyShard("wrong-schema", p("wrong-schema.parquet"), error="has type string, expected binary"),
+        NastyShard("does-not-exist", p("does-not-exist.tar"), error="file not found"),
+    ]
     return NastyCorpus(root, shards, sentinel)
 
 
-__all__ = ["make_nasty_corpus", "NastyCorpus", "NastyShard", "Case", "WRITTEN", "bomb_png", "image_zoo",
-           "pickle_payload", "torch_payload", "npz_payload", "write_malicious_datacompdr_tar"]
+__all__ = [
+    "make_nasty_corpus",
+    "NastyCorpus",
+    "NastyShard",
+    "Case",
+    "WRITTEN",
+    "bomb_png",
+    "image_zoo",
+    "pickle_payload",
+    "torch_payload",
+    "npz_payload",
+    "write_malicious_datacompdr_tar",
+]

@@ -1,4 +1,5 @@
 """Seeded, replayable augmentation: determinism, statistics, packing, replay geometry, interop."""
+
 from __future__ import annotations
 
 import collections
@@ -19,8 +20,21 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from dr_pipeline.augment import (
-    OPS, PARAM_WIDTH, Q, SIGNED_OPS, AugParams, center_view, crop_box, from_datacompdr, magnitude,
-    pack, replay, sample_all, sample_params, to_datacompdr, unpack,
+    OPS,
+    PARAM_WIDTH,
+    SIGNED_OPS,
+    AugParams,
+    Q,
+    center_view,
+    crop_box,
+    from_datacompdr,
+    magnitude,
+    pack,
+    replay,
+    sample_all,
+    sample_params,
+    to_datacompdr,
+    unpack,
 )
 from dr_pipeline.config import AugSpec
 
@@ -32,9 +46,15 @@ W, H = 400, 300
 def scene(square: tuple[int, int] = (190, 140), side: int = 16) -> Image.Image:
     """Smooth colour field (values <= ~130) with one white square at (x, y)."""
     y, x = np.mgrid[0:H, 0:W].astype(np.float64)
-    rgb = np.stack([60 + 50 * np.sin(2 * np.pi * x / W), 60 + 50 * np.cos(2 * np.pi * y / H),
-                    80 + 40 * np.sin(2 * np.pi * (x + y) / 500)], axis=-1)
-    rgb[square[1]:square[1] + side, square[0]:square[0] + side] = 255
+    rgb = np.stack(
+        [
+            60 + 50 * np.sin(2 * np.pi * x / W),
+            60 + 50 * np.cos(2 * np.pi * y / H),
+            80 + 40 * np.sin(2 * np.pi * (x + y) / 500),
+        ],
+        axis=-1,
+    )
+    rgb[square[1] : square[1] + side, square[0] : square[0] + side] = 255
     return Image.fromarray(rgb.round().astype(np.uint8))
 
 
@@ -147,8 +167,10 @@ def _many_params() -> list[AugParams]:
     for k in range(4):
         spec = AugSpec(flip=True, randaug_ops=k, n_aug=8)
         out += sample_all(spec, k, f"pk{k}", 500 + 37 * k, 300 + 11 * k)
-    out += [AugParams((0, 0, Q, Q), True, ((13, 127, 0), (9, 0, 1), (0, 30, 0))),
-            AugParams((Q - 1, Q - 1, 1, 1), False, ())]
+    out += [
+        AugParams((0, 0, Q, Q), True, ((13, 127, 0), (9, 0, 1), (0, 30, 0))),
+        AugParams((Q - 1, Q - 1, 1, 1), False, ()),
+    ]
     return out
 
 
@@ -163,15 +185,18 @@ def test_pack_unpack_round_trip_is_exact():
     assert unpack(np.zeros((0, PARAM_WIDTH), np.uint16)) == []
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda r: r.__setitem__(5, (14 << 8) | 9),          # op index out of range
-    lambda r: r.__setitem__(5, (12 << 8) | 0x80 | 9),   # sign on an unsigned op (AutoContrast)
-    lambda r: r.__setitem__(6, 0xFFFF),                 # empty slot followed by an op
-    lambda r: r.__setitem__(4, 2),                      # unknown flag bit
-    lambda r: r.__setitem__(2, 0),                      # empty crop
-    lambda r: r.__setitem__(0, Q - 10),                 # top + height > 1
-    lambda r: r.__setitem__(1, Q),                      # left + width > 1
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda r: r.__setitem__(5, (14 << 8) | 9),  # op index out of range
+        lambda r: r.__setitem__(5, (12 << 8) | 0x80 | 9),  # sign on an unsigned op (AutoContrast)
+        lambda r: r.__setitem__(6, 0xFFFF),  # empty slot followed by an op
+        lambda r: r.__setitem__(4, 2),  # unknown flag bit
+        lambda r: r.__setitem__(2, 0),  # empty crop
+        lambda r: r.__setitem__(0, Q - 10),  # top + height > 1
+        lambda r: r.__setitem__(1, Q),  # left + width > 1
+    ],
+)
 def test_unpack_rejects_garbage(mutate):
     row = pack([AugParams((100, 200, 30000, 40000), False, ((3, 9, 1), (6, 9, 0), (11, 9, 0)))])[0].astype(np.int64)
     mutate(row)
@@ -179,10 +204,16 @@ def test_unpack_rejects_garbage(mutate):
         unpack(row)
 
 
-@pytest.mark.parametrize("arr", [
-    np.zeros(7, np.uint16), np.zeros((2, 7), np.uint16), np.zeros((1, 8), np.float32),
-    np.array([[0, 0, 100, 100, 0, -1, 0xFFFF, 0xFFFF]]), np.array([[0, 0, 100, 100, 0, 70000, 0xFFFF, 0xFFFF]]),
-])
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.zeros(7, np.uint16),
+        np.zeros((2, 7), np.uint16),
+        np.zeros((1, 8), np.float32),
+        np.array([[0, 0, 100, 100, 0, -1, 0xFFFF, 0xFFFF]]),
+        np.array([[0, 0, 100, 100, 0, 70000, 0xFFFF, 0xFFFF]]),
+    ],
+)
 def test_unpack_rejects_bad_shapes_and_types(arr):
     with pytest.raises(ValueError):
         unpack(arr)
@@ -260,8 +291,14 @@ def test_brightness_and_translate_match_torchvision():
     want = F.adjust_brightness(_base(img, bright, 224), 1 + 0.9 * 9 / 30)
     assert torch.equal(replay(img, bright, 224, SPEC), want)
     shift = AugParams(crop, False, ((3, 9, 1),))
-    want = F.affine(_base(img, shift, 256), angle=0.0, translate=[int(-150 / 331 * 256 * 9 / 30), 0], scale=1.0,
-                    shear=[0.0, 0.0], interpolation=InterpolationMode.NEAREST)
+    want = F.affine(
+        _base(img, shift, 256),
+        angle=0.0,
+        translate=[int(-150 / 331 * 256 * 9 / 30), 0],
+        scale=1.0,
+        shear=[0.0, 0.0],
+        interpolation=InterpolationMode.NEAREST,
+    )
     assert torch.equal(replay(img, shift, 256, SPEC), want)
 
 
@@ -278,13 +315,14 @@ def test_every_op_matches_torchvision_randaugment(size):
         v2_mags_fn, v2_signed = v2._AUGMENTATION_SPACE[name]
         assert signed == v2_signed == (op in SIGNED_OPS)
         v2_mags = v2_mags_fn(31, size, size)
-        for sign in ((0, 1) if signed else (0,)):
+        for sign in (0, 1) if signed else (0,):
             p = AugParams(frac_crop(0.05, 0.1, 0.9, 0.8), False, ((op, 9, sign),))
             tv_mag = float(mags[9].item()) if mags.ndim > 0 else 0.0
             assert magnitude(op, 9, sign, size, 31) == (-tv_mag if sign else tv_mag)
             v2_mag = 0.0 if v2_mags is None else float(v2_mags[9]) * (-1 if sign else 1)
-            want = v2._apply_image_or_video_transform(_base(img, p, size), name, v2_mag,
-                                                      interpolation=v2.interpolation, fill=v2._fill)
+            want = v2._apply_image_or_video_transform(
+                _base(img, p, size), name, v2_mag, interpolation=v2.interpolation, fill=v2._fill
+            )
             assert torch.equal(replay(img, p, size, SPEC), want), name
 
 
@@ -313,13 +351,12 @@ def test_datacompdr_round_trip():
 
 
 def test_datacompdr_values():
-    p = AugParams(frac_crop(0.1, 0.2, 0.5, 0.25), False,
-                  ((3, 9, 1), (10, 9, 0), (11, 9, 0)))
+    p = AugParams(frac_crop(0.1, 0.2, 0.5, 0.25), False, ((3, 9, 1), (10, 9, 0), (11, 9, 0)))
     (i, j, h, w), ops = to_datacompdr(p, 640, 480, SPEC)
     assert (i, j, h, w) == (48, 128, 240, 160)
     assert ops[0][0] == 3 and ops[0][1] == pytest.approx(-30.45, abs=0.01)
-    assert ops[1] == [10, 7] and isinstance(ops[1][1], int)           # Posterize bits
-    assert ops[2] == [11, pytest.approx(178.5)]                        # Solarize threshold
+    assert ops[1] == [10, 7] and isinstance(ops[1][1], int)  # Posterize bits
+    assert ops[2] == [11, pytest.approx(178.5)]  # Solarize threshold
     assert to_datacompdr(AugParams(p.crop, False, ((0, 9, 0), (12, 9, 0))), 640, 480, SPEC)[1] == [[0, 0.0], [12, 0.0]]
     # A released-style record with rounded magnitudes maps to the nearest bin.
     q = from_datacompdr([[10, 20, 100, 120], [[3, -30.45], [6, 0.27]]], 640, 480, SPEC)
@@ -328,7 +365,7 @@ def test_datacompdr_values():
     with pytest.raises(ValueError):
         to_datacompdr(AugParams(p.crop, True, ()), 640, 480, SPEC)
     with pytest.raises(ValueError):
-        from_datacompdr([[400, 0, 100, 100], []], 640, 480, SPEC)       # outside the source
+        from_datacompdr([[400, 0, 100, 100], []], 640, 480, SPEC)  # outside the source
     with pytest.raises(ValueError):
         from_datacompdr([[0, 0, 100, 100], [[14, 0.0]]], 640, 480, SPEC)
     with pytest.raises(ValueError):

@@ -1,4 +1,5 @@
 """The nasty corpus through `dr reinforce` on local Ray: every sample accounted for, by reason."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,14 +19,14 @@ from dr_pipeline import augment
 from dr_pipeline.cli import main as dr
 from dr_pipeline.config import load_ensemble, load_job
 from dr_pipeline.corpus import readers
-from tests.nasty_corpus import WRITTEN, exif_rotated_jpeg, image_zoo, make_nasty_corpus
 from dr_pipeline.corpus.readers import MAX_CAPTION_CHARS, Rejected, Sample, iter_shard
-from dr_pipeline.shards.dataset import ReinforcedDataset
-from dr_pipeline.storage.folder import Folder
 from dr_pipeline.images import ImageRejected, decode_image
 from dr_pipeline.models.teachers import load_teacher
+from dr_pipeline.shards.dataset import ReinforcedDataset
 from dr_pipeline.shards.parquet_io import read_shard
+from dr_pipeline.storage.folder import Folder
 from tests.conftest import write_job
+from tests.nasty_corpus import WRITTEN, exif_rotated_jpeg, image_zoo, make_nasty_corpus
 
 ESCAPES = ("escape.jpg", "escape.txt", "nested.jpg", "nested.txt")
 
@@ -41,20 +42,32 @@ def nasty_run(tmp_path_factory, tiny_ensemble, ray_local):
     corpus = make_nasty_corpus(str(base / "corpus"))
     work = base / "cwd"
     work.mkdir()
-    cfg = write_job(base / "job.yaml", input={"urls": corpus.urls}, output={"path": str(base / "out")},
-                    teachers=tiny_ensemble, aug={"n_aug": 1, "size": 64}, captions={"k": 1},
-                    execution={"max_attempts": 3, "batch_size": 16})
+    cfg = write_job(
+        base / "job.yaml",
+        input={"urls": corpus.urls},
+        output={"path": str(base / "out")},
+        teachers=tiny_ensemble,
+        aug={"n_aug": 1, "size": 64},
+        captions={"k": 1},
+        execution={"max_attempts": 3, "batch_size": 16},
+    )
     before = _tree(base)
     err = io.StringIO()
     old = os.getcwd()
-    os.chdir(work)                               # relative paths would land here (they must not)
+    os.chdir(work)  # relative paths would land here (they must not)
     try:
         with contextlib.redirect_stderr(err):
             code = dr(["reinforce", "--config", cfg])
     finally:
         os.chdir(old)
-    return {"corpus": corpus, "out": str(base / "out"), "base": base, "code": code, "stderr": err.getvalue(),
-            "before": before}
+    return {
+        "corpus": corpus,
+        "out": str(base / "out"),
+        "base": base,
+        "code": code,
+        "stderr": err.getvalue(),
+        "before": before,
+    }
 
 
 pytestmark = pytest.mark.timeout(300)
@@ -62,13 +75,16 @@ pytestmark = pytest.mark.timeout(300)
 
 # --------------------------------------------------------------------------- the job
 
+
 def test_job_completes_failed_shards_reported_not_retried(nasty_run):
     assert nasty_run["code"] == 1
     err = nasty_run["stderr"]
     assert "2 shard(s) failed" in err
     lines = err.splitlines()
-    assert any("wrong-schema" in ln and "PermanentShardError" in ln and "has type string, expected binary" in ln
-               for ln in lines), err
+    assert any(
+        "wrong-schema" in ln and "PermanentShardError" in ln and "has type string, expected binary" in ln
+        for ln in lines
+    ), err
     assert any("does-not-exist" in ln and "PermanentShardError" in ln and "file not found" in ln for ln in lines), err
     assert "done: 6/8 shards committed, 21 samples written, 23 rejected, 2 shard(s) failed" in err
     manifest = Folder(nasty_run["out"]).read_json("manifest.json")
@@ -84,20 +100,30 @@ def test_every_sample_accounted_exactly_per_shard(nasty_run):
         if shard.error is not None:
             continue
         m = markers[shard.name]
-        assert (m.n_read, m.n_written, m.n_rejected) == \
-            (shard.n_read, len(shard.written), len(shard.rejected)), shard.name
+        assert (m.n_read, m.n_written, m.n_rejected) == (shard.n_read, len(shard.written), len(shard.rejected)), (
+            shard.name
+        )
         assert m.n_read == m.n_written + m.n_rejected
         assert m.rejected_by_reason == shard.rejected_by_reason, shard.name
         assert sorted((k, r) for k, r, _ in m.rejected_keys) == sorted(shard.rejected), shard.name
         rows, _ = read_shard(ds.shard_url(shard.name))
         assert rows.keys == shard.written, shard.name
-    assert markers["images"].rejected_by_reason == {"empty_image": 1, "too_large": 1, "too_small": 1,
-                                                       "undecodable": 3}
-    assert markers["captions"].rejected_by_reason == {"bad_member_name": 4, "duplicate_key": 1,
-                                                         "no_caption": 3, "no_image": 2}
+    assert markers["images"].rejected_by_reason == {"empty_image": 1, "too_large": 1, "too_small": 1, "undecodable": 3}
+    assert markers["captions"].rejected_by_reason == {
+        "bad_member_name": 4,
+        "duplicate_key": 1,
+        "no_caption": 3,
+        "no_image": 2,
+    }
     assert markers["truncated"].rejected_by_reason == {"truncated": 1}
-    assert markers["rows"].rejected_by_reason == {"duplicate_key": 1, "no_caption": 1, "no_image": 1,
-                                                     "no_key": 1, "too_small": 1, "undecodable": 1}
+    assert markers["rows"].rejected_by_reason == {
+        "duplicate_key": 1,
+        "no_caption": 1,
+        "no_image": 1,
+        "no_key": 1,
+        "too_small": 1,
+        "undecodable": 1,
+    }
     assert markers["empty"].n_read == markers["zero-bytes"].n_read == 0
     details = {k: d for k, _, d in markers["images"].rejected_keys}
     assert "900000000 pixels" in details["bomb"] and "allowed format" in details["postscript"]
@@ -112,11 +138,11 @@ def test_handled_samples_are_written_sensibly(nasty_run, tiny_ensemble):
     i = rows["exif-rotated"]
     assert (images.widths[i], images.heights[i]) == (48, 32)
     c = {k: captions.captions[i] for i, k in enumerate(captions.keys)}
-    assert c["long-caption"] == ("a very long caption " * 100)[:MAX_CAPTION_CHARS].strip()   # 50 KB -> 2,000 chars
+    assert c["long-caption"] == ("a very long caption " * 100)[:MAX_CAPTION_CHARS].strip()  # 50 KB -> 2,000 chars
     assert c["non-utf8"] == "caf\ufffd au lait \ufffd\ufffd" and c["json-caption"] == "from json"
     assert c["dup-inside"] == "first of two"
-    assert all(len(s) == 1 for s in captions.syn["tiny-coca"])          # k=1 synthetic caption each
-    for t, e in images.image_emb.items():
+    assert all(len(s) == 1 for s in captions.syn["tiny-coca"])  # k=1 synthetic caption each
+    for _t, e in images.image_emb.items():
         assert torch.isfinite(e.float()).all()
     # the teachers saw exactly decode_image's pixels (the shared decode), replayed from stored params
     ens = load_ensemble(tiny_ensemble)
@@ -127,8 +153,9 @@ def test_handled_samples_are_written_sensibly(nasty_run, tiny_ensemble):
         i = rows[key]
         img = decode_image(zoo[key])
         assert img.size == (images.widths[i], images.heights[i])
-        views = torch.stack([augment.replay(img, p, teacher.image_size, job.aug)
-                             for p in augment.unpack(images.aug_params[i])])
+        views = torch.stack(
+            [augment.replay(img, p, teacher.image_size, job.aug) for p in augment.unpack(images.aug_params[i])]
+        )
         want = teacher.encode_images(views).bfloat16()
         diff = (want.view(torch.uint16).int() - images.image_emb[teacher.id][i].view(torch.uint16).int()).abs()
         assert int(diff.max()) <= 1, key
@@ -140,6 +167,7 @@ def test_add_teacher_decodes_nasty_images_like_reinforcement(nasty_run, tiny_ens
     import shutil
 
     import yaml
+
     copy = tmp_path / "ds"
     shutil.copytree(nasty_run["out"], copy)
     ens = yaml.safe_load(Path(tiny_ensemble).read_text())
@@ -149,7 +177,7 @@ def test_add_teacher_decodes_nasty_images_like_reinforcement(nasty_run, tiny_ens
     assert dr(["add-teacher", str(copy), "--teachers", str(variant), "--teacher", "tiny-vit-c"]) == 0
     ds = ReinforcedDataset(str(copy))
     n = 0
-    for name, m in ds.markers().items():
+    for name, _m in ds.markers().items():
         rows, _ = read_shard(ds.shard_url(name))
         a, c = rows.image_emb["tiny-vit-a"], rows.image_emb["tiny-vit-c"]
         assert a.shape == c.shape
@@ -164,7 +192,15 @@ def test_nothing_written_outside_the_output_and_no_payload_ran(nasty_run):
     new = _tree(base) - nasty_run["before"]
     assert all(p.startswith("out/") for p in new), sorted(p for p in new if not p.startswith("out/"))
     assert not (base / "cwd").exists() or not any((base / "cwd").iterdir())
-    for d in {base, base.parent, Path(corpus.root), Path(corpus.root).parent, Path.cwd(), Path.cwd().parent, Path("/tmp")}:
+    for d in {
+        base,
+        base.parent,
+        Path(corpus.root),
+        Path(corpus.root).parent,
+        Path.cwd(),
+        Path.cwd().parent,
+        Path("/tmp"),
+    }:
         assert not any((d / e).exists() for e in ESCAPES), d
     assert not Path("/tmp/dr-nasty-absolute.jpg").exists() and not Path("/tmp/dr-nasty-absolute.txt").exists()
     assert not os.path.exists(corpus.sentinel)
@@ -172,7 +208,8 @@ def test_nothing_written_outside_the_output_and_no_payload_ran(nasty_run):
     assert {p for p in out if not p.startswith("_tmp/")} == (
         {f"shards/{n}.parquet" for n in ReinforcedDataset(nasty_run["out"]).markers()}
         | {f"_markers/{n}.json" for n in ReinforcedDataset(nasty_run["out"]).markers()}
-        | {"job.yaml", "ensemble.yaml", "dataset.json", "manifest.json", "README.md"})
+        | {"job.yaml", "ensemble.yaml", "dataset.json", "manifest.json", "README.md"}
+    )
 
 
 def test_validate_and_inspect_report_reasons_failures_and_cross_shard_duplicates(nasty_run, tmp_path, capsys):
@@ -197,6 +234,7 @@ def test_validate_and_inspect_report_reasons_failures_and_cross_shard_duplicates
 
 # --------------------------------------------------------------------------- units (no Ray)
 
+
 def test_decode_image_modes():
     zoo = {k: (data, outcome) for k, _, data, outcome in image_zoo()}
     for key, (data, outcome) in zoo.items():
@@ -210,11 +248,11 @@ def test_decode_image_modes():
         else:
             assert got == outcome, key
     rgba = decode_image(zoo["png-rgba"][0])
-    assert rgba.getpixel((0, 5)) == (255, 255, 255)            # alpha 0 column: white, not black
+    assert rgba.getpixel((0, 5)) == (255, 255, 255)  # alpha 0 column: white, not black
     g16 = decode_image(zoo["png-16bit"][0])
     a = np.asarray(g16)[..., 0].astype(int)
     src = (np.arange(36 * 40, dtype=np.uint32).reshape(36, 40) * 45).astype(np.uint16)
-    assert (a == (src >> 8)).all() and a.max() > 200 and a.min() < 5   # scaled, not clipped to white
+    assert (a == (src >> 8)).all() and a.max() > 200 and a.min() < 5  # scaled, not clipped to white
     assert decode_image(zoo["png-palette"][0]).mode == "RGB"
     assert decode_image(exif_rotated_jpeg()).size == (48, 32)  # stored orientation kept
 
@@ -236,15 +274,20 @@ except ImageRejected as e:
 @pytest.mark.parametrize("size", [(30000, 30000), (9000, 9000)])  # over PIL's own limit / only over ours
 def test_bomb_is_refused_before_decoding_with_flat_memory(size):
     # A fresh process, so its peak RSS is not hidden by this one's (decoding would add >= 80 MB).
-    out = subprocess.run([sys.executable, "-c", BOMB_CHILD, *map(str, size)], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", BOMB_CHILD, *map(str, size)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout.split()
     reason, nbytes, grown_kb = out[0], int(out[1]), int(out[2])
     assert reason == "too_large" and nbytes < 200_000
     assert grown_kb < 20 * 1024, f"peak RSS grew {grown_kb // 1024} MB on a bomb"
 
 
 def test_long_caption_is_cut_and_the_tokenizer_truncates(tiny_ensemble, tmp_path):
-    long = "word " * 10_000                                          # 50 KB
+    long = "word " * 10_000  # 50 KB
     path = tmp_path / "long.tar"
     with tarfile.open(path, "w") as t:
         for name, data in (("k.jpg", b"\xff\xd8"), ("k.txt", long.encode())):
@@ -253,14 +296,14 @@ def test_long_caption_is_cut_and_the_tokenizer_truncates(tiny_ensemble, tmp_path
             t.addfile(info, io.BytesIO(data))
     (s,) = iter_shard(str(path))
     assert isinstance(s, Sample) and s.meta["_caption_truncated_from"] > 49_000
-    assert s.caption == long[:MAX_CAPTION_CHARS].strip()            # cut at 2,000 chars (then stripped)
+    assert s.caption == long[:MAX_CAPTION_CHARS].strip()  # cut at 2,000 chars (then stripped)
     ens = load_ensemble(tiny_ensemble)
     for spec in ens.teachers:
         t = load_teacher(spec, ens)
         tokens = t.tokenizer([long])
         assert tokens.shape == (1, spec.context_length)
         full, cut = t.encode_texts([long, s.caption])
-        assert torch.equal(full, cut)          # both truncated to the same context
+        assert torch.equal(full, cut)  # both truncated to the same context
 
 
 def test_oversized_member_is_rejected_unread(tmp_path, monkeypatch):
@@ -279,8 +322,16 @@ def test_oversized_member_is_rejected_unread(tmp_path, monkeypatch):
 def test_nasty_corpus_expectations_match_the_readers(tmp_path):
     """The generator's own expectations, reader side (no models): the contract the job test relies on."""
     corpus = make_nasty_corpus(str(tmp_path))
-    assert {s.name for s in corpus.shards} == {"images", "captions", "truncated", "empty", "zero-bytes", "rows",
-                                              "wrong-schema", "does-not-exist"}
+    assert {s.name for s in corpus.shards} == {
+        "images",
+        "captions",
+        "truncated",
+        "empty",
+        "zero-bytes",
+        "rows",
+        "wrong-schema",
+        "does-not-exist",
+    }
     for shard in corpus.shards:
         if shard.error:
             with pytest.raises(readers.PermanentShardError, match=shard.error):

@@ -1,4 +1,5 @@
 """The synthetic domain's splits, `dr bootstrap` and its committed teachers, the reproduce analysis."""
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 # --------------------------------------------------------------------------- splits
 
+
 def test_splits_are_deterministic_and_distinct(tmp_path):
     for split in syn.SPLITS:
         a, b = tmp_path / f"{split}-a", tmp_path / f"{split}-b"
@@ -34,8 +36,10 @@ def test_splits_are_deterministic_and_distinct(tmp_path):
     syn.make_split("clean", str(other), n_shards=2, per_shard=3, seed=6)
     assert all(_files(other)[k] != v for k, v in _files(tmp_path / "clean-a").items())
     # No image repeats across splits (each split has its own RNG stream).
-    jpgs = {split: {s.image for s in iter_shard(str(tmp_path / f"{split}-a" / "tar" / "shard-00000.tar"))}
-            for split in syn.SPLITS}
+    jpgs = {
+        split: {s.image for s in iter_shard(str(tmp_path / f"{split}-a" / "tar" / "shard-00000.tar"))}
+        for split in syn.SPLITS
+    }
     assert not (jpgs["clean"] & jpgs["web"]) and not (jpgs["clean"] & jpgs["test"])
     # Both formats hold the same samples; the json carries the true label.
     tar = list(iter_shard(str(tmp_path / "web-a" / "tar" / "shard-00001.tar")))
@@ -47,8 +51,25 @@ def test_splits_are_deterministic_and_distinct(tmp_path):
 def test_cli_make_corpus_split(tmp_path):
     from dr_pipeline.cli import main
 
-    assert main(["make-corpus", str(tmp_path / "t"), "--split", "test", "--shards", "1", "--per-shard", "2",
-                 "--per-class", "1", "--formats", "tar"]) == 0
+    assert (
+        main(
+            [
+                "make-corpus",
+                str(tmp_path / "t"),
+                "--split",
+                "test",
+                "--shards",
+                "1",
+                "--per-shard",
+                "2",
+                "--per-class",
+                "1",
+                "--formats",
+                "tar",
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "t" / syn.ZEROSHOT_DIR).iterdir())) == 60
     assert (tmp_path / "t" / "tar" / "shard-00000.tar").is_file()
     # without --split: the demo corpus, byte-identical to make_corpus
@@ -58,8 +79,11 @@ def test_cli_make_corpus_split(tmp_path):
 
 
 def _attrs(label: dict) -> syn.SceneAttrs:
-    return syn.SceneAttrs(tuple(syn.ShapeAttrs(**{k: o[k] for k in ("shape", "colour", "size", "position")})
-                                for o in label["objects"]), label["background_colour"], label["background"])
+    return syn.SceneAttrs(
+        tuple(syn.ShapeAttrs(**{k: o[k] for k in ("shape", "colour", "size", "position")}) for o in label["objects"]),
+        label["background_colour"],
+        label["background"],
+    )
 
 
 _BG = re.compile(r", on a [\w ]+ background$")
@@ -68,8 +92,20 @@ _BG = re.compile(r", on a [\w ]+ background$")
 def _measure(samples: list[dict]) -> dict[str, float]:
     """Rates recomputed from the labels: what the first object's phrase says, how many objects
     are named, how many captions are boilerplate. Independent of the noise model's code."""
-    n = {k: 0 for k in ("unrelated", "related", "colour_true", "colour_other", "shape_true", "shape_generic",
-                        "shape_other", "extra_objects", "extra_named")}
+    n = {
+        k: 0
+        for k in (
+            "unrelated",
+            "related",
+            "colour_true",
+            "colour_other",
+            "shape_true",
+            "shape_generic",
+            "shape_other",
+            "extra_objects",
+            "extra_named",
+        )
+    }
     for s in samples:
         n["unrelated"] += s["caption"] in syn.JUNK_CAPTIONS
         if s["caption"] in syn.JUNK_CAPTIONS:
@@ -90,11 +126,16 @@ def _measure(samples: list[dict]) -> dict[str, float]:
         n["extra_objects"] += len(objs) - 1
         n["extra_named"] += len(phrases) - 1
     total = len(samples)
-    return {"unrelated": n["unrelated"] / total, "colour_true": n["colour_true"] / n["related"],
-            "colour_other": n["colour_other"] / n["related"], "shape_true": n["shape_true"] / n["related"],
-            "shape_generic": n["shape_generic"] / n["related"], "shape_other": n["shape_other"] / n["related"],
-            "extra_kept": n["extra_named"] / max(1, n["extra_objects"]), "n_related": n["related"]}
-
+    return {
+        "unrelated": n["unrelated"] / total,
+        "colour_true": n["colour_true"] / n["related"],
+        "colour_other": n["colour_other"] / n["related"],
+        "shape_true": n["shape_true"] / n["related"],
+        "shape_generic": n["shape_generic"] / n["related"],
+        "shape_other": n["shape_other"] / n["related"],
+        "extra_kept": n["extra_named"] / max(1, n["extra_objects"]),
+        "n_related": n["related"],
+    }
 
 
 def test_web_captions_are_noisy_at_the_designed_rates():
@@ -103,19 +144,33 @@ def test_web_captions_are_noisy_at_the_designed_rates():
     web = [syn.make_split_sample("web", 0, i // 300, i % 300) for i in range(n)]
     clean = [syn.make_split_sample("clean", 0, i // 300, i % 300) for i in range(300)]
     got = _measure(web)
-    want = {"unrelated": noise.unrelated, "colour_true": noise.colour.correct, "colour_other": noise.colour.wrong,
-            "shape_true": noise.shape.correct, "shape_generic": noise.shape.missing,
-            "shape_other": noise.shape.wrong, "extra_kept": 1 - noise.drop_object}
+    want = {
+        "unrelated": noise.unrelated,
+        "colour_true": noise.colour.correct,
+        "colour_other": noise.colour.wrong,
+        "shape_true": noise.shape.correct,
+        "shape_generic": noise.shape.missing,
+        "shape_other": noise.shape.wrong,
+        "extra_kept": 1 - noise.drop_object,
+    }
     for k, p in want.items():
         m = n if k == "unrelated" else got["n_related"]
         tol = 4.5 * np.sqrt(p * (1 - p) / m) + 0.01
         assert abs(got[k] - p) < tol, (k, got[k], p, tol)
-    ref = _measure(clean)      # clean captions: every object, right colour and shape, no boilerplate
+    ref = _measure(clean)  # clean captions: every object, right colour and shape, no boilerplate
     assert ref["unrelated"] == 0 and ref["colour_true"] == 1 and ref["shape_true"] == 1
     assert ref["colour_other"] == 0 and ref["shape_other"] == 0 and ref["extra_kept"] == 1
     # the image of a web sample does not depend on the noise model
-    quiet = syn.WebNoise(unrelated=0, drop_object=0, colour=syn.AttrNoise(), shape=syn.AttrNoise(),
-                         size=syn.AttrNoise(), position=syn.AttrNoise(), background=syn.AttrNoise(), affix=0)
+    quiet = syn.WebNoise(
+        unrelated=0,
+        drop_object=0,
+        colour=syn.AttrNoise(),
+        shape=syn.AttrNoise(),
+        size=syn.AttrNoise(),
+        position=syn.AttrNoise(),
+        background=syn.AttrNoise(),
+        affix=0,
+    )
     s0, s1 = syn.make_split_sample("web", 0, 0, 3), syn.make_split_sample("web", 0, 0, 3, noise=quiet)
     assert s0["jpg"] == s1["jpg"] and s1["caption"].startswith(s1["label"]["clean_caption"])
 
@@ -142,11 +197,13 @@ def test_test_set_labels_match_rendered_content(tmp_path):
         mask = Image.new("L", img.size, 0)
         syn._draw_shape(ImageDraw.Draw(mask), o["shape"], g["cx"], g["cy"], g["r"], 255)
         inner = np.asarray(mask.filter(ImageFilter.MinFilter(5))) > 0
-        ring = (np.asarray(mask.filter(ImageFilter.MaxFilter(9))) > 0) & ~(np.asarray(mask.filter(ImageFilter.MaxFilter(3))) > 0)
+        ring = (np.asarray(mask.filter(ImageFilter.MaxFilter(9))) > 0) & ~(
+            np.asarray(mask.filter(ImageFilter.MaxFilter(3))) > 0
+        )
         px = np.asarray(img)
         assert (_nearest_colour(px[inner]) == o["colour"]).mean() > 0.9, r["key"]
-        if r["label"]["background"] == "plain":      # (a texture's second shade may resemble any colour)
-            assert (_nearest_colour(px[ring]) == o["colour"]).mean() < 0.2, r["key"]   # the shape, not a blob
+        if r["label"]["background"] == "plain":  # (a texture's second shade may resemble any colour)
+            assert (_nearest_colour(px[ring]) == o["colour"]).mean() < 0.2, r["key"]  # the shape, not a blob
             n_plain += 1
         assert o["colour"] != r["label"]["background_colour"]
     assert n_plain >= 5
@@ -160,12 +217,14 @@ def test_test_set_labels_match_rendered_content(tmp_path):
 
 # --------------------------------------------------------------------------- bootstrap
 
+
 def test_caption_accuracy_metric():
     from dr_pipeline.bootstrap import caption_accuracy, parse_caption
 
     s = syn.make_split_sample("test", 0, 0, 1)
-    assert parse_caption("a small red circle on the left and a large blue star at the top, on a plain white background") \
-        == {"objects": [("red", "circle"), ("blue", "star")], "background": "white"}
+    assert parse_caption(
+        "a small red circle on the left and a large blue star at the top, on a plain white background"
+    ) == {"objects": [("red", "circle"), ("blue", "star")], "background": "white"}
     perfect = caption_accuracy([[s["caption"]]], [s["label"]])
     assert perfect["colour_word_accuracy"] == perfect["shape_word_accuracy"] == perfect["exact_match"] == 1.0
     o = s["label"]["objects"][0]
@@ -186,18 +245,27 @@ def test_bootstrap_tiny_budget_is_deterministic_and_loads(tmp_path):
     assert torch.get_num_threads() == threads
     bootstrap(str(ENSEMBLE), cfg, out_dir=str(tmp_path / "b"), evaluate=False)
     sums_a, sums_b = read_sums(tmp_path / "a"), read_sums(tmp_path / "b")
-    assert sums_a == sums_b and set(sums_a) == {"syn-vit-a.safetensors", "syn-vit-b.safetensors", "syn-coca.safetensors"}
+    assert sums_a == sums_b and set(sums_a) == {
+        "syn-vit-a.safetensors",
+        "syn-vit-b.safetensors",
+        "syn-coca.safetensors",
+    }
     assert (tmp_path / "a" / SUMS).read_bytes() == (tmp_path / "b" / SUMS).read_bytes()
     assert a["models"]["syn-coca"]["steps"] == 2
-    other = bootstrap(str(ENSEMBLE), BootstrapConfig(**{**cfg.__dict__, "seed": 1}), out_dir=str(tmp_path / "c"),
-                      evaluate=False, only=["syn-vit-a"])
+    other = bootstrap(
+        str(ENSEMBLE),
+        BootstrapConfig(**{**cfg.__dict__, "seed": 1}),
+        out_dir=str(tmp_path / "c"),
+        evaluate=False,
+        only=["syn-vit-a"],
+    )
     assert other["models"]["syn-vit-a"]["sha256"] != sums_a["syn-vit-a.safetensors"]
     # the checkpoints load through the normal teacher path (relocated ensemble file)
     ens = load_ensemble(tmp_path / "a" / "synthetic.yaml")
     views = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     for spec in ens.teachers:
         t = load_teacher(spec, ens)
-        e = t.encode_images(views[:, :, :spec.image_size, :spec.image_size])
+        e = t.encode_images(views[:, :, : spec.image_size, : spec.image_size])
         assert e.shape == (2, t.dim) and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-4)
     cap = load_captioner(ens.captioners[0], ens)
     size = cap.image_size
@@ -218,13 +286,23 @@ def test_analyse_ratio_per_seed():
     from dr_pipeline.reproduce import ReproduceConfig, TrainRuns, analyse
 
     cfg = ReproduceConfig(train=TrainRuns(steps=100, seeds=(0, 1)), smooth_evals=1)
-    plain = lambda s: {"variant": "plain", "seed": s, "curve": [  # noqa: E731
-        {"step": 0, "top1": 0.0, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0},
-        {"step": 100, "top1": 0.3, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0}]}
-    full = lambda s, x: {"variant": "full", "seed": s, "curve": [  # noqa: E731
-        {"step": 0, "top1": 0.0, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0},
-        {"step": 50, "top1": x, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0},
-        {"step": 100, "top1": 0.9, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0}]}
+    plain = lambda s: {
+        "variant": "plain",
+        "seed": s,
+        "curve": [  # noqa: E731
+            {"step": 0, "top1": 0.0, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0},
+            {"step": 100, "top1": 0.3, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0},
+        ],
+    }
+    full = lambda s, x: {
+        "variant": "full",
+        "seed": s,
+        "curve": [  # noqa: E731
+            {"step": 0, "top1": 0.0, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0},
+            {"step": 50, "top1": x, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0},
+            {"step": 100, "top1": 0.9, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0},
+        ],
+    }
     res = analyse(cfg, [plain(0), plain(1), full(0, 0.6), full(1, 0.3)])
     h = res["headline"]
     assert h["ratio_per_seed"] == pytest.approx([0.25, 0.5])
@@ -249,6 +327,7 @@ def test_smoothed_curves_make_the_ratio_conservative():
 
 
 # --------------------------------------------------------------------------- the committed teachers
+
 
 def test_committed_checkpoints_match_their_checksums():
     from dr_pipeline.bootstrap import REPORT, read_sums, sha256_file
@@ -278,7 +357,7 @@ def test_committed_captioner_names_the_right_colours_and_shapes(committed):
     from dr_pipeline.models.captioner import load_captioner
 
     cap = load_captioner(committed.captioners[0], committed)
-    scenes = [syn.make_split_sample("test", 0, 1, i) for i in range(48)]   # shard 1: not in bootstrap's own eval
+    scenes = [syn.make_split_sample("test", 0, 1, i) for i in range(48)]  # shard 1: not in bootstrap's own eval
     views = torch.from_numpy(centre_views([s["jpg"] for s in scenes], cap.image_size))
     caps = cap.caption(views, [s["key"] for s in scenes], seed=0, k=2).captions
     acc = caption_accuracy(caps, [s["label"] for s in scenes])

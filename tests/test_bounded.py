@@ -1,5 +1,6 @@
 """Issue 18: foreign compressed members are inflated only up to a limit (a counted rejection
 beyond it), with peak memory bounded: checked in a fresh process through ru_maxrss."""
+
 from __future__ import annotations
 
 import gzip
@@ -31,7 +32,10 @@ def gzip_bomb(mib: int) -> bytes:
 def npz_bomb(mib: int) -> bytes:
     """An npz whose one float32 array inflates to ``mib`` MiB."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z, z.open("image_emb.npy", "w", force_zip64=True) as f:
+    with (
+        zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z,
+        z.open("image_emb.npy", "w", force_zip64=True) as f,
+    ):
         n = mib * (1 << 20) // 4
         hdr = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d,), }" % n
         hdr += " " * (63 - (len(hdr) + 10) % 64) + "\n"
@@ -53,10 +57,16 @@ def _tar(path: Path, members: dict[str, bytes]) -> str:
 
 def _good_members(key: str) -> dict[str, bytes]:
     emb = io.BytesIO()
-    torch.save({"image_emb": torch.zeros(2, 8, dtype=torch.bfloat16), "text_emb": torch.zeros(2, 8, dtype=torch.bfloat16)}, emb)
-    return {f"{key}.url.txt": b"http://x", f"{key}.json": json.dumps({"uid": key}).encode(),
-            f"{key}.syn.json": json.dumps({"syn_text": ["s"]}).encode(),
-            f"{key}.paug.json": json.dumps({"param_aug": []}).encode(), f"{key}.pth.gz": gzip.compress(emb.getvalue())}
+    torch.save(
+        {"image_emb": torch.zeros(2, 8, dtype=torch.bfloat16), "text_emb": torch.zeros(2, 8, dtype=torch.bfloat16)}, emb
+    )
+    return {
+        f"{key}.url.txt": b"http://x",
+        f"{key}.json": json.dumps({"uid": key}).encode(),
+        f"{key}.syn.json": json.dumps({"syn_text": ["s"]}).encode(),
+        f"{key}.paug.json": json.dumps({"param_aug": []}).encode(),
+        f"{key}.pth.gz": gzip.compress(emb.getvalue()),
+    }
 
 
 def test_gunzip_within_and_past_the_limit():
@@ -105,8 +115,9 @@ def test_bomb_member_costs_flat_memory(kind, tmp_path):
     members[f"k.{kind}"] = gzip_bomb(BOMB_MIB) if kind == "pth.gz" else npz_bomb(BOMB_MIB)
     assert len(members[f"k.{kind}"]) < 2 << 20
     url = _tar(tmp_path / "bomb.tar", members)
-    out = subprocess.run([sys.executable, "-c", CHILD, url], capture_output=True, text=True, check=True,
-                         cwd=REPO, timeout=60).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, url], capture_output=True, text=True, check=True, cwd=REPO, timeout=60
+    ).stdout.split()
     assert out[0] == "too_large"
     assert int(out[1]) < 40 * 1024, f"peak RSS grew {int(out[1]) // 1024} MB on a {BOMB_MIB} MiB bomb"
 

@@ -1,5 +1,6 @@
 """Redraws inside the batched decode: same captions, counts and seeding as decoding every draw
 in full passes, one image encode and one cross-attention K/V per image, whatever the batch."""
+
 from __future__ import annotations
 
 import random
@@ -36,8 +37,8 @@ def test_in_batch_redraws_equal_full_passes(cap, monkeypatch):
     cross_kv = Captioner.cross_kv
     monkeypatch.setattr(Captioner, "cross_kv", lambda self, e: calls.append(e.shape[0]) or cross_kv(self, e))
     one = cap.caption(views, keys, seed=3, k=4)
-    assert one.resampled > 0 and one.attempts == 24 + one.resampled          # redraws did happen
-    assert calls == [6]                                                       # one K/V pass, 6 images
+    assert one.resampled > 0 and one.attempts == 24 + one.resampled  # redraws did happen
+    assert calls == [6]  # one K/V pass, 6 images
     assert one.row_steps > 0
     monkeypatch.setattr(cap, "use_cache", False)
     passes = cap.caption(views, keys, seed=3, k=4)
@@ -47,10 +48,10 @@ def test_in_batch_redraws_equal_full_passes(cap, monkeypatch):
 def test_redraws_do_not_depend_on_the_batch(cap, monkeypatch):
     views, keys = _views(5, cap.image_size, seed=4), [f"b{i}" for i in range(5)]
     whole = _run(cap, views, keys)
-    monkeypatch.setattr(cap, "decode_batch", 8)                              # chunks of 2 images
+    monkeypatch.setattr(cap, "decode_batch", 8)  # chunks of 2 images
     assert _run(cap, views, keys) == whole
     monkeypatch.setattr(cap, "decode_batch", 0)
-    alone = [_run(cap, views[i:i + 1], keys[i:i + 1]) for i in (3, 0)]
+    alone = [_run(cap, views[i : i + 1], keys[i : i + 1]) for i in (3, 0)]
     assert [a[0][0] for a in alone] == [whole[0][3], whole[0][0]]
 
 

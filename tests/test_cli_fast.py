@@ -1,6 +1,7 @@
 """The CLI answers at once: help, config errors and `dr plan` import none of torch, open_clip,
 ray or transformers (checked in a fresh interpreter); help shows defaults and an example;
 `--device cuda` without CUDA and non-dataset paths are one-line errors (exit 2)."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,14 @@ print(json.dumps(out))
 
 
 def probe(argvs: list[list[str]], cwd: Path, **env) -> list[dict]:
-    r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs)], cwd=cwd, capture_output=True, text=True,
-                       env={**os.environ, **env}, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(argvs)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -50,20 +57,31 @@ def _commands() -> list[str]:
 def job(tmp_path) -> Path:
     """A valid job whose ensemble needs no checkpoints to load the config (models are never built)."""
     p = tmp_path / "job.yaml"
-    p.write_text(yaml.safe_dump({"input": {"urls": "corpus/shard-{00000..00001}.tar"}, "output": {"path": "ds"},
-                                 "teachers": "pkg:teachers/synthetic.yaml", "execution": {"device": "cpu"}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"urls": "corpus/shard-{00000..00001}.tar"},
+                "output": {"path": "ds"},
+                "teachers": "pkg:teachers/synthetic.yaml",
+                "execution": {"device": "cpu"},
+            }
+        )
+    )
     return p
 
 
 def test_help_config_errors_and_plan_import_nothing_heavy(tmp_path, job):
     bad = tmp_path / "bad.yaml"
     bad.write_text("input: {urls: x}\noutput: {path: o}\nteachers: pkg:teachers/tiny.yaml\nexecutoin: {}\n")
-    argvs = [["--help"], *([c, "--help"] for c in _commands()),
-             ["reinforce", "--config", str(bad)],
-             ["reinforce", "--config", str(tmp_path / "missing.yaml")],
-             ["reinforce", "--config", str(job), "--device", "cuda", "--local"],
-             ["inspect", str(tmp_path)],
-             ["plan", "--samples", "1.9B", "--ensemble", "teachers/dfndr2b.yaml"]]
+    argvs = [
+        ["--help"],
+        *([c, "--help"] for c in _commands()),
+        ["reinforce", "--config", str(bad)],
+        ["reinforce", "--config", str(tmp_path / "missing.yaml")],
+        ["reinforce", "--config", str(job), "--device", "cuda", "--local"],
+        ["inspect", str(tmp_path)],
+        ["plan", "--samples", "1.9B", "--ensemble", "teachers/dfndr2b.yaml"],
+    ]
     res = probe(argvs, cwd=REPO, CUDA_VISIBLE_DEVICES="")
     for r in res:
         assert r["heavy"] == [], f"{r['argv']} imported {r['heavy']}"
@@ -99,7 +117,7 @@ def test_cuda_check_skips_cluster_runs():
     from dr_pipeline.config import ConfigError, ExecutionSpec, check_device
 
     ex = ExecutionSpec(device="cuda", gpus_per_actor=1)
-    check_device(ex, "ray", local_machine=False)         # GPUs are on the workers: not checked here
+    check_device(ex, "ray", local_machine=False)  # GPUs are on the workers: not checked here
     os.environ["CUDA_VISIBLE_DEVICES"], old = "", os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
         with pytest.raises(ConfigError, match="no CUDA device"):

@@ -7,6 +7,7 @@ which would stop every Ray on the machine). The demo config is copied verbatim i
 checkout under tmp (jobs/configs/demo.yaml, jobs/reinforce.py, out/demo/corpus) so the shared
 checkout's out/ is never touched; the package comes from the installed dr_pipeline.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # As from an activated venv (the job driver's `python` is the head's); Ray's token auth off for the test head.
-ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
-       "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-       "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +64,14 @@ def test_demo_config_runs_from_an_unrelated_folder(project, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     config = os.path.relpath(project / "jobs" / "configs" / "demo.yaml", elsewhere)
-    r = subprocess.run([sys.executable, str(project / "jobs" / "reinforce.py"), "--config", config, "--local"],
-                       cwd=elsewhere, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(project / "jobs" / "reinforce.py"), "--config", config, "--local"],
+        cwd=elsewhere,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     m = _manifest(project)
     assert m["n_shards"] == 4 and m["n_written"] + m["n_rejected"] == 4
@@ -115,19 +126,36 @@ def ray_head(tmp_path_factory):
 
     if importlib.util.find_spec("aiohttp_cors") is None:
         pytest.fail("the job server needs ray[default]: pip install -e '.[test]' (or '.[cluster]')")
-    temp_dir = tmp_path_factory.mktemp("rh")        # short: Ray's socket paths must stay < 108 chars
+    temp_dir = tmp_path_factory.mktemp("rh")  # short: Ray's socket paths must stay < 108 chars
     if len(str(temp_dir)) > 60:
         import tempfile
+
         temp_dir = Path(tempfile.mkdtemp(prefix="drh-", dir="/tmp"))
     gcs, dash, client, nm, om, agent, agent_grpc, rt_env, metrics = _free_ports(9)
-    lo = 30000 + os.getpid() % 200 * 100       # worker ports away from Ray's default 10002-19999
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={client}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
-           f"--min-worker-port={lo}", f"--max-worker-port={lo + 99}", "--num-cpus=2", "--num-gpus=0",
-           f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           "--disable-usage-stats"]
+    lo = 30000 + os.getpid() % 200 * 100  # worker ports away from Ray's default 10002-19999
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={rt_env}",
+        f"--metrics-export-port={metrics}",
+        f"--min-worker-port={lo}",
+        f"--max-worker-port={lo + 99}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        "--disable-usage-stats",
+    ]
     log = open(temp_dir / "head.log", "w")
     proc = subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
@@ -151,12 +179,17 @@ def ray_head(tmp_path_factory):
 
 def _submit(url: str, cwd: Path, *entrypoint: str) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir . -- ENTRYPOINT` from ``cwd``, as the README has it."""
-    return subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--",
-                           *entrypoint], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--", *entrypoint],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.timeout(420)   # head start + 2 submissions: 2.5 min measured on 2 shared, loaded cores
+@pytest.mark.timeout(420)  # head start + 2 submissions: 2.5 min measured on 2 shared, loaded cores
 def test_demo_config_via_ray_job_submit(project, ray_head):
     """README: `ray job submit --working-dir . -- python jobs/reinforce.py --config "$PWD/jobs/configs/demo.yaml"`.
     A relative --config lands in Ray's uploaded copy: refused at config time with the fix."""
@@ -176,7 +209,7 @@ def test_demo_config_via_ray_job_submit(project, ray_head):
 # --------------------------------------------------------------------------- KubeRay RayJob
 
 CRD = REPO / "tests" / "data" / "kuberay-rayjob-crd-v1.schema.json"
-IMAGE_ROOT = "/home/ray/dr_pipeline"   # where the Dockerfile puts the project (DR_HOME)
+IMAGE_ROOT = "/home/ray/dr_pipeline"  # where the Dockerfile puts the project (DR_HOME)
 
 
 def test_rayjob_renders_and_validates_against_the_kuberay_crd_schema():
@@ -189,20 +222,27 @@ def test_rayjob_renders_and_validates_against_the_kuberay_crd_schema():
     schema = json.loads(CRD.read_text())
     jsonschema.validate(rayjob, schema)
     spec = rayjob["spec"]
-    images = {c["image"] for g in [spec["rayClusterSpec"]["headGroupSpec"], *spec["rayClusterSpec"]["workerGroupSpecs"]]
-              for c in g["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for g in [spec["rayClusterSpec"]["headGroupSpec"], *spec["rayClusterSpec"]["workerGroupSpecs"]]
+        for c in g["template"]["spec"]["containers"]
+    }
     assert len(images) == 1 and next(iter(images)).split("/")[-1].startswith("dr-pipeline:")
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert "ARG BASE_IMAGE=rayproject/ray:" in dockerfile and "-cu12" in dockerfile   # Ray's CUDA image
+    assert "ARG BASE_IMAGE=rayproject/ray:" in dockerfile and "-cu12" in dockerfile  # Ray's CUDA image
     assert "[cluster]" in dockerfile and f"ENV DR_HOME={IMAGE_ROOT}" in dockerfile and "COPY" in dockerfile
     entry = spec["entrypoint"].split()
     for path in (entry[entry.index("python") + 1], entry[entry.index("--config") + 1]):
-        assert path.startswith(f"{IMAGE_ROOT}/") and (REPO / path[len(IMAGE_ROOT) + 1:]).is_file(), path
+        assert path.startswith(f"{IMAGE_ROOT}/") and (REPO / path[len(IMAGE_ROOT) + 1 :]).is_file(), path
     workers = spec["rayClusterSpec"]["workerGroupSpecs"]
-    for broken in ({**spec, "backofLimit": 2},                                    # unknown key (kubectl: strict)
-                   {**spec, "rayClusterSpec": {**spec["rayClusterSpec"],
-                                               "workerGroupSpecs": [{**workers[0], "replicas": "eight"}]}}):
-        with pytest.raises(jsonschema.ValidationError):                           # the schema does bite
+    for broken in (
+        {**spec, "backofLimit": 2},  # unknown key (kubectl: strict)
+        {
+            **spec,
+            "rayClusterSpec": {**spec["rayClusterSpec"], "workerGroupSpecs": [{**workers[0], "replicas": "eight"}]},
+        },
+    ):
+        with pytest.raises(jsonschema.ValidationError):  # the schema does bite
             jsonschema.validate({**rayjob, "spec": broken}, schema)
     cluster = yaml.safe_load((REPO / "jobs" / "cluster.yaml").read_text())
-    assert {cluster["docker"]["image"]} == images      # the launcher runs the same image
+    assert {cluster["docker"]["image"]} == images  # the launcher runs the same image

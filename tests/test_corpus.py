@@ -1,4 +1,5 @@
 """Synthetic corpus generation and base-shard readers (tar + Parquet, local + S3)."""
+
 from __future__ import annotations
 
 import io
@@ -13,10 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dr_pipeline.corpus.readers import (Rejected, Sample, ShardReadError, expand_urls,
-                                        iter_shard, shard_name)
-from dr_pipeline.corpus.synthetic import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES,
-                                          make_corpus, render_scene)
+from dr_pipeline.corpus.readers import Rejected, Sample, ShardReadError, expand_urls, iter_shard, shard_name
+from dr_pipeline.corpus.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, make_corpus, render_scene
 
 N_SHARDS, PER_SHARD = 2, 6
 
@@ -37,8 +36,9 @@ def _records(url: str, storage_options: dict | None = None) -> list[tuple]:
 def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus")
     urls = make_corpus(str(root), n_shards=N_SHARDS, per_shard=PER_SHARD, seed=7)
-    assert urls == [f"{root}/tar/shard-0000{i}.tar" for i in range(N_SHARDS)] + \
-                  [f"{root}/parquet/shard-0000{i}.parquet" for i in range(N_SHARDS)]
+    assert urls == [f"{root}/tar/shard-0000{i}.tar" for i in range(N_SHARDS)] + [
+        f"{root}/parquet/shard-0000{i}.parquet" for i in range(N_SHARDS)
+    ]
     return root
 
 
@@ -48,6 +48,7 @@ def _member_names(tar_path: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- synthetic
+
 
 def test_same_seed_byte_identical_other_seed_differs(corpus, tmp_path):
     again = tmp_path / "again"
@@ -124,6 +125,7 @@ def test_render_scene_deterministic_and_consistent():
 
 # --------------------------------------------------------------------------- urls
 
+
 def test_expand_urls_brace_glob_directory(corpus):
     tar = corpus / "tar"
     expected = [str(tar / f"shard-{i:05d}.tar") for i in range(N_SHARDS)]
@@ -132,10 +134,11 @@ def test_expand_urls_brace_glob_directory(corpus):
     assert expand_urls(str(tar)) == expected
     # lists are merged, sorted and de-duplicated; braces are not checked for existence
     both = expand_urls([str(corpus / "parquet"), str(tar / "shard-0000[01].tar"), expected[0]])
-    assert both == sorted(expected + [str(corpus / f"parquet/shard-{i:05d}.parquet")
-                                      for i in range(N_SHARDS)])
+    assert both == sorted(expected + [str(corpus / f"parquet/shard-{i:05d}.parquet") for i in range(N_SHARDS)])
     assert expand_urls(str(tar / "shard-{00005..00006}.tar")) == [
-        str(tar / "shard-00005.tar"), str(tar / "shard-00006.tar")]
+        str(tar / "shard-00005.tar"),
+        str(tar / "shard-00006.tar"),
+    ]
 
 
 def test_expand_urls_nothing_matches_raises(corpus, tmp_path):
@@ -155,10 +158,10 @@ def test_shard_name():
 
 # --------------------------------------------------------------------------- s3
 
+
 def test_s3_roundtrip_equals_local(corpus, s3_bucket):
     bucket, so = s3_bucket
-    urls = make_corpus(f"s3://{bucket}/corpus", n_shards=N_SHARDS, per_shard=PER_SHARD,
-                       seed=7, storage_options=so)
+    urls = make_corpus(f"s3://{bucket}/corpus", n_shards=N_SHARDS, per_shard=PER_SHARD, seed=7, storage_options=so)
     tars = [f"s3://{bucket}/corpus/tar/shard-{i:05d}.tar" for i in range(N_SHARDS)]
     assert urls[:N_SHARDS] == tars
     assert expand_urls(f"s3://{bucket}/corpus/tar/*.tar", so) == tars
@@ -181,6 +184,7 @@ def test_s3_missing_shard_error_names_url_not_secrets(s3_bucket):
 
 
 # --------------------------------------------------------------------------- bad input
+
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> str:
     with tarfile.open(path, "w") as t:
@@ -221,22 +225,38 @@ def test_truncated_tar_mid_header_distrusts_last_group(corpus, tmp_path):
 
 def test_bad_tar_records_are_rejected_with_reasons(tmp_path):
     jpg = b"\xff\xd8fake-jpeg"
-    url = _tar(tmp_path / "bad.tar", [
-        ("a.jpg", jpg), ("a.txt", b"first a"),
-        ("b.txt", b"caption only"),
-        ("a.jpg", jpg), ("a.txt", b"a again"),
-        ("../evil.jpg", jpg), ("../evil.txt", b"escape"),
-        ("/abs.png", jpg),
-        ("c.jpg", jpg), ("c.txt", b"caf\xe9"), ("c.json", b"{not json"),
-        ("c.cls", b"7"), ("c.url.txt", b"http://x/c.jpg"),
-        ("sub/d.webp", b"webp"), ("sub/d.png", b"png"),
-        ("sub/d.json", json.dumps({"uid": "u-d", "url": "http://x/d", "n": 1}).encode()),
-    ])
+    url = _tar(
+        tmp_path / "bad.tar",
+        [
+            ("a.jpg", jpg),
+            ("a.txt", b"first a"),
+            ("b.txt", b"caption only"),
+            ("a.jpg", jpg),
+            ("a.txt", b"a again"),
+            ("../evil.jpg", jpg),
+            ("../evil.txt", b"escape"),
+            ("/abs.png", jpg),
+            ("c.jpg", jpg),
+            ("c.txt", b"caf\xe9"),
+            ("c.json", b"{not json"),
+            ("c.cls", b"7"),
+            ("c.url.txt", b"http://x/c.jpg"),
+            ("sub/d.webp", b"webp"),
+            ("sub/d.png", b"png"),
+            ("sub/d.json", json.dumps({"uid": "u-d", "url": "http://x/d", "n": 1}).encode()),
+        ],
+    )
     recs = list(iter_shard(url))
     got = [(r.key, r.reason if isinstance(r, Rejected) else "ok") for r in recs]
-    assert got == [("a", "ok"), ("b", "no_image"), ("a", "duplicate_key"),
-                   ("../evil", "bad_member_name"), ("/abs", "bad_member_name"),
-                   ("c", "ok"), ("sub%2Fd", "ok")]          # '/' escaped: readers.escape_key
+    assert got == [
+        ("a", "ok"),
+        ("b", "no_image"),
+        ("a", "duplicate_key"),
+        ("../evil", "bad_member_name"),
+        ("/abs", "bad_member_name"),
+        ("c", "ok"),
+        ("sub%2Fd", "ok"),
+    ]  # '/' escaped: readers.escape_key
     a, c, d = recs[0], recs[5], recs[6]
     assert (a.image, a.caption, a.url, a.uid, a.meta) == (jpg, "first a", None, None, {})
     assert c.caption == "caf\ufffd" and c.meta["_caption_decode_error"] is True
@@ -283,22 +303,26 @@ def test_parquet_missing_columns_raise(tmp_path):
 
 def test_parquet_bad_rows_and_other_layouts(tmp_path):
     path = tmp_path / "rows.parquet"
-    pq.write_table(pa.table({
-        "key": ["a", "b", "a", None, "c"],
-        "png": pa.array([b"A", None, b"A2", b"N", b"C"], pa.binary()),
-        "txt": ["ta", "tb", "ta2", "tn", "tc"],
-        "status": ["success"] * 5,
-    }), path, row_group_size=2)
+    pq.write_table(
+        pa.table(
+            {
+                "key": ["a", "b", "a", None, "c"],
+                "png": pa.array([b"A", None, b"A2", b"N", b"C"], pa.binary()),
+                "txt": ["ta", "tb", "ta2", "tn", "tc"],
+                "status": ["success"] * 5,
+            }
+        ),
+        path,
+        row_group_size=2,
+    )
     recs = list(iter_shard(str(path)))
     got = [(r.key, r.reason if isinstance(r, Rejected) else "ok") for r in recs]
-    assert got == [("a", "ok"), ("b", "no_image"), ("a", "duplicate_key"),
-                   ("<row 3>", "no_key"), ("c", "ok")]
+    assert got == [("a", "ok"), ("b", "no_image"), ("a", "duplicate_key"), ("<row 3>", "no_key"), ("c", "ok")]
     a = recs[0]
     assert (a.image, a.caption, a.url, a.uid, a.meta) == (b"A", "ta", None, None, {"status": "success"})
     # Hugging Face Image feature layout: struct<bytes, path>
     hf = tmp_path / "hf.parquet"
-    img = pa.array([{"bytes": b"I", "path": "p.jpg"}],
-                   pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    img = pa.array([{"bytes": b"I", "path": "p.jpg"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     pq.write_table(pa.table({"key": ["k"], "image": img, "caption": ["cap"]}), hf)
     (s,) = iter_shard(str(hf))
     assert (s.key, s.image, s.caption) == ("k", b"I", "cap")

@@ -3,6 +3,7 @@
 
 Reader level (no models): every sample is a record or lies in a reported ``Damaged`` range.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -14,8 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dr_pipeline.corpus.readers import (Damaged, Rejected, Sample, escape_key, iter_shard, shard_index_count,
-                                        shard_name, unescape_shard_name)
+from dr_pipeline.corpus.readers import (
+    Damaged,
+    Rejected,
+    Sample,
+    escape_key,
+    iter_shard,
+    shard_index_count,
+    shard_name,
+    unescape_shard_name,
+)
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -23,10 +32,11 @@ MiB = 1 << 20
 
 # --------------------------------------------------------------------------- a tar, byte by byte
 
+
 def header(name: str, size: int, typ: bytes = b"0", checksum: bool = True) -> bytes:
     b = bytearray(512)
     raw = name.encode()
-    b[0:len(raw)] = raw
+    b[0 : len(raw)] = raw
     b[100:108] = b"0000644\0"
     b[108:116] = b"0000000\0"
     b[116:124] = b"0000000\0"
@@ -48,7 +58,10 @@ END = bytes(1024)
 
 
 def sample(key: str, n: int = 0) -> list[tuple[str, bytes]]:
-    return [(f"{key}.jpg", b"\xff\xd8 image of " + key.encode() + b"\0" * (300 * n)), (f"{key}.txt", f"caption {key}".encode())]
+    return [
+        (f"{key}.jpg", b"\xff\xd8 image of " + key.encode() + b"\0" * (300 * n)),
+        (f"{key}.txt", f"caption {key}".encode()),
+    ]
 
 
 def tar(members: list[tuple[str, bytes]], end: bool = True) -> bytes:
@@ -81,6 +94,7 @@ def keys(recs) -> list[str]:
 
 # --------------------------------------------------------------------------- damaged framing
 
+
 def test_concatenated_tars_are_read_whole(tmp_path):
     # Old reader: 4 of 8 (it stopped at a.tar's end-of-archive marker).
     raw = tar(keyed(4, "a")) + bytes(8192) + tar(keyed(4, "b"))
@@ -102,7 +116,7 @@ def test_flipped_bit_in_a_header_resyncs(tmp_path):
     ms = keyed(8)
     raw = bytearray(tar(ms))
     at = offsets(ms)["k4.jpg"]
-    raw[at + 110] ^= 0x04                                  # a bit of the uid field: checksum now wrong
+    raw[at + 110] ^= 0x04  # a bit of the uid field: checksum now wrong
     ok, rej, dmg = read(tmp_path, bytes(raw))
     assert keys(ok) == [f"k{i}" for i in range(8) if i != 4]
     assert [(r.key, r.reason) for r in rej] == [("k4", "damaged")]
@@ -115,10 +129,10 @@ def test_flipped_bit_in_a_name_loses_no_record(tmp_path):
     ms = keyed(6)
     raw = bytearray(tar(ms))
     at = offsets(ms)["k2.jpg"]
-    raw[at + 1] ^= 0x01                                    # 'k2.jpg' -> 'k3.jpg': a lying name, bad checksum
+    raw[at + 1] ^= 0x01  # 'k2.jpg' -> 'k3.jpg': a lying name, bad checksum
     ok, rej, dmg = read(tmp_path, bytes(raw))
     assert len(ok) + len(rej) == 6 and len(dmg) == 1
-    assert ("k2", "damaged") in [(r.key, r.reason) for r in rej]    # its caption is left: rejected, named
+    assert ("k2", "damaged") in [(r.key, r.reason) for r in rej]  # its caption is left: rejected, named
 
 
 def test_zero_block_inserted_mid_archive(tmp_path):
@@ -135,7 +149,7 @@ def test_zero_block_over_a_header(tmp_path):
     ms = keyed(6)
     raw = bytearray(tar(ms))
     at = offsets(ms)["k3.jpg"]
-    raw[at:at + 512] = bytes(512)
+    raw[at : at + 512] = bytes(512)
     ok, rej, dmg = read(tmp_path, bytes(raw))
     assert keys(ok) == ["k0", "k1", "k2", "k4", "k5"] and [(r.key, r.reason) for r in rej] == [("k3", "damaged")]
     (d,) = dmg
@@ -147,7 +161,7 @@ def test_header_declaring_200_mib(tmp_path):
     ms = keyed(6)
     raw = bytearray(tar(ms))
     at = offsets(ms)["k3.jpg"]
-    raw[at:at + 512] = header("k3.jpg", 200 * MiB)
+    raw[at : at + 512] = header("k3.jpg", 200 * MiB)
     ok, rej, dmg = read(tmp_path, bytes(raw))
     assert keys(ok) == ["k0", "k1", "k2", "k4", "k5"] and [(r.key, r.reason) for r in rej] == [("k3", "damaged")]
     (d,) = dmg
@@ -175,10 +189,10 @@ def test_garbage_to_the_end_counts_the_rest_lost(tmp_path):
 def test_cut_tars_keep_the_truncated_rule(tmp_path):
     ms = keyed(3)
     t = tar(ms)
-    cut = offsets(ms)["k2.jpg"] + 512 + 5                     # mid-member
+    cut = offsets(ms)["k2.jpg"] + 512 + 5  # mid-member
     ok, rej, dmg = read(tmp_path, t[:cut])
     assert keys(ok) == ["k0", "k1"] and [(r.key, r.reason) for r in rej] == [("k2", "truncated")] and not dmg
-    ok, rej, dmg = read(tmp_path, tar(ms, end=False))        # no end-of-archive marker
+    ok, rej, dmg = read(tmp_path, tar(ms, end=False))  # no end-of-archive marker
     assert keys(ok) == ["k0", "k1"] and [(r.key, r.reason) for r in rej] == [("k2", "truncated")] and not dmg
 
 
@@ -191,21 +205,32 @@ def test_gnu_long_names_and_pax_paths(tmp_path):
 
     def pax(name: str) -> bytes:
         body = f"path={name}\n"
-        n = len(body) + 4                                      # "NNN path=...\n": the length counts itself
+        n = len(body) + 4  # "NNN path=...\n": the length counts itself
         rec = f"{n} {body}".encode()
         assert len(rec) == n
         return header("PaxHeaders/x", n, b"x") + rec.ljust(512, b"\0")
 
-    raw = (longlink(long + "a.jpg") + member("ignored.jpg", b"A") + longlink(long + "a.txt") + member("i.txt", b"cap a")
-           + pax(long + "b.jpg") + member("short.jpg", b"B") + pax(long + "b.txt") + member("short.txt", b"cap b")
-           + END)
+    raw = (
+        longlink(long + "a.jpg")
+        + member("ignored.jpg", b"A")
+        + longlink(long + "a.txt")
+        + member("i.txt", b"cap a")
+        + pax(long + "b.jpg")
+        + member("short.jpg", b"B")
+        + pax(long + "b.txt")
+        + member("short.txt", b"cap b")
+        + END
+    )
     ok, rej, dmg = read(tmp_path, raw)
     assert not dmg and not rej
-    assert [(s.key, s.image, s.caption) for s in ok] == [(escape_key(long + "a"), b"A", "cap a"),
-                                                         (escape_key(long + "b"), b"B", "cap b")]
+    assert [(s.key, s.image, s.caption) for s in ok] == [
+        (escape_key(long + "a"), b"A", "cap a"),
+        (escape_key(long + "b"), b"B", "cap b"),
+    ]
 
 
 # --------------------------------------------------------------------------- members and keys
+
 
 def _img(fmt: str) -> bytes:
     buf = io.BytesIO()
@@ -223,14 +248,27 @@ def test_every_decodable_extension_is_an_image(tmp_path):
 
 def test_non_adjacent_members_join_their_sample(tmp_path):
     # Old reader: 4 records (a, b, a=duplicate_key, b=duplicate_key), read != samples in the tar.
-    ms = [("a.jpg", b"A"), ("b.jpg", b"B"), ("c.jpg", b"C"), ("a.txt", b"cap a"), ("b.txt", b"cap b"),
-          ("c.txt", b"cap c"), ("a.json", b'{"uid": "ua"}')]
+    ms = [
+        ("a.jpg", b"A"),
+        ("b.jpg", b"B"),
+        ("c.jpg", b"C"),
+        ("a.txt", b"cap a"),
+        ("b.txt", b"cap b"),
+        ("c.txt", b"cap c"),
+        ("a.json", b'{"uid": "ua"}'),
+    ]
     ok, rej, _ = read(tmp_path, tar(ms))
-    assert [(s.key, s.image, s.caption) for s in ok] == [("a", b"A", "cap a"), ("b", b"B", "cap b"), ("c", b"C", "cap c")]
+    assert [(s.key, s.image, s.caption) for s in ok] == [
+        ("a", b"A", "cap a"),
+        ("b", b"B", "cap b"),
+        ("c", b"C", "cap c"),
+    ]
     assert ok[0].uid == "ua" and not rej
     # A second image of a key already complete is still a duplicate sample.
-    ok, rej, _ = read(tmp_path, tar([("a.jpg", b"A"), ("a.txt", b"1"), ("b.jpg", b"B"), ("b.txt", b"2"),
-                                     ("a.jpg", b"A2"), ("a.txt", b"3")]))
+    ok, rej, _ = read(
+        tmp_path,
+        tar([("a.jpg", b"A"), ("a.txt", b"1"), ("b.jpg", b"B"), ("b.txt", b"2"), ("a.jpg", b"A2"), ("a.txt", b"3")]),
+    )
     assert keys(ok) == ["a", "b"] and [(r.key, r.reason) for r in rej] == [("a", "duplicate_key")]
 
 
@@ -246,9 +284,17 @@ def test_look_behind_is_bounded(tmp_path):
 
 def test_empty_txt_falls_back_to_the_json_caption(tmp_path):
     # Old reader: an empty txt (present) hid the json caption -> no_caption downstream.
-    ms = [("a.jpg", b"A"), ("a.txt", b""), ("a.json", json.dumps({"caption": "from json"}).encode()),
-          ("b.jpg", b"B"), ("b.txt", b"  \n"), ("b.json", json.dumps({"text": "text field"}).encode()),
-          ("c.jpg", b"C"), ("c.txt", b"own"), ("c.json", json.dumps({"caption": "not used"}).encode())]
+    ms = [
+        ("a.jpg", b"A"),
+        ("a.txt", b""),
+        ("a.json", json.dumps({"caption": "from json"}).encode()),
+        ("b.jpg", b"B"),
+        ("b.txt", b"  \n"),
+        ("b.json", json.dumps({"text": "text field"}).encode()),
+        ("c.jpg", b"C"),
+        ("c.txt", b"own"),
+        ("c.json", json.dumps({"caption": "not used"}).encode()),
+    ]
     ok, _, _ = read(tmp_path, tar(ms))
     assert [s.caption for s in ok] == ["from json", "text field", "own"]
 
@@ -259,7 +305,11 @@ def test_empty_parquet_key_is_no_key(tmp_path):
     pq.write_table(pa.table({"key": ["", "  ", "ok", "a/b.c"], "jpg": [b"x"] * 4, "caption": ["c"] * 4}), p)
     recs = list(iter_shard(str(p)))
     assert [(r.key, getattr(r, "reason", "ok")) for r in recs] == [
-        ("<row 0>", "no_key"), ("<row 1>", "no_key"), ("ok", "ok"), ("a%2Fb%2Ec", "ok")]
+        ("<row 0>", "no_key"),
+        ("<row 1>", "no_key"),
+        ("ok", "ok"),
+        ("a%2Fb%2Ec", "ok"),
+    ]
 
 
 def test_key_escape_rule():
@@ -269,6 +319,7 @@ def test_key_escape_rule():
     assert escape_key(b"caf\xe9".decode("utf-8", "surrogateescape")) == "caf%E9"
     assert escape_key("naïve") == "naïve"
     from urllib.parse import unquote
+
     for k in ("sub/d", "a.b/c", "50%", "x%2Fy"):
         assert unquote(escape_key(k)) == k
     assert len({escape_key(k) for k in ("a/b", "a%2Fb", "a.b", "a%2Eb")}) == 4
@@ -288,6 +339,7 @@ def test_shard_names_never_start_with_dot_or_underscore():
 
 # --------------------------------------------------------------------------- corpus indexes
 
+
 def test_corpus_index_counts(tmp_path):
     t = tmp_path / "00000.tar"
     t.write_bytes(tar(keyed(3)))
@@ -295,8 +347,10 @@ def test_corpus_index_counts(tmp_path):
     (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 5, "successes": 4}))
     assert shard_index_count(str(t)) == (4, "00000_stats.json")
     (tmp_path / "00000_stats.json").unlink()
-    pq.write_table(pa.table({"key": ["0", "1", "2", "3"], "status": ["success", "success", "failed_to_download",
-                                                                     "success"]}), tmp_path / "00000.parquet")
+    pq.write_table(
+        pa.table({"key": ["0", "1", "2", "3"], "status": ["success", "success", "failed_to_download", "success"]}),
+        tmp_path / "00000.parquet",
+    )
     assert shard_index_count(str(t)) == (3, "00000.parquet")
     (tmp_path / "00000.parquet").unlink()
     (tmp_path / "00000.idx").write_text("v1.2 3\njpg 0 10 a.jpg\njpg 1 10 b.jpg\njpg 2 10 c.jpg\n")
@@ -304,6 +358,7 @@ def test_corpus_index_counts(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end (local executor)
+
 
 @pytest.fixture(scope="module")
 def odd_run(tmp_path_factory, tiny_ensemble):
@@ -315,15 +370,31 @@ def odd_run(tmp_path_factory, tiny_ensemble):
 
     d = tmp_path_factory.mktemp("odd")
     (d / "corpus").mkdir()
-    plain = [("g.gif", _img("GIF")), ("b.BMP", _img("BMP")), ("g.txt", b"a gif"), ("b.txt", b"a bmp"),
-             ("sub/t.tif", _img("TIFF")), ("sub/t.txt", b"in a sub-folder"),
-             ("j.jpg", _img("JPEG")), ("j.txt", b""), ("j.json", json.dumps({"caption": "json caption"}).encode())]
+    plain = [
+        ("g.gif", _img("GIF")),
+        ("b.BMP", _img("BMP")),
+        ("g.txt", b"a gif"),
+        ("b.txt", b"a bmp"),
+        ("sub/t.tif", _img("TIFF")),
+        ("sub/t.txt", b"in a sub-folder"),
+        ("j.jpg", _img("JPEG")),
+        ("j.txt", b""),
+        ("j.json", json.dumps({"caption": "json caption"}).encode()),
+    ]
     (d / "corpus" / "plain.tar").write_bytes(tar(plain))
     (d / "corpus" / ".hid.tar").write_bytes(tar([("h.png", _img("PNG")), ("h.txt", b"hidden")]))
     (d / "corpus" / "_part-0.tar").write_bytes(tar([("p.webp", _img("WEBP")), ("p.txt", b"part")]))
     urls = [str(d / "corpus" / n) for n in ("plain.tar", ".hid.tar", "_part-0.tar")]
-    job = load_job(write_job(d / "job.yaml", input={"urls": urls}, output={"path": str(d / "ds")},
-                             teachers=tiny_ensemble, aug={"n_aug": 1, "size": 64}, captions={"k": 0}))
+    job = load_job(
+        write_job(
+            d / "job.yaml",
+            input={"urls": urls},
+            output={"path": str(d / "ds")},
+            teachers=tiny_ensemble,
+            aug={"n_aug": 1, "size": 64},
+            captions={"k": 0},
+        )
+    )
     report = run_job(job, resolve_ensemble(job), executor="local")
     assert report.ok, report
     return d
@@ -349,7 +420,7 @@ def test_export_never_fails_half_way(odd_run, tmp_path, capsys):
     out = tmp_path / "dcdr"
     assert dr(["export", str(odd_run / "ds"), "--out", str(out)]) == 0
     tars = sorted(p.name for p in out.iterdir())
-    assert tars == ["%2Ehid.tar", "%5Fpart-0.tar", "plain.tar"]                # no temporary file left
+    assert tars == ["%2Ehid.tar", "%5Fpart-0.tar", "plain.tar"]  # no temporary file left
     assert sorted(r["key"] for r in iter_datacompdr_tar(str(out / "plain.tar"))) == ["b", "g", "j", "sub%2Ft"]
     # A dataset from before the escape rule (a '/' key): refused before anything is written.
     import shutil
@@ -359,8 +430,10 @@ def test_export_never_fails_half_way(odd_run, tmp_path, capsys):
     f = old / "shards" / "plain.parquet"
     t = pq.read_table(f)
     keys = [k.replace("%2F", "/") for k in t.column("key").to_pylist()]
-    pq.write_table(t.set_column(t.schema.get_field_index("key"), "key", pa.array(keys)).replace_schema_metadata(
-        t.schema.metadata), f)
+    pq.write_table(
+        t.set_column(t.schema.get_field_index("key"), "key", pa.array(keys)).replace_schema_metadata(t.schema.metadata),
+        f,
+    )
     capsys.readouterr()
     assert dr(["export", str(old), "--out", str(tmp_path / "dcdr2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -7,6 +7,7 @@
 - the manifest is the driver's checkpoint: a driver interrupted mid-job leaves every committed shard in it;
 - ``dr status`` on a finished and on a running job, local and on moto S3, from the files alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,22 +54,39 @@ def test_fake_reinforce_goes_through_the_commit_path_and_validates(fake_ds):
     rep = validate_dataset(str(fake_ds))
     assert rep.ok, rep.render()
     assert rep.shards == 3 and rep.samples == 18
-    assert (fake_ds / "README.md").read_text().count("shards/*.parquet") == 1     # the dataset card
+    assert (fake_ds / "README.md").read_text().count("shards/*.parquet") == 1  # the dataset card
 
 
 def test_markers_of_a_real_job_match_the_schema(tmp_path, tiny_ensemble):
     """The tiny ensemble, --local: per-stage times are in every marker and summed in the manifest."""
     make_corpus(str(tmp_path / "corpus"), n_shards=2, per_shard=3, seed=0, formats=("tar",))
     cfg = tmp_path / "job.yaml"
-    cfg.write_text(json.dumps({"input": {"urls": str(tmp_path / "corpus" / "tar")}, "output": {"path": str(tmp_path / "ds")},
-                               "teachers": tiny_ensemble, "aug": {"n_aug": 2, "size": 64}, "captions": {"k": 2},
-                               "execution": {"batch_size": 4, "device": "cpu"}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "input": {"urls": str(tmp_path / "corpus" / "tar")},
+                "output": {"path": str(tmp_path / "ds")},
+                "teachers": tiny_ensemble,
+                "aug": {"n_aug": 2, "size": 64},
+                "captions": {"k": 2},
+                "execution": {"batch_size": 4, "device": "cpu"},
+            }
+        )
+    )
     assert dr(["reinforce", "--config", str(cfg), "--local"]) == 0
     assert assert_schema_valid(str(tmp_path / "ds")) == 2
     ds = ReinforcedDataset(str(tmp_path / "ds"))
     for m in ds.markers().values():
-        assert {"read", "decode_augment", "write", "commit", "wait_input", "caption:tiny-coca",
-                "teacher:tiny-vit-a:image", "teacher:tiny-vit-a:text"} <= set(m.stage_s), m.stage_s
+        assert {
+            "read",
+            "decode_augment",
+            "write",
+            "commit",
+            "wait_input",
+            "caption:tiny-coca",
+            "teacher:tiny-vit-a:image",
+            "teacher:tiny-vit-a:text",
+        } <= set(m.stage_s), m.stage_s
         assert m.captions_resampled.keys() == {"tiny-coca"} and m.host and m.pid
         assert m.started_at <= m.finished_at
     man = ds.folder.read_json("manifest.json")
@@ -85,16 +103,16 @@ def test_planning_storage_calls_do_not_grow_with_the_shards(tmp_path, n):
     plan = plan_job(job, load_ensemble(job.ensemble_path()))
     assert len(plan.skipped) == n // 2 and len(plan.todo) == n - n // 2 and plan.markers_read == 7
     calls = _calls(plan)
-    assert calls["list"] == 2                       # _markers/ and shards/, once each
-    assert calls["read"] == 7 + 2                   # the 7 markers after the checkpoint, manifest, dataset.json
+    assert calls["list"] == 2  # _markers/ and shards/, once each
+    assert calls["read"] == 7 + 2  # the 7 markers after the checkpoint, manifest, dataset.json
     assert calls.get("remove", 0) <= 1 and calls["write"] <= 6
 
 
 def test_resume_redoes_a_shard_whose_data_file_changed_and_one_committed_by_another_config(tmp_path):
     job = load_job(make_scale_job(str(tmp_path), 40, 20, after_checkpoint=4))
     ds = ReinforcedDataset(job.output.path)
-    Path(ds.folder.path_of(ds.data_rel("shard-000003"))).write_bytes(b"replaced")         # in the checkpoint
-    other = ds.folder.read_json(ds.marker_rel("shard-000018"))                              # after it
+    Path(ds.folder.path_of(ds.data_rel("shard-000003"))).write_bytes(b"replaced")  # in the checkpoint
+    other = ds.folder.read_json(ds.marker_rel("shard-000018"))  # after it
     ds.folder.write_json(ds.marker_rel("shard-000018"), {**other, "config_hash": "0123456789abcdef"})
     plan = plan_job(job, load_ensemble(job.ensemble_path()), force=True)
     redo = {u.rsplit("/", 1)[-1][:-4] for u in plan.todo}
@@ -106,6 +124,7 @@ def test_a_changed_config_is_refused_naming_the_keys_that_differ(tmp_path):
     job = load_job(make_scale_job(str(tmp_path), 10, 5, after_checkpoint=0))
     cfg = Path(tmp_path / "job.yaml")
     import yaml
+
     d = yaml.safe_load(cfg.read_text())
     d["aug"]["n_aug"] = 3
     d["seed"] = 7
@@ -118,6 +137,7 @@ def test_a_changed_config_is_refused_naming_the_keys_that_differ(tmp_path):
 
 class _Interrupting(StandInProcessor):
     """Commits 5 shards, then the driver gets Ctrl-C."""
+
     done = 0
 
     def process(self, url, dataset, config_hash):
@@ -132,14 +152,15 @@ def test_an_interrupted_driver_leaves_every_committed_shard_in_the_manifest(tmp_
     inputs = Folder(str(tmp_path / "in"))
     for n in shard_names(12):
         inputs.write_bytes(f"{n}.tar", b"")
-    job = load_job(write_job_file(str(tmp_path / "job.yaml"), inputs.root, str(tmp_path / "out"),
-                                  manifest_every_s=0.001))
+    job = load_job(
+        write_job_file(str(tmp_path / "job.yaml"), inputs.root, str(tmp_path / "out"), manifest_every_s=0.001)
+    )
     ens = load_ensemble(job.ensemble_path())
     with pytest.raises(KeyboardInterrupt):
         run_job(job, ens, executor="local", processor=_Interrupting)
     man = ReinforcedDataset(job.output.path).read_manifest()
     assert sorted(man.shards) == shard_names(12)[:5] and not man.complete
-    rerun = run_job(job, ens, executor="local", processor=StandInProcessor)       # resumes from it
+    rerun = run_job(job, ens, executor="local", processor=StandInProcessor)  # resumes from it
     assert sorted(rerun.skipped) == shard_names(12)[:5] and len(rerun.committed) == 7
     assert ReinforcedDataset(job.output.path).read_manifest().complete
 
@@ -153,8 +174,13 @@ def _status_checks(root: str, so: dict | None) -> None:
     names = sorted(ds.listing().markers)
     for n in names[24:]:
         ds.uncommit(n)
-    partial = Manifest(man.config_hash, man.teachers, man.captioners, 30,
-                       shards={n: man.shards[n] for n in names[:20] if n in man.shards})
+    partial = Manifest(
+        man.config_hash,
+        man.teachers,
+        man.captioners,
+        30,
+        shards={n: man.shards[n] for n in names[:20] if n in man.shards},
+    )
     assert len(partial.shards) == 20
     ds.write_manifest(partial)
     st = job_status(root, so, now=2e9)
@@ -190,9 +216,18 @@ def test_dr_status_on_a_path_that_is_not_a_dataset(tmp_path, capsys):
 def _enospc_job(tmp_path, tiny_ensemble) -> Path:
     make_corpus(str(tmp_path / "corpus"), n_shards=2, per_shard=2, seed=0, formats=("tar",))
     cfg = tmp_path / "job.yaml"
-    cfg.write_text(json.dumps({"input": {"urls": str(tmp_path / "corpus" / "tar")}, "output": {"path": str(tmp_path / "ds")},
-                               "teachers": tiny_ensemble, "aug": {"n_aug": 1, "size": 64}, "captions": {"k": 1},
-                               "execution": {"batch_size": 4, "device": "cpu"}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "input": {"urls": str(tmp_path / "corpus" / "tar")},
+                "output": {"path": str(tmp_path / "ds")},
+                "teachers": tiny_ensemble,
+                "aug": {"n_aug": 1, "size": 64},
+                "captions": {"k": 1},
+                "execution": {"batch_size": 4, "device": "cpu"},
+            }
+        )
+    )
     return cfg
 
 
@@ -209,6 +244,7 @@ def test_a_full_disk_ends_in_one_line_per_shard_and_a_summary(tmp_path, tiny_ens
         if rel.startswith("_markers/shard") or (rel == "manifest.json" and full.manifest):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, rel, data)
+
     full.manifest = False
     monkeypatch.setattr(Folder, "write_bytes", full)
     monkeypatch.setenv("DR_LOG_DIR", str(tmp_path / "logs"))

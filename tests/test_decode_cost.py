@@ -1,5 +1,6 @@
 """The analytic caption FLOP counts (dr_pipeline.models.decode_cost) equal torch's FlopCounterMode
 on real runs of both paths: open_clip ``generate`` (the public pattern) and our cached decoder."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +35,7 @@ def _count(fn) -> int:
 
 @pytest.mark.parametrize("name", ["dr-tiny-coca", "dr-tiny-coca-wide"])
 def test_flop_formulas_match_flop_counter(name):
-    c = _boosted_captioner(name, boost=0.0, max_len=10, min_len=4)   # boost 0: no row ever stops early
+    c = _boosted_captioner(name, boost=0.0, max_len=10, min_len=4)  # boost 0: no row ever stops early
     views = _views(2, c.image_size, seed=1)
     x = (views.float() / 255 - c.mean) / c.std
     emb = c.encode_images(views)
@@ -43,9 +44,10 @@ def test_flop_formulas_match_flop_counter(name):
     assert img == _count(lambda: c.model._encode_image(x[:1]))
     seq = c.spec.sampling.max_len
 
-    public = _count(lambda: c.model.generate(x, generation_type="top_p", top_p=0.9, seq_len=seq,
-                                             fixed_output_length=True))
-    assert public == pytest.approx(2 * dc.public_flops(d, seq, img), rel=1e-9)     # 2 images, 1 caption each
+    public = _count(
+        lambda: c.model.generate(x, generation_type="top_p", top_p=0.9, seq_len=seq, fixed_output_length=True)
+    )
+    assert public == pytest.approx(2 * dc.public_flops(d, seq, img), rel=1e-9)  # 2 images, 1 caption each
 
     k = 3
     rows = torch.arange(2).repeat_interleave(k)

@@ -11,6 +11,7 @@
 Every "undisturbed run" is the in-process executor with one torch thread, as the actors have:
 the bytes come out identical, so markers (except timings) and manifests compare exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,11 +34,11 @@ from dr_pipeline.cli import main as dr
 from dr_pipeline.config import load_job
 from dr_pipeline.corpus.readers import ShardReadError
 from dr_pipeline.corpus.synthetic import make_corpus
+from dr_pipeline.execute.runner import resolve_ensemble, run_job
 from dr_pipeline.shards.dataset import ReinforcedDataset, deterministic
+from dr_pipeline.shards.parquet_io import read_shard
 from dr_pipeline.storage.folder import Folder
 from dr_pipeline.storage.retry import PermanentError, RetriesExhausted, RetryPolicy, classify, redact_url, retry_call
-from dr_pipeline.execute.runner import resolve_ensemble, run_job
-from dr_pipeline.shards.parquet_io import read_shard
 from dr_pipeline.validate import validate_dataset
 from tests.conftest import REPO, write_job
 
@@ -47,14 +48,31 @@ SHARDS = [f"shard-{i:05d}" for i in range(N_SHARDS)]
 
 # --------------------------------------------------------------------------- helpers (also used by test_s3)
 
-def job_file(path: Path, urls, ensemble: str, out: str, input_so: dict | None = None,
-             output_so: dict | None = None, **execution) -> str:
+
+def job_file(
+    path: Path, urls, ensemble: str, out: str, input_so: dict | None = None, output_so: dict | None = None, **execution
+) -> str:
     """The tiny job every fault test runs: 2 augmentations, 1 synthetic caption, batches of 4."""
-    ex = {"min_actors": 1, "max_actors": 2, "cpus_per_actor": 1, "batch_size": 4, "max_attempts": 3,
-          "device": "cpu", "decode_threads": 1, "io_backoff_s": 0.05, **execution}
-    return write_job(path, input={"urls": urls, "storage_options": input_so or {}},
-                     output={"path": str(out), "storage_options": output_so or {}}, teachers=ensemble,
-                     aug={"n_aug": 2, "size": 64}, captions={"k": 1}, execution=ex)
+    ex = {
+        "min_actors": 1,
+        "max_actors": 2,
+        "cpus_per_actor": 1,
+        "batch_size": 4,
+        "max_attempts": 3,
+        "device": "cpu",
+        "decode_threads": 1,
+        "io_backoff_s": 0.05,
+        **execution,
+    }
+    return write_job(
+        path,
+        input={"urls": urls, "storage_options": input_so or {}},
+        output={"path": str(out), "storage_options": output_so or {}},
+        teachers=ensemble,
+        aug={"n_aug": 2, "size": 64},
+        captions={"k": 1},
+        execution=ex,
+    )
 
 
 @contextlib.contextmanager
@@ -86,8 +104,9 @@ def without(d: dict, *keys: str) -> dict:
     return {k: v for k, v in d.items() if k not in keys}
 
 
-def assert_same_dataset(ref: str, got: str, so: dict | None = None, names: list[str] | None = None,
-                        exact: bool = True) -> None:
+def assert_same_dataset(
+    ref: str, got: str, so: dict | None = None, names: list[str] | None = None, exact: bool = True
+) -> None:
     """``got`` holds the same committed shards as ``ref`` (or just ``names``): keys, params and
     captions identical, embeddings within 1 bf16 ulp. ``exact`` (same config): markers equal
     except timings, and manifests equal when all shards are compared."""
@@ -108,7 +127,7 @@ def assert_same_dataset(ref: str, got: str, so: dict | None = None, names: list[
                     assert ulps(x, y) <= 1
         same = ("n_read", "n_written", "n_rejected", "rejected_by_reason", "rejected_keys", "teachers")
         assert {k: ma[n][k] for k in same} == {k: mb[n][k] for k in same}
-        if exact:   # same config, same bytes: the markers differ in timings only
+        if exact:  # same config, same bytes: the markers differ in timings only
             timing = {"seconds", "stage_s", "started_at", "finished_at", "host", "pid", "peak_rss"}
             diff = {k for k in set(ma[n]) | set(mb[n]) if ma[n].get(k) != mb[n].get(k)} - timing
             assert not diff, f"{n}: markers differ in {sorted(diff)}"
@@ -151,6 +170,7 @@ class ShardKiller(threading.Thread):
 
 # --------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("fault-corpus")
@@ -170,17 +190,24 @@ def reference(corpus, tiny_ensemble, tmp_path_factory) -> str:
 
 # --------------------------------------------------------------------------- retry policy (no I/O)
 
+
 def _client_error(status: int, code: str):
     from botocore.exceptions import ClientError
-    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                       "PutObject")
+
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
 
 
 def test_retry_backoff_jitter_and_error_kinds():
     policy = RetryPolicy(attempts=5, base_s=1.0, cap_s=3.0)
     sleeps: list[float] = []
-    errors = [OSError(errno.EIO, "io"), ConnectionResetError("reset"), _client_error(503, "SlowDown"),
-              TimeoutError("slow")]
+    errors = [
+        OSError(errno.EIO, "io"),
+        ConnectionResetError("reset"),
+        _client_error(503, "SlowDown"),
+        TimeoutError("slow"),
+    ]
     calls = []
 
     def flaky():
@@ -191,28 +218,35 @@ def test_retry_backoff_jitter_and_error_kinds():
 
     assert retry_call(flaky, "put x", policy, sleep=sleeps.append, rng=random.Random(0)) == "ok"
     assert len(calls) == 5 and len(sleeps) == 4
-    assert all(0 <= s <= min(3.0, 2 ** i) for i, s in enumerate(sleeps))   # full jitter under a doubling cap
-    assert len(set(sleeps)) == 4                                           # jittered, not fixed
+    assert all(0 <= s <= min(3.0, 2**i) for i, s in enumerate(sleeps))  # full jitter under a doubling cap
+    assert len(set(sleeps)) == 4  # jittered, not fixed
 
-    for permanent in (FileNotFoundError("gone"), PermissionError("denied"), _client_error(403, "AccessDenied"),
-                      _client_error(404, "NoSuchKey")):
+    for permanent in (
+        FileNotFoundError("gone"),
+        PermissionError("denied"),
+        _client_error(403, "AccessDenied"),
+        _client_error(404, "NoSuchKey"),
+    ):
         calls.clear()
 
         def fails(e=permanent):
             calls.append(1)
             raise e
+
         with pytest.raises(PermanentError, match=r"^get s3://b/k: "):
             retry_call(fails, "get s3://b/k", policy, sleep=sleeps.append)
-        assert len(calls) == 1                                             # fail fast, no retry
+        assert len(calls) == 1  # fail fast, no retry
 
     def always_503():
         raise _client_error(503, "ServiceUnavailable")
+
     with pytest.raises(RetriesExhausted, match=r"still failing after 5 attempts.*HTTP 503"):
         retry_call(always_503, "put y", policy, sleep=lambda s: None)
 
     def bug():
         calls.append(1)
         raise ValueError("not an I/O problem")
+
     calls.clear()
     with pytest.raises(ValueError):
         retry_call(bug, "read z", policy, sleep=lambda s: None)
@@ -227,17 +261,20 @@ def test_retry_backoff_jitter_and_error_kinds():
                 raise ShardReadError("s3://b/x.tar: cannot open") from e
             except ShardReadError as outer:
                 return outer
+
     assert classify(chained(FileNotFoundError("x"))) == "permanent"
     assert classify(chained(OSError(errno.EREMOTEIO, "InternalError"))) == "transient"
-    assert classify(chained(OSError("Couldn't deserialize thrift"))) is None   # a decoder's OSError: not I/O
+    assert classify(chained(OSError("Couldn't deserialize thrift"))) is None  # a decoder's OSError: not I/O
     assert redact_url("s3://AKIA:sekrit@bucket/x.tar?X-Amz-Signature=abc") == "s3://bucket/x.tar"
 
 
 # --------------------------------------------------------------------------- faults on Ray
 
+
 @pytest.mark.timeout(180)
 def test_actor_sigkilled_mid_shard_job_completes_and_equals_undisturbed_run(
-        ray_local, corpus, tiny_ensemble, reference, tmp_path):
+    ray_local, corpus, tiny_ensemble, reference, tmp_path
+):
     # max_actors 3 on 2 CPUs: one actor can never be placed and must not hold any work
     cfg = job_file(tmp_path / "job.yaml", urls_of(corpus), tiny_ensemble, tmp_path / "ds", max_actors=3)
     job = load_job(cfg)
@@ -267,7 +304,7 @@ def test_hung_actor_is_killed_and_its_shard_retried_elsewhere(ray_local, corpus,
     assert [(r["shard"], r["attempt"]) for r in report.retried] == [("shard-00001", 1)]
     assert report.retried[0]["error"].startswith("hung: no result after")
     deadline = time.time() + 30
-    while _alive(pid) and time.time() < deadline:        # ray.kill of a stopped process: SIGKILL works
+    while _alive(pid) and time.time() < deadline:  # ray.kill of a stopped process: SIGKILL works
         time.sleep(0.2)
     assert not _alive(pid)
     assert_same_dataset(reference, str(tmp_path / "ds"))
@@ -283,7 +320,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.timeout(180)
 def test_poison_shard_is_retried_a_bounded_number_of_times_and_reported(
-        ray_local, corpus, tiny_ensemble, reference, tmp_path, capsys):
+    ray_local, corpus, tiny_ensemble, reference, tmp_path, capsys
+):
     """shard-00002 kills its actor on every attempt (as an OOM or a crashing decoder would)."""
     root = tmp_path / "ds"
     cfg = job_file(tmp_path / "job.yaml", urls_of(corpus), tiny_ensemble, root, max_attempts=2)
@@ -291,7 +329,7 @@ def test_poison_shard_is_retried_a_bounded_number_of_times_and_reported(
         rc = dr(["reinforce", "--config", cfg])
     err = capsys.readouterr().err
     assert rc == 1
-    assert len(killer.killed) == 2                                   # exactly max_attempts attempts
+    assert len(killer.killed) == 2  # exactly max_attempts attempts
     manifest = Folder(str(root)).read_json("manifest.json")
     [failed] = manifest["failed"]
     assert (failed["shard"], failed["attempts"], failed["permanent"]) == ("shard-00002", 2, False)
@@ -304,8 +342,14 @@ def test_poison_shard_is_retried_a_bounded_number_of_times_and_reported(
 
 @pytest.mark.timeout(60)
 def test_actors_that_cannot_be_placed_fail_the_job_after_a_bounded_wait(ray_local, corpus, tiny_ensemble, tmp_path):
-    cfg = job_file(tmp_path / "job.yaml", urls_of(corpus), tiny_ensemble, tmp_path / "ds",
-                   gpus_per_actor=1, actor_start_timeout_s=3)
+    cfg = job_file(
+        tmp_path / "job.yaml",
+        urls_of(corpus),
+        tiny_ensemble,
+        tmp_path / "ds",
+        gpus_per_actor=1,
+        actor_start_timeout_s=3,
+    )
     job = load_job(cfg)
     t0 = time.time()
     report = run_job(job, resolve_ensemble(job))
@@ -318,6 +362,7 @@ def test_actors_that_cannot_be_placed_fail_the_job_after_a_bounded_wait(ray_loca
 
 # --------------------------------------------------------------------------- the driver killed
 
+
 def _session_pids(sid: int) -> list[int]:
     """Processes in session ``sid`` (the `dr reinforce` we started and everything it started:
     its Ray head, raylet, workers, actors)."""
@@ -328,7 +373,7 @@ def _session_pids(sid: int) -> list[int]:
                 stat = Path(f"/proc/{d}/stat").read_text()
             except OSError:
                 continue
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2 :].split()
             if int(fields[3]) == sid and fields[0] != "Z":
                 out.append(int(d))
     return out
@@ -363,7 +408,8 @@ def _dr_env() -> dict:
 
 @pytest.mark.timeout(300)
 def test_driver_killed_mid_job_then_rerun_resumes_to_the_undisturbed_dataset(
-        ray_local, corpus, tiny_ensemble, reference, tmp_path, capsys):
+    ray_local, corpus, tiny_ensemble, reference, tmp_path, capsys
+):
     """`dr reinforce` runs in its own session with its own local Ray (execution.address unset:
     a new local instance, never the test's Ray found via /tmp/ray/ray_current_cluster)."""
     root = tmp_path / "ds"
@@ -378,10 +424,10 @@ def test_driver_killed_mid_job_then_rerun_resumes_to_the_undisturbed_dataset(
             assert time.time() < deadline, "no shard committed in time"
             time.sleep(0.02)
         own_raylet = [q for q in _session_pids(p.pid) if b"raylet" in _cmdline(q)]
-        os.kill(p.pid, signal.SIGKILL)            # the driver alone, mid-job, as the OOM killer would
+        os.kill(p.pid, signal.SIGKILL)  # the driver alone, mid-job, as the OOM killer would
         assert own_raylet, "dr reinforce attached to another Ray instead of starting its own"
         committed_at_kill = len(list((root / "_markers").glob("*.json")))
-        deadline = time.time() + 60               # its watchdog reaps Ray's GCS, raylet, agents and actors
+        deadline = time.time() + 60  # its watchdog reaps Ray's GCS, raylet, agents and actors
         while _session_pids(p.pid) and time.time() < deadline:
             time.sleep(0.2)
         left = [_cmdline(q)[:60] for q in _session_pids(p.pid)]
@@ -392,7 +438,7 @@ def test_driver_killed_mid_job_then_rerun_resumes_to_the_undisturbed_dataset(
         _kill_session(p.pid)
         log.close()
     assert 1 <= committed_at_kill < N_SHARDS
-    checkpoint = Folder(str(root)).read_json("manifest.json")       # written at plan time, not since
+    checkpoint = Folder(str(root)).read_json("manifest.json")  # written at plan time, not since
     assert checkpoint is not None and not checkpoint["complete"] and checkpoint["n_shards"] == 0
 
     # The same command again (in this process, on the test's Ray: a fresh driver process would
@@ -404,11 +450,12 @@ def test_driver_killed_mid_job_then_rerun_resumes_to_the_undisturbed_dataset(
     assert skipped >= committed_at_kill
     assert_same_dataset(reference, str(root))
     assert validate_dataset(str(root)).ok
-    assert not list((root / "_tmp").glob("*.parquet"))                  # leftovers of the killed run swept
+    assert not list((root / "_tmp").glob("*.parquet"))  # leftovers of the killed run swept
     assert json.loads((root / "manifest.json").read_text())["complete"]
 
 
 # --------------------------------------------------------------------------- cluster entrypoint and job files
+
 
 def test_cluster_job_files_are_valid_and_the_entrypoint_connects_to_the_running_cluster(tmp_path, monkeypatch):
     import importlib.util
@@ -420,11 +467,11 @@ def test_cluster_job_files_are_valid_and_the_entrypoint_connects_to_the_running_
     for name, n_aug, ensemble in [("datacompdr-12m", 30, "datacompdr"), ("dfndr-2b", 2, "dfndr2b")]:
         job = load_job(REPO / "jobs" / "configs" / f"{name}.yaml")
         ens = resolve_ensemble(job)
-        check_ensemble(ens)                                   # structure + ids, no download
+        check_ensemble(ens)  # structure + ids, no download
         assert (job.aug.n_aug, job.captions.k, ens.name) == (n_aug, 5, ensemble)
         assert job.input.urls.startswith("s3://") and job.output.path.startswith("s3://")
         assert job.execution.gpus_per_actor == 1 and job.execution.device == "cuda"
-        assert not job.input.storage_options and not job.output.storage_options   # no keys in files
+        assert not job.input.storage_options and not job.output.storage_options  # no keys in files
     cluster = yaml.safe_load((REPO / "jobs" / "cluster.yaml").read_text())
     assert cluster["provider"]["type"] == "aws" and cluster["available_node_types"]["head"]["resources"] == {"CPU": 0}
     rayjob = yaml.safe_load((REPO / "jobs" / "kuberay-rayjob.yaml").read_text())
@@ -437,11 +484,14 @@ def test_cluster_job_files_are_valid_and_the_entrypoint_connects_to_the_running_
     spec.loader.exec_module(mod)
     seen: list[list[str]] = []
     monkeypatch.setattr(mod, "main", lambda argv: seen.append(argv) or 0)
-    no_address = write_job(tmp_path / "a.yaml", input={"urls": "x.tar"}, output={"path": str(tmp_path / "o")},
-                           teachers="t.yaml")
+    no_address = write_job(
+        tmp_path / "a.yaml", input={"urls": "x.tar"}, output={"path": str(tmp_path / "o")}, teachers="t.yaml"
+    )
     mod.entry(["--config", no_address])
     mod.entry(["--config", no_address, "--address", "ray://head:10001"])
     mod.entry(["--config", str(REPO / "jobs" / "configs" / "dfndr-2b.yaml")])
-    assert seen == [["reinforce", "--config", no_address, "--address", "auto"],
-                    ["reinforce", "--config", no_address, "--address", "ray://head:10001"],
-                    ["reinforce", "--config", str(REPO / "jobs" / "configs" / "dfndr-2b.yaml")]]
+    assert seen == [
+        ["reinforce", "--config", no_address, "--address", "auto"],
+        ["reinforce", "--config", no_address, "--address", "ray://head:10001"],
+        ["reinforce", "--config", str(REPO / "jobs" / "configs" / "dfndr-2b.yaml")],
+    ]

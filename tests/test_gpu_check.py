@@ -8,6 +8,7 @@
 - the bench's `measure` (teachers, captioner, busy fraction of a real `ShardProcessor` run)
   runs on the CPU with the tiny ensemble and renders.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,16 +32,36 @@ def test_without_cuda_gpu_check_and_gpu_bench_say_so_and_exit_0(monkeypatch, tmp
     out = tmp_path / "B.md"
     assert bench.main(["--only", "gpu", "--out", str(out), "--costs-dir", str(tmp_path / "costs")]) == 0
     assert "skipped: no CUDA" in capsys.readouterr().err
-    assert not out.exists() and not (tmp_path / "costs").exists()        # records nothing
+    assert not out.exists() and not (tmp_path / "costs").exists()  # records nothing
 
 
 @pytest.mark.timeout(300)
 def test_gpu_check_cpu_vs_cpu_passes_and_its_comparison_catches_each_difference(tiny_ensemble, tmp_path, capsys):
-    cfg = write_job(tmp_path / "job.yaml", input={"urls": "replaced.tar"}, output={"path": str(tmp_path / "x")},
-                    teachers=tiny_ensemble)
+    cfg = write_job(
+        tmp_path / "job.yaml",
+        input={"urls": "replaced.tar"},
+        output={"path": str(tmp_path / "x")},
+        teachers=tiny_ensemble,
+    )
     work = tmp_path / "work"
-    rc = gpu_check.main(["--device", "cpu", "--teachers", tiny_ensemble, "--config", cfg, "--shards", "1",
-                         "--per-shard", "4", "--workdir", str(work), "--json", str(tmp_path / "r.json")])
+    rc = gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--teachers",
+            tiny_ensemble,
+            "--config",
+            cfg,
+            "--shards",
+            "1",
+            "--per-shard",
+            "4",
+            "--workdir",
+            str(work),
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "gpu-check: PASSED" in printed
@@ -48,7 +69,7 @@ def test_gpu_check_cpu_vs_cpu_passes_and_its_comparison_catches_each_difference(
     assert res["ok"] and res["rows"] == 4 and res["vectors"] > 0 and res["captions"] > 0
     assert res["rows_identical"] and res["aug_identical"] and res["caption_mismatches"] == 0
     assert set(res["min_cosine"]) >= {"tiny-vit-a:image", "tiny-vit-a:text", "tiny-vit-b:image", "tiny-vit-b:text"}
-    assert min(res["min_cosine"].values()) > 0.9999                      # same device, same bits
+    assert min(res["min_cosine"].values()) > 0.9999  # same device, same bits
 
     # one shard of each run, then differences planted one kind at a time
     ref_file = next((work / "ref-cpu" / "shards").glob("*.parquet"))
@@ -71,7 +92,7 @@ def test_gpu_check_cpu_vs_cpu_passes_and_its_comparison_catches_each_difference(
     t = next(iter(a.image_emb))
     b, _ = read_shard(str(ref_file))
     emb = b.image_emb[t].clone()
-    emb[1, 0] = -emb[1, 0]                                               # one view's vector turned around
+    emb[1, 0] = -emb[1, 0]  # one view's vector turned around
     b.image_emb[t] = emb
     r = gpu_check.compare_rows(a, b, min_cosine=0.99)
     assert r["below"] == 1 and r["min_cosine"][f"{t}:image"] < 0 and r["problems"]
@@ -82,10 +103,17 @@ def test_gpu_check_cpu_vs_cpu_passes_and_its_comparison_catches_each_difference(
 def test_gpu_bench_measure_runs_the_product_path_on_cpu_and_renders(tiny_ensemble, tmp_path):
     make_split("web", str(tmp_path / "corpus"), n_shards=2, per_shard=4, seed=0, formats=("tar",))
     urls = [str(tmp_path / "corpus" / "tar" / f"shard-{i:05d}.tar") for i in range(2)]
-    job = load_job(write_job(tmp_path / "job.yaml", input={"urls": urls[0]}, output={"path": str(tmp_path / "ds")},
-                             teachers=tiny_ensemble))
-    d = bench_gpu.measure(job, load_ensemble(tiny_ensemble), urls, str(tmp_path / "ds"),
-                          n_images=4, n_caption_images=2, rounds=2)
+    job = load_job(
+        write_job(
+            tmp_path / "job.yaml",
+            input={"urls": urls[0]},
+            output={"path": str(tmp_path / "ds")},
+            teachers=tiny_ensemble,
+        )
+    )
+    d = bench_gpu.measure(
+        job, load_ensemble(tiny_ensemble), urls, str(tmp_path / "ds"), n_images=4, n_caption_images=2, rounds=2
+    )
     assert d["device"] == "cpu" and set(d["teachers"]) == {"tiny-vit-a", "tiny-vit-b"}
     assert all(v["images_per_s"] > 0 for v in d["teachers"].values())
     assert 0 < d["teacher_pair_images_per_s"] < min(v["images_per_s"] for v in d["teachers"].values())

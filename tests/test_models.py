@@ -1,4 +1,5 @@
 """Teachers, captioner and tiny checkpoints (dr_pipeline.models), on tiny random models, CPU only."""
+
 from __future__ import annotations
 
 import collections
@@ -14,8 +15,14 @@ from safetensors.torch import load_file
 
 from dr_pipeline.config import CaptionerSpec, ConfigError, SamplingSpec, load_ensemble
 from dr_pipeline.models import captioner as capmod
-from dr_pipeline.models.captioner import (Captioner, clean_caption, is_degenerate, load_captioner,
-                                          pick_tokens, row_uniforms)
+from dr_pipeline.models.captioner import (
+    Captioner,
+    clean_caption,
+    is_degenerate,
+    load_captioner,
+    pick_tokens,
+    row_uniforms,
+)
 from dr_pipeline.models.teachers import check_ensemble, load_teacher, register_model_configs
 from dr_pipeline.models.tiny import init_uninitialized, make_tiny_checkpoints
 
@@ -69,14 +76,18 @@ def _views(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- tiny checkpoints
 
+
 def test_make_tiny_checkpoints_deterministic(tiny_yaml, tmp_path):
     other = _copy_tiny(tmp_path / "again")
     written = make_tiny_checkpoints(str(other))
-    assert [Path(p).name for p in written] == ["tiny-vit-a.safetensors", "tiny-vit-b.safetensors",
-                                               "tiny-coca.safetensors"]
+    assert [Path(p).name for p in written] == [
+        "tiny-vit-a.safetensors",
+        "tiny-vit-b.safetensors",
+        "tiny-coca.safetensors",
+    ]
     for p in written:  # same bytes as the fixture's run, in another folder and process state
         assert Path(p).read_bytes() == (tiny_yaml.parent / "checkpoints" / Path(p).name).read_bytes()
-    assert make_tiny_checkpoints(str(other)) == []          # existing files are kept
+    assert make_tiny_checkpoints(str(other)) == []  # existing files are kept
     before = Path(written[0]).read_bytes()
     assert len(make_tiny_checkpoints(str(other), force=True)) == 3
     assert Path(written[0]).read_bytes() == before
@@ -100,6 +111,7 @@ def test_load_teacher_reads_the_checkpoint(ensemble, teachers):
 
 # --------------------------------------------------------------------------- check_ensemble
 
+
 def test_check_ensemble_names_teacher_problem_and_fix(ensemble, tmp_path):
     check_ensemble(ensemble)
     a, b = ensemble.teachers
@@ -110,7 +122,9 @@ def test_check_ensemble_names_teacher_problem_and_fix(ensemble, tmp_path):
     assert "teacher 'tiny-vit-a'" in msg and "unknown open_clip model 'ViT-Q-99'" in msg
     assert "open_clip.list_models()" in msg and "\n" not in msg
 
-    missing = dataclasses.replace(ensemble, teachers=(a, dataclasses.replace(b, pretrained="checkpoints/nope.safetensors")))
+    missing = dataclasses.replace(
+        ensemble, teachers=(a, dataclasses.replace(b, pretrained="checkpoints/nope.safetensors"))
+    )
     with pytest.raises(ConfigError) as e:
         check_ensemble(missing)
     msg = str(e.value)
@@ -118,14 +132,17 @@ def test_check_ensemble_names_teacher_problem_and_fix(ensemble, tmp_path):
     assert str(Path(ensemble.source) / "checkpoints/nope.safetensors") in msg and "dr make-teachers" in msg
 
 
-@pytest.mark.parametrize("change, expected", [
-    (dict(pretrained="hf-hub:org/repo"), "set model: hf-hub:org/repo"),
-    (dict(model="hf-hub:not a repo", pretrained=None), "malformed hf-hub id"),
-    (dict(model="ViT-B-32", pretrained="no_such_tag", image_size=224), "unknown pretrained tag 'no_such_tag'"),
-    (dict(pretrained=None), "no pretrained weights"),
-    (dict(context_length=77), "context_length 77 but 'dr-tiny-vit-a' has 16"),
-    (dict(image_size=64), "image_size 64 but 'dr-tiny-vit-a' takes 32"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (dict(pretrained="hf-hub:org/repo"), "set model: hf-hub:org/repo"),
+        (dict(model="hf-hub:not a repo", pretrained=None), "malformed hf-hub id"),
+        (dict(model="ViT-B-32", pretrained="no_such_tag", image_size=224), "unknown pretrained tag 'no_such_tag'"),
+        (dict(pretrained=None), "no pretrained weights"),
+        (dict(context_length=77), "context_length 77 but 'dr-tiny-vit-a' has 16"),
+        (dict(image_size=64), "image_size 64 but 'dr-tiny-vit-a' takes 32"),
+    ],
+)
 def test_check_ensemble_rejects(ensemble, change, expected):
     t = dataclasses.replace(ensemble.teachers[0], **change)
     with pytest.raises(ConfigError, match="teacher 'tiny-vit-a'") as e:
@@ -144,6 +161,7 @@ def test_check_ensemble_rejects_bad_sampling(ensemble):
 def test_real_ensembles_check_without_download(name, monkeypatch):
     def no_network(*a, **k):
         raise AssertionError("check_ensemble must not download")
+
     monkeypatch.setattr(open_clip.pretrained, "download_pretrained", no_network)
     monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_hf", no_network)
     monkeypatch.setattr(open_clip.factory, "download_pretrained", no_network)
@@ -155,6 +173,7 @@ def test_real_ensembles_check_without_download(name, monkeypatch):
 
 
 # --------------------------------------------------------------------------- teachers
+
 
 def test_teachers_differ_and_encode_unit_float32(teachers):
     a, b = teachers
@@ -189,7 +208,7 @@ def test_long_captions_are_truncated(teachers):
         z = t.encode_texts([long_a, long_b, "short"])
         assert z.shape == (3, t.dim)
         assert t.tokenizer([long_a]).shape == (1, ctx)
-        torch.testing.assert_close(z[0], z[1])     # they differ only past the context length
+        torch.testing.assert_close(z[0], z[1])  # they differ only past the context length
         assert not torch.allclose(z[0], z[2])
 
 
@@ -206,9 +225,12 @@ def test_text_sub_batches_match_one_batch(teachers):
 
 # --------------------------------------------------------------------------- captions: hygiene
 
+
 def test_clean_caption_and_is_degenerate():
-    assert clean_caption("<start_of_text>a red circle on the left . a blue one<end_of_text>!!!!") == \
-        "a red circle on the left"
+    assert (
+        clean_caption("<start_of_text>a red circle on the left . a blue one<end_of_text>!!!!")
+        == "a red circle on the left"
+    )
     assert clean_caption("a red circle on the left.") == "a red circle on the left"
     assert clean_caption("  a   dog ,  running  ") == "a dog, running"
     assert clean_caption("a 3.5 m wall") == "a 3.5 m wall"
@@ -224,6 +246,7 @@ def test_clean_caption_and_is_degenerate():
 
 
 # --------------------------------------------------------------------------- captions: sampling
+
 
 def test_row_uniforms_are_a_pure_function_of_the_row():
     u = row_uniforms(0, "k", 1, 0, 20)
@@ -243,10 +266,10 @@ def test_pick_tokens_filters_and_inverts_the_cdf():
     # top_p 0.7 keeps {0.5, 0.25} (0.5 alone is short of 0.7), renormalised to 2/3, 1/3
     counts = torch.bincount(pick_tokens(rows, u, 1.0, 0, 0.7), minlength=4).float() / len(u)
     torch.testing.assert_close(counts, torch.tensor([0, 2 / 3, 0, 1 / 3]), atol=2e-3, rtol=0)
-    assert set(pick_tokens(rows, u, 1.0, 1, 1.0).tolist()) == {1}      # top_k 1 = argmax
-    assert set(pick_tokens(rows, u, 1.0, 0, 0.01).tolist()) == {1}     # tiny nucleus = argmax
-    assert pick_tokens(logits, None, 1.0, 0, 0.9).item() == 1          # greedy
-    assert pick_tokens(logits, torch.tensor([1 - 2 ** -53], dtype=torch.float64), 1.0, 0, 0.7).item() == 3
+    assert set(pick_tokens(rows, u, 1.0, 1, 1.0).tolist()) == {1}  # top_k 1 = argmax
+    assert set(pick_tokens(rows, u, 1.0, 0, 0.01).tolist()) == {1}  # tiny nucleus = argmax
+    assert pick_tokens(logits, None, 1.0, 0, 0.9).item() == 1  # greedy
+    assert pick_tokens(logits, torch.tensor([1 - 2**-53], dtype=torch.float64), 1.0, 0, 0.7).item() == 3
 
 
 def test_captions_are_seeded_and_independent_of_the_batch(captioner):
@@ -254,8 +277,9 @@ def test_captions_are_seeded_and_independent_of_the_batch(captioner):
     keys = ["key-a", "key-b", "key-c"]
     first = captioner.caption(views, keys, seed=7, k=3)
     assert len(first.captions) == 3 and all(1 <= len(c) <= 3 for c in first.captions)
-    assert all(isinstance(s, str) and s == clean_caption(s) and not is_degenerate(s)
-               for caps in first.captions for s in caps)
+    assert all(
+        isinstance(s, str) and s == clean_caption(s) and not is_degenerate(s) for caps in first.captions for s in caps
+    )
     assert isinstance(first.rejected, collections.Counter)
     assert captioner.caption(views, keys, seed=7, k=3).captions == first.captions
     assert captioner.caption(views, keys, seed=8, k=3).captions != first.captions
@@ -279,13 +303,15 @@ def test_rejected_captions_are_resampled_then_counted(captioner, monkeypatch):
 
     def reject_first_draw(text: str, min_words: int = 2) -> bool:
         seen[text] += 1
-        return len(seen) <= 2          # the first two distinct captions ever seen are rejected
+        return len(seen) <= 2  # the first two distinct captions ever seen are rejected
+
     monkeypatch.setattr(capmod, "is_degenerate", reject_first_draw)
     out = captioner.caption(views, keys, seed=1, k=2)
     assert out.rejected["degenerate"] >= 2 and all(len(c) == 2 for c in out.captions)
 
 
 # --------------------------------------------------------------------------- captions: greedy == generate
+
 
 def _boosted_captioner(name: str, boost: float, max_len: int, min_len: int) -> Captioner:
     """Random CoCa whose end-of-text and pad logits are inflated, so rows stop at varied steps."""
@@ -297,8 +323,9 @@ def _boosted_captioner(name: str, boost: float, max_len: int, min_len: int) -> C
         model.text_decoder.text_projection[:, 49407] *= boost
         model.text_decoder.text_projection[:, 0] *= 0.8 * boost
     size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
-    spec = CaptionerSpec(id=name, model=name, image_size=size,
-                         sampling=SamplingSpec(max_len=max_len, min_len=min_len, top_p=0.9))
+    spec = CaptionerSpec(
+        id=name, model=name, image_size=size, sampling=SamplingSpec(max_len=max_len, min_len=min_len, top_p=0.9)
+    )
     return Captioner(spec, model.requires_grad_(False), open_clip.get_tokenizer(name))
 
 
@@ -320,7 +347,7 @@ def test_greedy_equals_open_clip_generate(captioner, ensemble):
         ours = c.decode(c.encode_images(views), None)
         assert torch.equal(ours, _generate(c, views))
         lengths = (ours != 0).sum(dim=1)
-        assert lengths.min() < 16 == lengths.max()      # some rows stopped early, some ran out
+        assert lengths.min() < 16 == lengths.max()  # some rows stopped early, some ran out
 
 
 def test_sampling_respects_min_and_max_len(ensemble):
@@ -335,4 +362,4 @@ def test_sampling_respects_min_and_max_len(ensemble):
         stops = [i for i, t in enumerate(row) if t in (c.eot, c.pad)]
         assert stops, "every row ends with end-of-text or pad"
         if row[stops[0]] == c.eot:
-            assert stops[0] >= 6        # end-of-text is suppressed while the prefix is shorter
+            assert stops[0] >= 6  # end-of-text is suppressed while the prefix is shorter

@@ -17,6 +17,7 @@ The nodes use a token of their own (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``)
 turns token auth on by itself wherever ``~/.ray/auth_token`` exists, which any local
 ``ray.init`` on the machine creates.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,7 @@ from tests.test_faults import job_file, undisturbed_run
 N_SHARDS, PER_SHARD = 4, 6
 SHARDS = [f"shard-{i:05d}" for i in range(N_SHARDS)]
 RAY = str(Path(sys.executable).with_name("ray"))
-DEADLINE_S = 250          # the cluster part (~130 s on a loaded 2-core machine); pytest's timeout: hard stop
+DEADLINE_S = 250  # the cluster part (~130 s on a loaded 2-core machine); pytest's timeout: hard stop
 
 DRIVER = """
 import json, sys
@@ -60,6 +61,7 @@ json.dump({"committed": sorted(map(name, r.committed)), "retried": r.retried,
 
 # --------------------------------------------------------------------------- processes
 
+
 def session_pids(sid: int) -> list[int]:
     """Live (non-zombie) processes whose session id is ``sid``."""
     out = []
@@ -69,7 +71,7 @@ def session_pids(sid: int) -> list[int]:
                 stat = Path(f"/proc/{d}/stat").read_text()
             except OSError:
                 continue
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2 :].split()
             if int(fields[3]) == sid and fields[0] != "Z":
                 out.append(int(d))
     return out
@@ -80,7 +82,7 @@ def session_of(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[3])
+    return int(stat[stat.rindex(")") + 2 :].split()[3])
 
 
 def cmdline(pid: int) -> str:
@@ -118,9 +120,13 @@ class Cluster:
         self.sessions: dict[str, int] = {}
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         # a dead node is noticed after ~2 s instead of the default ~30 s (read by the head's GCS)
-        self.env.update(RAY_health_check_initial_delay_ms="0", RAY_health_check_period_ms="500",
-                        RAY_health_check_timeout_ms="1000", RAY_health_check_failure_threshold="4",
-                        RAY_USAGE_STATS_ENABLED="0")
+        self.env.update(
+            RAY_health_check_initial_delay_ms="0",
+            RAY_health_check_period_ms="500",
+            RAY_health_check_timeout_ms="1000",
+            RAY_health_check_failure_threshold="4",
+            RAY_USAGE_STATS_ENABLED="0",
+        )
         # Ray 2.5x+ turns token auth on when ~/.ray/auth_token exists (any local ray.init writes it):
         # the nodes and the driver share a token of their own, independent of that file.
         self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -128,12 +134,25 @@ class Cluster:
 
     def _start(self, name: str, args: list[str], worker_ports: int) -> subprocess.Popen:
         # every port chosen here, none of Ray's fixed defaults (another Ray may hold them)
-        cmd = [RAY, "start", *args, "--num-cpus=1", "--num-gpus=0", f"--resources={json.dumps({name: 1})}",
-               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-               f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 199}",
-               "--object-store-memory=80000000", "--include-log-monitor=false", "--disable-usage-stats"]
+        cmd = [
+            RAY,
+            "start",
+            *args,
+            "--num-cpus=1",
+            "--num-gpus=0",
+            f"--resources={json.dumps({name: 1})}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--min-worker-port={worker_ports}",
+            f"--max-worker-port={worker_ports + 199}",
+            "--object-store-memory=80000000",
+            "--include-log-monitor=false",
+            "--disable-usage-stats",
+        ]
         log = open(Path(self.temp) / f"{name}.log", "w")
         p = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -149,8 +168,11 @@ class Cluster:
     def start_head(self) -> subprocess.Popen:
         # worker ports: two disjoint windows below Linux's ephemeral range, away from Ray's default 10002-19999
         self.worker_ports = 20000 + (os.getpid() * 7919) % 5000
-        return self._start("node_a", ["--head", f"--port={self.port}", f"--temp-dir={self.temp}",
-                                      "--include-dashboard=false"], self.worker_ports)
+        return self._start(
+            "node_a",
+            ["--head", f"--port={self.port}", f"--temp-dir={self.temp}", "--include-dashboard=false"],
+            self.worker_ports,
+        )
 
     def start_worker(self, head: subprocess.Popen, deadline: float) -> subprocess.Popen:
         """Wait for the head (``start_head``), then start the second node (``wait`` for it)."""
@@ -181,6 +203,7 @@ class Cluster:
 
 # --------------------------------------------------------------------------- dataset comparison
 
+
 def assert_same_tables(ref: str, got: str) -> None:
     """Every committed shard: same columns, same rows, value for value (Arrow equality per column,
     so every embedding's bf16 bits, every caption, every aug param), and the same file metadata;
@@ -203,6 +226,7 @@ def assert_same_tables(ref: str, got: str) -> None:
 
 # --------------------------------------------------------------------------- the test
 
+
 @pytest.mark.timeout(300)
 def test_second_node_killed_mid_job_finishes_on_the_first_and_equals_undisturbed_run(tiny_ensemble, tmp_path):
     corpus = tmp_path / "corpus"
@@ -220,14 +244,30 @@ def test_second_node_killed_mid_job_finishes_on_the_first_and_equals_undisturbed
         t_ref = time.monotonic() - t0
         worker = cluster.start_worker(head, deadline)
         root = tmp_path / "ds"
-        cfg = job_file(tmp_path / "job.yaml", urls, tiny_ensemble, root, address=cluster.address,
-                       min_actors=1, max_actors=2, cpus_per_actor=1, max_attempts=3, actor_start_timeout_s=120)
+        cfg = job_file(
+            tmp_path / "job.yaml",
+            urls,
+            tiny_ensemble,
+            root,
+            address=cluster.address,
+            min_actors=1,
+            max_actors=2,
+            cpus_per_actor=1,
+            max_attempts=3,
+            actor_start_timeout_s=120,
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         env.update(cluster.auth, PYTHONPATH=str(REPO))
         with open(driver_log, "w") as log:
-            driver = subprocess.Popen([sys.executable, "-c", DRIVER, cfg, str(tmp_path / "report.json")],
-                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        cluster.wait("node_b", worker, deadline)    # meanwhile the driver starts and its node_a actor loads
+            driver = subprocess.Popen(
+                [sys.executable, "-c", DRIVER, cfg, str(tmp_path / "report.json")],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        cluster.wait("node_b", worker, deadline)  # meanwhile the driver starts and its node_a actor loads
         t_cluster = time.monotonic() - t0
 
         # Watch the workers' temporary files (PID -> node). An actor seen mid-shard while the other
@@ -238,8 +278,9 @@ def test_second_node_killed_mid_job_finishes_on_the_first_and_equals_undisturbed
         killed_shard = None
         while killed_shard is None:
             assert driver.poll() is None, f"the job ended before node_b was killed:\n{driver_log.read_text()}"
-            assert time.monotonic() < deadline, (f"no actor on each node mid-shard in time (seen {seen}):\n"
-                                                 f"{driver_log.read_text()}")
+            assert time.monotonic() < deadline, (
+                f"no actor on each node mid-shard in time (seen {seen}):\n{driver_log.read_text()}"
+            )
             for f in sorted((root / "_tmp").glob("shard-*.parquet")) if (root / "_tmp").is_dir() else []:
                 pid = int(f.name.split(".")[1])
                 if pid not in seen:
@@ -247,7 +288,7 @@ def test_second_node_killed_mid_job_finishes_on_the_first_and_equals_undisturbed
                     assert seen[pid] in ("node_a", "node_b"), f"worker {pid} is on no node of ours: {cmdline(pid)}"
                 nodes = set(seen.values())
                 if seen[pid] == "node_b" and "node_a" in nodes:
-                    cluster.kill("node_b")          # raylet, agents, workers, the actor mid-shard: SIGKILL
+                    cluster.kill("node_b")  # raylet, agents, workers, the actor mid-shard: SIGKILL
                     killed_shard = f.name.split(".")[0]
                     break
                 if len(nodes) == 1 and pid not in paused:
@@ -265,7 +306,7 @@ def test_second_node_killed_mid_job_finishes_on_the_first_and_equals_undisturbed
             time.sleep(0.1)
         assert driver.returncode == 0, driver_log.read_text()
         t_job = time.monotonic() - t0
-        assert cluster.raylet_alive("node_a")              # it finished on the first node
+        assert cluster.raylet_alive("node_a")  # it finished on the first node
     finally:
         if driver is not None and driver.poll() is None:
             driver.kill()
@@ -280,12 +321,14 @@ def test_second_node_killed_mid_job_finishes_on_the_first_and_equals_undisturbed
     # the shard node_b's actor was working on was lost with it and retried (on node_a)
     lost = [r for r in report["retried"] if r["shard"] == killed_shard]
     assert lost and lost[0]["error"].startswith(("actor died", "ray error")), report["retried"]
-    assert set(seen.values()) == {"node_a", "node_b"}, seen    # actors worked on both nodes
+    assert set(seen.values()) == {"node_a", "node_b"}, seen  # actors worked on both nodes
     # every shard was committed by an actor of node_a (markers name their writer's PID)
     writers = {m.pid for m in ReinforcedDataset(str(root)).markers().values()}
     assert writers <= {pid for pid, n in seen.items() if n == "node_a"}, (writers, seen)
 
     assert_same_tables(ref, str(root))
     assert validate_dataset(str(root)).ok
-    print(f"reference run {t_ref:.1f}s, cluster up {t_cluster:.1f}s, node_b killed at {t_kill:.1f}s (mid {killed_shard}), "
-          f"job done at {t_job:.1f}s; worker pids by node {seen}")
+    print(
+        f"reference run {t_ref:.1f}s, cluster up {t_cluster:.1f}s, node_b killed at {t_kill:.1f}s (mid {killed_shard}), "
+        f"job done at {t_job:.1f}s; worker pids by node {seen}"
+    )

@@ -1,4 +1,5 @@
 """``dr plan``: bytes from the shard contract, shard count, hours from cost sources."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,24 +36,38 @@ from dr_pipeline.shards.datacompdr import write_datacompdr_tar
 from dr_pipeline.shards.parquet_io import ReinforcedRows
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = PlanSpec(samples=2_000_000_000, teachers=(("ViT-L-14", 768), ("other", 512)),
-                captioners=("coca_ViT-L-14", "coca_ViT-B-32"), n_aug=3, k=4, per_shard=12_345)
+SPEC = PlanSpec(
+    samples=2_000_000_000,
+    teachers=(("ViT-L-14", 768), ("other", 512)),
+    captioners=("coca_ViT-L-14", "coca_ViT-B-32"),
+    n_aug=3,
+    k=4,
+    per_shard=12_345,
+)
 
 
 def _rows(spec: PlanSpec, n: int = 3) -> ReinforcedRows:
     """Rows with every synthetic caption kept, built the way the worker builds them."""
     lay = layout(spec)
     g = torch.Generator().manual_seed(0)
-    rows = ReinforcedRows(keys=[f"{i:09d}" for i in range(n)], uids=[None] * n, urls=["u"] * n,
-                          image_sha256=["0" * 64] * n, widths=[640] * n, heights=[480] * n, captions=["c"] * n,
-                          aug_params=np.zeros((n, spec.n_aug, 8), np.uint16))
+    rows = ReinforcedRows(
+        keys=[f"{i:09d}" for i in range(n)],
+        uids=[None] * n,
+        urls=["u"] * n,
+        image_sha256=["0" * 64] * n,
+        widths=[640] * n,
+        heights=[480] * n,
+        captions=["c"] * n,
+        aug_params=np.zeros((n, spec.n_aug, 8), np.uint16),
+    )
     for cap in lay.captioners:
         rows.syn[cap] = [["s"] * spec.k for _ in range(n)]
     for t in lay.teachers:
         rows.image_emb[t.id] = torch.randn(n, spec.n_aug, t.dim, generator=g).bfloat16()
         rows.text_emb[t.id] = torch.randn(n, t.dim, generator=g).bfloat16()
-        rows.syn_emb[t.id] = {c: [torch.randn(spec.k, t.dim, generator=g).bfloat16() for _ in range(n)]
-                              for c in lay.captioners}
+        rows.syn_emb[t.id] = {
+            c: [torch.randn(spec.k, t.dim, generator=g).bfloat16() for _ in range(n)] for c in lay.captioners
+        }
     return rows
 
 
@@ -62,8 +77,10 @@ def _leaf_value_bytes(arr: pa.Array) -> int:
     return arr.nbytes
 
 
-@pytest.mark.parametrize("spec", [SPEC, PlanSpec(10, (("a", 32),), (), n_aug=1, k=0),
-                                  PlanSpec(10, (("a", 768), ("b", 768)), ("c",), n_aug=2, k=5)])
+@pytest.mark.parametrize(
+    "spec",
+    [SPEC, PlanSpec(10, (("a", 32),), (), n_aug=1, k=0), PlanSpec(10, (("a", 768), ("b", 768)), ("c",), n_aug=2, k=5)],
+)
 def test_row_bytes_match_a_table_built_from_the_schema(spec):
     lay = layout(spec)
     table = _rows(spec).to_table(lay, lay.arrow_schema({}))
@@ -82,9 +99,15 @@ def test_row_bytes_match_a_table_built_from_the_schema(spec):
 
 def test_plan_totals_shards_and_hours():
     """Models without a config are priced from measured seconds (captions x draws per caption)."""
-    src = {"kind": "measured", "device": "cpu", "models": {
-        "ViT-L-14": {"image_s": 0.5, "text_s": 0.01}, "other": {"image_s": 0.25, "text_s": 0.02},
-        "coca_ViT-L-14": {"caption_s": 2.0}}}
+    src = {
+        "kind": "measured",
+        "device": "cpu",
+        "models": {
+            "ViT-L-14": {"image_s": 0.5, "text_s": 0.01},
+            "other": {"image_s": 0.25, "text_s": 0.02},
+            "coca_ViT-L-14": {"caption_s": 2.0},
+        },
+    }
     plan = make_plan(SPEC, {"m": src})
     assert plan.shards == math.ceil(2_000_000_000 / 12_345)
     rb = row_bytes(SPEC)
@@ -98,7 +121,7 @@ def test_plan_totals_shards_and_hours():
     assert c["days_on_gpus"] == pytest.approx(c["hours"] / 24 / SPEC.gpus)
     assert c["shards_per_hour"] == pytest.approx(SPEC.gpus * 3600 / (want * SPEC.per_shard))
     assert c["missing"] == ["coca_ViT-B-32.caption_s"]
-    est = plan.compute["A100 (estimated)"]          # no configs: nothing to estimate from, and it says so
+    est = plan.compute["A100 (estimated)"]  # no configs: nothing to estimate from, and it says so
     assert est["kind"] == "estimated" and any("no model config" in m for m in est["missing"])
 
 
@@ -112,25 +135,31 @@ def test_flops_match_open_clip_published_profile():
     assert image_macs(cfg) == pytest.approx(81.08e9, rel=0.02)
     assert text_macs(cfg, 77) == pytest.approx(6.54e9, rel=0.03)
     coca = open_clip_config("coca_ViT-L-14")
-    step = decode_step_macs(coca, 8)   # text tower + decoder (self + cross) + vocabulary, one token
+    step = decode_step_macs(coca, 8)  # text tower + decoder (self + cross) + vocabulary, one token
     w = 768
     assert step == pytest.approx(12 * 12 * w * w + 12 * 14 * w * w + w * 49408, rel=0.05)
 
 
-DFNDR = dict(samples=1_900_000_000, teachers=(("ViT-L-14", 768), ("ViT-L-14", 768)), captioners=("coca_ViT-L-14",),
-             n_aug=2, k=5, per_shard=10_000)
+DFNDR = dict(
+    samples=1_900_000_000,
+    teachers=(("ViT-L-14", 768), ("ViT-L-14", 768)),
+    captioners=("coca_ViT-L-14",),
+    n_aug=2,
+    k=5,
+    per_shard=10_000,
+)
 
 
 def test_dfndr2b_per_sample_flops_by_hand():
     spec = PlanSpec(**DFNDR, configs=_configs("ViT-L-14", "coca_ViT-L-14"), draws_per_caption=1.0)
     f, unknown = stage_flops(spec)
     assert not unknown
-    vit = 2 * image_macs(spec.configs["ViT-L-14"])                       # ~162 GFLOP per view
-    assert f["teacher_images"] == pytest.approx(2 * 2 * vit)             # 2 teachers x 2 augmentations
+    vit = 2 * image_macs(spec.configs["ViT-L-14"])  # ~162 GFLOP per view
+    assert f["teacher_images"] == pytest.approx(2 * 2 * vit)  # 2 teachers x 2 augmentations
     assert f["teacher_texts"] == pytest.approx(2 * 6 * 2 * text_macs(spec.configs["ViT-L-14"], 20))  # GT + 5 syn
-    assert f["caption_images"] == pytest.approx(vit, rel=0.08)           # the CoCa's own ViT-L/14 once per image
+    assert f["caption_images"] == pytest.approx(vit, rel=0.08)  # the CoCa's own ViT-L/14 once per image
     retried = stage_flops(dataclasses.replace(spec, draws_per_caption=2.0))[0]
-    assert retried["caption_decode"] == pytest.approx(2 * f["caption_decode"])   # retries are paid for
+    assert retried["caption_decode"] == pytest.approx(2 * f["caption_decode"])  # retries are paid for
     assert 850e9 < sum(f.values()) < 950e9
 
 
@@ -143,7 +172,7 @@ def test_dfndr2b_gpu_days_are_believable():
     assert 100 < a100["device_days"] < 1000 and a100["anchor"]["device_days"] < 2 * a100["device_days"]
     assert a100["device_days"] / h100["device_days"] == pytest.approx(989 / 312)
     assert a100["days_on_gpus"] == pytest.approx(a100["device_days"] / 256)
-    assert a100["parts"]["caption_decode"] < a100["parts"]["teacher_images"]   # KV-cached, batched decoding
+    assert a100["parts"]["caption_decode"] < a100["parts"]["teacher_images"]  # KV-cached, batched decoding
     assert anchor_mfu() == pytest.approx(312 * 2 * 81.08e9 / 312e12, rel=0.02)
     assert 8 < plan.memory["gpu_total"] < 20
     text = render(plan)
@@ -155,8 +184,14 @@ def test_gpu_measurement_replaces_the_estimate(tmp_path):
     """A costs file from an A100 (make bench on one): its row is MEASURED and its efficiency ratios
     feed the H100 estimate."""
     cfg = open_clip_config("ViT-L-14")
-    gpu = {"name": "nvidia-a100 (measured)", "device": "cuda", "machine": {"gpu": "NVIDIA A100-SXM4-80GB"},
-           "models": {"ViT-L-14": {"image_s": 1 / 800, "text_s": 2 * text_macs(cfg, 14.5) / (0.5 * 2 * image_macs(cfg) * 800)}}}
+    gpu = {
+        "name": "nvidia-a100 (measured)",
+        "device": "cuda",
+        "machine": {"gpu": "NVIDIA A100-SXM4-80GB"},
+        "models": {
+            "ViT-L-14": {"image_s": 1 / 800, "text_s": 2 * text_macs(cfg, 14.5) / (0.5 * 2 * image_macs(cfg) * 800)}
+        },
+    }
     p = tmp_path / "costs-a100.json"
     p.write_text(json.dumps(gpu))
     spec = spec_from_args("1M", ["ViT-L-14"], [], None, 2, 0, 10_000)
@@ -165,7 +200,7 @@ def test_gpu_measurement_replaces_the_estimate(tmp_path):
     row = plan.compute["nvidia-a100 (measured)"]
     assert row["kind"] == "measured" and row["device"].startswith("NVIDIA A100")
     assert row["parts"]["teacher_images"] == pytest.approx(2 / 800)
-    assert "x0.50" in plan.compute["H100 (estimated)"]["note"]           # text at half the image efficiency
+    assert "x0.50" in plan.compute["H100 (estimated)"]["note"]  # text at half the image efficiency
 
 
 def test_parse_count():
@@ -179,18 +214,40 @@ def test_parse_count():
 
 def test_cli_plan(tmp_path, capsys):
     costs = tmp_path / "costs-m.json"
-    costs.write_text(json.dumps({"name": "m", "device": "cpu", "models": {"ViT-L-14": {"image_s": 0.1, "text_s": 0.01},
-                                                                          "coca_ViT-L-14": {"caption_s": 1.0}}}))
-    argv = ["plan", "--samples", "12.8M", "--teacher", "ViT-L-14", "--teacher", "ViT-L-14:512",
-            "--captioner", "coca_ViT-L-14", "--n-aug", "30", "--costs", str(costs), "--gpus", "8"]
+    costs.write_text(
+        json.dumps(
+            {
+                "name": "m",
+                "device": "cpu",
+                "models": {"ViT-L-14": {"image_s": 0.1, "text_s": 0.01}, "coca_ViT-L-14": {"caption_s": 1.0}},
+            }
+        )
+    )
+    argv = [
+        "plan",
+        "--samples",
+        "12.8M",
+        "--teacher",
+        "ViT-L-14",
+        "--teacher",
+        "ViT-L-14:512",
+        "--captioner",
+        "coca_ViT-L-14",
+        "--n-aug",
+        "30",
+        "--costs",
+        str(costs),
+        "--gpus",
+        "8",
+    ]
     assert cli.main(argv + ["--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["spec"]["teachers"] == [["ViT-L-14", 768], ["ViT-L-14", 512]]
     assert out["bytes_per_sample"]["embeddings"] == 2 * (768 + 512) * (30 + 1 + 5)
     assert out["shards"] == 1280
     m = out["compute"]["m"]
-    assert m["parts"]["teacher_images"] == pytest.approx(2 * 30 * 0.1)    # measured model: its own seconds
-    assert m["parts"]["teacher_texts"] > 2 * 6 * 0.01                     # 20-token captions vs the bench's 14.5
+    assert m["parts"]["teacher_images"] == pytest.approx(2 * 30 * 0.1)  # measured model: its own seconds
+    assert m["parts"]["teacher_texts"] > 2 * 6 * 0.01  # 20-token captions vs the bench's 14.5
     assert m["days_on_gpus"] == pytest.approx(m["device_days"] / 8)
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
@@ -198,9 +255,14 @@ def test_cli_plan(tmp_path, capsys):
     assert cli.main(["plan", "--samples", "10"]) == 2
     assert cli.main(["plan", "--samples", "10", "--teacher", "no-such-model"]) == 2
     assert cli.main(["plan", "--samples", "1M", "--ensemble", "pkg:teachers/dfndr2b.yaml"]) == 0
+
+
 def test_measured_compression_gives_disk_bytes():
-    src = {"kind": "measured", "models": {}, "storage": {"bf16_bytes_per_value": 1.5, "aug_bytes_per_aug": 11.0,
-                                                         "string_ratio": 0.5, "machine": "m"}}
+    src = {
+        "kind": "measured",
+        "models": {},
+        "storage": {"bf16_bytes_per_value": 1.5, "aug_bytes_per_aug": 11.0, "string_ratio": 0.5, "machine": "m"},
+    }
     plan = make_plan(SPEC, {"m": src})
     rb = row_bytes(SPEC)
     per = rb["values"] * 1.5 + SPEC.n_aug * 11.0 + (rb["strings"] + rb["ints"]) * 0.5
@@ -212,11 +274,15 @@ def test_datacompdr_formula_is_close_to_a_real_export():
     rows = _rows(spec, n=64)
     lay = layout(spec)
     rows.syn["c0"] = [["a photo of a dog on the grass"] * spec.k for _ in range(64)]
-    rows.aug_params = np.stack([augment.pack(augment.sample_all(AugSpec(n_aug=2), 0, f"{i}", 640, 480))
-                                for i in range(64)])
+    rows.aug_params = np.stack(
+        [augment.pack(augment.sample_all(AugSpec(n_aug=2), 0, f"{i}", 640, 480)) for i in range(64)]
+    )
     rows.urls = ["https://images.example.com/abcdef/" + "x" * 60 + ".jpg"] * 64
-    meta = {"teachers": [{"id": t.id} for t in lay.teachers], "captioners": [{"id": "c0"}],
-            "aug": to_dict(AugSpec(n_aug=2))}
+    meta = {
+        "teachers": [{"id": t.id} for t in lay.teachers],
+        "captioners": [{"id": "c0"}],
+        "aug": to_dict(AugSpec(n_aug=2)),
+    }
     buf = io.BytesIO()
     write_datacompdr_tar(buf, rows, meta)
     assert datacompdr_bytes(spec) == pytest.approx(buf.tell() / 64, rel=0.1)
@@ -230,7 +296,11 @@ def test_captioner_costs_from_either_bench_format():
     cfgs = _configs("ViT-L-14", "coca_ViT-L-14")
     base = {"ViT-L-14": {"image_s": 3.0}}
     old = {"models": {**base, "coca_ViT-L-14": {"caption_s": 1.5, "mean_tokens": 30.0}}}
-    new = {"models": {**base, "coca_ViT-L-14": {"caption_s": 4.0, "decode_s": 1.5, "mean_steps": 29.0,
-                                                "draws_per_caption": 2.7}}}
+    new = {
+        "models": {
+            **base,
+            "coca_ViT-L-14": {"caption_s": 4.0, "decode_s": 1.5, "mean_steps": 29.0, "draws_per_caption": 2.7},
+        }
+    }
     assert efficiencies(old, cfgs)["decode"] == pytest.approx(efficiencies(new, cfgs)["decode"])
     assert 0 < efficiencies(new, cfgs)["decode"] < efficiencies(new, cfgs)["image"]

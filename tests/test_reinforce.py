@@ -1,4 +1,5 @@
 """End to end: synthetic corpus -> dr reinforce (local Ray) -> validate / inspect / export / add-teacher."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,15 +19,15 @@ from dr_pipeline.cli import main as dr
 from dr_pipeline.config import ConfigError, load_ensemble, load_job
 from dr_pipeline.corpus.readers import iter_shard
 from dr_pipeline.corpus.synthetic import make_corpus
-from dr_pipeline.shards.dataset import ReinforcedDataset
-from dr_pipeline.storage.folder import Folder
 from dr_pipeline.execute.runner import resolve_ensemble, run_job
 from dr_pipeline.models.teachers import load_teacher
+from dr_pipeline.shards.dataset import ReinforcedDataset
 from dr_pipeline.shards.parquet_io import read_shard
+from dr_pipeline.storage.folder import Folder
 from tests.conftest import write_job
 
 pytestmark = pytest.mark.timeout(600)
-PER_SHARD = 12          # > batch_size 5: every shard spans several batches (the public pipeline's bug)
+PER_SHARD = 12  # > batch_size 5: every shard spans several batches (the public pipeline's bug)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,14 @@ def corpus(tmp_path_factory):
 def ray_run(corpus, tiny_ensemble, tmp_path_factory, ray_local):
     """The reference run: 2 shards on 2 Ray actors, batch size 5."""
     d = tmp_path_factory.mktemp("run")
-    job = load_job(write_job(d / "job.yaml", input={"urls": f"{corpus}/tar/shard-{{00000..00001}}.tar"},
-                             output={"path": str(d / "ds")}, teachers=tiny_ensemble))
+    job = load_job(
+        write_job(
+            d / "job.yaml",
+            input={"urls": f"{corpus}/tar/shard-{{00000..00001}}.tar"},
+            output={"path": str(d / "ds")},
+            teachers=tiny_ensemble,
+        )
+    )
     report = run_job(job, resolve_ensemble(job))
     assert report.ok and len(report.committed) == 2
     return job, str(d / "ds")
@@ -72,7 +79,7 @@ def test_every_input_key_is_written_or_rejected(ray_run, corpus):
     for name, m in markers.items():
         base = [s.key for s in iter_shard(f"{corpus}/tar/{name}.tar")]
         rows, meta = read_shard(ds.shard_url(name))
-        assert rows.keys == base                       # same order, nothing lost, nothing added
+        assert rows.keys == base  # same order, nothing lost, nothing added
         assert m.n_read == PER_SHARD == m.n_written + m.n_rejected
         assert meta["shard"] == name and meta["seed"] == 0 and meta["schema_version"] == 1
         assert [t["id"] for t in meta["teachers"]] == ["tiny-vit-a", "tiny-vit-b"]
@@ -89,14 +96,16 @@ def test_params_are_the_counter_rng_and_embeddings_match_the_replayed_view(ray_r
     teachers = [load_teacher(t, ens) for t in ens.teachers]
     rows = all_rows(root)["shard-00001"]
     samples = {s.key: s for s in iter_shard(f"{corpus}/tar/shard-00001.tar")}
-    for i in [0, 4, 5, 11]:                      # first/last of batch 1, first of batch 2, last row
+    for i in [0, 4, 5, 11]:  # first/last of batch 1, first of batch 2, last row
         s = samples[rows.keys[i]]
         img = Image.open(io.BytesIO(s.image)).convert("RGB")
         params = augment.sample_all(job.aug, job.seed, s.key, *img.size)
         np.testing.assert_array_equal(rows.aug_params[i], augment.pack(params))
         assert rows.captions[i] == s.caption and (rows.widths[i], rows.heights[i]) == img.size
         for t in teachers:
-            views = torch.stack([augment.replay(img, p, t.image_size, job.aug) for p in augment.unpack(rows.aug_params[i])])
+            views = torch.stack(
+                [augment.replay(img, p, t.image_size, job.aug) for p in augment.unpack(rows.aug_params[i])]
+            )
             want = t.encode_images(views).bfloat16()
             assert max_ulp_diff(rows.image_emb[t.id][i], want) <= 1
             assert max_ulp_diff(rows.text_emb[t.id][i], t.encode_texts([s.caption]).bfloat16()[0]) <= 1
@@ -107,15 +116,18 @@ def test_params_are_the_counter_rng_and_embeddings_match_the_replayed_view(ray_r
 
 def test_same_seed_other_batch_size_and_workers_gives_the_same_dataset(ray_run, corpus, tiny_ensemble, tmp_path):
     job, root = ray_run
-    other = dataclasses.replace(job, output=dataclasses.replace(job.output, path=str(tmp_path / "ds")),
-                                execution=dataclasses.replace(job.execution, batch_size=7, max_actors=1))
+    other = dataclasses.replace(
+        job,
+        output=dataclasses.replace(job.output, path=str(tmp_path / "ds")),
+        execution=dataclasses.replace(job.execution, batch_size=7, max_actors=1),
+    )
     assert other.output_hash(resolve_ensemble(other)) == job.output_hash(resolve_ensemble(job))
     assert run_job(other, resolve_ensemble(other), executor="local").ok
     a, b = all_rows(root), all_rows(str(tmp_path / "ds"))
     for name in a:
         assert a[name].keys == b[name].keys
         np.testing.assert_array_equal(a[name].aug_params, b[name].aug_params)
-        assert a[name].syn == b[name].syn                      # captions seeded per (seed, key, index)
+        assert a[name].syn == b[name].syn  # captions seeded per (seed, key, index)
         for t in a[name].image_emb:
             assert max_ulp_diff(a[name].image_emb[t], b[name].image_emb[t]) <= 1
             assert max_ulp_diff(a[name].text_emb[t], b[name].text_emb[t]) <= 1
@@ -141,9 +153,10 @@ def test_cli_validate_inspect_and_corruption(ray_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "samples: 24" in out and "tiny-vit-b" in out and "captions_per_image" in out
     with Image.open(png) as im:
-        assert im.size[1] == 3 * 128                                 # 3 rows of tiles
+        assert im.size[1] == 3 * 128  # 3 rows of tiles
     # a flipped byte in a copy of the dataset is caught and the shard named
     import shutil
+
     bad = tmp_path / "bad"
     shutil.copytree(root, bad)
     f = bad / "shards" / "shard-00001.parquet"
@@ -173,7 +186,7 @@ def test_datacompdr_export_read_by_an_independent_reader(ray_run, tmp_path):
         assert img.dtype == np.float32 and img.shape == (2, 32 + 48)
         assert txt.shape == (1 + len(syn), 32 + 48) and syn == rows.syn["tiny-coca"][i]
         assert len(paug) == img.shape[0] and len(paug[0]) == 2 and len(paug[0][0]) == 4
-        np.testing.assert_array_equal(txt[0, :32], rows.text_emb["tiny-vit-a"][i].float().numpy())   # GT first
+        np.testing.assert_array_equal(txt[0, :32], rows.text_emb["tiny-vit-a"][i].float().numpy())  # GT first
         np.testing.assert_array_equal(txt[0, 32:], rows.text_emb["tiny-vit-b"][i].float().numpy())
         np.testing.assert_array_equal(img[:, 32:], rows.image_emb["tiny-vit-b"][i].float().numpy())
         i_, j_, h_, w_ = paug[0][0]
@@ -184,9 +197,11 @@ def test_datacompdr_export_read_by_an_independent_reader(ray_run, tmp_path):
 def test_adding_a_teacher_equals_a_full_run(ray_run, corpus, tiny_ensemble, tmp_path):
     job, root = ray_run
     ens = yaml.safe_load(open(tiny_ensemble))
-    only_a = Path(tiny_ensemble).with_name("only_a.yaml")      # beside tiny.yaml: relative paths resolve
+    only_a = Path(tiny_ensemble).with_name("only_a.yaml")  # beside tiny.yaml: relative paths resolve
     only_a.write_text(yaml.safe_dump({**ens, "teachers": ens["teachers"][:1]}))
-    partial = dataclasses.replace(job, teachers=str(only_a), output=dataclasses.replace(job.output, path=str(tmp_path / "ds")))
+    partial = dataclasses.replace(
+        job, teachers=str(only_a), output=dataclasses.replace(job.output, path=str(tmp_path / "ds"))
+    )
     assert run_job(partial, resolve_ensemble(partial), executor="local").ok
     assert set(all_rows(str(tmp_path / "ds"))["shard-00000"].image_emb) == {"tiny-vit-a"}
     assert dr(["add-teacher", str(tmp_path / "ds"), "--teachers", tiny_ensemble, "--teacher", "tiny-vit-b"]) == 0
@@ -199,14 +214,19 @@ def test_adding_a_teacher_equals_a_full_run(ray_run, corpus, tiny_ensemble, tmp_
             assert max_ulp_diff(f.image_emb[t], a.image_emb[t]) <= 1
             assert max_ulp_diff(f.text_emb[t], a.text_emb[t]) <= 1
     assert dr(["validate", str(tmp_path / "ds")]) == 0
-    assert Folder(str(tmp_path / "ds")).read_json("dataset.json")["config_hash"] == \
-        Folder(root).read_json("dataset.json")["config_hash"]
+    assert (
+        Folder(str(tmp_path / "ds")).read_json("dataset.json")["config_hash"]
+        == Folder(root).read_json("dataset.json")["config_hash"]
+    )
 
 
 def test_parquet_corpus_gives_the_same_dataset_as_tar(ray_run, corpus, tmp_path):
     job, root = ray_run
-    pq_job = dataclasses.replace(job, input=dataclasses.replace(job.input, urls=f"{corpus}/parquet/shard-00000.parquet"),
-                                 output=dataclasses.replace(job.output, path=str(tmp_path / "ds")))
+    pq_job = dataclasses.replace(
+        job,
+        input=dataclasses.replace(job.input, urls=f"{corpus}/parquet/shard-00000.parquet"),
+        output=dataclasses.replace(job.output, path=str(tmp_path / "ds")),
+    )
     assert run_job(pq_job, resolve_ensemble(pq_job), executor="local").ok
     a, b = all_rows(root)["shard-00000"], all_rows(str(tmp_path / "ds"))["shard-00000"]
     assert a.keys == b.keys and a.syn == b.syn and a.image_sha256 == b.image_sha256
@@ -216,10 +236,17 @@ def test_parquet_corpus_gives_the_same_dataset_as_tar(ray_run, corpus, tmp_path)
 def test_s3_in_and_out(corpus, tiny_ensemble, s3_bucket, tmp_path):
     bucket, so = s3_bucket
     import fsspec
+
     fs = fsspec.filesystem("s3", **so)
     fs.put(f"{corpus}/tar/shard-00000.tar", f"{bucket}/corpus/shard-00000.tar")
-    job = load_job(write_job(tmp_path / "job.yaml", input={"urls": f"s3://{bucket}/corpus/*.tar", "storage_options": so},
-                             output={"path": f"s3://{bucket}/ds", "storage_options": so}, teachers=tiny_ensemble))
+    job = load_job(
+        write_job(
+            tmp_path / "job.yaml",
+            input={"urls": f"s3://{bucket}/corpus/*.tar", "storage_options": so},
+            output={"path": f"s3://{bucket}/ds", "storage_options": so},
+            teachers=tiny_ensemble,
+        )
+    )
     assert run_job(job, resolve_ensemble(job), executor="local").ok
     assert fs.exists(f"{bucket}/ds/_markers/shard-00000.json") and fs.exists(f"{bucket}/ds/manifest.json")
     rows, _ = read_shard(f"s3://{bucket}/ds/shards/shard-00000.parquet", so)
@@ -227,14 +254,21 @@ def test_s3_in_and_out(corpus, tiny_ensemble, s3_bucket, tmp_path):
 
 
 def test_cli_config_errors_fail_fast(tmp_path, corpus, tiny_ensemble, capsys):
-    cfg = write_job(tmp_path / "j.yaml", input={"urls": f"{corpus}/tar/nothing-*.tar"}, output={"path": str(tmp_path / "o")},
-                    teachers=tiny_ensemble)
+    cfg = write_job(
+        tmp_path / "j.yaml",
+        input={"urls": f"{corpus}/tar/nothing-*.tar"},
+        output={"path": str(tmp_path / "o")},
+        teachers=tiny_ensemble,
+    )
     assert dr(["reinforce", "--config", cfg, "--local"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: input:") and "nothing-*.tar" in err and len(err.strip().splitlines()) == 1
     cfg = tmp_path / "typo.yaml"
-    cfg.write_text(yaml.safe_dump({"input": {"urls": "x"}, "output": {"path": "o"}, "teachers": tiny_ensemble,
-                                   "aug": {"n_augs": 3}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {"input": {"urls": "x"}, "output": {"path": "o"}, "teachers": tiny_ensemble, "aug": {"n_augs": 3}}
+        )
+    )
     assert dr(["reinforce", "--config", str(cfg), "--local"]) == 2
     assert "unknown key 'n_augs' (did you mean 'n_aug'?)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -5,6 +5,7 @@ images and steps and asserts the plumbing: every artifact is written, and the re
 student learns from the teacher embeddings *stored* in the Parquet shards (no teacher runs
 while students train or are evaluated).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,23 +27,46 @@ def toy(tmp_path_factory):
     from dr_pipeline.train.config import StudentConfig
 
     root = tmp_path_factory.mktemp("reproduce")
-    bootstrap(str(ENSEMBLE), BootstrapConfig(n_train=32, per_shard=16, clip_steps=3, coca_steps=3, batch_size=16,
-                                             jobs=1), out_dir=str(root / "teachers"), evaluate=False)
+    bootstrap(
+        str(ENSEMBLE),
+        BootstrapConfig(n_train=32, per_shard=16, clip_steps=3, coca_steps=3, batch_size=16, jobs=1),
+        out_dir=str(root / "teachers"),
+        evaluate=False,
+    )
     cfg = ReproduceConfig(
-        out_dir=str(root / "out"), results_dir=str(root / "results"), seed=0,
+        out_dir=str(root / "out"),
+        results_dir=str(root / "results"),
+        seed=0,
         corpus=CorpusConfig(web_shards=2, web_per_shard=12, test_shards=1, test_per_shard=8, zeroshot_per_class=1),
-        reinforce=ReinforceConfig(teachers=str(root / "teachers" / "synthetic.yaml"), n_aug=3, k=2, aug_size=64,
-                                  executor="local", batch_size=8, num_cpus=1),
-        train=TrainRuns(steps=4, batch_size=8, eval_every=2, seeds=(0, 1), ablation_seeds=(0,), jobs=1,
-                        student=StudentConfig(arch="tiny", image_size=32, context_length=32)))
+        reinforce=ReinforceConfig(
+            teachers=str(root / "teachers" / "synthetic.yaml"),
+            n_aug=3,
+            k=2,
+            aug_size=64,
+            executor="local",
+            batch_size=8,
+            num_cpus=1,
+        ),
+        train=TrainRuns(
+            steps=4,
+            batch_size=8,
+            eval_every=2,
+            seeds=(0, 1),
+            ablation_seeds=(0,),
+            jobs=1,
+            student=StudentConfig(arch="tiny", image_size=32, context_length=32),
+        ),
+    )
     return cfg, reproduce(cfg)
 
 
 def test_every_artifact_is_written(toy):
     cfg, res = toy
     out, results = Path(cfg.out_dir), Path(cfg.results_dir)
-    assert sorted(p.name for p in (out / "dataset" / "shards").glob("*.parquet")) == ["shard-00000.parquet",
-                                                                                        "shard-00001.parquet"]
+    assert sorted(p.name for p in (out / "dataset" / "shards").glob("*.parquet")) == [
+        "shard-00000.parquet",
+        "shard-00001.parquet",
+    ]
     png = (results / "accuracy_vs_steps.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     on_disk = json.loads((results / "results.json").read_text())
@@ -51,7 +75,13 @@ def test_every_artifact_is_written(toy):
     assert "Steps-to-accuracy ratio" in md and all(f"| {v} |" in md for v in ("plain", "kd", "syn", "full"))
     # 2 seeds for plain and full, 1 for each ablation; evaluations at steps 0, 2, 4
     assert sorted((r["variant"], r["seed"]) for r in res["runs"]) == [
-        ("full", 0), ("full", 1), ("kd", 0), ("plain", 0), ("plain", 1), ("syn", 0)]
+        ("full", 0),
+        ("full", 1),
+        ("kd", 0),
+        ("plain", 0),
+        ("plain", 1),
+        ("syn", 0),
+    ]
     for r in res["runs"]:
         assert [row["step"] for row in r["curve"]] == [0, 2, 4]
         assert all(0.0 <= row["top1"] <= 1.0 and 0.0 <= row["i2t_R@1"] <= 1.0 for row in r["curve"])
@@ -116,11 +146,18 @@ def test_reinforced_student_learns_from_stored_teacher_embeddings(toy, monkeypat
         keys = list(batches.keys)
         assert set(stored) == set(keys)
         for it in items[:8]:
-            match = [k for k in keys if all(
-                any(np.array_equal(it["teachers"][t][0].numpy(), row) for row in stored[k][t]) for t in stored[k])]
+            match = [
+                k
+                for k in keys
+                if all(
+                    any(np.array_equal(it["teachers"][t][0].numpy(), row) for row in stored[k][t]) for t in stored[k]
+                )
+            ]
             assert match == [it["key"]], "a row's teacher image embeddings are not its own stored rows"
-            augs = [{j for j, row in enumerate(stored[it["key"]][t]) if np.array_equal(it["teachers"][t][0].numpy(), row)}
-                    for t in stored[it["key"]]]
+            augs = [
+                {j for j, row in enumerate(stored[it["key"]][t]) if np.array_equal(it["teachers"][t][0].numpy(), row)}
+                for t in stored[it["key"]]
+            ]
             assert set.intersection(*augs), "the teachers' embeddings come from different augmentations"
         batch = next(iter(batches))
         assert set(batch["teachers"]) == {"syn-vit-a", "syn-vit-b"}
@@ -133,7 +170,7 @@ def test_reinforced_student_learns_from_stored_teacher_embeddings(toy, monkeypat
             img_f, txt_f, scale = trainer.model(batch["image"], text)
             b = batch["image"].shape[0]
             tch = {t: {"image": v[:, 0], "gt": v[:, 1], "syn": v[:, 2]} for t, v in batch["teachers"].items()}
-            ref = trainer.loss_fn(img_f, {c: txt_f[i * b:(i + 1) * b] for i, c in enumerate(kinds)}, scale, tch)
+            ref = trainer.loss_fn(img_f, {c: txt_f[i * b : (i + 1) * b] for i, c in enumerate(kinds)}, scale, tch)
         parts = trainer.train_step(batch)
         kd = [k for k in parts if k.startswith("distill_")]
         assert kd, sorted(parts)

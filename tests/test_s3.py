@@ -6,6 +6,7 @@ Client-side retries are switched off in the storage options (`config_kwargs.retr
 injected error reaches the pipeline's own retry layer (retry.py) instead of being absorbed by
 botocore; in production both layers are on.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -20,13 +21,12 @@ import pytest
 
 from dr_pipeline.cli import main as dr
 from dr_pipeline.config import load_job
+from dr_pipeline.execute.runner import plan_job, resolve_ensemble
 from dr_pipeline.shards.dataset import ReinforcedDataset
 from dr_pipeline.storage.folder import Folder
-from dr_pipeline.execute.runner import plan_job, resolve_ensemble
 from dr_pipeline.train.sources import _dataset_dir
 from dr_pipeline.validate import validate_dataset
-from tests.test_faults import (SHARDS, assert_same_dataset, corpus, job_file, one_torch_thread,  # noqa: F401 (fixtures)
-                               reference)
+from tests.test_faults import SHARDS, assert_same_dataset, corpus, job_file, one_torch_thread, reference  # noqa: F401 (fixtures)
 
 KEY_ID = "AKIADRTESTKEY0000042"
 SECRET = "dr-test-secret/wJalrXUtnFEMI+K7MDENG"
@@ -71,8 +71,10 @@ class FaultProxy:
                 rule = proxy._match(self.command, self.path)
                 if rule is not None:
                     status, code = rule["status"], rule["code"]
-                    data = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                            f"<Message>injected by the test</Message><RequestId>t</RequestId></Error>").encode()
+                    data = (
+                        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f"<Message>injected by the test</Message><RequestId>t</RequestId></Error>"
+                    ).encode()
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(data)))
@@ -109,10 +111,17 @@ class FaultProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def fail(self, method: str, path_regex: str, status: int = 503, code: str = "ServiceUnavailable",
-             times: int | None = 1) -> dict:
-        rule = {"method": method, "re": re.compile(path_regex), "status": status, "code": code,
-                "times": times, "hits": 0}
+    def fail(
+        self, method: str, path_regex: str, status: int = 503, code: str = "ServiceUnavailable", times: int | None = 1
+    ) -> dict:
+        rule = {
+            "method": method,
+            "re": re.compile(path_regex),
+            "status": status,
+            "code": code,
+            "times": times,
+            "hits": 0,
+        }
         with self.lock:
             self.rules.append(rule)
         return rule
@@ -120,7 +129,11 @@ class FaultProxy:
     def _match(self, method: str, path: str) -> dict | None:
         with self.lock:
             for r in self.rules:
-                if r["method"] in (method, "*") and r["re"].search(path) and (r["times"] is None or r["hits"] < r["times"]):
+                if (
+                    r["method"] in (method, "*")
+                    and r["re"].search(path)
+                    and (r["times"] is None or r["hits"] < r["times"])
+                ):
                     r["hits"] += 1
                     return r
         return None
@@ -145,8 +158,13 @@ def proxy(s3_endpoint):
 
 def creds_options(proxy: FaultProxy) -> dict:
     """Options with a (dummy) access key and secret, as a production job might carry them."""
-    return {"endpoint_url": proxy.url, "key": KEY_ID, "secret": SECRET, "skip_instance_cache": True,
-            "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    return {
+        "endpoint_url": proxy.url,
+        "key": KEY_ID,
+        "secret": SECRET,
+        "skip_instance_cache": True,
+        "config_kwargs": {"retries": {"total_max_attempts": 1}},
+    }
 
 
 def upload_corpus(corpus: Path, bucket: str, prefix: str, so: dict, shards=SHARDS) -> None:
@@ -161,42 +179,46 @@ def hits(proxy: FaultProxy, path_regex: str) -> list[int]:
 
 @pytest.mark.timeout(240)
 def test_s3_on_ray_survives_transient_errors_ignores_half_uploads_and_never_leaks_credentials(
-        ray_local, corpus, reference, tiny_ensemble, s3_bucket, proxy, tmp_path, capfd):
+    ray_local, corpus, reference, tiny_ensemble, s3_bucket, proxy, tmp_path, capfd
+):
     bucket, direct = s3_bucket
     upload_corpus(corpus, bucket, "corpus", direct)
     so = creds_options(proxy)
     root = f"s3://{bucket}/ds"
-    cfg = job_file(tmp_path / "job.yaml", f"s3://{bucket}/corpus/*.tar", tiny_ensemble, root,
-                   input_so=so, output_so=so)
+    cfg = job_file(tmp_path / "job.yaml", f"s3://{bucket}/corpus/*.tar", tiny_ensemble, root, input_so=so, output_so=so)
     job = load_job(cfg)
 
     # An earlier attempt died mid-upload: half of shard-00001 sits at its final name, no marker.
     plan_job(job, resolve_ensemble(job))
     ref_bytes = (Path(reference) / "shards" / "shard-00001.parquet").read_bytes()
-    fsspec.filesystem("s3", **direct).pipe_file(f"{bucket}/ds/shards/shard-00001.parquet", ref_bytes[:len(ref_bytes) // 2])
+    fsspec.filesystem("s3", **direct).pipe_file(
+        f"{bucket}/ds/shards/shard-00001.parquet", ref_bytes[: len(ref_bytes) // 2]
+    )
     ds = ReinforcedDataset(root, so)
     assert sorted(ds.listing().data) == ["shard-00001"] and ds.markers() == {}
-    assert _dataset_dir(root, so)[0] == []                          # the trainer's reader ignores it
-    rep = validate_dataset(root, so)                                 # dr validate: missing, not "corrupt"
+    assert _dataset_dir(root, so)[0] == []  # the trainer's reader ignores it
+    rep = validate_dataset(root, so)  # dr validate: missing, not "corrupt"
     assert sorted(rep.problems) == [(n, "missing: input shard has no committed output shard") for n in SHARDS]
 
     # Transient errors everywhere the pipeline touches storage, each once (twice for the input open).
-    rules = [proxy.fail("GET", rf"/{bucket}/ds/dataset\.json", 503, "ServiceUnavailable"),            # driver
-             proxy.fail("GET", rf"/{bucket}\?.*prefix=ds%2F_markers", 500, "InternalError"),           # driver list
-             proxy.fail("*", rf"/{bucket}/corpus/shard-00000\.tar", 500, "InternalError", times=2),    # actor read
-             proxy.fail("PUT", rf"/{bucket}/ds/shards/shard-00001\.parquet", 503, "ServiceUnavailable"),  # upload
-             proxy.fail("PUT", rf"/{bucket}/ds/_markers/shard-00002\.json", 500, "InternalError")]     # marker
+    rules = [
+        proxy.fail("GET", rf"/{bucket}/ds/dataset\.json", 503, "ServiceUnavailable"),  # driver
+        proxy.fail("GET", rf"/{bucket}\?.*prefix=ds%2F_markers", 500, "InternalError"),  # driver list
+        proxy.fail("*", rf"/{bucket}/corpus/shard-00000\.tar", 500, "InternalError", times=2),  # actor read
+        proxy.fail("PUT", rf"/{bucket}/ds/shards/shard-00001\.parquet", 503, "ServiceUnavailable"),  # upload
+        proxy.fail("PUT", rf"/{bucket}/ds/_markers/shard-00002\.json", 500, "InternalError"),
+    ]  # marker
     capfd.readouterr()
     assert dr(["reinforce", "--config", cfg]) == 0
     out, err = capfd.readouterr()
     assert [r["hits"] for r in rules] == [r["times"] for r in rules]
-    for r in rules:                                                  # each failure was followed by a success
+    for r in rules:  # each failure was followed by a success
         statuses = hits(proxy, r["re"].pattern)
         assert r["status"] in statuses and statuses[-1] < 300, (r["re"].pattern, statuses)
-    assert "0 attempt(s) retried" in err                             # retried in place, no shard attempt lost
+    assert "0 attempt(s) retried" in err  # retried in place, no shard attempt lost
 
     assert_same_dataset(reference, root, so, exact=False)
-    assert validate_dataset(root, so).ok                             # the half upload was overwritten
+    assert validate_dataset(root, so).ok  # the half upload was overwritten
     manifest = ds.folder.read_json("manifest.json")
     assert manifest["complete"] and sorted(manifest["shards"]) == SHARDS
 
@@ -214,11 +236,19 @@ def test_s3_on_ray_survives_transient_errors_ignores_half_uploads_and_never_leak
 @pytest.mark.timeout(120)
 def test_s3_permanent_errors_fail_fast_with_a_clear_message(corpus, tiny_ensemble, s3_bucket, proxy, tmp_path, capfd):
     bucket, direct = s3_bucket
-    upload_corpus(corpus, bucket, "corpus", direct, shards=SHARDS[:2])      # shard-00002 does not exist: 404
-    proxy.fail("*", rf"/{bucket}/corpus/shard-00001\.tar", 403, "AccessDenied", times=None)   # no read access
+    upload_corpus(corpus, bucket, "corpus", direct, shards=SHARDS[:2])  # shard-00002 does not exist: 404
+    proxy.fail("*", rf"/{bucket}/corpus/shard-00001\.tar", 403, "AccessDenied", times=None)  # no read access
     so = creds_options(proxy)
-    cfg = job_file(tmp_path / "job.yaml", f"s3://{bucket}/corpus/shard-{{00000..00002}}.tar", tiny_ensemble,
-                   f"s3://{bucket}/ds", input_so=so, output_so=so, max_attempts=3, io_attempts=6)
+    cfg = job_file(
+        tmp_path / "job.yaml",
+        f"s3://{bucket}/corpus/shard-{{00000..00002}}.tar",
+        tiny_ensemble,
+        f"s3://{bucket}/ds",
+        input_so=so,
+        output_so=so,
+        max_attempts=3,
+        io_attempts=6,
+    )
     capfd.readouterr()
     with one_torch_thread():
         assert dr(["reinforce", "--config", cfg, "--local"]) == 1
@@ -228,14 +258,20 @@ def test_s3_permanent_errors_fail_fast_with_a_clear_message(corpus, tiny_ensembl
     assert all(f["attempts"] == 1 and f["permanent"] for f in failed.values())
     assert "HTTP 403" in failed["shard-00001"]["error"] and "corpus/shard-00001.tar" in failed["shard-00001"]["error"]
     assert "file not found" in failed["shard-00002"]["error"]
-    assert len(hits(proxy, rf"/{bucket}/corpus/shard-00001\.tar")) == 1    # one request, no retry
+    assert len(hits(proxy, rf"/{bucket}/corpus/shard-00001\.tar")) == 1  # one request, no retry
     assert "shard-00001: " in err and "(1 attempt(s), permanent: not retried)" in err
     assert ReinforcedDataset(f"s3://{bucket}/ds", so).markers().keys() == {"shard-00000"}
 
     # an output location we may not write to: refused before any model loads, exit 2
     proxy.fail("PUT", rf"/{bucket}/locked/", 403, "AccessDenied", times=None)
-    cfg = job_file(tmp_path / "locked.yaml", f"s3://{bucket}/corpus/shard-00000.tar", tiny_ensemble,
-                   f"s3://{bucket}/locked", input_so=so, output_so=so)
+    cfg = job_file(
+        tmp_path / "locked.yaml",
+        f"s3://{bucket}/corpus/shard-00000.tar",
+        tiny_ensemble,
+        f"s3://{bucket}/locked",
+        input_so=so,
+        output_so=so,
+    )
     assert dr(["reinforce", "--config", cfg, "--local"]) == 2
     err = capfd.readouterr().err
     assert err.startswith("error: output location not writable: s3://") and "AccessDenied" in err

@@ -1,4 +1,5 @@
 """No pickle out, no pickle in, no secrets anywhere: payloads are refused, not executed."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,28 +19,37 @@ import yaml
 
 from dr_pipeline.cli import main as dr
 from dr_pipeline.config import ConfigError, load_ensemble, load_job, redact, strip_redacted
-from tests.nasty_corpus import (make_nasty_corpus, npz_payload, pickle_payload, torch_payload,
-                                      write_malicious_datacompdr_tar)
 from dr_pipeline.corpus.readers import Sample, iter_shard
 from dr_pipeline.corpus.synthetic import make_corpus
 from dr_pipeline.models.teachers import check_ensemble, load_teacher
 from dr_pipeline.shards.datacompdr import UnsafeMemberError, iter_datacompdr_tar
 from tests.conftest import write_job
+from tests.nasty_corpus import (
+    make_nasty_corpus,
+    npz_payload,
+    pickle_payload,
+    torch_payload,
+    write_malicious_datacompdr_tar,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
 
 # --------------------------------------------------------------------------- pickle in
 
+
 def test_payloads_are_live(tmp_path):
     """Control: the payloads really execute when loaded unsafely (so the refusals below mean something)."""
-    for i, (make, load) in enumerate([
+    for i, (make, load) in enumerate(
+        [
             (pickle_payload, pickle.loads),
             (torch_payload, lambda b: torch.load(io.BytesIO(b), weights_only=False)),
-            (npz_payload, lambda b: dict(__import__("numpy").load(io.BytesIO(b), allow_pickle=True)))]):
+            (npz_payload, lambda b: dict(__import__("numpy").load(io.BytesIO(b), allow_pickle=True))),
+        ]
+    ):
         sentinel = tmp_path / f"control-{i}"
         obj = load(make(str(sentinel)))
-        if isinstance(obj, dict):          # npz: the object array unpickles on access
+        if isinstance(obj, dict):  # npz: the object array unpickles on access
             [v for v in obj.values()]
         assert sentinel.exists()
 
@@ -77,7 +87,7 @@ def test_teacher_checkpoint_with_pickle_is_refused(tiny_ensemble, tmp_path):
     path = Path(tiny_ensemble).with_name("evil.yaml")
     path.write_text(yaml.safe_dump(ens))
     spec = load_ensemble(path)
-    check_ensemble(spec)                                 # the file exists: only loading can tell
+    check_ensemble(spec)  # the file exists: only loading can tell
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
         load_teacher(spec.teachers[0], spec)
     assert not sentinel.exists()
@@ -94,14 +104,24 @@ def test_yaml_python_tags_are_refused(tmp_path):
 
 # --------------------------------------------------------------------------- no pickle out, no secrets
 
-SECRETS = {"key": "AKIDSENTINELKEY0001", "secret": "SENTINEL-SECRET-VALUE-0002",
-           "client_kwargs": {"aws_session_token": "SENTINEL-SESSION-0004"}}
+SECRETS = {
+    "key": "AKIDSENTINELKEY0001",
+    "secret": "SENTINEL-SECRET-VALUE-0002",
+    "client_kwargs": {"aws_session_token": "SENTINEL-SESSION-0004"},
+}
 
 
 def test_redact_covers_storage_option_shapes():
-    so = {"endpoint_url": "http://h", **SECRETS, "token": "SENTINEL-TOKEN-0003", "password": "p", "account_key": "a",
-          "connection_string": "c",
-          "nested": [{"api_key": "x"}], "anon": False}
+    so = {
+        "endpoint_url": "http://h",
+        **SECRETS,
+        "token": "SENTINEL-TOKEN-0003",
+        "password": "p",
+        "account_key": "a",
+        "connection_string": "c",
+        "nested": [{"api_key": "x"}],
+        "anon": False,
+    }
     r = redact(so)
     text = json.dumps(r)
     assert all(v not in text for v in ("AKIDSENTINELKEY0001", "SENTINEL", '"p"', '"a"', '"c"', '"x"'))
@@ -126,42 +146,58 @@ def _outputs_are_plain_data(fs, root: str) -> list[str]:
             json.loads(data)
         elif name.endswith(".yaml"):
             yaml.safe_load(data)
-        elif name == "README.md":      # the dataset card: YAML front matter + text
+        elif name == "README.md":  # the dataset card: YAML front matter + text
             assert data.startswith(b"---\n") and yaml.safe_load(data.split(b"---\n")[1])["configs"]
         else:
             raise AssertionError(f"unexpected output file {path}")
-        assert b"\x80\x04\x95" not in data[:64] and b"\x80\x05\x95" not in data[:64], path   # no pickle header
+        assert b"\x80\x04\x95" not in data[:64] and b"\x80\x05\x95" not in data[:64], path  # no pickle header
     return seen
 
 
 def test_s3_job_outputs_no_pickle_and_no_secret_anywhere(tiny_ensemble, s3_bucket, tmp_path, capfd, caplog):
     bucket, so = s3_bucket
-    so = {**so, **SECRETS}                  # moto accepts any credentials
+    so = {**so, **SECRETS}  # moto accepts any credentials
     local = tmp_path / "corpus"
     make_corpus(str(local), n_shards=1, per_shard=3, seed=1, formats=("tar",))
     fs = fsspec.filesystem("s3", **so)
     fs.put(f"{local}/tar/shard-00000.tar", f"{bucket}/in/shard-00000.tar")
-    cfg = write_job(tmp_path / "job.yaml",
-                    input={"urls": [f"s3://{bucket}/in/shard-00000.tar", f"s3://{bucket}/in/shard-00009.tar"],
-                           "storage_options": so},
-                    output={"path": f"s3://{bucket}/ds", "storage_options": so}, teachers=tiny_ensemble,
-                    aug={"n_aug": 1, "size": 64}, captions={"k": 0})
+    cfg = write_job(
+        tmp_path / "job.yaml",
+        input={
+            "urls": [f"s3://{bucket}/in/shard-00000.tar", f"s3://{bucket}/in/shard-00009.tar"],
+            "storage_options": so,
+        },
+        output={"path": f"s3://{bucket}/ds", "storage_options": so},
+        teachers=tiny_ensemble,
+        aug={"n_aug": 1, "size": 64},
+        captions={"k": 0},
+    )
     caplog.set_level(logging.INFO)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = dr(["-v", "reinforce", "--config", cfg, "--local"])
-    assert code == 1                                         # shard-00009 does not exist
+    assert code == 1  # shard-00009 does not exist
     files = _outputs_are_plain_data(fs, f"{bucket}/ds")
-    assert {"job.yaml", "ensemble.yaml", "dataset.json", "manifest.json", "shard-00000.json",
-            "shard-00000.parquet"} <= set(files)
+    assert {
+        "job.yaml",
+        "ensemble.yaml",
+        "dataset.json",
+        "manifest.json",
+        "shard-00000.json",
+        "shard-00000.parquet",
+    } <= set(files)
     dumped = yaml.safe_load(fs.cat_file(f"{bucket}/ds/job.yaml"))
     assert dumped["input"]["storage_options"]["secret"] == "***" and dumped["output"]["storage_options"]["key"] == "***"
     # validate / inspect read the redacted job.yaml back and still work (credentials from the environment)
-    assert dr(["validate", f"s3://{bucket}/ds"]) == 1                 # the missing shard, nothing else
+    assert dr(["validate", f"s3://{bucket}/ds"]) == 1  # the missing shard, nothing else
     texts = [err.getvalue(), capfd.readouterr().out, capfd.readouterr().err, caplog.text]
     texts += [fs.cat_file(p).decode("utf-8", "replace") for p in fs.find(f"{bucket}/ds") if not p.endswith(".parquet")]
-    texts += [v.decode("utf-8", "replace") for p in fs.find(f"{bucket}/ds") if p.endswith(".parquet")
-              for v in (pq.read_metadata(io.BytesIO(fs.cat_file(p))).metadata or {}).values()]
+    texts += [
+        v.decode("utf-8", "replace")
+        for p in fs.find(f"{bucket}/ds")
+        if p.endswith(".parquet")
+        for v in (pq.read_metadata(io.BytesIO(fs.cat_file(p))).metadata or {}).values()
+    ]
     blob = "\n".join(texts)
     assert "shard-00009" in blob and "missing: input shard has no committed output shard" in blob
     for value in ("AKIDSENTINELKEY0001", "SENTINEL-SECRET-VALUE-0002", "SENTINEL-SESSION-0004"):

@@ -1,4 +1,5 @@
 """bf16 codec and Parquet shard contract: bit-exact round trips, schema file, interop."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,12 @@ def reference_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def test_bf16_bits_match_independent_rounding():
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-8, 8, 10_000),
-                        np.array([0.0, -0.0, 1.0, -1.0, 3.0e38, -3.0e38, 1e-40, 65504.0], np.float32)])
+    x = np.concatenate(
+        [
+            rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-8, 8, 10_000),
+            np.array([0.0, -0.0, 1.0, -1.0, 3.0e38, -3.0e38, 1e-40, 65504.0], np.float32),
+        ]
+    )
     got = bf16.bf16_bits(torch.from_numpy(x))
     np.testing.assert_array_equal(got, reference_bf16_bits(x))
     back = bf16.bits_to_bf16(got)
@@ -35,11 +40,16 @@ def _rows(n: int, n_aug: int, dims: dict[str, int], seed: int = 0) -> Reinforced
     g = torch.Generator().manual_seed(seed)
     syn = [[f"caption {i} {j}" for j in range(i % 3)] for i in range(n)]
     rows = ReinforcedRows(
-        keys=[f"{i:09d}" for i in range(n)], uids=[None if i % 2 else f"u{i}" for i in range(n)],
-        urls=[f"https://x/{i}" for i in range(n)], image_sha256=["ab" * 32] * n, widths=[100 + i for i in range(n)],
-        heights=[50] * n, captions=[f"gt {i}" for i in range(n)],
+        keys=[f"{i:09d}" for i in range(n)],
+        uids=[None if i % 2 else f"u{i}" for i in range(n)],
+        urls=[f"https://x/{i}" for i in range(n)],
+        image_sha256=["ab" * 32] * n,
+        widths=[100 + i for i in range(n)],
+        heights=[50] * n,
+        captions=[f"gt {i}" for i in range(n)],
         aug_params=np.random.default_rng(seed).integers(0, 65535, (n, n_aug, 8)).astype(np.uint16),
-        syn={"cap": syn})
+        syn={"cap": syn},
+    )
     for t, d in dims.items():
         rows.image_emb[t] = torch.randn(n, n_aug, d, generator=g).bfloat16()
         rows.text_emb[t] = torch.randn(n, d, generator=g).bfloat16()
@@ -49,8 +59,12 @@ def _rows(n: int, n_aug: int, dims: dict[str, int], seed: int = 0) -> Reinforced
 
 def _write(path, rows: ReinforcedRows, n_aug: int, dims: dict[str, int], batches: int = 2) -> ShardLayout:
     layout = ShardLayout(n_aug, tuple(TeacherLayout(t, d) for t, d in dims.items()), ("cap",))
-    meta = {"schema_version": 1, "aug": {"n_aug": n_aug},
-            "teachers": [{"id": t, "dim": d} for t, d in dims.items()], "captioners": [{"id": "cap"}]}
+    meta = {
+        "schema_version": 1,
+        "aug": {"n_aug": n_aug},
+        "teachers": [{"id": t, "dim": d} for t, d in dims.items()],
+        "captioners": [{"id": "cap"}],
+    }
     w = ShardWriter(str(path), layout, meta)
     step = -(-len(rows) // batches)
     for s in range(0, len(rows), step):
@@ -60,10 +74,20 @@ def _write(path, rows: ReinforcedRows, n_aug: int, dims: dict[str, int], batches
 
 
 def _slice(r: ReinforcedRows, a: int, b: int) -> ReinforcedRows:
-    return ReinforcedRows(r.keys[a:b], r.uids[a:b], r.urls[a:b], r.image_sha256[a:b], r.widths[a:b], r.heights[a:b],
-                          r.captions[a:b], r.aug_params[a:b], {c: v[a:b] for c, v in r.syn.items()},
-                          {t: v[a:b] for t, v in r.image_emb.items()}, {t: v[a:b] for t, v in r.text_emb.items()},
-                          {t: {c: v[a:b] for c, v in d.items()} for t, d in r.syn_emb.items()})
+    return ReinforcedRows(
+        r.keys[a:b],
+        r.uids[a:b],
+        r.urls[a:b],
+        r.image_sha256[a:b],
+        r.widths[a:b],
+        r.heights[a:b],
+        r.captions[a:b],
+        r.aug_params[a:b],
+        {c: v[a:b] for c, v in r.syn.items()},
+        {t: v[a:b] for t, v in r.image_emb.items()},
+        {t: v[a:b] for t, v in r.text_emb.items()},
+        {t: {c: v[a:b] for c, v in d.items()} for t, d in r.syn_emb.items()},
+    )
 
 
 def test_parquet_round_trip_is_bit_exact(tmp_path):
@@ -88,7 +112,7 @@ def test_schema_file_is_the_contract(tmp_path):
     schema = pq.read_schema(tmp_path / "s.parquet")
     c = json.loads(schema_path("reinforced-v1.json").read_text())
     assert c == contract() and c["version"] == 1
-    assert schema.names[:len(c["columns"])] == [col["name"] for col in c["columns"]]
+    assert schema.names[: len(c["columns"])] == [col["name"] for col in c["columns"]]
     assert str(schema.field("emb__t__image__bf16_2x8").type) == "fixed_size_list<element: uint16>[16]"
     assert schema.field("emb__t__syn__cap__bf16_8").type == parse_type("list<fixed_size_list<uint16, 8>>")
     assert schema.remove_metadata().equals(layout.arrow_schema())
@@ -102,7 +126,7 @@ def test_embeddings_cost_about_two_bytes_per_value(tmp_path):
     col = pq.ParquetFile(tmp_path / "s.parquet").metadata.row_group(0)
     idx = [col.column(i).path_in_schema for i in range(col.num_columns)].index("emb__t__image__bf16_4x256.list.element")
     per_value = col.column(idx).total_compressed_size / (256 * 4 * 256)
-    assert per_value <= 2.1, per_value      # random bf16 bits barely compress; the floor is 2 bytes
+    assert per_value <= 2.1, per_value  # random bf16 bits barely compress; the floor is 2 bytes
 
 
 @pytest.mark.parametrize("reader", ["polars", "duckdb", "pandas", "pyarrow_dir"])
@@ -115,16 +139,19 @@ def test_shard_folder_opens_in_other_readers(tmp_path, reader):
     folder = tmp_path / "shards"
     if reader == "polars":
         import polars as pl
+
         df = pl.read_parquet(str(folder / "*.parquet"))
         assert df.height == 14 and df["emb__t__text__bf16_8"].dtype.shape == (8,)
         first = np.array(df["emb__t__text__bf16_8"][0].to_list(), dtype=np.uint16)
     elif reader == "duckdb":
         import duckdb
+
         res = duckdb.sql(f"select key, emb__t__text__bf16_8 from '{folder}/*.parquet' order by key").fetchall()
         assert len(res) == 14
         first = np.array(res[0][1], dtype=np.uint16)
     elif reader == "pandas":
         import pandas as pd
+
         df = pd.read_parquet(folder)
         assert len(df) == 14
         first = np.asarray(df["emb__t__text__bf16_8"].iloc[0], dtype=np.uint16)

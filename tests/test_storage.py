@@ -1,5 +1,6 @@
 """Compact shards: bytes on disk per bf16 value and per augmentation, writer encodings, and the
 comparison with the DataCompDR fp32 npz + JSON layout of the same rows."""
+
 from __future__ import annotations
 
 import io
@@ -38,14 +39,21 @@ def _rows(n: int = N, seed: int = 0) -> tuple[ReinforcedRows, AugSpec]:
     def cap() -> str:
         return " ".join(r.choice(WORDS) for _ in range(r.randint(5, 14)))
 
-    def unit(*shape):     # random-init teacher embeddings: unit vectors in random directions
+    def unit(*shape):  # random-init teacher embeddings: unit vectors in random directions
         return F.normalize(torch.randn(*shape, generator=g), dim=-1).to(torch.bfloat16)
+
     rows = ReinforcedRows(
-        keys=[f"{i:09d}" for i in range(n)], uids=[None] * n, urls=[f"https://x.org/{i}.jpg" for i in range(n)],
-        image_sha256=[f"{rng.integers(2 ** 62):016x}" * 4 for _ in range(n)],
-        widths=[int(w) for w, _ in sizes], heights=[int(h) for _, h in sizes], captions=[cap() for _ in range(n)],
-        aug_params=np.stack([augment.pack(augment.sample_all(spec, seed, f"{i:09d}", int(w), int(h)))
-                             for i, (w, h) in enumerate(sizes)]))
+        keys=[f"{i:09d}" for i in range(n)],
+        uids=[None] * n,
+        urls=[f"https://x.org/{i}.jpg" for i in range(n)],
+        image_sha256=[f"{rng.integers(2**62):016x}" * 4 for _ in range(n)],
+        widths=[int(w) for w, _ in sizes],
+        heights=[int(h) for _, h in sizes],
+        captions=[cap() for _ in range(n)],
+        aug_params=np.stack(
+            [augment.pack(augment.sample_all(spec, seed, f"{i:09d}", int(w), int(h))) for i, (w, h) in enumerate(sizes)]
+        ),
+    )
     rows.syn["coca"] = [[cap() for _ in range(K)] for _ in range(n)]
     for i, d in enumerate(DIMS):
         rows.image_emb[f"t{i}"] = unit(n, N_AUG, d)
@@ -55,8 +63,11 @@ def _rows(n: int = N, seed: int = 0) -> tuple[ReinforcedRows, AugSpec]:
 
 
 LAYOUT = ShardLayout(N_AUG, tuple(TeacherLayout(f"t{i}", d) for i, d in enumerate(DIMS)), ("coca",))
-META = {"teachers": [{"id": f"t{i}", "dim": d} for i, d in enumerate(DIMS)], "captioners": [{"id": "coca"}],
-        "aug": to_dict(AugSpec(n_aug=N_AUG))}
+META = {
+    "teachers": [{"id": f"t{i}", "dim": d} for i, d in enumerate(DIMS)],
+    "captioners": [{"id": "coca"}],
+    "aug": to_dict(AugSpec(n_aug=N_AUG)),
+}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +75,7 @@ def shard(tmp_path_factory):
     rows, spec = _rows()
     path = tmp_path_factory.mktemp("storage") / "shard-00000.parquet"
     w = ShardWriter(str(path), LAYOUT, {**META, "n": N})
-    for i in range(0, N, 128):                            # streamed in batches, as the worker writes
+    for i in range(0, N, 128):  # streamed in batches, as the worker writes
         w.write(rows.slice(slice(i, i + 128)))
     w.close()
     return path, rows
@@ -81,7 +92,7 @@ def test_bf16_embeddings_within_1_02x_of_raw(shard):
         kind, dim = name.split("__")[2], int(name.rsplit("x", 1)[-1].rsplit("_", 1)[-1])
         per_value = nbytes / (N * values_per_row[kind] * dim)
         assert per_value <= 1.02 * 2, f"{name}: {per_value:.3f} B per bf16 value"
-        assert per_value <= 1.6, f"{name}: {per_value:.3f} B/value: byte-stream split lost?"   # ~1.43 with it
+        assert per_value <= 1.6, f"{name}: {per_value:.3f} B/value: byte-stream split lost?"  # ~1.43 with it
         checked += 1
     assert checked == 3 * len(DIMS)
 

@@ -1,4 +1,5 @@
 """The training loader: join, replay, choices, skips, sharding, resume state, foreign tars."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,7 @@ from dr_pipeline.train.students import tokenize
 TEACHERS = [("ta", 8, 70.0), ("tb", 12, 60.0)]
 CAPTIONERS = ("c1", "c2")
 SPEC = AugSpec(n_aug=3, size=64)
-SIZE, CTX, SEED = 48, 32, 7          # student size differs from the generation size on purpose
+SIZE, CTX, SEED = 48, 32, 7  # student size differs from the generation size on purpose
 N_SHARDS, PER_SHARD = 3, 6
 
 
@@ -40,8 +41,9 @@ N_SHARDS, PER_SHARD = 3, 6
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-data")
     make_corpus(str(root / "corpus"), n_shards=N_SHARDS, per_shard=PER_SHARD, seed=0)
-    make_fake_reinforced(str(root / "corpus" / "tar"), str(root / "ds"), TEACHERS, CAPTIONERS, k=3,
-                         aug=SPEC, seed=3, drop_syn=4)
+    make_fake_reinforced(
+        str(root / "corpus" / "tar"), str(root / "ds"), TEACHERS, CAPTIONERS, k=3, aug=SPEC, seed=3, drop_syn=4
+    )
     return root
 
 
@@ -62,8 +64,12 @@ class Truth:
     """Independent view of the data: base samples and reinforcement rows read directly."""
 
     def __init__(self, root: Path):
-        self.base = {s.key: s for n in range(N_SHARDS)
-                     for s in iter_shard(str(root / "corpus" / "tar" / f"shard-{n:05d}.tar")) if isinstance(s, Sample)}
+        self.base = {
+            s.key: s
+            for n in range(N_SHARDS)
+            for s in iter_shard(str(root / "corpus" / "tar" / f"shard-{n:05d}.tar"))
+            if isinstance(s, Sample)
+        }
         self.rows = {}
         for n in range(N_SHARDS):
             rows, meta = read_shard(str(root / "ds" / "shards" / f"shard-{n:05d}.parquet"))
@@ -112,13 +118,14 @@ def test_sample_holds_rows_of_replayed_augmentation_and_chosen_captions(world, t
     assert short
     # choices are redrawn per epoch, deterministically
     again = _epoch(_cfg(world), start=StreamState(epoch=1))
-    assert [it["key"] for it in again] != [it["key"] for it in items]   # shard order reshuffled
+    assert [it["key"] for it in again] != [it["key"] for it in items]  # shard order reshuffled
     by_key = {it["key"]: it for it in again}
     assert any(by_key[it["key"]]["aug_index"] != it["aug_index"] for it in items)
     for it in again[:4]:
         truth.check(it)
-    assert [(it["aug_index"], it["syn_index"]) for it in _epoch(_cfg(world))] == \
-           [(it["aug_index"], it["syn_index"]) for it in items]
+    assert [(it["aug_index"], it["syn_index"]) for it in _epoch(_cfg(world))] == [
+        (it["aug_index"], it["syn_index"]) for it in items
+    ]
 
 
 def test_choice_is_uniform():
@@ -143,6 +150,7 @@ def test_teacher_and_captioner_subset_by_id(world):
 
 
 # --------------------------------------------------------------------------- DataCompDR tars
+
 
 def _export(world: Path, out: Path, member: str = "npz", poison_key: str | None = None) -> None:
     out.mkdir(exist_ok=True)
@@ -179,8 +187,15 @@ def _rewrite_members(path: Path, member: str, poison_key: str | None) -> None:
 
 
 def _tar_cfg(world: Path, tars: Path, **kw) -> DataConfig:
-    return DataConfig(reinforced=str(tars), base=str(world / "corpus" / "tar"), num_workers=0, worker_chunk=5,
-                      foreign_teachers=tuple(ForeignTeacher(t, d, s) for t, d, s in TEACHERS), foreign_aug=SPEC, **kw)
+    return DataConfig(
+        reinforced=str(tars),
+        base=str(world / "corpus" / "tar"),
+        num_workers=0,
+        worker_chunk=5,
+        foreign_teachers=tuple(ForeignTeacher(t, d, s) for t, d, s in TEACHERS),
+        foreign_aug=SPEC,
+        **kw,
+    )
 
 
 def test_datacompdr_tars_give_the_same_samples_as_parquet(world, truth, tmp_path):
@@ -207,10 +222,10 @@ def test_released_bf16_pth_gz_loads_safely_and_pickle_is_refused(world, tmp_path
     assert [it["key"] for it in got] == [it["key"] for it in ref]
     assert all(torch.equal(a["teachers"]["ta"], b["teachers"]["ta"]) for a, b in zip(got, ref))
 
-    first = sorted(k for k in Truth(world).rows if k.startswith("00001"))[2]   # 3rd sample of shard 1
+    first = sorted(k for k in Truth(world).rows if k.startswith("00001"))[2]  # 3rd sample of shard 1
     _export(world, tmp_path / "evil", member="pth.gz", poison_key=first)
     got = _epoch(_tar_cfg(world, tmp_path / "evil"))
-    assert not marker.exists()                                   # the payload never ran
+    assert not marker.exists()  # the payload never ran
     skipped = Counter(it["skip"] for it in got if "skip" in it)
     assert skipped == {"reinforcement_unreadable": PER_SHARD - 2}  # that sample and the rest of its shard
     assert len([it for it in got if "skip" not in it]) == N_SHARDS * PER_SHARD - (PER_SHARD - 2)
@@ -218,28 +233,39 @@ def test_released_bf16_pth_gz_loads_safely_and_pickle_is_refused(world, tmp_path
 
 # --------------------------------------------------------------------------- skips
 
+
 def _damage(world: Path, out: Path) -> dict[str, str]:
     """Copy the dataset; damage shard 0's rows in known ways. Returns key -> expected reason."""
     shutil.copytree(world / "ds", out)
     path = out / "shards" / "shard-00000.parquet"
     rows, meta = read_shard(str(path))
     k = rows.keys
-    expected = {k[0]: "missing_reinforcement", k[1]: "mismatched_image", k[2]: "mismatched_caption",
-                k[3]: "mismatched_syn_count", "ghost": "missing_base"}
+    expected = {
+        k[0]: "missing_reinforcement",
+        k[1]: "mismatched_image",
+        k[2]: "mismatched_caption",
+        k[3]: "mismatched_syn_count",
+        "ghost": "missing_base",
+    }
     keep = [i for i in range(len(rows)) if i != 0]
     sub = dataclasses.replace(
-        rows, keys=[k[i] for i in keep] + ["ghost"], uids=[rows.uids[i] for i in keep] + ["ghost"],
-        urls=[rows.urls[i] for i in keep] + [None], image_sha256=[rows.image_sha256[i] for i in keep] + ["0" * 64],
-        widths=[rows.widths[i] for i in keep] + [10], heights=[rows.heights[i] for i in keep] + [10],
+        rows,
+        keys=[k[i] for i in keep] + ["ghost"],
+        uids=[rows.uids[i] for i in keep] + ["ghost"],
+        urls=[rows.urls[i] for i in keep] + [None],
+        image_sha256=[rows.image_sha256[i] for i in keep] + ["0" * 64],
+        widths=[rows.widths[i] for i in keep] + [10],
+        heights=[rows.heights[i] for i in keep] + [10],
         captions=[rows.captions[i] for i in keep] + ["x"],
         aug_params=np.concatenate([rows.aug_params[keep], rows.aug_params[:1]]),
         syn={c: [rows.syn[c][i] for i in keep] + [[]] for c in CAPTIONERS},
         image_emb={t: torch.cat([v[keep], v[:1]]) for t, v in rows.image_emb.items()},
         text_emb={t: torch.cat([v[keep], v[:1]]) for t, v in rows.text_emb.items()},
-        syn_emb={t: {c: [d[c][i] for i in keep] + [d[c][0][:0]] for c in CAPTIONERS} for t, d in rows.syn_emb.items()})
-    sub.image_sha256[0] = "f" * 64                                 # row of k[1]
-    sub.captions[1] = "a caption the teachers never saw"           # row of k[2]
-    sub.syn["c1"][2] = sub.syn["c1"][2][:-1]                       # row of k[3]: 1 caption, 2 embeddings... fewer
+        syn_emb={t: {c: [d[c][i] for i in keep] + [d[c][0][:0]] for c in CAPTIONERS} for t, d in rows.syn_emb.items()},
+    )
+    sub.image_sha256[0] = "f" * 64  # row of k[1]
+    sub.captions[1] = "a caption the teachers never saw"  # row of k[2]
+    sub.syn["c1"][2] = sub.syn["c1"][2][:-1]  # row of k[3]: 1 caption, 2 embeddings... fewer
     w = ShardWriter(str(path), layout_from_metadata(meta), meta)
     w.write(sub)
     w.close()
@@ -248,7 +274,7 @@ def _damage(world: Path, out: Path) -> dict[str, str]:
 
 def test_missing_and_mismatched_rows_are_counted_never_misaligned(world, truth, tmp_path):
     expected = _damage(world, tmp_path / "ds")
-    (tmp_path / "ds" / "_markers" / "shard-00002.json").unlink()   # uncommitted: not read at all
+    (tmp_path / "ds" / "_markers" / "shard-00002.json").unlink()  # uncommitted: not read at all
     cfg = DataConfig(reinforced=str(tmp_path / "ds"), num_workers=0)
     plan = make_plan(cfg)
     assert [p.name for p in plan.pairs] == ["shard-00000", "shard-00001"] and plan.base_only == ("shard-00002",)
@@ -279,6 +305,7 @@ def test_no_usable_sample_raises_instead_of_hanging(world, tmp_path):
 
 # --------------------------------------------------------------------------- sharding and order
 
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ranks_times_workers_cover_every_sample_once(world, world_size):
@@ -288,16 +315,22 @@ def test_ranks_times_workers_cover_every_sample_once(world, world_size):
     keys = [it["key"] for items in per_rank for it in items]
     assert sorted(keys) == sorted(Truth(world).base) and len(set(keys)) == len(keys)
     assert all(per_rank)
-    for r in range(world_size):   # the worker count does not change a rank's sequence
-        assert [it["key"] for it in _epoch(cfg, rank=r, world=world_size, workers=0)] == \
-               [it["key"] for it in per_rank[r]]
+    for r in range(world_size):  # the worker count does not change a rank's sequence
+        assert [it["key"] for it in _epoch(cfg, rank=r, world=world_size, workers=0)] == [
+            it["key"] for it in per_rank[r]
+        ]
 
 
 @pytest.mark.timeout(120)
 def test_order_is_independent_of_worker_count_and_chunk_size(world):
     """Two epochs (chunks continue across the boundary), several worker / chunk layouts."""
-    seqs = [[(it["key"], it["aug_index"], it["pos"]) for it in
-             _epoch(_cfg(world, worker_chunk=chunk), workers=nw, epochs=2)] for nw, chunk in [(0, 1), (2, 4), (2, 7)]]
+    seqs = [
+        [
+            (it["key"], it["aug_index"], it["pos"])
+            for it in _epoch(_cfg(world, worker_chunk=chunk), workers=nw, epochs=2)
+        ]
+        for nw, chunk in [(0, 1), (2, 4), (2, 7)]
+    ]
     assert len(seqs[0]) == 2 * N_SHARDS * PER_SHARD and seqs[0] == seqs[1] == seqs[2]
 
 
@@ -306,9 +339,10 @@ def test_resampled_mode_feeds_every_rank_of_a_large_world(world):
     cfg = _cfg(world, resampled=True)
     plan = make_plan(cfg)
     for rank in (0, 7):
-        stream = iter(TrainStream(plan, cfg, SEED, batch_size=4, image_size=SIZE, context_length=CTX,
-                                  rank=rank, world=16))
-        batches = [next(stream)[0]["keys"] for _ in range(12)]   # > one pass over the data
+        stream = iter(
+            TrainStream(plan, cfg, SEED, batch_size=4, image_size=SIZE, context_length=CTX, rank=rank, world=16)
+        )
+        batches = [next(stream)[0]["keys"] for _ in range(12)]  # > one pass over the data
         assert len({k for b in batches for k in b}) > PER_SHARD
 
 
@@ -317,10 +351,19 @@ def test_stream_state_restarts_exactly_after_the_last_batch(world):
     cfg = _cfg(world)
     plan = make_plan(cfg)
     full = iter(TrainStream(plan, cfg, SEED, batch_size=5, image_size=SIZE, context_length=CTX))
-    seen = [next(full) for _ in range(6)]              # 30 samples: crosses an epoch boundary (18 / epoch)
+    seen = [next(full) for _ in range(6)]  # 30 samples: crosses an epoch boundary (18 / epoch)
     state = seen[3][1]
-    resumed = iter(TrainStream(plan, dataclasses.replace(cfg, num_workers=2), SEED, batch_size=5,
-                               image_size=SIZE, context_length=CTX, state=state))
+    resumed = iter(
+        TrainStream(
+            plan,
+            dataclasses.replace(cfg, num_workers=2),
+            SEED,
+            batch_size=5,
+            image_size=SIZE,
+            context_length=CTX,
+            state=state,
+        )
+    )
     for want, _ in seen[4:]:
         got, _ = next(resumed)
         assert got["keys"] == want["keys"]
@@ -330,8 +373,10 @@ def test_stream_state_restarts_exactly_after_the_last_batch(world):
 
 # --------------------------------------------------------------------------- parity with Apple's trainer
 
-def _per_key_layout(src: Path, out: Path, member: str = "npz", drop: str | None = None,
-                    bad_sha_key: str | None = None) -> None:
+
+def _per_key_layout(
+    src: Path, out: Path, member: str = "npz", drop: str | None = None, bad_sha_key: str | None = None
+) -> None:
     """Rewrite exported tars into Apple's per-key layout: ``text_emb`` [1, D] (GT only) plus
     ``<syn key>_emb`` [k, D] per synthetic key; ``member="pth.gz"``: bf16 tensors, as released.
     ``drop``: leave that ``*_emb`` array out; ``bad_sha_key``: that sample's json sha256 is wrong."""
@@ -347,10 +392,18 @@ def _per_key_layout(src: Path, out: Path, member: str = "npz", drop: str | None 
                 if ext == "npz":
                     with np.load(io.BytesIO(data)) as z:
                         a = {k: z[k] for k in z.files}
-                    arrays = {"image_emb": a["image_emb"], "text_emb": a["text_emb"][:1],
-                              "syn_text_emb": a["text_emb"][1:]}
-                    arrays.update({f"syn_text_{k[len('syn_text_emb_'):]}_emb": v for k, v in a.items()
-                                   if k.startswith("syn_text_emb_")})
+                    arrays = {
+                        "image_emb": a["image_emb"],
+                        "text_emb": a["text_emb"][:1],
+                        "syn_text_emb": a["text_emb"][1:],
+                    }
+                    arrays.update(
+                        {
+                            f"syn_text_{k[len('syn_text_emb_') :]}_emb": v
+                            for k, v in a.items()
+                            if k.startswith("syn_text_emb_")
+                        }
+                    )
                     arrays.pop(drop, None)
                     buf = io.BytesIO()
                     if member == "npz":
@@ -378,8 +431,9 @@ def test_apple_per_key_layout_gives_the_same_samples_as_parquet(world, truth, tm
     ref = _epoch(_cfg(world))
     got = _epoch(_tar_cfg(world, tmp_path / "v2"))
     assert not [it for it in got if "skip" in it]
-    assert [(it["key"], it["aug_index"], it["syn_index"], it["syn_caption"]) for it in got] == \
-           [(it["key"], it["aug_index"], it["syn_index"], it["syn_caption"]) for it in ref]
+    assert [(it["key"], it["aug_index"], it["syn_index"], it["syn_caption"]) for it in got] == [
+        (it["key"], it["aug_index"], it["syn_index"], it["syn_caption"]) for it in ref
+    ]
     for a, b in zip(got, ref):
         assert torch.equal(a["image"], b["image"])
         for t, _, _ in TEACHERS:
@@ -393,8 +447,9 @@ def test_apple_per_key_layout_gives_the_same_samples_as_parquet(world, truth, tm
     _per_key_layout(tmp_path / "v1", tmp_path / "v2-missing", member, drop="syn_text_c2_emb")
     skipped = Counter(it.get("skip") for it in _epoch(_tar_cfg(world, tmp_path / "v2-missing")))
     assert set(skipped) == {"missing_syn_emb"}
-    assert not [it for it in _epoch(_tar_cfg(world, tmp_path / "v2-missing", syn_key_regex="^syn_text$"))
-                if "skip" in it]
+    assert not [
+        it for it in _epoch(_tar_cfg(world, tmp_path / "v2-missing", syn_key_regex="^syn_text$")) if "skip" in it
+    ]
 
 
 def _members_arrays(tar: tarfile.TarFile, member: str) -> dict:
@@ -419,9 +474,18 @@ def test_datacompdr_base_image_sha256_mismatch_is_skipped_and_counted(world, tmp
 
 def _sig(items: list[dict]) -> list[tuple]:
     """What a sample trains on, comparable: key, choices, captions, image and embedding bytes."""
-    return [(it["key"], it["aug_index"], it["syn_index"], it["caption"], it["syn_caption"],
-             it["image"].numpy().tobytes(), tuple(it["teachers"][t].numpy().tobytes() for t in sorted(it["teachers"])))
-            for it in items]
+    return [
+        (
+            it["key"],
+            it["aug_index"],
+            it["syn_index"],
+            it["caption"],
+            it["syn_caption"],
+            it["image"].numpy().tobytes(),
+            tuple(it["teachers"][t].numpy().tobytes() for t in sorted(it["teachers"])),
+        )
+        for it in items
+    ]
 
 
 def test_syn_key_regex_selects_parquet_captioners(world):
@@ -442,23 +506,23 @@ def test_sample_sequential_walks_augmentations_and_captions_in_order(world, trut
         sizes = [len(rows.syn[c][i]) for c in CAPTIONERS]
         for e, by_key in enumerate(epochs):
             it = by_key[key]
-            assert it["aug_index"] == e % SPEC.n_aug                       # Apple: epoch % N_aug
-            p = 0 if it["syn_index"] < sizes[0] else 1                      # the key drawn for this visit
-            assert it["syn_index"] - sum(sizes[:p]) == e % sizes[p]         # caption epoch % k of that key
+            assert it["aug_index"] == e % SPEC.n_aug  # Apple: epoch % N_aug
+            p = 0 if it["syn_index"] < sizes[0] else 1  # the key drawn for this visit
+            assert it["syn_index"] - sum(sizes[:p]) == e % sizes[p]  # caption epoch % k of that key
             truth.check(it)
 
 
 def test_mix_synthetic_ratio_puts_one_caption_per_sample(world, truth):
     ref = _epoch(_cfg(world))
     assert _sig(_epoch(_cfg(world, mix_synthetic_ratio=0.0))) == _sig(ref)
-    for it in _epoch(_cfg(world, mix_synthetic_ratio=1.0)):          # always the synthetic caption
+    for it in _epoch(_cfg(world, mix_synthetic_ratio=1.0)):  # always the synthetic caption
         assert it["caption"] == it["syn_caption"] and torch.equal(it["tokens"][0], it["tokens"][1])
         for t, _, _ in TEACHERS:
             assert torch.equal(it["teachers"][t][1], it["teachers"][t][2])
     half = _epoch(_cfg(world, mix_synthetic_ratio=0.5))
     mixed = [it["caption"] == it["syn_caption"] for it in half]
     assert 0 < sum(mixed) < len(mixed)
-    for it, r in zip(half, ref):                                       # same views and captions drawn
+    for it, r in zip(half, ref):  # same views and captions drawn
         assert (it["key"], it["aug_index"], it["syn_caption"]) == (r["key"], r["aug_index"], r["syn_caption"])
     with pytest.raises(ConfigError, match="mix_synthetic_ratio"):
         _cfg(world, mix_synthetic_ratio=1.5)
@@ -470,8 +534,12 @@ def test_several_sources_with_upsampling_factors(world, truth, tmp_path):
 
     _export(world, tmp_path / "tars")
     extra = SourceConfig(reinforced=str(tmp_path / "tars"), base=str(world / "corpus" / "tar"), upsampling_factor=2.0)
-    cfg = _cfg(world, extra_sources=(extra,),
-               foreign_teachers=tuple(ForeignTeacher(t, d, s) for t, d, s in TEACHERS), foreign_aug=SPEC)
+    cfg = _cfg(
+        world,
+        extra_sources=(extra,),
+        foreign_teachers=tuple(ForeignTeacher(t, d, s) for t, d, s in TEACHERS),
+        foreign_aug=SPEC,
+    )
     plan = make_plan(cfg)
     assert [(p.source, p.kind) for p in plan.pairs] == [(0, "parquet")] * N_SHARDS + [(1, "datacompdr")] * N_SHARDS
     visits = Counter((p.source, p.visit) for p in epoch_visits(plan, SEED, 0))
@@ -487,13 +555,23 @@ def test_several_sources_with_upsampling_factors(world, truth, tmp_path):
         by_key.setdefault(it["key"], []).append(it["aug_index"])
     assert any(len(set(a)) > 1 for a in by_key.values())
     # fractional factors: floor(f) visits plus one with probability f - floor(f); resampled: weights
-    half = make_plan(_cfg(world, extra_sources=(dataclasses.replace(extra, upsampling_factor=0.5),),
-                          foreign_teachers=cfg.foreign_teachers, foreign_aug=SPEC))
+    half = make_plan(
+        _cfg(
+            world,
+            extra_sources=(dataclasses.replace(extra, upsampling_factor=0.5),),
+            foreign_teachers=cfg.foreign_teachers,
+            foreign_aug=SPEC,
+        )
+    )
     n = [sum(p.source == 1 for p in epoch_visits(half, SEED, e)) for e in range(200)]
     assert sum(n) / len(n) == pytest.approx(0.5 * N_SHARDS, rel=0.15)
     from dr_pipeline.train.data import rank_shards
-    drawn = [p.source for e in range(100) for p in rank_shards(plan, dataclasses.replace(cfg, resampled=True),
-                                                                 SEED, e, 0, 1)[0]]
+
+    drawn = [
+        p.source
+        for e in range(100)
+        for p in rank_shards(plan, dataclasses.replace(cfg, resampled=True), SEED, e, 0, 1)[0]
+    ]
     assert Counter(drawn)[1] / len(drawn) == pytest.approx(2 / 3, abs=0.08)
     with pytest.raises(ConfigError, match="upsampling_factor"):
         SourceConfig(reinforced="x", upsampling_factor=0)
@@ -502,16 +580,23 @@ def test_several_sources_with_upsampling_factors(world, truth, tmp_path):
 def test_cache_images_gives_the_same_samples_and_skips(world, tmp_path):
     """data.cache_images: decoded once (prefilled before the workers fork), identical batches."""
     expected = _damage(world, tmp_path / "ds")
-    plain, cached = (DataConfig(reinforced=str(tmp_path / "ds"), num_workers=0, worker_chunk=4, cache_images=c)
-                     for c in (False, True))
-    assert _sig([it for it in _epoch(cached) if "skip" not in it]) == \
-           _sig([it for it in _epoch(plain) if "skip" not in it])
+    plain, cached = (
+        DataConfig(reinforced=str(tmp_path / "ds"), num_workers=0, worker_chunk=4, cache_images=c)
+        for c in (False, True)
+    )
+    assert _sig([it for it in _epoch(cached) if "skip" not in it]) == _sig(
+        [it for it in _epoch(plain) if "skip" not in it]
+    )
     assert {it["key"]: it["skip"] for it in _epoch(cached) if "skip" in it} == expected
     plan = make_plan(plain)
-    ts = [TrainStream(plan, dataclasses.replace(c, num_workers=2), SEED, batch_size=5, image_size=SIZE,
-                      context_length=CTX) for c in (plain, cached)]
+    ts = [
+        TrainStream(
+            plan, dataclasses.replace(c, num_workers=2), SEED, batch_size=5, image_size=SIZE, context_length=CTX
+        )
+        for c in (plain, cached)
+    ]
     assert ts[0].cache is None and set(ts[1].cache.shards) == {p.base_url for p in plan.pairs}
     streams = [iter(t) for t in ts]
-    for _ in range(5):                                   # 25 samples: across an epoch boundary
+    for _ in range(5):  # 25 samples: across an epoch boundary
         (a, sa), (b, sb) = next(streams[0]), next(streams[1])
         assert a["keys"] == b["keys"] and sa == sb and torch.equal(a["image"], b["image"])

@@ -1,4 +1,5 @@
 """dr train / dr eval: loss goes down, exact resume, DDP on two gloo ranks, configs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,16 +30,30 @@ def dataset(tmp_path_factory) -> Path:
     """A small reinforced dataset in the project's layout: 3 shards x 8 samples, two teachers."""
     root = tmp_path_factory.mktemp("train-loop")
     make_corpus(str(root / "corpus"), n_shards=3, per_shard=8, seed=0, formats=("tar",))
-    make_fake_reinforced(str(root / "corpus" / "tar"), str(root / "ds"), [("ta", 16, 70.0), ("tb", 24, 60.0)],
-                         captioners=("coca",), k=2, aug=AugSpec(n_aug=2, size=64), seed=1)
+    make_fake_reinforced(
+        str(root / "corpus" / "tar"),
+        str(root / "ds"),
+        [("ta", 16, 70.0), ("tb", 24, 60.0)],
+        captioners=("coca",),
+        k=2,
+        aug=AugSpec(n_aug=2, size=64),
+        seed=1,
+    )
     return root
 
 
 def _cfg(dataset: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(out_dir=str(out), steps=6, batch_size=4, seed=0, checkpoint_every=3, log_every=1,
-                student=StudentConfig(arch="tiny", image_size=32),
-                data=DataConfig(reinforced=str(dataset / "ds"), num_workers=0),
-                optim=OptimConfig(lr=2e-3, min_lr=1e-5, warmup_steps=2, weight_decay=0.1, ema_decay=0.9))
+    base = dict(
+        out_dir=str(out),
+        steps=6,
+        batch_size=4,
+        seed=0,
+        checkpoint_every=3,
+        log_every=1,
+        student=StudentConfig(arch="tiny", image_size=32),
+        data=DataConfig(reinforced=str(dataset / "ds"), num_workers=0),
+        optim=OptimConfig(lr=2e-3, min_lr=1e-5, warmup_steps=2, weight_decay=0.1, ema_decay=0.9),
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -59,11 +74,11 @@ def test_resume_after_k_steps_reproduces_the_uninterrupted_run(dataset, tmp_path
     assert full.step == 6 and len(full.losses) == 6
 
     cfg = _cfg(dataset, tmp_path / "b")
-    first = train(cfg, stop_after=3)                                    # "preempted" after the step-3 checkpoint
+    first = train(cfg, stop_after=3)  # "preempted" after the step-3 checkpoint
     assert first.step == 3
     rest = train(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=2)), resume="latest")
     assert rest.step == 6
-    assert first.losses + rest.losses == full.losses                   # bit-identical steps
+    assert first.losses + rest.losses == full.losses  # bit-identical steps
     a = load_checkpoint(resolve(str(tmp_path / "a")))
     b = load_checkpoint(resolve(str(tmp_path / "b")))
     for part in ("model", "ema", "data"):
@@ -77,7 +92,7 @@ def _dr(*args: str) -> int:
     """``dr ...`` through the CLI when it has the sub-command, else the function it wires."""
     from dr_pipeline import cli
 
-    sub = cli.build_parser()._subparsers._group_actions[0].choices   # noqa: SLF001
+    sub = cli.build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
     if args[0] in sub:
         return cli.main(list(args))
     opts = dict(zip(args[1::2], args[2::2]))
@@ -96,11 +111,19 @@ def _plain(obj) -> bool:
 
 def test_dr_train_reduces_the_loss_and_dr_eval_loads_its_checkpoint(dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    config = {"out_dir": str(out), "steps": 24, "batch_size": 8, "seed": 0, "log_every": 1, "checkpoint_every": 8,
-              "keep_checkpoints": 2, "student": {"arch": "tiny", "image_size": 32},
-              "data": {"reinforced": str(dataset / "ds"), "exclude_shards": ["shard-00002"], "num_workers": 0},
-              "loss": {"lam": 0.5, "gt_weight": 1.0, "syn_weight": 1.0},
-              "optim": {"lr": 3e-3, "min_lr": 1e-5, "warmup_steps": 3, "weight_decay": 0.1}}
+    config = {
+        "out_dir": str(out),
+        "steps": 24,
+        "batch_size": 8,
+        "seed": 0,
+        "log_every": 1,
+        "checkpoint_every": 8,
+        "keep_checkpoints": 2,
+        "student": {"arch": "tiny", "image_size": 32},
+        "data": {"reinforced": str(dataset / "ds"), "exclude_shards": ["shard-00002"], "num_workers": 0},
+        "loss": {"lam": 0.5, "gt_weight": 1.0, "syn_weight": 1.0},
+        "optim": {"lr": 3e-3, "min_lr": 1e-5, "warmup_steps": 3, "weight_decay": 0.1},
+    }
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config))
     assert _dr("train", "--config", str(path)) == 0
@@ -110,15 +133,25 @@ def test_dr_train_reduces_the_loss_and_dr_eval_loads_its_checkpoint(dataset, tmp
     losses = [r["loss"] for r in rows]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert all(r["contrastive_loss"] + r["distill_loss"] == pytest.approx(r["loss"]) for r in rows)
-    assert rows[0]["lr"] < rows[2]["lr"] and rows[-1]["lr"] < rows[10]["lr"]      # warmup, then decay
+    assert rows[0]["lr"] < rows[2]["lr"] and rows[-1]["lr"] < rows[10]["lr"]  # warmup, then decay
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["step-00000016.pt", "step-00000024.pt"]
     raw = torch.load(out / "checkpoints" / "step-00000024.pt", weights_only=True)  # nothing pickled
     assert _plain(raw) and raw["step"] == 24
 
     report = tmp_path / "eval.json"
-    assert _dr("eval", "--checkpoint", str(out), "--data", str(dataset / "corpus" / "tar" / "shard-00002.tar"),
-               "--out", str(report)) == 0
+    assert (
+        _dr(
+            "eval",
+            "--checkpoint",
+            str(out),
+            "--data",
+            str(dataset / "corpus" / "tar" / "shard-00002.tar"),
+            "--out",
+            str(report),
+        )
+        == 0
+    )
     res = json.loads(report.read_text())
     assert res["step"] == 24 and res["retrieval"]["n"] == 8
     for k in ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5"):
@@ -133,8 +166,18 @@ def test_dr_train_reduces_the_loss_and_dr_eval_loads_its_checkpoint(dataset, tmp
         (folder / colour).mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (40 + 8 * i, 48), colour).save(folder / colour / f"{i}.png")
-    assert _dr("eval", "--checkpoint", str(out / "checkpoints" / "step-00000024.pt"), "--data", str(folder),
-               "--out", str(report)) == 0
+    assert (
+        _dr(
+            "eval",
+            "--checkpoint",
+            str(out / "checkpoints" / "step-00000024.pt"),
+            "--data",
+            str(folder),
+            "--out",
+            str(report),
+        )
+        == 0
+    )
     z = json.loads(report.read_text())["zeroshot"]["folder"]
     assert (z["n"], z["n_classes"], z["chance"]) == (6, 3, pytest.approx(1 / 3)) and 0 <= z["top1"] <= 1
 
@@ -181,7 +224,7 @@ def test_run_directory_on_s3_checkpoints_resumes_and_evaluates(dataset, tmp_path
 
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/tiny/checkpoints"))
-    assert names == ["latest.json", "step-00000004.pt"]                 # keep_checkpoints=1 pruned step 2
+    assert names == ["latest.json", "step-00000004.pt"]  # keep_checkpoints=1 pruned step 2
     rows = fs.cat_file(f"{bucket}/runs/tiny/metrics.jsonl").decode().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
     assert fs.cat_file(f"{bucket}/runs/tiny/curve.png")[:4] == b"\x89PNG"
@@ -190,6 +233,7 @@ def test_run_directory_on_s3_checkpoints_resumes_and_evaluates(dataset, tmp_path
 
 # --------------------------------------------------------------------------- DDP, two gloo ranks
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -197,8 +241,9 @@ def _free_port() -> int:
 
 
 def _ddp_rank(rank: int, world: int, port: int, cfg: TrainConfig, resume: str | None, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     from dr_pipeline.train import loop
 
@@ -222,13 +267,14 @@ def test_ddp_on_two_gloo_ranks_keeps_replicas_equal_and_resumes_per_rank(dataset
     def run(c: TrainConfig, resume: str | None) -> tuple[dict, dict]:
         mp.start_processes(_ddp_rank, args=(2, _free_port(), c, resume, str(tmp_path)), nprocs=2, start_method="fork")
         r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-        _assert_same_state(r0["params"], r1["params"])                # DDP replicas stay identical
+        _assert_same_state(r0["params"], r1["params"])  # DDP replicas stay identical
         # (BatchNorm running statistics are per rank: DDP broadcasts rank 0's before each forward)
-        assert torch.equal(r0["losses"], r1["losses"])                 # the global loss, on both ranks
+        assert torch.equal(r0["losses"], r1["losses"])  # the global loss, on both ranks
         return r0, load_checkpoint(resolve(c.out_dir))
 
-    cfg = _cfg(dataset, tmp_path / "ddp", steps=4, checkpoint_every=2, batch_size=3,
-               optim=OptimConfig(lr=2e-3, warmup_steps=1))
+    cfg = _cfg(
+        dataset, tmp_path / "ddp", steps=4, checkpoint_every=2, batch_size=3, optim=OptimConfig(lr=2e-3, warmup_steps=1)
+    )
     full, _ = run(dataclasses.replace(cfg, out_dir=str(tmp_path / "full")), None)
     _, ck = run(dataclasses.replace(cfg, steps=2), None)
     assert ck["step"] == 2 and ck["data"] == {"world": 2, "states": [[0, 0, 6], [0, 0, 6]]}
@@ -236,10 +282,11 @@ def test_ddp_on_two_gloo_ranks_keeps_replicas_equal_and_resumes_per_rank(dataset
     # 3 shards of 8 on 2 ranks: rank 0 reads two shards, rank 1 one; 4 steps x 3 samples = 12 each
     assert ck["step"] == 4 and ck["data"] == {"world": 2, "states": [[0, 1, 4], [1, 0, 4]]}
     assert torch.equal(resumed["losses"], full["losses"][2:])
-    _assert_same_state(full["params"], resumed["params"])             # resumed DDP run == uninterrupted
+    _assert_same_state(full["params"], resumed["params"])  # resumed DDP run == uninterrupted
 
 
 # --------------------------------------------------------------------------- parity with Apple's trainer
+
 
 def test_gradient_accumulation_equals_one_larger_batch(dataset, tmp_path):
     """accum_steps=2 x 4 samples: the loss over all 8 and its gradient, as one batch of 8."""
@@ -250,10 +297,15 @@ def test_gradient_accumulation_equals_one_larger_batch(dataset, tmp_path):
     env = setup("cpu")
     grads, losses = [], []
     for accum, b in ((1, 8), (2, 4)):
-        cfg = _cfg(dataset, tmp_path / f"accum{accum}", batch_size=b, accum_steps=accum,
-                   loss=dataclasses.replace(_cfg(dataset, tmp_path).loss, lam=0.5))
+        cfg = _cfg(
+            dataset,
+            tmp_path / f"accum{accum}",
+            batch_size=b,
+            accum_steps=accum,
+            loss=dataclasses.replace(_cfg(dataset, tmp_path).loss, lam=0.5),
+        )
         tr = Trainer(cfg, env)
-        tr.student.eval()                      # BatchNorm statistics fixed: micro-batches == one batch
+        tr.student.eval()  # BatchNorm statistics fixed: micro-batches == one batch
         stream = iter(TrainStream(tr.plan, cfg.data, cfg.seed, b, tr.spec.image_size, tr.spec.context_length))
         batches = [next(stream)[0] for _ in range(accum)]
         parts = tr.train_step(batches[0] if accum == 1 else batches)
@@ -279,14 +331,21 @@ def test_open_clip_student_trains_with_apple_options_and_dr_eval_loads_it(datase
 
     open_clip.add_model_config(REPO / "teachers" / "models")
     data = DataConfig(reinforced=str(dataset / "ds"), num_workers=0, mix_synthetic_ratio=0.5, sample_sequential=True)
-    cfg = _cfg(dataset, tmp_path / "oc", steps=4, data=data, student=StudentConfig(arch="dr-tiny-vit-a"),
-               loss=LossConfig(lam=0.75, kd_form="apple"))
-    assert Trainer(cfg, setup("cpu")).loss_fn.kinds() == ["gt"]          # mixing: one caption term only
+    cfg = _cfg(
+        dataset,
+        tmp_path / "oc",
+        steps=4,
+        data=data,
+        student=StudentConfig(arch="dr-tiny-vit-a"),
+        loss=LossConfig(lam=0.75, kd_form="apple"),
+    )
+    assert Trainer(cfg, setup("cpu")).loss_fn.kinds() == ["gt"]  # mixing: one caption term only
     res = train(dataclasses.replace(cfg, student=StudentConfig(arch="dr-tiny-vit-a", grad_checkpointing=True)))
     assert res.step == 4 and all(x == x for x in res.losses)
     ck = load_checkpoint(resolve(str(tmp_path / "oc")))
     assert ck["student"]["open_clip_model"] == "dr-tiny-vit-a" and ck["config"]["loss"]["kd_form"] == "apple"
     from dr_pipeline.train.evaluate import evaluate
+
     out = evaluate(str(tmp_path / "oc"), str(dataset / "corpus" / "tar" / "shard-00002.tar"), device="cpu")
     assert out["arch"] == "dr-tiny-vit-a" and out["retrieval"]["n"] == 8
 
@@ -324,6 +383,7 @@ def test_wandb_without_the_package_is_a_clear_error(dataset, tmp_path):
 
     try:
         import wandb  # noqa: F401
+
         pytest.skip("wandb is installed")
     except ImportError:
         pass

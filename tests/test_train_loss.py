@@ -1,4 +1,5 @@
 """DistillClipLoss against an independent plain-loop reference, and across two gloo ranks."""
+
 from __future__ import annotations
 
 import math
@@ -10,10 +11,11 @@ import torch.nn.functional as F
 
 from dr_pipeline.train.loss import DistillClipLoss
 
-TEACHERS = {"a": (8, 70.0), "b": (12, 60.0), "c": (16, 100.0)}   # id -> (dim, logit scale)
+TEACHERS = {"a": (8, 70.0), "b": (12, 60.0), "c": (16, 100.0)}  # id -> (dim, logit scale)
 
 
 # --------------------------------------------------------------------------- plain-loop reference
+
 
 def _norm(v: list[float]) -> list[float]:
     n = math.sqrt(sum(x * x for x in v))
@@ -70,8 +72,14 @@ def _inputs(b: int, d: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(b, d, generator=g)
     texts = {"gt": torch.randn(b, d, generator=g), "syn": torch.randn(b, d, generator=g)}
-    teachers = {t: {"image": torch.randn(b, dim, generator=g), "gt": torch.randn(b, dim, generator=g),
-                    "syn": torch.randn(b, dim, generator=g)} for t, (dim, _) in TEACHERS.items()}
+    teachers = {
+        t: {
+            "image": torch.randn(b, dim, generator=g),
+            "gt": torch.randn(b, dim, generator=g),
+            "syn": torch.randn(b, dim, generator=g),
+        }
+        for t, (dim, _) in TEACHERS.items()
+    }
     # Correlate teachers with the student a little so the distributions are not uniform noise.
     return image, texts, teachers
 
@@ -83,9 +91,15 @@ def test_loss_matches_plain_loop_reference(lam, weights, student_scale):
     scales = {t: s for t, (_, s) in TEACHERS.items()}
     loss = DistillClipLoss(scales, lam=lam, gt_weight=weights[0], syn_weight=weights[1])
     got = loss(image, texts, torch.tensor(student_scale), teachers)
-    want = reference(image.tolist(), {c: v.tolist() for c, v in texts.items()}, student_scale,
-                     {t: {k: v.tolist() for k, v in d.items()} for t, d in teachers.items()},
-                     scales, lam, {"gt": weights[0], "syn": weights[1]})
+    want = reference(
+        image.tolist(),
+        {c: v.tolist() for c, v in texts.items()},
+        student_scale,
+        {t: {k: v.tolist() for k, v in d.items()} for t, d in teachers.items()},
+        scales,
+        lam,
+        {"gt": weights[0], "syn": weights[1]},
+    )
     assert {"loss", "contrastive_loss", "distill_loss"} <= set(got)
     assert ("distill_syn" in got) == (lam > 0 and weights[1] > 0)
     for name, value in got.items():
@@ -97,9 +111,15 @@ def test_teacher_subset_by_id_and_unused_teachers_ignored():
     image, texts, teachers = _inputs(b=5, d=10, seed=3)
     subset = {"c": 100.0, "a": 70.0}
     got = DistillClipLoss(subset, lam=1.0)(image, texts, torch.tensor(20.0), teachers)
-    want = reference(image.tolist(), {c: v.tolist() for c, v in texts.items()}, 20.0,
-                     {t: {k: v.tolist() for k, v in d.items()} for t, d in teachers.items()},
-                     subset, 1.0, {"gt": 1.0, "syn": 1.0})
+    want = reference(
+        image.tolist(),
+        {c: v.tolist() for c, v in texts.items()},
+        20.0,
+        {t: {k: v.tolist() for k, v in d.items()} for t, d in teachers.items()},
+        subset,
+        1.0,
+        {"gt": 1.0, "syn": 1.0},
+    )
     assert got["loss"].item() == pytest.approx(want["loss"], rel=1e-5)
     with pytest.raises(KeyError, match="missing"):
         DistillClipLoss({"zz": 10.0}, lam=0.5)(image, texts, torch.tensor(20.0), teachers)
@@ -111,17 +131,18 @@ def test_kl_sum_gradient_is_k_times_averaged_softmax_cross_entropy():
     scales = {t: s for t, (_, s) in TEACHERS.items()}
     img = image.clone().requires_grad_(True)
     ours = DistillClipLoss(scales, lam=1.0, syn_weight=0.0)(img, texts, torch.tensor(30.0), teachers)["loss"]
-    g_ours, = torch.autograd.grad(ours, img)
+    (g_ours,) = torch.autograd.grad(ours, img)
 
     img2 = image.clone().requires_grad_(True)
     n = lambda x: F.normalize(x, dim=-1)  # noqa: E731
     si, st = n(img2), n(texts["gt"])
     public = 0.0
     for s_rows, s_cols, key_rows, key_cols in ((si, st, "image", "gt"), (st, si, "gt", "image")):
-        p_avg = sum(F.softmax(s * n(teachers[t][key_rows]) @ n(teachers[t][key_cols]).T, dim=-1)
-                    for t, s in scales.items()) / len(scales)
+        p_avg = sum(
+            F.softmax(s * n(teachers[t][key_rows]) @ n(teachers[t][key_cols]).T, dim=-1) for t, s in scales.items()
+        ) / len(scales)
         public = public - (p_avg * F.log_softmax(30.0 * s_rows @ s_cols.T, dim=-1)).sum() / (2 * len(image))
-    g_public, = torch.autograd.grad(public, img2)
+    (g_public,) = torch.autograd.grad(public, img2)
     torch.testing.assert_close(g_ours, len(scales) * g_public, rtol=1e-4, atol=1e-7)
 
 
@@ -134,6 +155,7 @@ def test_zero_coefficient_terms_carry_no_gradient():
 
 
 # --------------------------------------------------------------------------- two gloo ranks
+
 
 class _Encoders(torch.nn.Module):
     def __init__(self):
@@ -150,8 +172,9 @@ class _Encoders(torch.nn.Module):
 def _global_batch(b: int):
     g = torch.Generator().manual_seed(11)
     x, gt, syn = (torch.randn(b, 10, generator=g) for _ in range(3))
-    teachers = {t: {k: torch.randn(b, dim, generator=g) for k in ("image", "gt", "syn")}
-                for t, (dim, _) in TEACHERS.items()}
+    teachers = {
+        t: {k: torch.randn(b, dim, generator=g) for k in ("image", "gt", "syn")} for t, (dim, _) in TEACHERS.items()
+    }
     return x, gt, syn, teachers
 
 
@@ -163,8 +186,9 @@ def _step(model, loss_fn, x, gt, syn, teachers):
     return out
 
 
-def _rank_main(rank: int, world: int, init_file: str, out_dir: str, local_loss: bool, b: int,
-               kd_form: str = "summed") -> None:
+def _rank_main(
+    rank: int, world: int, init_file: str, out_dir: str, local_loss: bool, b: int, kd_form: str = "summed"
+) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -174,10 +198,12 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, local_loss: 
         x, gt, syn, teachers = _global_batch(b * world)
         sl = slice(rank * b, (rank + 1) * b)
         model = DDP(_Encoders())
-        loss_fn = DistillClipLoss({t: s for t, (_, s) in TEACHERS.items()}, lam=0.5, syn_weight=0.7,
-                                  local_loss=local_loss, kd_form=kd_form)
-        out = _step(model, loss_fn, x[sl], gt[sl], syn[sl],
-                    {t: {k: v[sl] for k, v in d.items()} for t, d in teachers.items()})
+        loss_fn = DistillClipLoss(
+            {t: s for t, (_, s) in TEACHERS.items()}, lam=0.5, syn_weight=0.7, local_loss=local_loss, kd_form=kd_form
+        )
+        out = _step(
+            model, loss_fn, x[sl], gt[sl], syn[sl], {t: {k: v[sl] for k, v in d.items()} for t, d in teachers.items()}
+        )
         result = {f"loss.{k}": v.detach() for k, v in out.items()}
         result.update({f"grad.{n}": p.grad for n, p in model.module.named_parameters()})
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -191,14 +217,24 @@ def test_two_gloo_ranks_equal_one_process_on_concatenated_batch(tmp_path, local_
     import torch.multiprocessing as mp
 
     b, world = 3, 2
-    mp.start_processes(_rank_main, args=(world, str(tmp_path / "init"), str(tmp_path), local_loss, b, kd_form),
-                       nprocs=world, start_method="fork")
+    mp.start_processes(
+        _rank_main,
+        args=(world, str(tmp_path / "init"), str(tmp_path), local_loss, b, kd_form),
+        nprocs=world,
+        start_method="fork",
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     model = _Encoders()
     x, gt, syn, teachers = _global_batch(b * world)
-    single = _step(model, DistillClipLoss({t: s for t, (_, s) in TEACHERS.items()}, lam=0.5, syn_weight=0.7,
-                                          kd_form=kd_form), x, gt, syn, teachers)
+    single = _step(
+        model,
+        DistillClipLoss({t: s for t, (_, s) in TEACHERS.items()}, lam=0.5, syn_weight=0.7, kd_form=kd_form),
+        x,
+        gt,
+        syn,
+        teachers,
+    )
     for name, value in single.items():
         mean = sum(r[f"loss.{name}"] for r in ranks) / world
         torch.testing.assert_close(mean, value.detach(), rtol=1e-5, atol=1e-6)
@@ -211,6 +247,7 @@ def test_two_gloo_ranks_equal_one_process_on_concatenated_batch(tmp_path, local_
 
 
 # --------------------------------------------------------------------------- Apple's KD form
+
 
 def apple_reference(image, texts, scale, teachers, scales, lam, weights) -> dict[str, float]:
     """ml-mobileclip's DRClipLoss (average_after_softmax) with floats and loops: per caption
@@ -268,10 +305,16 @@ def test_apple_kd_form_matches_plain_loop_reference_values_and_gradients(lam, we
     image, texts, teachers = _inputs(b=5, d=6, seed=11)
     scales = {t: s for t, (_, s) in TEACHERS.items()}
     w = {"gt": weights[0], "syn": weights[1]}
-    plain = lambda im, tx=texts: apple_reference(                                   # noqa: E731
-        im.tolist(), {c: v.tolist() for c, v in tx.items()}, 20.0,
-        {t: {k: v.tolist() for k, v in d.items()} for t, d in teachers.items()}, scales, lam, w)
-    c = "gt" if w["gt"] else "syn"                   # a caption kind that is trained on
+    plain = lambda im, tx=texts: apple_reference(  # noqa: E731
+        im.tolist(),
+        {c: v.tolist() for c, v in tx.items()},
+        20.0,
+        {t: {k: v.tolist() for k, v in d.items()} for t, d in teachers.items()},
+        scales,
+        lam,
+        w,
+    )
+    c = "gt" if w["gt"] else "syn"  # a caption kind that is trained on
     img = image.clone().requires_grad_(True)
     txt = {k: v.clone().requires_grad_(k == c) for k, v in texts.items()}
     loss = DistillClipLoss(scales, lam=lam, gt_weight=w["gt"], syn_weight=w["syn"], kd_form="apple")
@@ -293,7 +336,7 @@ def test_apple_kd_form_is_summed_form_over_k_in_gradient_and_differs_by_entropy_
         img = image.clone().requires_grad_(True)
         v = DistillClipLoss(scales, lam=1.0, syn_weight=0.0, kd_form=form)(img, texts, torch.tensor(30.0), teachers)
         values[form] = v["loss"].item()
-        grads[form], = torch.autograd.grad(v["loss"], img)
+        (grads[form],) = torch.autograd.grad(v["loss"], img)
     torch.testing.assert_close(grads["summed"], len(scales) * grads["apple"], rtol=1e-4, atol=1e-7)
     assert values["apple"] != pytest.approx(values["summed"] / len(scales))
     with pytest.raises(ValueError, match="kd_form"):

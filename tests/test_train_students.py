@@ -1,4 +1,5 @@
 """MCi students: published sizes, re-parameterization, open_clip compatibility."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,7 +66,7 @@ def test_reparameterized_mci0_image_tower_matches_the_unfused_one():
     x = torch.randn(2, 3, 64, 64, generator=g)
     with torch.no_grad():
         before = tower(x)
-        fused = reparameterize_model(tower)        # a copy, as Student.reparameterize does
+        fused = reparameterize_model(tower)  # a copy, as Student.reparameterize does
         after = fused(x)
     assert sum(p.numel() for p in fused.parameters()) < sum(p.numel() for p in tower.parameters())
     torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-4)
@@ -82,14 +83,15 @@ def test_mci0_student_state_dict_loads_into_open_clip_mobileclip2_s0():
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     tokens = open_clip.get_tokenizer("MobileCLIP2-S0")(["a photo of a cat", "a red square"])
     with torch.no_grad():
-        torch.testing.assert_close(student.encode_image(images),
-                                   reference.encode_image(images.float() / 255.0, normalize=True))
+        torch.testing.assert_close(
+            student.encode_image(images), reference.encode_image(images.float() / 255.0, normalize=True)
+        )
         torch.testing.assert_close(student.encode_text(tokens), reference.encode_text(tokens, normalize=True))
 
 
 # --------------------------------------------------------------------------- open_clip students
 
-TINY_CLIP = "dr-tiny-vit-a"       # teachers/models/: a 2-layer open_clip ViT at 32 px
+TINY_CLIP = "dr-tiny-vit-a"  # teachers/models/: a 2-layer open_clip ViT at 32 px
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +102,13 @@ def tiny_clip_registered():
     return TINY_CLIP
 
 
-@pytest.mark.parametrize("name,image_size,mparams", [("ViT-B-16", 224, 86.19), ("MobileCLIP-B", 224, 86.35),
-                                                     ("MobileCLIP2-S0", 256, 11.41)])
+@pytest.mark.parametrize(
+    "name,image_size,mparams", [("ViT-B-16", 224, 86.19), ("MobileCLIP-B", 224, 86.35), ("MobileCLIP2-S0", 256, 11.41)]
+)
 def test_open_clip_model_names_resolve_as_students(name, image_size, mparams):
     spec = resolve_spec(StudentConfig(arch=name))
     assert (spec.open_clip_model, spec.image_size, spec.context_length) == (name, image_size, 77)
-    assert image_param_count(spec) / 1e6 == pytest.approx(mparams, rel=0.005)    # built on the meta device
+    assert image_param_count(spec) / 1e6 == pytest.approx(mparams, rel=0.005)  # built on the meta device
     assert StudentSpec.from_dict(spec.to_dict()) == spec
 
 
@@ -131,7 +134,7 @@ def test_open_clip_student_trains_on_uint8_images_and_loads_into_open_clip(tiny_
     (img @ txt.T * scale).logsumexp(1).mean().backward()
     assert student.clip.visual.conv1.weight.grad is not None and student.logit_scale.grad is not None
     ref = open_clip.create_model(tiny_clip_registered, pretrained=None)
-    ref.load_state_dict(student.clip.state_dict())                       # the very open_clip layout
+    ref.load_state_dict(student.clip.state_dict())  # the very open_clip layout
     with torch.no_grad():
         want = ref.encode_image(student.preprocess(images), normalize=True)
         torch.testing.assert_close(student.eval().encode_image(images), want)
@@ -140,7 +143,9 @@ def test_open_clip_student_trains_on_uint8_images_and_loads_into_open_clip(tiny_
 
 def _forward_counter(module: torch.nn.Module) -> list[int]:
     calls = [0]
-    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))   # early-stopped recompute: no post hook
+    module.register_forward_pre_hook(
+        lambda *_: calls.__setitem__(0, calls[0] + 1)
+    )  # early-stopped recompute: no post hook
     return calls
 
 
@@ -151,7 +156,7 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(arch, tiny_cli
     tokens = tokenize(["a red square", "a blue circle", "a cat", "a dog"], spec.context_length)
     grads, calls = [], []
     for ckpt in (False, True):
-        student = build_student(spec, seed=0).eval()          # eval: BatchNorm statistics stay fixed
+        student = build_student(spec, seed=0).eval()  # eval: BatchNorm statistics stay fixed
         student.set_grad_checkpointing(ckpt)
         block = student.text.transformer.resblocks[0] if arch == "tiny" else student.clip.transformer.resblocks[0]
         n = _forward_counter(block)
@@ -159,7 +164,7 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(arch, tiny_cli
         (img @ txt.T * scale).logsumexp(1).mean().backward()
         calls.append(n[0])
         grads.append({k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None})
-    assert calls == [1, 2]                                     # recomputed once in backward
+    assert calls == [1, 2]  # recomputed once in backward
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)

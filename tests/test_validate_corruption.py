@@ -1,4 +1,5 @@
 """`dr validate` catches corruption after the fact, names the shard, exits non-zero."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,16 @@ def clean(tmp_path_factory, tiny_ensemble) -> Path:
     """A small committed dataset: 3 shards x 3 samples (local executor, no captions)."""
     d = tmp_path_factory.mktemp("validate")
     make_corpus(str(d / "corpus"), n_shards=3, per_shard=3, seed=2, formats=("tar",))
-    job = load_job(write_job(d / "job.yaml", input={"urls": f"{d}/corpus/tar/*.tar"}, output={"path": str(d / "ds")},
-                             teachers=tiny_ensemble, aug={"n_aug": 1, "size": 64}, captions={"k": 0}))
+    job = load_job(
+        write_job(
+            d / "job.yaml",
+            input={"urls": f"{d}/corpus/tar/*.tar"},
+            output={"path": str(d / "ds")},
+            teachers=tiny_ensemble,
+            aug={"n_aug": 1, "size": 64},
+            captions={"k": 0},
+        )
+    )
     assert run_job(job, resolve_ensemble(job), executor="local").ok
     return d / "ds"
 
@@ -101,8 +110,12 @@ def test_marker_n_written_disagrees_with_rows(ds, capsys):
 def test_marker_n_read_disagrees(ds, capsys):
     m = json.loads(_marker(ds).read_text())
     _edit_marker(ds, n_read=m["n_read"] + 2)
-    assert_only_victim(ds, capsys, f"n_read {m['n_read'] + 2} != n_written {m['n_written']} + n_rejected 0",
-                       f"the base shard has {m['n_read']} record(s) but the marker says n_read={m['n_read'] + 2}")
+    assert_only_victim(
+        ds,
+        capsys,
+        f"n_read {m['n_read'] + 2} != n_written {m['n_written']} + n_rejected 0",
+        f"the base shard has {m['n_read']} record(s) but the marker says n_read={m['n_read'] + 2}",
+    )
 
 
 def test_marker_reasons_disagree(ds, capsys):
@@ -123,6 +136,7 @@ def test_manifest_disagrees(ds, capsys):
 
 
 # --------------------------------------------------------------------------- issue 18: corruption that stays readable
+
 
 def _rewrite(ds: Path, edit) -> None:
     """Edit the victim's table, then rewrite file, marker sha256/bytes and manifest entry to match
@@ -170,8 +184,9 @@ def test_swapped_keys_fail_deep(ds, capsys):
         keys = t.column("key").to_pylist()
         keys[0], keys[1] = keys[1], keys[0]
         return _set_column(t, "key", keys)
+
     _rewrite(ds, swap)
-    assert validate(ds, capsys)[0] == 0                    # nothing a shallow check can see
+    assert validate(ds, capsys)[0] == 0  # nothing a shallow check can see
     code, errors, out = validate_deep(ds, capsys)
     assert code == 1 and errors and all(f"ERROR   {VICTIM}: --deep" in e for e in errors), out
     assert "image sha256 differs" in out
@@ -191,10 +206,13 @@ def test_flipped_embedding_bit_fails_deep(ds, capsys):
     def flip(t):
         name = next(c for c in t.column_names if c.startswith("emb__") and "__image__" in c)
         col = t.column(name).combine_chunks()
-        flat = col.values.values.to_numpy(zero_copy_only=False).copy() if pa.types.is_list(col.values.type) \
+        flat = (
+            col.values.values.to_numpy(zero_copy_only=False).copy()
+            if pa.types.is_list(col.values.type)
             else col.values.to_numpy(zero_copy_only=False).copy()
-        i = int(np.argmax(np.abs(flat.view(np.int16).astype(np.int32) & 0x7FFF)))   # the largest |value|
-        flat[i] ^= 1 << 3                                   # ~6 % of the value: norm stays within NORM_TOL
+        )
+        i = int(np.argmax(np.abs(flat.view(np.int16).astype(np.int32) & 0x7FFF)))  # the largest |value|
+        flat[i] ^= 1 << 3  # ~6 % of the value: norm stays within NORM_TOL
         rebuilt = pa.array(flat, pa.uint16())
         if pa.types.is_list(col.values.type):
             inner = pa.FixedSizeListArray.from_arrays(rebuilt, col.values.type.list_size)
@@ -203,6 +221,7 @@ def test_flipped_embedding_bit_fails_deep(ds, capsys):
             rebuilt = pa.FixedSizeListArray.from_arrays(rebuilt, col.type.list_size)
         i = t.schema.get_field_index(name)
         return t.set_column(i, t.schema.field(i), rebuilt)
+
     _rewrite(ds, flip)
     assert validate(ds, capsys)[0] == 0
     code, errors, out = validate_deep(ds, capsys)
@@ -237,8 +256,18 @@ def test_damaged_base_shard_is_named(ds, tmp_path, capsys):
 
 
 def test_damage_recorded_in_the_marker_is_named(ds, capsys):
-    _edit_marker(ds, damaged=[{"offset": 1024, "end": 3072, "members_skipped": 1, "samples_lost": None,
-                               "detail": "bad header checksum at byte 1024"}])
+    _edit_marker(
+        ds,
+        damaged=[
+            {
+                "offset": 1024,
+                "end": 3072,
+                "members_skipped": 1,
+                "samples_lost": None,
+                "detail": "bad header checksum at byte 1024",
+            }
+        ],
+    )
     assert_only_victim(ds, capsys, "damaged tar: bytes 1024..byte 3072 skipped (1 member(s), samples lost: unknown)")
 
 

@@ -17,6 +17,7 @@ validate): decoded as UTF-8 (invalid bytes -> U+FFFD), stripped, capped at
 Rejection reasons produced here: no_image, no_key, duplicate_key, truncated, damaged,
 bad_member_name, too_large (docs/bad-data.md lists them all).
 """
+
 from __future__ import annotations
 
 import bz2
@@ -42,11 +43,11 @@ log = logging.getLogger(__name__)
 
 SHARD_EXTENSIONS = (".tar", ".parquet")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # tar member suffixes (any case)
-IMAGE_COLUMNS = ("jpg", "png", "webp", "image")    # parquet columns, in priority order
+IMAGE_COLUMNS = ("jpg", "png", "webp", "image")  # parquet columns, in priority order
 CAPTION_COLUMNS = ("caption", "txt")
 PARQUET_BATCH = 256
-MAX_CAPTION_CHARS = 2000            # longer captions are cut (a teacher's tokenizer sees far fewer)
-MAX_MEMBER_BYTES = 64 << 20         # a bigger tar member / Parquet image cell -> too_large, unread
+MAX_CAPTION_CHARS = 2000  # longer captions are cut (a teacher's tokenizer sees far fewer)
+MAX_MEMBER_BYTES = 64 << 20  # a bigger tar member / Parquet image cell -> too_large, unread
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Damaged:
     concatenated tars) and None when unknown (samples whose members lay wholly inside the skipped
     bytes have no record; ``dr validate`` compares ``n_read`` with the corpus index, if any).
     Samples partly read next to the damage are rejected with reason ``damaged``."""
+
     offset: int
     end: int | None
     members_skipped: int
@@ -84,8 +86,13 @@ class Damaged:
     detail: str
 
     def to_dict(self) -> dict:
-        return {"offset": self.offset, "end": self.end, "members_skipped": self.members_skipped,
-                "samples_lost": self.samples_lost, "detail": self.detail[:300]}
+        return {
+            "offset": self.offset,
+            "end": self.end,
+            "members_skipped": self.members_skipped,
+            "samples_lost": self.samples_lost,
+            "detail": self.detail[:300],
+        }
 
 
 class ShardReadError(RuntimeError):
@@ -112,6 +119,7 @@ def clean_caption(text: str | None, meta: dict | None = None) -> str | None:
 
 # --------------------------------------------------------------------------- URLs
 
+
 def _has_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
@@ -121,7 +129,9 @@ def _fs(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSyst
         return fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ValueError, ImportError, TypeError, AttributeError) as e:
         # TypeError/AttributeError: options of the wrong shape (fsspec's message names keys, not values)
-        raise ShardReadError(f"{url}: cannot resolve filesystem ({type(e).__name__}: {e}; check storage_options)") from e
+        raise ShardReadError(
+            f"{url}: cannot resolve filesystem ({type(e).__name__}: {e}; check storage_options)"
+        ) from e
 
 
 def _to_url(fs: fsspec.AbstractFileSystem, original: str, path: str) -> str:
@@ -142,8 +152,7 @@ def _expand_one(pattern: str, so: dict | None) -> list[str]:
         return [pattern if "://" in pattern else os.path.abspath(pattern)]
     fs, path = _fs(pattern, so)
     if fs.isdir(path):
-        hits = [_to_url(fs, pattern, p) for p in fs.ls(path, detail=False)
-                if p.endswith(SHARD_EXTENSIONS)]
+        hits = [_to_url(fs, pattern, p) for p in fs.ls(path, detail=False) if p.endswith(SHARD_EXTENSIONS)]
         if not hits:
             raise ShardReadError(f"{pattern}: directory holds no .tar or .parquet shards (fix input.urls)")
         return hits
@@ -152,7 +161,7 @@ def _expand_one(pattern: str, so: dict | None) -> list[str]:
     raise ShardReadError(f"{pattern}: no such file or directory (fix input.urls)")
 
 
-IMG2DATASET_STATS = "_stats.json"     # img2dataset writes {shard}_stats.json beside every shard
+IMG2DATASET_STATS = "_stats.json"  # img2dataset writes {shard}_stats.json beside every shard
 
 
 def drop_img2dataset_sidecars(urls: set[str]) -> set[str]:
@@ -161,8 +170,11 @@ def drop_img2dataset_sidecars(urls: set[str]) -> set[str]:
     it would also claim the tar's output name) are not shards. A ``.parquet`` without a ``.tar`` of
     the same name (img2dataset's parquet mode, images included) is kept."""
     tars = {u[: -len(".tar")] for u in urls if u.endswith(".tar")}
-    return {u for u in urls if not u.endswith(IMG2DATASET_STATS)
-            and not (u.endswith(".parquet") and u[: -len(".parquet")] in tars)}
+    return {
+        u
+        for u in urls
+        if not u.endswith(IMG2DATASET_STATS) and not (u.endswith(".parquet") and u[: -len(".parquet")] in tars)
+    }
 
 
 def expand_urls(urls: str | Sequence[str], storage_options: dict | None = None) -> list[str]:
@@ -214,7 +226,7 @@ def escape_key(key: str) -> str:
     out = []
     for c in key:
         o = ord(c)
-        if 0xDC80 <= o <= 0xDCFF:                       # a non-UTF-8 byte of a tar member name
+        if 0xDC80 <= o <= 0xDCFF:  # a non-UTF-8 byte of a tar member name
             out.append(f"%{o - 0xDC00:02X}")
         elif c in _KEY_ESCAPED or o < 0x20 or o == 0x7F or (0xD800 <= o <= 0xDFFF):
             out.append("".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass")))
@@ -225,8 +237,10 @@ def escape_key(key: str) -> str:
 
 # --------------------------------------------------------------------------- dispatch
 
-def iter_shard(url: str, storage_options: dict | None = None,
-               on_damage: Callable[[Damaged], None] | None = None) -> Iterator[Sample | Rejected]:
+
+def iter_shard(
+    url: str, storage_options: dict | None = None, on_damage: Callable[[Damaged], None] | None = None
+) -> Iterator[Sample | Rejected]:
     """Stream one shard's records (``Sample`` / ``Rejected``). Damaged tar framing (skipped bytes:
     no key, not a record) goes to ``on_damage`` (the reinforcement marker keeps it); without a
     callback it is logged. Raises ShardReadError if the shard is unreadable."""
@@ -273,9 +287,9 @@ def _open(url: str, storage_options: dict | None):
 BLOCK = 512
 _ZERO = bytes(BLOCK)
 _SCAN_CHUNK = 128 * BLOCK
-MAX_META_BYTES = 1 << 20            # a pax / GNU long-name header bigger than this is damage
-LOOKBEHIND_GROUPS = 64              # members of one key up to this many samples apart still join
-LOOKBEHIND_BYTES = 64 << 20         # ... while the samples held open total at most this many bytes
+MAX_META_BYTES = 1 << 20  # a pax / GNU long-name header bigger than this is damage
+LOOKBEHIND_GROUPS = 64  # members of one key up to this many samples apart still join
+LOOKBEHIND_BYTES = 64 << 20  # ... while the samples held open total at most this many bytes
 _REGULAR = (b"0", b"\0", b"7")
 _META = (b"x", b"g", b"L", b"K")
 _COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
@@ -343,7 +357,7 @@ def _pax(data: bytes) -> dict[str, str]:
             n = int(data[pos:sp])
         except ValueError:
             break
-        rec = data[sp + 1: pos + n - 1]
+        rec = data[sp + 1 : pos + n - 1]
         k, eq, v = rec.partition(b"=")
         if not eq or n <= 0:
             break
@@ -357,9 +371,9 @@ class _Member:
     name: str
     type: bytes
     size: int
-    offset: int                       # of its header
-    lost: str | None = None           # its data is not readable; the detail
-    cut: bool = False                 # ... because the archive ends inside it (not damage)
+    offset: int  # of its header
+    lost: str | None = None  # its data is not readable; the detail
+    cut: bool = False  # ... because the archive ends inside it (not damage)
 
 
 class _TarScan:
@@ -370,9 +384,9 @@ class _TarScan:
 
     def __init__(self, f, size: int | None):
         self.f, self.size = f, size
-        self.pos = 0                  # bytes consumed, relative to the archive start
-        self._back = b""              # bytes read ahead by a scan, consumed first
-        self._data_end = 0            # where the last yielded member's data (+ padding) ends
+        self.pos = 0  # bytes consumed, relative to the archive start
+        self._back = b""  # bytes read ahead by a scan, consumed first
+        self._data_end = 0  # where the last yielded member's data (+ padding) ends
         self.ending = "cut"
         self.members = 0
 
@@ -421,15 +435,15 @@ class _TarScan:
             if not chunk:
                 return None, None, bad_headers, nonzero
             for i in range(0, len(chunk) - BLOCK + 1, BLOCK):
-                b = chunk[i:i + BLOCK]
+                b = chunk[i : i + BLOCK]
                 if b[257:262] == b"ustar":
                     if _is_header(b):
-                        self._back = chunk[i + BLOCK:] + self._back
+                        self._back = chunk[i + BLOCK :] + self._back
                         self.pos = chunk_at + i + BLOCK
                         return chunk_at + i, b, bad_headers, nonzero
                     bad_headers += 1
                 nonzero = nonzero or b != _ZERO
-            nonzero = nonzero or any(chunk[len(chunk) - len(chunk) % BLOCK:])
+            nonzero = nonzero or any(chunk[len(chunk) - len(chunk) % BLOCK :])
 
     def _after_zeros(self) -> tuple[int | None, bytes | None]:
         """Skip zero blocks; the offset and block of the first non-zero one (None at the end)."""
@@ -453,31 +467,49 @@ class _TarScan:
             else:
                 at, b = self.pos, self._read(BLOCK)
             if not b:
-                return                                    # no end-of-archive marker: "cut"
+                return  # no end-of-archive marker: "cut"
             if len(b) < BLOCK:
                 if b.count(0) == len(b) and self.members:  # short zero padding after the last member
                     return
-                return                                    # cut mid-header
+                return  # cut mid-header
             if b == _ZERO:
                 nxt_at, nxt = self._after_zeros()
                 if nxt is None:
                     self.ending = "clean"
                     return
                 if len(nxt) == BLOCK and _is_header(nxt, strict=False):
-                    yield Damaged(at, nxt_at, 0, 0, f"zero block(s) at bytes {at}..{nxt_at} followed by more "
-                                  "members (concatenated archives?); read on")
+                    yield Damaged(
+                        at,
+                        nxt_at,
+                        0,
+                        0,
+                        f"zero block(s) at bytes {at}..{nxt_at} followed by more "
+                        "members (concatenated archives?); read on",
+                    )
                     pending = (nxt_at, nxt)
                     continue
                 self.pos, self._back = nxt_at, nxt + self._back
                 found_at, found, bad, _ = self._resync()
                 if found is None:
                     end = self.pos
-                    yield Damaged(nxt_at, None, bad, None, f"{end - nxt_at} byte(s) at {nxt_at}..{end} after the "
-                                  "end-of-archive marker are not tar members (trailing garbage)")
+                    yield Damaged(
+                        nxt_at,
+                        None,
+                        bad,
+                        None,
+                        f"{end - nxt_at} byte(s) at {nxt_at}..{end} after the "
+                        "end-of-archive marker are not tar members (trailing garbage)",
+                    )
                     self.ending = "clean"
                     return
-                yield Damaged(nxt_at, found_at, max(1, bad), None, f"bytes {nxt_at}..{found_at} after zero block(s) "
-                              f"at {at} are not tar members (a header overwritten?); resynced at byte {found_at}")
+                yield Damaged(
+                    nxt_at,
+                    found_at,
+                    max(1, bad),
+                    None,
+                    f"bytes {nxt_at}..{found_at} after zero block(s) "
+                    f"at {at} are not tar members (a header overwritten?); resynced at byte {found_at}",
+                )
                 pending = (found_at, found)
                 continue
             if not _is_header(b, strict=False):
@@ -487,14 +519,20 @@ class _TarScan:
                 if found is None and not self.members:
                     raise _NotTar(f"no tar header found ({what})")
                 if found is None:
-                    yield Damaged(at, None, 1 + bad, None, f"{what}; no valid header after it: the rest of the "
-                                  f"shard ({self.pos - at} bytes) is lost")
+                    yield Damaged(
+                        at,
+                        None,
+                        1 + bad,
+                        None,
+                        f"{what}; no valid header after it: the rest of the shard ({self.pos - at} bytes) is lost",
+                    )
                     self.ending = "lost"
                     if legible:
                         yield _Member(legible, b"0", 0, at, lost=what)
                     return
-                yield Damaged(at, found_at, 1 + bad, None, f"{what}; bytes {at}..{found_at} skipped, "
-                              f"resynced at byte {found_at}")
+                yield Damaged(
+                    at, found_at, 1 + bad, None, f"{what}; bytes {at}..{found_at} skipped, resynced at byte {found_at}"
+                )
                 if legible:
                     yield _Member(legible, b"0", 0, at, lost=what)
                 pending = (found_at, found)
@@ -516,18 +554,24 @@ class _TarScan:
             data_start = at + BLOCK
             remaining = None if self.size is None else self.size - data_start
             if size < 0 or (remaining is not None and size > remaining):
-                what = (f"member {name!r} at byte {at} declares {size} bytes"
-                        + (f" but only {remaining} remain" if remaining is not None else ""))
+                what = f"member {name!r} at byte {at} declares {size} bytes" + (
+                    f" but only {remaining} remain" if remaining is not None else ""
+                )
                 self.pos, self._data_end = data_start, data_start
                 found_at, found, bad, nonzero = self._resync()
                 if found is None and size >= 0:
-                    self.ending = "cut"                  # really cut mid-member: the truncated rule
+                    self.ending = "cut"  # really cut mid-member: the truncated rule
                     self.members += 1
                     yield _Member(name, typ, size, at, lost=f"{what}: archive cut mid-member", cut=True)
                     return
                 if found is None:
-                    yield Damaged(at, None, 1 + bad, None, f"{what}; no valid header after it: the rest of "
-                                  f"the shard ({self.pos - at} bytes) is lost")
+                    yield Damaged(
+                        at,
+                        None,
+                        1 + bad,
+                        None,
+                        f"{what}; no valid header after it: the rest of the shard ({self.pos - at} bytes) is lost",
+                    )
                     self.ending = "lost"
                     yield _Member(name, b"0", 0, at, lost=what)
                     return
@@ -538,12 +582,17 @@ class _TarScan:
             self._data_end = data_start + -(-size // BLOCK) * BLOCK
             if typ in _META:
                 if size > MAX_META_BYTES:
-                    yield Damaged(at, self._data_end, 1, None, f"{typ.decode()} header at byte {at} "
-                                  f"declares {size} bytes (limit {MAX_META_BYTES}); skipped")
+                    yield Damaged(
+                        at,
+                        self._data_end,
+                        1,
+                        None,
+                        f"{typ.decode()} header at byte {at} declares {size} bytes (limit {MAX_META_BYTES}); skipped",
+                    )
                     continue
                 data = self._read(size)
                 if len(data) < size:
-                    return                                # cut inside a header: "cut"
+                    return  # cut inside a header: "cut"
                 if typ == b"x":
                     meta.update(_pax(data))
                 elif typ == b"L":
@@ -560,8 +609,9 @@ def _open_archive(f, url: str):
     f.seek(0)
     for magic, mod in _COMPRESSED:
         if head.startswith(magic):
-            return (gzip.GzipFile(fileobj=f) if mod == "gzip" else bz2.BZ2File(f) if mod == "bz2"
-                    else lzma.LZMAFile(f)), None
+            return (
+                gzip.GzipFile(fileobj=f) if mod == "gzip" else bz2.BZ2File(f) if mod == "bz2" else lzma.LZMAFile(f)
+            ), None
     size = getattr(f, "size", None)
     if not isinstance(size, int):
         try:
@@ -584,8 +634,12 @@ def _split_member(name: str) -> tuple[str, str] | None:
 def _unsafe(name: str) -> bool:
     """Absolute, drive-letter, parent-directory or NUL-holding member names."""
     parts = name.replace("\\", "/").split("/")
-    return (name.startswith(("/", "\\")) or ".." in parts or "\0" in name
-            or (len(name) > 1 and name[1] == ":" and name[0].isalpha()))
+    return (
+        name.startswith(("/", "\\"))
+        or ".." in parts
+        or "\0" in name
+        or (len(name) > 1 and name[1] == ":" and name[0].isalpha())
+    )
 
 
 def _member_kind(typ: bytes) -> str:
@@ -616,8 +670,8 @@ class _Group:
         self.bad_name: str | None = None
         self.too_large: str | None = None
         self.truncated: str | None = None
-        self.damaged: str | None = None       # a member of it was lost in damaged framing
-        self.suspect: str | None = None       # next to damaged framing: rejected if incomplete
+        self.damaged: str | None = None  # a member of it was lost in damaged framing
+        self.suspect: str | None = None  # next to damaged framing: rejected if incomplete
         self.slots: set[str] = set()
         self.bytes = 0
 
@@ -637,7 +691,7 @@ class _Group:
 
     def finish(self) -> Sample | Rejected:
         if self.bad_name is not None:
-            return Rejected(self.key, "bad_member_name", self.bad_name)   # the raw name: never written
+            return Rejected(self.key, "bad_member_name", self.bad_name)  # the raw name: never written
         key = escape_key(self.key)
         if self.damaged is not None:
             return Rejected(key, "damaged", self.damaged)
@@ -665,7 +719,7 @@ class _Group:
                 caption = self.caption.decode("utf-8", errors="replace")
                 meta["_caption_decode_error"] = True
         if not (caption or "").strip():
-            caption = _json_caption(meta) or caption   # img2dataset also keeps the caption in the json
+            caption = _json_caption(meta) or caption  # img2dataset also keeps the caption in the json
         caption = clean_caption(caption, meta)
         if not caption and self.suspect:
             return Rejected(key, "damaged", self.suspect)
@@ -673,8 +727,7 @@ class _Group:
         if url is None and isinstance(meta.get("url"), str):
             url = meta["url"]
         uid = meta.get("uid")
-        return Sample(key, self.image, caption, url,
-                      uid if isinstance(uid, str) else None, meta)
+        return Sample(key, self.image, caption, url, uid if isinstance(uid, str) else None, meta)
 
 
 class _Groups:
@@ -685,12 +738,12 @@ class _Groups:
     the order they started, so the output order does not depend on the window."""
 
     def __init__(self):
-        self.open: collections.deque[_Group] = collections.deque()     # oldest first
-        self.latest: dict[str, _Group] = {}      # key -> its newest open sample
+        self.open: collections.deque[_Group] = collections.deque()  # oldest first
+        self.latest: dict[str, _Group] = {}  # key -> its newest open sample
         self.seen: set[str] = set()
         self.current: _Group | None = None
         self.bytes = 0
-        self.suspect_next: str | None = None     # mark the next sample touched after damage
+        self.suspect_next: str | None = None  # mark the next sample touched after damage
         self.lost_key: tuple[str, str] | None = None
 
     def get(self, key: str, slot: str) -> tuple[_Group, list[Sample | Rejected]]:
@@ -774,7 +827,7 @@ def _iter_tar(url: str, so: dict | None) -> Iterator[Sample | Rejected | Damaged
                     yield item
                     continue
                 if item.lost is not None:
-                    if item.cut:                                 # a real cut: its sample is truncated
+                    if item.cut:  # a real cut: its sample is truncated
                         parts = _split_member(item.name)
                         if parts is not None:
                             g, out = groups.get(parts[0], _slot(parts[1]))
@@ -784,7 +837,7 @@ def _iter_tar(url: str, so: dict | None) -> Iterator[Sample | Rejected | Damaged
                         groups.damage(item.lost, item.name)
                     continue
                 if item.type == b"5" or (item.type in _REGULAR and item.name.endswith("/")):
-                    continue                                      # a directory
+                    continue  # a directory
                 parts = _split_member(item.name)
                 if parts is None:
                     continue
@@ -793,12 +846,12 @@ def _iter_tar(url: str, so: dict | None) -> Iterator[Sample | Rejected | Damaged
                 yield from out
                 if _unsafe(item.name):
                     g.bad_name = item.name
-                elif item.type not in _REGULAR:                   # links, devices, fifos: never followed
+                elif item.type not in _REGULAR:  # links, devices, fifos: never followed
                     g.bad_name = f"{item.name} ({_member_kind(item.type)})"
                 elif g.wanted(suffix):
                     if item.size > MAX_MEMBER_BYTES:
                         g.too_large = f"{item.name}: {item.size} bytes (limit {MAX_MEMBER_BYTES})"
-                        continue                                  # never read: skipped
+                        continue  # never read: skipped
                     yield from groups.add(g, suffix, scan.read(item))
         except _Cut as e:
             if groups.current is not None:
@@ -807,15 +860,15 @@ def _iter_tar(url: str, so: dict | None) -> Iterator[Sample | Rejected | Damaged
         except _NotTar as e:
             raise PermanentShardError(f"{url}: not a tar archive ({e})") from e
         except (EOFError, zlib.error, lzma.LZMAError, OSError) as e:
-            if stream is raw:                        # a plain file: a real I/O error (retried)
+            if stream is raw:  # a plain file: a real I/O error (retried)
                 raise ShardReadError(f"{url}: I/O error while reading ({e})") from e
             if scan.pos == 0:
                 raise PermanentShardError(f"{url}: not a tar archive ({type(e).__name__}: {e})") from e
-            if groups.current is not None:           # a corrupt compressed stream that ends early
+            if groups.current is not None:  # a corrupt compressed stream that ends early
                 groups.current.truncated = f"{type(e).__name__}: {e}"
             scan.ending = "lost"
         if scan.pos == 0:
-            return                                   # zero-byte file: an empty shard, not an error
+            return  # zero-byte file: an empty shard, not an error
         # Without an end-of-archive marker the last sample read cannot be known complete.
         if scan.ending == "cut" and groups.current is not None and groups.current.truncated is None:
             groups.current.truncated = "archive ends without end-of-archive marker"
@@ -823,6 +876,7 @@ def _iter_tar(url: str, so: dict | None) -> Iterator[Sample | Rejected | Damaged
 
 
 # --------------------------------------------------------------------------- corpus indexes
+
 
 def _sibling(url: str, name: str) -> str:
     base, q = (url.split("?", 1) + [""])[:2]
@@ -871,6 +925,7 @@ def shard_index_count(url: str, storage_options: dict | None = None) -> tuple[in
 
 # --------------------------------------------------------------------------- parquet
 
+
 def _image_column(schema: pa.Schema) -> str | None:
     return next((c for c in IMAGE_COLUMNS if c in schema.names), None)
 
@@ -897,17 +952,17 @@ def _iter_parquet(url: str, so: dict | None) -> Iterator[Sample | Rejected]:
         if image_col is None:
             missing.append("image (one of: " + ", ".join(IMAGE_COLUMNS) + ")")
         if missing:
-            raise PermanentShardError(f"{url}: missing required column(s) {', '.join(missing)}; "
-                                      f"has {schema.names}")
+            raise PermanentShardError(f"{url}: missing required column(s) {', '.join(missing)}; has {schema.names}")
         t = schema.field(image_col).type
-        if not (_is_bytes(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
-                                 and _is_bytes(t.field("bytes").type))):
+        if not (
+            _is_bytes(t)
+            or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and _is_bytes(t.field("bytes").type))
+        ):
             raise PermanentShardError(f"{url}: image column {image_col!r} has type {t}, expected binary")
         caption_col = next((c for c in CAPTION_COLUMNS if c in schema.names), None)
         if caption_col is not None:
             ct = schema.field(caption_col).type
-            if not (_is_bytes(ct) or pa.types.is_string(ct) or pa.types.is_large_string(ct)
-                    or pa.types.is_null(ct)):
+            if not (_is_bytes(ct) or pa.types.is_string(ct) or pa.types.is_large_string(ct) or pa.types.is_null(ct)):
                 raise PermanentShardError(f"{url}: caption column {caption_col!r} has type {ct}, expected string")
         known = {"key", image_col, caption_col, "url", "uid"}
         seen: set[str] = set()
@@ -944,7 +999,13 @@ def _iter_parquet(url: str, so: dict | None) -> Iterator[Sample | Rejected]:
                             meta["_caption_decode_error"] = True
                     caption = clean_caption(caption, meta)
                     url_, uid = rec.get("url"), rec.get("uid")
-                    yield Sample(key, image, caption, url_ if isinstance(url_, str) else None,
-                                 uid if isinstance(uid, str) else None, meta)
+                    yield Sample(
+                        key,
+                        image,
+                        caption,
+                        url_ if isinstance(url_, str) else None,
+                        uid if isinstance(uid, str) else None,
+                        meta,
+                    )
         except (pa.ArrowException, OSError) as e:
             raise ShardReadError(f"{url}: corrupt Parquet data after {row} rows ({e})") from e

@@ -5,15 +5,16 @@ and its caption names exactly those attributes, so the labels double as zero-sho
 targets. The same seed gives byte-identical shards; each sample draws from its own RNG
 keyed by (seed, shard, idx), so shards can be generated independently and in any order.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import math
 import tarfile
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import asdict, dataclass
 
 import fsspec
@@ -24,20 +25,32 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "diamond", "pentagon")
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220),
-    "yellow": (240, 220, 30), "purple": (130, 40, 170), "orange": (245, 140, 20),
-    "white": (250, 250, 250), "black": (15, 15, 15), "pink": (245, 140, 190),
-    "brown": (120, 70, 30), "gray": (128, 128, 128), "cyan": (40, 200, 210),
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (130, 40, 170),
+    "orange": (245, 140, 20),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+    "pink": (245, 140, 190),
+    "brown": (120, 70, 30),
+    "gray": (128, 128, 128),
+    "cyan": (40, 200, 210),
 }
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 BACKGROUNDS = ("plain", "gradient", "striped", "checkered", "dotted")
 
 # Shape centre as a fraction of (width, height), and the caption phrase per position.
-_CENTRES = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22),
-            "bottom": (0.5, 0.78), "center": (0.5, 0.5)}
-_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
-            "bottom": "at the bottom", "center": "in the center"}
+_CENTRES = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78), "center": (0.5, 0.5)}
+_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
 _RADIUS = {"small": 0.09, "large": 0.17}  # fraction of min(width, height)
 
 TAR_FORMAT = tarfile.USTAR_FORMAT
@@ -58,8 +71,11 @@ class SceneAttrs:
     background: str  # one of BACKGROUNDS
 
     def to_dict(self) -> dict:
-        return {"objects": [asdict(o) for o in self.objects],
-                "background_colour": self.background_colour, "background": self.background}
+        return {
+            "objects": [asdict(o) for o in self.objects],
+            "background_colour": self.background_colour,
+            "background": self.background,
+        }
 
 
 def caption_for(attrs: SceneAttrs) -> str:
@@ -76,8 +92,7 @@ def _shade(rgb: tuple[int, int, int], f: float) -> tuple[int, int, int]:
     return tuple(int(round(c + (target - c) * abs(f))) for c in rgb)  # type: ignore[return-value]
 
 
-def _background(kind: str, rgb: tuple[int, int, int], w: int, h: int,
-                rng: np.random.Generator) -> Image.Image:
+def _background(kind: str, rgb: tuple[int, int, int], w: int, h: int, rng: np.random.Generator) -> Image.Image:
     base = np.array(rgb, dtype=np.float32)
     alt = np.array(_shade(rgb, 0.35 if sum(rgb) < 384 else -0.35), dtype=np.float32)
     yy, xx = np.mgrid[0:h, 0:w]
@@ -98,7 +113,7 @@ def _background(kind: str, rgb: tuple[int, int, int], w: int, h: int,
         step = int(rng.integers(10, 20))
         d = np.hypot(xx % step - step / 2, yy % step - step / 2)
         mix = (d < step / 5).astype(np.float32)
-    elif kind == "noise":          # split corpora only (SPLIT_BACKGROUNDS): a grainy texture
+    elif kind == "noise":  # split corpora only (SPLIT_BACKGROUNDS): a grainy texture
         mix = rng.random((h, w), dtype=np.float32) * 0.6
     else:
         raise ValueError(f"unknown background {kind!r}")
@@ -106,8 +121,9 @@ def _background(kind: str, rgb: tuple[int, int, int], w: int, h: int,
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def _polygon(cx: float, cy: float, r: float, n: int, rot: float = -math.pi / 2,
-             inner: float | None = None) -> list[tuple[float, float]]:
+def _polygon(
+    cx: float, cy: float, r: float, n: int, rot: float = -math.pi / 2, inner: float | None = None
+) -> list[tuple[float, float]]:
     """Regular n-gon (or n-pointed star when `inner` is the inner radius ratio)."""
     pts = []
     steps = 2 * n if inner else n
@@ -118,8 +134,9 @@ def _polygon(cx: float, cy: float, r: float, n: int, rot: float = -math.pi / 2,
     return pts
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
-                fill: tuple[int, int, int]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]
+) -> None:
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "square":
@@ -143,8 +160,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def render_scene(rng: np.random.Generator, width: int, height: int
-                 ) -> tuple[Image.Image, str, SceneAttrs]:
+def render_scene(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Image, str, SceneAttrs]:
     """Draw one scene; returns (RGB image, caption, attributes)."""
     colours = list(COLOURS)
     bg_colour = colours[int(rng.integers(len(colours)))]
@@ -154,11 +170,14 @@ def render_scene(rng: np.random.Generator, width: int, height: int
     positions = rng.choice(len(POSITIONS), size=n, replace=False)
     fg = [c for c in colours if c != bg_colour]
     objects = tuple(
-        ShapeAttrs(shape=SHAPES[int(rng.integers(len(SHAPES)))],
-                   colour=fg[int(rng.integers(len(fg)))],
-                   size=SIZES[int(rng.integers(len(SIZES)))],
-                   position=POSITIONS[int(p)])
-        for p in positions)
+        ShapeAttrs(
+            shape=SHAPES[int(rng.integers(len(SHAPES)))],
+            colour=fg[int(rng.integers(len(fg)))],
+            size=SIZES[int(rng.integers(len(SIZES)))],
+            position=POSITIONS[int(p)],
+        )
+        for p in positions
+    )
     attrs = SceneAttrs(objects=objects, background_colour=bg_colour, background=bg_kind)
 
     img = _background(bg_kind, COLOURS[bg_colour], width, height, rng)
@@ -167,8 +186,7 @@ def render_scene(rng: np.random.Generator, width: int, height: int
     for o in objects:
         fx, fy = _CENTRES[o.position]
         jx, jy = rng.uniform(-0.04, 0.04, size=2)
-        _draw_shape(draw, o.shape, (fx + jx) * width, (fy + jy) * height,
-                    _RADIUS[o.size] * m, COLOURS[o.colour])
+        _draw_shape(draw, o.shape, (fx + jx) * width, (fy + jy) * height, _RADIUS[o.size] * m, COLOURS[o.colour])
     return img, caption_for(attrs), attrs
 
 
@@ -189,9 +207,16 @@ def make_sample(seed: int, shard: int, idx: int) -> dict:
     img.save(buf, format="JPEG", quality=90)
     key = sample_key(shard, idx)
     uid = sample_uid(seed, key)
-    return {"key": key, "uid": uid, "url": f"https://synthetic.example/{uid}.jpg",
-            "caption": caption, "jpg": buf.getvalue(), "width": width, "height": height,
-            "label": attrs.to_dict()}
+    return {
+        "key": key,
+        "uid": uid,
+        "url": f"https://synthetic.example/{uid}.jpg",
+        "caption": caption,
+        "jpg": buf.getvalue(),
+        "width": width,
+        "height": height,
+        "label": attrs.to_dict(),
+    }
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -208,19 +233,31 @@ def _write_tar(f, samples: list[dict]) -> None:
     with tarfile.open(fileobj=f, mode="w", format=TAR_FORMAT) as tar:
         for s in samples:
             k = s["key"]
-            meta = {"key": k, "uid": s["uid"], "caption": s["caption"],
-                    "width": s["width"], "height": s["height"], "label": s["label"]}
+            meta = {
+                "key": k,
+                "uid": s["uid"],
+                "caption": s["caption"],
+                "width": s["width"],
+                "height": s["height"],
+                "label": s["label"],
+            }
             _add_member(tar, f"{k}.jpg", s["jpg"])
             _add_member(tar, f"{k}.txt", s["caption"].encode("utf-8"))
             _add_member(tar, f"{k}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
             _add_member(tar, f"{k}.url.txt", s["url"].encode("utf-8"))
 
 
-PARQUET_SCHEMA = pa.schema([
-    ("key", pa.string()), ("uid", pa.string()), ("url", pa.string()),
-    ("caption", pa.string()), ("jpg", pa.binary()),
-    ("width", pa.int32()), ("height", pa.int32()),
-])
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("uid", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("jpg", pa.binary()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
 
 
 def _write_parquet(f, samples: list[dict]) -> None:
@@ -228,9 +265,14 @@ def _write_parquet(f, samples: list[dict]) -> None:
     pq.write_table(pa.table(cols, schema=PARQUET_SCHEMA), f, compression="zstd")
 
 
-def make_corpus(out_dir: str, n_shards: int = 4, per_shard: int = 32, seed: int = 0,
-                formats: Sequence[str] = ("tar", "parquet"),
-                storage_options: dict | None = None) -> list[str]:
+def make_corpus(
+    out_dir: str,
+    n_shards: int = 4,
+    per_shard: int = 32,
+    seed: int = 0,
+    formats: Sequence[str] = ("tar", "parquet"),
+    storage_options: dict | None = None,
+) -> list[str]:
     """Write `{out_dir}/tar/shard-XXXXX.tar` and/or `{out_dir}/parquet/shard-XXXXX.parquet`.
 
     `out_dir` is any fsspec URL. Both formats hold the same samples and JPEG bytes.
@@ -291,18 +333,58 @@ ZEROSHOT_TEMPLATES = ("a {}", "a small {}", "a large {}", "a {} in the center")
 # Alt-text boilerplate. None of these words is a colour, shape, size or position word, so a
 # caption's attribute words always come from the scene (or from a designed "wrong" draw).
 JUNK_CAPTIONS = (
-    "click here to download", "free shipping on all orders", "home page banner", "untitled design",
-    "our team at the annual meeting", "view from the hotel room", "best deals of the week",
-    "wedding invitation card", "a man riding a bike on the street", "sunset over the ocean",
-    "cute dog playing in the park", "fresh vegetables at the market", "new collection now available",
-    "photo by the author", "a cup of coffee on a table", "map of the city", "image not available",
-    "summer sale up to fifty percent off", "family vacation photos", "screenshot of the app",
+    "click here to download",
+    "free shipping on all orders",
+    "home page banner",
+    "untitled design",
+    "our team at the annual meeting",
+    "view from the hotel room",
+    "best deals of the week",
+    "wedding invitation card",
+    "a man riding a bike on the street",
+    "sunset over the ocean",
+    "cute dog playing in the park",
+    "fresh vegetables at the market",
+    "new collection now available",
+    "photo by the author",
+    "a cup of coffee on a table",
+    "map of the city",
+    "image not available",
+    "summer sale up to fifty percent off",
+    "family vacation photos",
+    "screenshot of the app",
 )
-JUNK_WORDS = ("vector", "stock", "icon", "logo", "clipart", "hd", "wallpaper", "png", "design",
-              "art", "image", "free", "template", "abstract", "illustration", "sticker")
+JUNK_WORDS = (
+    "vector",
+    "stock",
+    "icon",
+    "logo",
+    "clipart",
+    "hd",
+    "wallpaper",
+    "png",
+    "design",
+    "art",
+    "image",
+    "free",
+    "template",
+    "abstract",
+    "illustration",
+    "sticker",
+)
 GENERIC_NOUNS = ("shape", "object", "thing", "figure")
-AFFIXES = ("stock illustration", "free vector", "hd wallpaper", "clip art", "icon set",
-           "royalty free image", "download png", "graphic design element", "img 2041", "photo 17")
+AFFIXES = (
+    "stock illustration",
+    "free vector",
+    "hd wallpaper",
+    "clip art",
+    "icon set",
+    "royalty free image",
+    "download png",
+    "graphic design element",
+    "img 2041",
+    "photo 17",
+)
 AFFIX_SEP = " - "
 
 
@@ -310,6 +392,7 @@ AFFIX_SEP = " - "
 class AttrNoise:
     """How one attribute of an object phrase is corrupted: left out, replaced by another value
     of the same kind (wrong), or replaced by an unrelated word (junk); correct otherwise."""
+
     missing: float = 0.0
     wrong: float = 0.0
     junk: float = 0.0
@@ -330,7 +413,8 @@ class WebNoise:
     its attributes is corrupted per its ``AttrNoise`` (a missing shape becomes a generic noun,
     "shape"/"thing"); the background phrase is left out (``background.missing``) or names a
     wrong colour; ``affix`` adds alt-text boilerplate before or after the caption."""
-    unrelated: float = 0.2           # (clean captions never name the background; alt-text may, rightly or not)
+
+    unrelated: float = 0.2  # (clean captions never name the background; alt-text may, rightly or not)
     drop_object: float = 0.3
     colour: AttrNoise = AttrNoise(missing=0.2, wrong=0.1, junk=0.05)
     shape: AttrNoise = AttrNoise(missing=0.15, wrong=0.1, junk=0.05)
@@ -343,8 +427,9 @@ class WebNoise:
 DEFAULT_WEB_NOISE = WebNoise()
 
 
-def _noisy(rng: np.random.Generator, noise: AttrNoise, value: str, choices: Sequence[str],
-           junk: Sequence[str]) -> tuple[str, str | None]:
+def _noisy(
+    rng: np.random.Generator, noise: AttrNoise, value: str, choices: Sequence[str], junk: Sequence[str]
+) -> tuple[str, str | None]:
     """(outcome, word): outcome in correct/missing/wrong/junk. Always two draws (fixed stream use)."""
     r, pick = rng.random(), rng.random()
     if r < noise.missing:
@@ -376,16 +461,24 @@ def web_caption(attrs: SceneAttrs, rng: np.random.Generator, noise: WebNoise = D
     text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     _, bg = _noisy(rng, noise.background, attrs.background_colour, list(COLOURS), ())
     if bg:
-        text += f", on a plain {bg} background" if attrs.background == "plain" else f", on a {bg} {attrs.background} background"
+        text += (
+            f", on a plain {bg} background"
+            if attrs.background == "plain"
+            else f", on a {bg} {attrs.background} background"
+        )
     if rng.random() < noise.affix:
         affix = AFFIXES[int(rng.integers(len(AFFIXES)))]
         text = f"{affix}{AFFIX_SEP}{text}" if rng.random() < 0.5 else f"{text}{AFFIX_SEP}{affix}"
     return text
 
 
-def render_split_scene(rng: np.random.Generator, width: int, height: int,
-                       force: tuple[str, str] | None = None, reshape: np.random.Generator | None = None
-                       ) -> tuple[Image.Image, SceneAttrs, list[dict]]:
+def render_split_scene(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    force: tuple[str, str] | None = None,
+    reshape: np.random.Generator | None = None,
+) -> tuple[Image.Image, SceneAttrs, list[dict]]:
     """One split scene: (image, attributes, per-object geometry {cx, cy, r} in pixels).
 
     ``force=(colour, shape)`` draws a single object of that colour and shape (zero-shot test
@@ -416,8 +509,14 @@ def render_split_scene(rng: np.random.Generator, width: int, height: int,
     if reshape is not None:
         change = reshape.random(len(objects)) < 0.5
         change[int(reshape.integers(len(objects)))] = True
-        objects = [dataclasses.replace(o, shape=[s for s in SPLIT_SHAPES if s != o.shape][int(reshape.integers(len(SPLIT_SHAPES) - 1))])
-                   if c else o for o, c in zip(objects, change)]
+        objects = [
+            dataclasses.replace(
+                o, shape=[s for s in SPLIT_SHAPES if s != o.shape][int(reshape.integers(len(SPLIT_SHAPES) - 1))]
+            )
+            if c
+            else o
+            for o, c in zip(objects, change)
+        ]
     attrs = SceneAttrs(objects=tuple(objects), background_colour=bg_colour, background=bg_kind)
     img = _background(bg_kind, COLOURS[bg_colour], width, height, rng)
     draw = ImageDraw.Draw(img)
@@ -456,13 +555,13 @@ def split_caption(attrs: SceneAttrs, rng: np.random.Generator | None = None) -> 
     parts = []
     for o in attrs.objects:
         size, pos = (True, True) if rng is None else tuple(rng.random(2) < 0.5)
-        parts.append(" ".join(["a"] + ([o.size] if size else []) + [o.colour, o.shape]
-                              + ([_PHRASES[o.position]] if pos else [])))
+        parts.append(
+            " ".join(["a"] + ([o.size] if size else []) + [o.colour, o.shape] + ([_PHRASES[o.position]] if pos else []))
+        )
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def make_split_sample(split: str, seed: int, shard: int, idx: int,
-                      noise: WebNoise = DEFAULT_WEB_NOISE) -> dict:
+def make_split_sample(split: str, seed: int, shard: int, idx: int, noise: WebNoise = DEFAULT_WEB_NOISE) -> dict:
     """One sample of a split, same fields as ``make_sample``. The label (json) always holds the
     true attributes and geometry; only a web sample's caption is noisy (its clean caption is in
     ``label["clean_caption"]``). Captions use a noise RNG of their own, so a web image does not
@@ -481,16 +580,25 @@ def make_split_sample(split: str, seed: int, shard: int, idx: int,
     img, attrs, geometry = render_split_scene(rng, width, height, reshape=reshape)
     clean = split_caption(attrs)
     caption = clean
-    if split == "clean":        # twins share the caption draws, so their captions differ in shapes only
-        caption = split_caption(attrs, np.random.default_rng([seed, _STREAM[split], shard, idx - twin, _CAPTION_STREAM]))
+    if split == "clean":  # twins share the caption draws, so their captions differ in shapes only
+        caption = split_caption(
+            attrs, np.random.default_rng([seed, _STREAM[split], shard, idx - twin, _CAPTION_STREAM])
+        )
     if split == "web":
         caption = web_caption(attrs, np.random.default_rng([seed, _STREAM[split], shard, idx, _NOISE_STREAM]), noise)
     key = sample_key(shard, idx)
     uid = sample_uid(seed, f"{split}:{key}")
     label = {**attrs.to_dict(), "geometry": geometry, "split": split, "clean_caption": clean}
-    return {"key": key, "uid": uid, "url": f"https://synthetic.example/{split}/{uid}.jpg",
-            "caption": caption, "jpg": _jpeg(img, rng, split), "width": width, "height": height,
-            "label": label}
+    return {
+        "key": key,
+        "uid": uid,
+        "url": f"https://synthetic.example/{split}/{uid}.jpg",
+        "caption": caption,
+        "jpg": _jpeg(img, rng, split),
+        "width": width,
+        "height": height,
+        "label": label,
+    }
 
 
 def zeroshot_classes() -> list[tuple[str, str]]:
@@ -506,14 +614,28 @@ def make_zeroshot_sample(seed: int, cls: int, j: int) -> dict:
     width, height = _split_size(rng)
     img, attrs, geometry = render_split_scene(rng, width, height, force=(colour, shape))
     key = f"zs{cls:03d}{j:04d}"
-    return {"key": key, "class": f"{colour}_{shape}", "jpg": _jpeg(img, rng, "zeroshot"),
-            "width": width, "height": height, "caption": split_caption(attrs),
-            "label": {**attrs.to_dict(), "geometry": geometry}}
+    return {
+        "key": key,
+        "class": f"{colour}_{shape}",
+        "jpg": _jpeg(img, rng, "zeroshot"),
+        "width": width,
+        "height": height,
+        "caption": split_caption(attrs),
+        "label": {**attrs.to_dict(), "geometry": geometry},
+    }
 
 
-def make_split(split: str, out_dir: str, n_shards: int = 4, per_shard: int = 256, seed: int = 0,
-               formats: Sequence[str] = ("tar", "parquet"), per_class: int = 4,
-               noise: WebNoise = DEFAULT_WEB_NOISE, storage_options: dict | None = None) -> list[str]:
+def make_split(
+    split: str,
+    out_dir: str,
+    n_shards: int = 4,
+    per_shard: int = 256,
+    seed: int = 0,
+    formats: Sequence[str] = ("tar", "parquet"),
+    per_class: int = 4,
+    noise: WebNoise = DEFAULT_WEB_NOISE,
+    storage_options: dict | None = None,
+) -> list[str]:
     """Write a split: shards under ``{out_dir}/{tar,parquet}/`` as ``make_corpus`` lays them out;
     for ``test`` also ``{out_dir}/zeroshot/<colour>_<shape>/<key>.jpg`` (``per_class`` images per
     class, all 60 classes) and ``{out_dir}/zeroshot.jsonl`` (key, class, label, geometry).
@@ -533,14 +655,24 @@ def make_split(split: str, out_dir: str, n_shards: int = 4, per_shard: int = 256
             written[fmt].append(url)
     if split == "test" and per_class > 0:
         lines = []
-        for cls, (colour, shape) in enumerate(zeroshot_classes()):
+        for cls, (_colour, _shape) in enumerate(zeroshot_classes()):
             for j in range(per_class):
                 s = make_zeroshot_sample(seed, cls, j)
                 with fsspec.open(f"{out}/{ZEROSHOT_DIR}/{s['class']}/{s['key']}.jpg", "wb", **so) as f:
                     f.write(s["jpg"])
-                lines.append(json.dumps({"key": s["key"], "class": s["class"], "width": s["width"],
-                                         "height": s["height"], "caption": s["caption"], "label": s["label"]},
-                                        sort_keys=True))
+                lines.append(
+                    json.dumps(
+                        {
+                            "key": s["key"],
+                            "class": s["class"],
+                            "width": s["width"],
+                            "height": s["height"],
+                            "caption": s["caption"],
+                            "label": s["label"],
+                        },
+                        sort_keys=True,
+                    )
+                )
         with fsspec.open(f"{out}/{ZEROSHOT_LABELS}", "w", **so) as f:
             f.write("\n".join(lines) + "\n")
     return [u for fmt in formats for u in written[fmt]]

@@ -10,6 +10,7 @@ per task, retries, per-shard commit (the marker gets the new config hash), resum
 whose marker already has the new hash are skipped). ``dataset.json`` and ``ensemble.yaml``
 switch to the new ensemble once every shard has it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,9 +45,17 @@ def _embed_shard(proc: ShardProcessor, rows: ReinforcedRows, base_url: str, stor
 
     def flush() -> None:
         for t in proc.teachers:
-            views = torch.cat([torch.stack([augment.replay(img, p, t.image_size, job.aug)
-                                            for p in augment.unpack(rows.aug_params[i])]) for i, img in pending])
-            rows.image_emb[t.id][[i for i, _ in pending]] = t.encode_images(views).reshape(len(pending), job.aug.n_aug, t.dim)
+            views = torch.cat(
+                [
+                    torch.stack(
+                        [augment.replay(img, p, t.image_size, job.aug) for p in augment.unpack(rows.aug_params[i])]
+                    )
+                    for i, img in pending
+                ]
+            )
+            rows.image_emb[t.id][[i for i, _ in pending]] = t.encode_images(views).reshape(
+                len(pending), job.aug.n_aug, t.dim
+            )
         pending.clear()
 
     seen = set()
@@ -57,7 +66,7 @@ def _embed_shard(proc: ShardProcessor, rows: ReinforcedRows, base_url: str, stor
         seen.add(item.key)
         if hashlib.sha256(item.image).hexdigest() != rows.image_sha256[i]:
             raise ValueError(f"{base_url}: image of {item.key!r} changed since reinforcement (sha256 differs)")
-        pending.append((i, decode_image(item.image)))   # the decode reinforcement used (same pixels)
+        pending.append((i, decode_image(item.image)))  # the decode reinforcement used (same pixels)
         if len(pending) >= bs:
             flush()
     if pending:
@@ -90,17 +99,25 @@ class TeacherAdder:
         layout = layout_from_metadata(meta)
         for t in self.proc.teachers:
             layout = layout.with_teacher(TeacherLayout(t.id, t.dim))
-        new_meta = {**meta, "config_hash": config_hash,
-                    "teachers": meta["teachers"] + self.proc.file_metadata(name, config_hash)["teachers"]}
+        new_meta = {
+            **meta,
+            "config_hash": config_hash,
+            "teachers": meta["teachers"] + self.proc.file_metadata(name, config_hash)["teachers"],
+        }
         tmp = dataset.new_tmp_file(name)
         try:
             with clock.time("write"):
                 writer = ShardWriter(tmp, layout, new_meta, self.job.output.compression_level)
                 writer.write(rows)
                 writer.close()
-            stats = dataclasses.replace(marker, config_hash=config_hash, teachers=[t.id for t in layout.teachers],
-                                        seconds=round(time.perf_counter() - t0, 3), stage_s=clock.rounded(),
-                                        started_at=round(time.time(), 3))
+            stats = dataclasses.replace(
+                marker,
+                config_hash=config_hash,
+                teachers=[t.id for t in layout.teachers],
+                seconds=round(time.perf_counter() - t0, 3),
+                stage_s=clock.rounded(),
+                started_at=round(time.time(), 3),
+            )
             return dataset.commit(tmp, stats)
         finally:
             try:
@@ -109,8 +126,14 @@ class TeacherAdder:
                 pass
 
 
-def add_teachers(root: str, ensemble_file: str, teacher_ids: list[str], storage_options: dict | None = None,
-                 device: str | None = None, executor: str = "ray") -> JobReport:
+def add_teachers(
+    root: str,
+    ensemble_file: str,
+    teacher_ids: list[str],
+    storage_options: dict | None = None,
+    device: str | None = None,
+    executor: str = "ray",
+) -> JobReport:
     """Add ``teacher_ids`` from ``ensemble_file`` to the dataset at ``root``; resumable."""
     t0 = time.time()
     ds = ReinforcedDataset(root, storage_options)
@@ -131,10 +154,17 @@ def add_teachers(root: str, ensemble_file: str, teacher_ids: list[str], storage_
     markers = ds.markers()
     foreign = sorted(n for n, m in markers.items() if m.config_hash not in (old_hash, new_hash))
     if foreign:
-        raise ConfigError(f"{root}: shard {foreign[0]!r} was made by another config; run `dr reinforce` "
-                          "on it first (or `dr validate` to see what is wrong)")
-    manifest = Manifest(new_hash, [t.id for t in merged.teachers], [c.id for c in merged.captioners], len(bases),
-                        started_at=round(time.time(), 3))
+        raise ConfigError(
+            f"{root}: shard {foreign[0]!r} was made by another config; run `dr reinforce` "
+            "on it first (or `dr validate` to see what is wrong)"
+        )
+    manifest = Manifest(
+        new_hash,
+        [t.id for t in merged.teachers],
+        [c.id for c in merged.captioners],
+        len(bases),
+        started_at=round(time.time(), 3),
+    )
     done = sorted(n for n, m in markers.items() if m.config_hash == new_hash)
     for n in done:
         manifest.add(markers[n])

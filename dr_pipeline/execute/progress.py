@@ -5,6 +5,7 @@ is not a terminal (a log file, ``ray job logs``) it degrades to plain lines, at 
 ``every_s`` seconds plus one at the end, so a 200,000-shard job writes a readable log.
 Per-shard work is O(1): counters only.
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,12 +28,15 @@ class Progress:
         self.stage_s: Counter = Counter()
         self.t0 = self._last = time.time()
         self.stream, self.every_s = stream, every_s
-        self.bar = tqdm(total=total, unit="shard", file=self.out, dynamic_ncols=True, smoothing=0.05,
-                        desc="reinforce") if self.out.isatty() and stream is None else None
+        self.bar = (
+            tqdm(total=total, unit="shard", file=self.out, dynamic_ncols=True, smoothing=0.05, desc="reinforce")
+            if self.out.isatty() and stream is None
+            else None
+        )
 
     @property
     def out(self):
-        return self.stream or sys.stderr     # looked up per line: sys.stderr may be redirected later
+        return self.stream or sys.stderr  # looked up per line: sys.stderr may be redirected later
 
     def rate(self) -> float:
         return self.samples / max(time.time() - self.t0, 1e-9)
@@ -51,12 +55,19 @@ class Progress:
             self.bar.update(1)
         elif time.time() - self._last >= self.every_s or self.done == self.total:
             self._last = time.time()
-            print(f"[{self.done}/{self.total} shards] {self.samples} samples, ETA {self.eta_s():.0f}s | "
-                  f"{self._postfix()}", file=self.out, flush=True)
+            print(
+                f"[{self.done}/{self.total} shards] {self.samples} samples, ETA {self.eta_s():.0f}s | "
+                f"{self._postfix()}",
+                file=self.out,
+                flush=True,
+            )
 
     def _postfix(self) -> str:
         rej = sum(self.rejected.values())
-        parts = [f"{self.rate():.1f} samples/s", f"rejected {rej}" + (f" ({rejects_line(self.rejected)})" if rej else "")]
+        parts = [
+            f"{self.rate():.1f} samples/s",
+            f"rejected {rej}" + (f" ({rejects_line(self.rejected)})" if rej else ""),
+        ]
         shares = stage_shares(self.stage_s)
         return " | ".join(parts + ([shares] if shares else []))
 

@@ -19,6 +19,7 @@ Failure model (docs/cluster.md):
 - rerunning the same job resumes: committed shards (marker + data file of the marker's
   size, same config hash) are skipped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,20 +44,20 @@ log = logging.getLogger(__name__)
 class JobPlan:
     dataset: ReinforcedDataset
     config_hash: str
-    urls: list[str]              # every input shard
-    todo: list[str]              # input shards without a committed output
-    skipped: list[str]           # already committed with the same config
-    manifest: Manifest           # committed shards so far; the driver adds to it as shards commit
-    markers_read: int = 0        # marker bodies planning had to read
+    urls: list[str]  # every input shard
+    todo: list[str]  # input shards without a committed output
+    skipped: list[str]  # already committed with the same config
+    manifest: Manifest  # committed shards so far; the driver adds to it as shards commit
+    markers_read: int = 0  # marker bodies planning had to read
 
 
 @dataclass
 class JobReport:
-    committed: list[str] = field(default_factory=list)   # shards committed by this run
+    committed: list[str] = field(default_factory=list)  # shards committed by this run
     skipped: list[str] = field(default_factory=list)
     failed: list[FailedShard] = field(default_factory=list)
-    retried: list[dict] = field(default_factory=list)    # {shard, attempt, error}: attempts that failed and were retried
-    error: str | None = None                             # the job stopped early (no actor could be placed, ...)
+    retried: list[dict] = field(default_factory=list)  # {shard, attempt, error}: attempts that failed and were retried
+    error: str | None = None  # the job stopped early (no actor could be placed, ...)
     seconds: float = 0.0
     manifest: Manifest | None = None
 
@@ -79,22 +80,30 @@ def output_dataset(job: JobConfig) -> ReinforcedDataset:
 
 # --------------------------------------------------------------------------- planning
 
+
 def check_writable(ds: ReinforcedDataset) -> None:
     try:
         ds.ensure()
         ds.folder.write_bytes("_markers/.probe", b"ok")
         ds.folder.remove("_markers/.probe")
     except Exception as e:
-        raise ConfigError(f"output location not writable: {redact_url(ds.root)} ({describe(e)}); "
-                          "fix permissions/credentials or choose another output.path") from None
+        raise ConfigError(
+            f"output location not writable: {redact_url(ds.root)} ({describe(e)}); "
+            "fix permissions/credentials or choose another output.path"
+        ) from None
 
 
 def _different_config(ds: ReinforcedDataset, job: JobConfig, ensemble: EnsembleSpec, old: str, new: str) -> ConfigError:
     keys = ds.changed_keys(job, ensemble)
-    what = f"these keys differ: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}" if keys else \
-        "the config that made it is not recorded"
-    return ConfigError(f"{redact_url(ds.root)} was made by a different config (hash {old} != {new}; {what}); "
-                       "choose a new output.path, or pass --force to redo it with this config")
+    what = (
+        f"these keys differ: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+        if keys
+        else "the config that made it is not recorded"
+    )
+    return ConfigError(
+        f"{redact_url(ds.root)} was made by a different config (hash {old} != {new}; {what}); "
+        "choose a new output.path, or pass --force to redo it with this config"
+    )
 
 
 def plan_job(job: JobConfig, ensemble: EnsembleSpec, force: bool = False) -> JobPlan:
@@ -117,22 +126,29 @@ def plan_job(job: JobConfig, ensemble: EnsembleSpec, force: bool = False) -> Job
     if len(wanted) != len(names):
         seen: set[str] = set()
         dup = next(n for n in names if n in seen or seen.add(n))
-        raise ConfigError(f"input: several shards share the name {dup!r}; output shards are named after "
-                          "input shards, so input names must be unique")
+        raise ConfigError(
+            f"input: several shards share the name {dup!r}; output shards are named after "
+            "input shards, so input names must be unique"
+        )
     ds = output_dataset(job)
     config_hash = job.output_hash(ensemble)
     previous = ds.config_hash()
     if previous not in (None, config_hash) and not force:
         raise _different_config(ds, job, ensemble, previous, config_hash)
-    fresh = Manifest(config_hash, [t.id for t in ensemble.teachers], [c.id for c in ensemble.captioners],
-                     len(urls), started_at=round(time.time(), 3))
+    fresh = Manifest(
+        config_hash,
+        [t.id for t in ensemble.teachers],
+        [c.id for c in ensemble.captioners],
+        len(urls),
+        started_at=round(time.time(), 3),
+    )
     state = ds.resume_state(fresh, wanted)
     if state.other_hashes and not force:
         raise _different_config(ds, job, ensemble, sorted(state.other_hashes)[0], config_hash)
     check_writable(ds)
-    if previous != config_hash:     # a new config: the old manifest must not vouch for anything any more
+    if previous != config_hash:  # a new config: the old manifest must not vouch for anything any more
         ds.write_manifest(state.manifest)
-    ds.folder.remove_many([ds.marker_rel(n) for n in state.stale])   # redo these, unseen meanwhile
+    ds.folder.remove_many([ds.marker_rel(n) for n in state.stale])  # redo these, unseen meanwhile
     removed = ds.clean_tmp()
     if removed:
         log.info("removed %d temporary file(s) left by killed writers", removed)
@@ -167,9 +183,11 @@ class ManifestCheckpoint:
 
 # --------------------------------------------------------------------------- executors
 
+
 @dataclass
 class Outcome:
     """How one shard attempt ended."""
+
     url: str
     attempt: int
     stats: ShardStats | None = None
@@ -263,7 +281,8 @@ def _actor_class():
                 import torch
 
                 from dr_pipeline.execute.shard_worker import ShardProcessor as processor
-                torch.set_num_threads(threads)   # Ray sets OMP threads from num_cpus; be explicit
+
+                torch.set_num_threads(threads)  # Ray sets OMP threads from num_cpus; be explicit
             self.proc = processor(job, ensemble)
             self.dataset = output_dataset(job)
             self.load_s = time.perf_counter() - t0
@@ -275,8 +294,9 @@ def _actor_class():
             import resource
 
             weights = self.proc.weight_bytes() if hasattr(self.proc, "weight_bytes") else 0
-            return ActorInfo(os.getpid(), round(self.load_s, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                             weights)
+            return ActorInfo(
+                os.getpid(), round(self.load_s, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, weights
+            )
 
     return ReinforceActor
 
@@ -284,14 +304,16 @@ def _actor_class():
 @dataclass
 class ActorInfo:
     """What a ready actor reports: the start-up and memory figures docs/cluster.md tabulates."""
+
     pid: int
-    load_s: float            # imports + model load inside the actor
-    peak_rss: int            # bytes, after loading
-    weight_bytes: int        # the models' parameters and buffers
+    load_s: float  # imports + model load inside the actor
+    peak_rss: int  # bytes, after loading
+    weight_bytes: int  # the models' parameters and buffers
 
     def line(self) -> str:
         mem = f", peak RSS {self.peak_rss / 2**30:.2f} GiB" + (
-            f" for {self.weight_bytes / 2**30:.2f} GiB of weights" if self.weight_bytes else "")
+            f" for {self.weight_bytes / 2**30:.2f} GiB of weights" if self.weight_bytes else ""
+        )
         return f"pid {self.pid}, models loaded in {self.load_s:.1f}s{mem}"
 
 
@@ -327,22 +349,22 @@ class RayActorPool:
     and ``process(url, dataset, config_hash)``): the driver-at-scale benchmark uses a stand-in.
     """
 
-    def __init__(self, plan: JobPlan, job: JobConfig, ensemble: EnsembleSpec, progress: Progress,
-                 processor=None):
+    def __init__(self, plan: JobPlan, job: JobConfig, ensemble: EnsembleSpec, progress: Progress, processor=None):
         import ray
 
         self.ray, self.plan, self.progress = ray, plan, progress
         self.ex = ex = job.execution
         Actor = _actor_class()
         threads = max(1, int(ex.cpus_per_actor))
-        self._new = lambda: Actor.options(num_cpus=ex.cpus_per_actor, num_gpus=ex.gpus_per_actor,
-                                          max_concurrency=1).remote(job, ensemble, threads, processor)
+        self._new = lambda: Actor.options(
+            num_cpus=ex.cpus_per_actor, num_gpus=ex.gpus_per_actor, max_concurrency=1
+        ).remote(job, ensemble, threads, processor)
         self.deadline = ShardDeadline(ex)
         self.target = max(1, min(ex.max_actors, len(plan.todo)))
         self.need = max(1, min(ex.min_actors, len(plan.todo)))
-        self.starting: dict = {}          # ready() ref -> actor not ready yet
+        self.starting: dict = {}  # ready() ref -> actor not ready yet
         self.idle: list = []
-        self.running: dict = {}           # process() ref -> (actor, url, attempt, started monotonic)
+        self.running: dict = {}  # process() ref -> (actor, url, attempt, started monotonic)
         self.start_failures, self.ever_ready = 0, 0
         self.actor_infos: list[ActorInfo] = []
         self.short_since: float | None = time.monotonic()
@@ -383,7 +405,8 @@ class RayActorPool:
             f"{self.ex.actor_start_timeout_s:g}s; each asks for {self.ex.cpus_per_actor:g} CPU and "
             f"{self.ex.gpus_per_actor:g} GPU, the cluster has {have}. Add nodes, lower "
             "execution.cpus_per_actor / gpus_per_actor / min_actors, or raise execution.actor_start_timeout_s; "
-            "rerun the same command to resume")
+            "rerun the same command to resume"
+        )
 
     # -------------------------------------------------------------- pool interface
     def has_capacity(self) -> bool:
@@ -434,8 +457,12 @@ class RayActorPool:
             ref, age = hung
             actor, url, attempt, _ = self.running.pop(ref)
             self._replace(actor)
-            return Outcome(url, attempt, error=f"hung: no result after {age:.0f}s (deadline "
-                                               f"{self.deadline.limit:.0f}s); actor killed and replaced")
+            return Outcome(
+                url,
+                attempt,
+                error=f"hung: no result after {age:.0f}s (deadline "
+                f"{self.deadline.limit:.0f}s); actor killed and replaced",
+            )
         ref = done[0]
         if ref in self.starting:
             self._started(ref)
@@ -443,14 +470,14 @@ class RayActorPool:
         actor, url, attempt, t0 = self.running.pop(ref)
         try:
             stats = ray.get(ref)
-        except ray.exceptions.RayActorError as e:   # the actor died (OOM, SIGKILL, node lost): replace it
+        except ray.exceptions.RayActorError as e:  # the actor died (OOM, SIGKILL, node lost): replace it
             self._replace(actor)
             return Outcome(url, attempt, error=f"actor died: {_first_line(e)}")
-        except ray.exceptions.RayTaskError as e:      # the shard's code raised: the actor is fine
+        except ray.exceptions.RayTaskError as e:  # the shard's code raised: the actor is fine
             self.idle.append(actor)
             cause = e.cause if getattr(e, "cause", None) is not None else e
             return _error_outcome(url, attempt, cause)
-        except ray.exceptions.RayError as e:          # anything else from Ray: do not trust the actor
+        except ray.exceptions.RayError as e:  # anything else from Ray: do not trust the actor
             self._replace(actor)
             return Outcome(url, attempt, error=f"ray error: {_first_line(e)}")
         self.idle.append(actor)
@@ -461,7 +488,7 @@ class RayActorPool:
         actor = self.starting.pop(ref)
         try:
             info: ActorInfo = self.ray.get(ref)
-        except self.ray.exceptions.RayError as e:    # died while loading models
+        except self.ray.exceptions.RayError as e:  # died while loading models
             self._kill(actor)
             self.start_failures += 1
             if not self.ever_ready and self.start_failures >= self.ex.max_attempts:
@@ -507,14 +534,22 @@ def run_ray(plan: JobPlan, job: JobConfig, ensemble: EnsembleSpec, report: JobRe
         local = address == "local"
         t0 = time.perf_counter()
         try:
-            ray.init(address=address, num_cpus=ex.num_cpus if local else None,
-                     num_gpus=ex.num_gpus if local else None,
-                     include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+            ray.init(
+                address=address,
+                num_cpus=ex.num_cpus if local else None,
+                num_gpus=ex.num_gpus if local else None,
+                include_dashboard=False,
+                logging_level="WARNING",
+                log_to_driver=True,
+            )
         except ConnectionError as e:
-            raise ConfigError(f"no Ray cluster at address {address!r} ({e}); start one (`ray start --head`), "
-                              "fix execution.address / --address, or leave both unset for a local Ray") from None
-        if local:       # a killed driver must not leave its Ray processes behind
+            raise ConfigError(
+                f"no Ray cluster at address {address!r} ({e}); start one (`ray start --head`), "
+                "fix execution.address / --address, or leave both unset for a local Ray"
+            ) from None
+        if local:  # a killed driver must not leave its Ray processes behind
             from dr_pipeline.execute import watchdog
+
             watchdog.guard(watchdog.local_ray_pids())
     pool = None
     progress = Progress(len(plan.todo))
@@ -522,9 +557,11 @@ def run_ray(plan: JobPlan, job: JobConfig, ensemble: EnsembleSpec, report: JobRe
         progress.note(f"Ray started in {time.perf_counter() - t0:.1f}s ({ray_address(ex)})")
     try:
         pool = RayActorPool(plan, job, ensemble, progress, processor)
-        progress.note(f"reinforcing {len(plan.todo)} shards on up to {pool.target} actor(s) "
-                      f"({ex.cpus_per_actor:g} CPU, {ex.gpus_per_actor:g} GPU each; "
-                      f"{len(plan.skipped)} shard(s) already committed)")
+        progress.note(
+            f"reinforcing {len(plan.todo)} shards on up to {pool.target} actor(s) "
+            f"({ex.cpus_per_actor:g} CPU, {ex.gpus_per_actor:g} GPU each; "
+            f"{len(plan.skipped)} shard(s) already committed)"
+        )
         _retry_loop(plan, pool, report, ex, progress)
     except PoolError as e:
         report.error = str(e)
@@ -536,8 +573,9 @@ def run_ray(plan: JobPlan, job: JobConfig, ensemble: EnsembleSpec, report: JobRe
             ray.shutdown()
 
 
-def run_job(job: JobConfig, ensemble: EnsembleSpec, force: bool = False, executor: str = "ray",
-            processor=None) -> JobReport:
+def run_job(
+    job: JobConfig, ensemble: EnsembleSpec, force: bool = False, executor: str = "ray", processor=None
+) -> JobReport:
     """Plan, run (``executor``: "ray" or "local") and write the manifest; resumable at any point."""
     t0 = time.time()
     plan = plan_job(job, ensemble, force)
@@ -545,16 +583,24 @@ def run_job(job: JobConfig, ensemble: EnsembleSpec, force: bool = False, executo
     try:
         if plan.todo:
             (run_ray if executor == "ray" else run_local)(plan, job, ensemble, report, processor)
-    finally:        # also on Ctrl-C: what committed is in the manifest
+    finally:  # also on Ctrl-C: what committed is in the manifest
         report.seconds = time.time() - t0
         manifest = plan.dataset.write_manifest(plan.manifest)
-    print(f"done: {manifest['n_shards']}/{manifest['n_input_shards']} shards committed, "
-          f"{manifest['n_written']} samples written, {manifest['n_rejected']} rejected, "
-          f"{len(report.failed)} shard(s) failed, {len(report.retried)} attempt(s) retried, "
-          f"{report.seconds:.1f}s -> {redact_url(plan.dataset.root)}", file=sys.stderr, flush=True)
+    print(
+        f"done: {manifest['n_shards']}/{manifest['n_input_shards']} shards committed, "
+        f"{manifest['n_written']} samples written, {manifest['n_rejected']} rejected, "
+        f"{len(report.failed)} shard(s) failed, {len(report.retried)} attempt(s) retried, "
+        f"{report.seconds:.1f}s -> {redact_url(plan.dataset.root)}",
+        file=sys.stderr,
+        flush=True,
+    )
     if report.failed:
-        print("some shards failed (one line each above); fix the cause and rerun the same command: "
-              "it resumes and redoes only those", file=sys.stderr, flush=True)
+        print(
+            "some shards failed (one line each above); fix the cause and rerun the same command: "
+            "it resumes and redoes only those",
+            file=sys.stderr,
+            flush=True,
+        )
     if report.error:
         print(f"job stopped: {report.error}", file=sys.stderr, flush=True)
     return report

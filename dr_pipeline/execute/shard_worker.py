@@ -6,6 +6,7 @@ turns one input shard into one committed output shard of the same name. CPU work
 overlaps with model compute through a small bounded queue, so memory stays bounded by
 ``queue depth x batch size`` whatever the shard size.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,13 +30,13 @@ import torch
 from dr_pipeline import augment
 from dr_pipeline.config import EnsembleSpec, JobConfig, to_dict
 from dr_pipeline.corpus.readers import Rejected, Sample, clean_caption, iter_shard, shard_name
-from dr_pipeline.shards.dataset import ReinforcedDataset, ShardStats
-from dr_pipeline.storage.retry import PermanentError, RetryPolicy, describe, is_permanent, redact_url, retry_call
 from dr_pipeline.images import MAX_IMAGE_PIXELS, ImageRejected, decode_image  # noqa: F401 (re-export)
 from dr_pipeline.models.captioner import Captioner, load_captioner
 from dr_pipeline.models.teachers import Teacher, load_teacher
+from dr_pipeline.shards.dataset import ReinforcedDataset, ShardStats
 from dr_pipeline.shards.parquet_io import ReinforcedRows, ShardWriter
 from dr_pipeline.shards.schema import SCHEMA_VERSION, ShardLayout, TeacherLayout
+from dr_pipeline.storage.retry import PermanentError, RetryPolicy, describe, is_permanent, redact_url, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Prepared:
     """A decoded sample with its augmentation params and the rendered views, ready for the models."""
+
     key: str
     uid: str | None
     url: str | None
@@ -50,9 +52,9 @@ class Prepared:
     width: int
     height: int
     caption: str
-    params: np.ndarray                         # uint16 [n_aug, 8]
-    views: dict[int, torch.Tensor]             # image size -> uint8 [n_aug, 3, S, S]
-    center: dict[int, torch.Tensor]            # captioner image size -> uint8 [3, S, S]
+    params: np.ndarray  # uint16 [n_aug, 8]
+    views: dict[int, torch.Tensor]  # image size -> uint8 [n_aug, 3, S, S]
+    center: dict[int, torch.Tensor]  # captioner image size -> uint8 [3, S, S]
 
 
 @dataclass
@@ -132,23 +134,38 @@ def prepare(sample: Sample, job: JobConfig, view_sizes: set[int], center_sizes: 
     except Exception as e:  # noqa: BLE001 - one odd image must not fail its whole shard
         log.warning("%s: rendering views failed: %s: %s", sample.key, type(e).__name__, e)
         return Rejected(sample.key, "render_error", f"{type(e).__name__}: {e}"[:200])
-    return Prepared(sample.key, sample.uid, sample.url, hashlib.sha256(sample.image).hexdigest(), w, h,
-                    caption, augment.pack(params), views, center)
+    return Prepared(
+        sample.key,
+        sample.uid,
+        sample.url,
+        hashlib.sha256(sample.image).hexdigest(),
+        w,
+        h,
+        caption,
+        augment.pack(params),
+        views,
+        center,
+    )
 
 
 class ShardProcessor:
     """Loads the ensemble once; ``process(url, dataset)`` reinforces and commits one shard."""
 
-    def __init__(self, job: JobConfig, ensemble: EnsembleSpec, teacher_ids: list[str] | None = None,
-                 with_captioners: bool = True):
+    def __init__(
+        self, job: JobConfig, ensemble: EnsembleSpec, teacher_ids: list[str] | None = None, with_captioners: bool = True
+    ):
         self.job, self.ensemble = job, ensemble
         self.device = resolve_device(job.execution.device)
         specs = [t for t in ensemble.teachers if teacher_ids is None or t.id in teacher_ids]
         self.teachers: list[Teacher] = [load_teacher(t, ensemble, self.device) for t in specs]
         self.captioners: list[Captioner] = (
-            [load_captioner(c, ensemble, self.device) for c in ensemble.captioners] if with_captioners else [])
-        self.layout = ShardLayout(job.aug.n_aug, tuple(TeacherLayout(t.id, t.dim) for t in self.teachers),
-                                  tuple(c.id for c in ensemble.captioners))
+            [load_captioner(c, ensemble, self.device) for c in ensemble.captioners] if with_captioners else []
+        )
+        self.layout = ShardLayout(
+            job.aug.n_aug,
+            tuple(TeacherLayout(t.id, t.dim) for t in self.teachers),
+            tuple(c.id for c in ensemble.captioners),
+        )
 
     def weight_bytes(self) -> int:
         """Bytes of the loaded models' parameters and buffers (what an actor must hold at least)."""
@@ -159,15 +176,17 @@ class ShardProcessor:
     def file_metadata(self, shard: str, config_hash: str) -> dict:
         by_id = {t.id: t for t in self.ensemble.teachers}
         return {
-            "schema_version": SCHEMA_VERSION, "shard": shard, "seed": self.job.seed,
-            "aug": to_dict(self.job.aug), "config_hash": config_hash,
+            "schema_version": SCHEMA_VERSION,
+            "shard": shard,
+            "seed": self.job.seed,
+            "aug": to_dict(self.job.aug),
+            "config_hash": config_hash,
             "teachers": [{**to_dict(by_id[t.id]), "dim": t.dim} for t in self.teachers],
             "captioners": [{**to_dict(c), "k": self.job.captions.k} for c in self.ensemble.captioners],
         }
 
     # ---------------------------------------------------------------- CPU stage
-    def batches(self, url: str, clock: StageClock | None = None,
-                damaged: list[dict] | None = None) -> Iterator[Batch]:
+    def batches(self, url: str, clock: StageClock | None = None, damaged: list[dict] | None = None) -> Iterator[Batch]:
         """Read + decode + augment in a thread pool, ``batch_size`` samples per batch; damaged tar
         framing the reader skipped is appended to ``damaged`` (the marker keeps it)."""
         clock = clock or StageClock()
@@ -177,12 +196,14 @@ class ShardProcessor:
         bs = self.job.execution.batch_size
         batch, pending = Batch(), []
         with ThreadPoolExecutor(self.job.execution.decode_threads) as pool:
+
             def flush() -> Batch:
                 out = Batch(rejected=batch.rejected)
                 with clock.time("decode_augment"):
                     for r in pool.map(lambda s: prepare(s, self.job, view_sizes, center_sizes), pending):
                         (out.rejected if isinstance(r, Rejected) else out.prepared).append(r)
                 return out
+
             items = iter_shard(url, self.job.input.storage_options, on_damage=lambda d: damaged.append(d.to_dict()))
             for item in _timed_iter(items, clock, "read"):
                 if isinstance(item, Rejected):
@@ -199,14 +220,16 @@ class ShardProcessor:
         """``batches(url)`` whose start (open + first batch) is retried on transient storage
         errors with backoff: until a batch is handed out nothing is consumed, so starting
         over is safe. A failure later in the shard fails the attempt (the runner retries it)."""
+
         def start() -> Iterator[Batch]:
-            del damaged[:]                  # a retried start re-reads from the beginning
+            del damaged[:]  # a retried start re-reads from the beginning
             it = self.batches(url, clock, damaged)
             try:
                 first = next(it)
             except StopIteration:
                 return iter(())
             return itertools.chain([first], it)
+
         ex = self.job.execution
         return retry_call(start, f"read {redact_url(url)}", RetryPolicy(ex.io_attempts, ex.io_backoff_s))
 
@@ -249,20 +272,31 @@ class ShardProcessor:
 
     # ---------------------------------------------------------------- model stage
     @torch.inference_mode()
-    def reinforce(self, prepared: list[Prepared], captions_rejected: dict[str, Counter],
-                  clock: StageClock | None = None, resampled: Counter | None = None) -> ReinforcedRows:
+    def reinforce(
+        self,
+        prepared: list[Prepared],
+        captions_rejected: dict[str, Counter],
+        clock: StageClock | None = None,
+        resampled: Counter | None = None,
+    ) -> ReinforcedRows:
         clock = clock or StageClock()
         resampled = Counter() if resampled is None else resampled
         keys = [p.key for p in prepared]
         rows = ReinforcedRows(
-            keys=keys, uids=[p.uid for p in prepared], urls=[p.url for p in prepared],
-            image_sha256=[p.sha256 for p in prepared], widths=[p.width for p in prepared],
-            heights=[p.height for p in prepared], captions=[p.caption for p in prepared],
-            aug_params=np.stack([p.params for p in prepared]))
+            keys=keys,
+            uids=[p.uid for p in prepared],
+            urls=[p.url for p in prepared],
+            image_sha256=[p.sha256 for p in prepared],
+            widths=[p.width for p in prepared],
+            heights=[p.height for p in prepared],
+            captions=[p.caption for p in prepared],
+            aug_params=np.stack([p.params for p in prepared]),
+        )
         for c in self.captioners:
             with clock.time(f"caption:{c.id}"):
-                out = c.caption(torch.stack([p.center[c.image_size] for p in prepared]), keys,
-                                self.job.seed, self.job.captions.k)
+                out = c.caption(
+                    torch.stack([p.center[c.image_size] for p in prepared]), keys, self.job.seed, self.job.captions.k
+                )
             rows.syn[c.id] = out.captions
             captions_rejected[c.id].update(out.rejected)
             resampled[c.id] += out.resampled
@@ -283,8 +317,10 @@ class ShardProcessor:
         emb = t.encode_texts(unique).cpu() if unique else torch.zeros(0, t.dim)
         index = {s: i for i, s in enumerate(unique)}
         gt = emb[[index[s] for s in rows.captions]]
-        syn = {cap: [emb[[index[s] for s in row]] if row else torch.zeros(0, t.dim) for row in per_row]
-               for cap, per_row in rows.syn.items()}
+        syn = {
+            cap: [emb[[index[s] for s in row]] if row else torch.zeros(0, t.dim) for row in per_row]
+            for cap, per_row in rows.syn.items()
+        }
         return gt, syn
 
     # ---------------------------------------------------------------- one shard
@@ -294,8 +330,7 @@ class ShardProcessor:
         started, t0 = time.time(), time.perf_counter()
         clock = StageClock()
         tmp = dataset.new_tmp_file(name)
-        writer = ShardWriter(tmp, self.layout, self.file_metadata(name, config_hash),
-                             self.job.output.compression_level)
+        writer = ShardWriter(tmp, self.layout, self.file_metadata(name, config_hash), self.job.output.compression_level)
         rejected: list[list[str]] = []
         reasons: Counter = Counter()
         captions_rejected: dict[str, Counter] = {c.id: Counter() for c in self.captioners}
@@ -322,15 +357,26 @@ class ShardProcessor:
                 raise PermanentError(f"{name}: {describe(e)}") from e
             raise
         stats = ShardStats(
-            shard=name, input_url=redact_url(url), config_hash=config_hash,
-            n_read=n_read, n_written=writer.rows, n_rejected=sum(reasons.values()),
-            rejected_by_reason=dict(sorted(reasons.items())), rejected_keys=rejected,
+            shard=name,
+            input_url=redact_url(url),
+            config_hash=config_hash,
+            n_read=n_read,
+            n_written=writer.rows,
+            n_rejected=sum(reasons.values()),
+            rejected_by_reason=dict(sorted(reasons.items())),
+            rejected_keys=rejected,
             captions_rejected={k: dict(v) for k, v in captions_rejected.items()},
-            captions_resampled=dict(resampled), damaged=damaged,
-            teachers=[t.id for t in self.teachers], captioners=[c.id for c in self.ensemble.captioners],
-            seconds=round(time.perf_counter() - t0, 3), stage_s=clock.rounded(),
-            started_at=round(started, 3), host=socket.gethostname(), pid=os.getpid(),
-            peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            captions_resampled=dict(resampled),
+            damaged=damaged,
+            teachers=[t.id for t in self.teachers],
+            captioners=[c.id for c in self.ensemble.captioners],
+            seconds=round(time.perf_counter() - t0, 3),
+            stage_s=clock.rounded(),
+            started_at=round(started, 3),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        )
         try:
             return dataset.commit(tmp, stats)
         finally:

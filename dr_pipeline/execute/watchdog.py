@@ -6,6 +6,7 @@ Ray the driver spawns this watchdog in a session of its own: it polls the driver
 once the driver is gone, SIGKILLs the Ray processes it was given and all their descendants.
 It exits by itself when those processes are gone (a normal ``ray.shutdown()``). Linux /proc.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,9 +47,13 @@ def guard(ray_pids: list[int]) -> subprocess.Popen | None:
     """Start the watchdog for this process and ``ray_pids`` (no-op where /proc is missing)."""
     if not os.path.isdir("/proc") or not ray_pids:
         return None
-    return subprocess.Popen([sys.executable, "-m", "dr_pipeline.execute.watchdog", str(os.getpid()),
-                             *map(str, ray_pids)], start_new_session=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dr_pipeline.execute.watchdog", str(os.getpid()), *map(str, ray_pids)],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def local_ray_pids() -> list[int]:
@@ -64,7 +69,7 @@ def local_ray_pids() -> list[int]:
 def _start_time(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[19]      # field 22: start time, tells a reused pid
+            return f.read().rsplit(")", 1)[-1].split()[19]  # field 22: start time, tells a reused pid
     except (OSError, IndexError):
         return None
 
@@ -80,7 +85,7 @@ def main(argv: list[str]) -> int:
         if not any(_alive(p) for p in known):
             return 0
         time.sleep(0.5)
-    for _ in range(20):             # a few rounds: processes may fork while we kill
+    for _ in range(20):  # a few rounds: processes may fork while we kill
         victims = {p for p, t in known.items() if _alive(p) and _start_time(p) == t}
         victims |= {p for p in _descendants(victims) if _alive(p)}
         if not victims:

@@ -26,6 +26,7 @@ Two implementations of one decoding step share that loop:
   it: the cached step leaves it out and computes the same token embeddings ``generate`` feeds
   the decoder (tests: greedy == ``generate``; cached == uncached logits and captions).
 """
+
 from __future__ import annotations
 
 import collections
@@ -47,12 +48,12 @@ SOT, EOT = "<start_of_text>", "<end_of_text>"
 
 @dataclass
 class CaptionBatch:
-    captions: list[list[str]]      # per image: up to k clean captions, in caption-index order
+    captions: list[list[str]]  # per image: up to k clean captions, in caption-index order
     rejected: collections.Counter = field(default_factory=collections.Counter)  # reason -> rejected samples
-    attempts: int = 0      # draws decoded: first draws + redraws
-    resampled: int = 0     # redraws (draws after a caption's first), each costing only its own row
-    row_steps: int = 0     # decoder row-steps run, redraws included: the decode cost in row units
-    resampled: int = 0             # caption rows redrawn after a degenerate draw (marker: captions_resampled)
+    attempts: int = 0  # draws decoded: first draws + redraws
+    resampled: int = 0  # redraws (draws after a caption's first), each costing only its own row
+    row_steps: int = 0  # decoder row-steps run, redraws included: the decode cost in row units
+    resampled: int = 0  # caption rows redrawn after a degenerate draw (marker: captions_resampled)
 
 
 # --------------------------------------------------------------------------- text hygiene
@@ -63,9 +64,9 @@ _SENTENCE_END = re.compile(r"\.(\s|$)")
 def clean_caption(text: str) -> str:
     """Drop special tokens and anything after end-of-text, cut at the first sentence end, tidy spaces."""
     text = text.split(EOT, 1)[0].replace(SOT, " ")
-    m = _SENTENCE_END.search(text)          # "3.5 m" is no sentence end; "left . a" is
+    m = _SENTENCE_END.search(text)  # "3.5 m" is no sentence end; "left . a" is
     if m:
-        text = text[:m.start()]
+        text = text[: m.start()]
     text = " ".join(text.split())
     # BPE decoding leaves spaces before punctuation ("a dog , running"); rejoin them.
     text = re.sub(r"\s+([,;:!?])", r"\1", text)
@@ -97,8 +98,9 @@ class DegenerationRule:
     in a row; too few words with a letter left possible), so it changes no caption, only the
     steps wasted. ``nonword_run`` > 0 is stricter (a run of that many words without a letter):
     it changes which captions pass, so it belongs in the output-hashed sampling config."""
-    repeat: int = 3          # same word this many times in a row (3 = is_degenerate's; others change captions)
-    nonword_run: int = 0     # 0 = off
+
+    repeat: int = 3  # same word this many times in a row (3 = is_degenerate's; others change captions)
+    nonword_run: int = 0  # 0 = off
 
     def gives_up(self, final_words: list[str], words_left: int) -> bool:
         """``final_words`` lower-cased; ``words_left`` the most words the draw can still add."""
@@ -107,25 +109,25 @@ class DegenerationRule:
         # is_degenerate: fewer than half the words have a letter, even if every later word has one
         if sum(alpha) + words_left < 0.5 * (n + words_left):
             return True
-        if self.nonword_run and any(not any(alpha[i:i + self.nonword_run])
-                                    for i in range(n - self.nonword_run + 1)):
+        if self.nonword_run and any(not any(alpha[i : i + self.nonword_run]) for i in range(n - self.nonword_run + 1)):
             return True
         r = self.repeat
-        return r > 0 and any(len(set(final_words[i:i + r])) == 1 for i in range(n - r + 1))
+        return r > 0 and any(len(set(final_words[i : i + r])) == 1 for i in range(n - r + 1))
 
 
 # --------------------------------------------------------------------------- seeded uniforms
+
 
 def row_uniforms(seed: int, key: str, index: int, attempt: int, n: int, salt: str = "") -> np.ndarray:
     """n uniforms in [0, 1) for one caption row, a pure function of its identity."""
     digest = hashlib.sha256(f"caption\x00{salt}\x00{seed}\x00{key}\x00{index}\x00{attempt}".encode()).digest()
     bits = np.random.Philox(key=np.frombuffer(digest[:16], dtype="<u8")).random_raw(n)
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53   # top 53 bits, like random()
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53  # top 53 bits, like random()
 
 
 def _nucleus_threshold(vals: torch.Tensor, top_p: float) -> torch.Tensor:
     """[N, 1] smallest kept probability, from each row's probabilities sorted descending."""
-    inside = (vals.cumsum(dim=-1) - vals) < top_p        # smallest prefix reaching top_p
+    inside = (vals.cumsum(dim=-1) - vals) < top_p  # smallest prefix reaching top_p
     return vals.gather(1, inside.sum(dim=-1, keepdim=True) - 1)
 
 
@@ -139,8 +141,9 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(choice, last)
 
 
-def pick_tokens(logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_k: int,
-                top_p: float, prefilter: int = 256) -> torch.Tensor:
+def pick_tokens(
+    logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_k: int, top_p: float, prefilter: int = 256
+) -> torch.Tensor:
     """Next token per row: argmax if ``u`` is None, else temperature -> top-k -> top-p -> inverse CDF.
 
     Each row's token is a function of its own logits and uniform only. Cut-offs are value
@@ -164,7 +167,7 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor | None, temperature: float
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    rows = torch.arange(probs.shape[0], device=probs.device)      # rows still to pick
+    rows = torch.arange(probs.shape[0], device=probs.device)  # rows still to pick
     if top_p < 1.0 or 0 < top_k <= prefilter:
         for m in sorted({min(32, prefilter), prefilter}):
             if m >= vocab or rows.numel() == 0:
@@ -172,9 +175,9 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor | None, temperature: float
             vals, ids = probs[rows].topk(m, dim=-1)
             ok = torch.ones_like(rows, dtype=torch.bool)
             if top_p < 1.0:
-                ok = (vals.cumsum(dim=-1) - vals)[:, -1] >= top_p     # the nucleus ends inside
+                ok = (vals.cumsum(dim=-1) - vals)[:, -1] >= top_p  # the nucleus ends inside
                 vals = vals * (vals >= _nucleus_threshold(vals, top_p))
-            ok &= vals[:, -1] == 0                                    # every kept token is a candidate
+            ok &= vals[:, -1] == 0  # every kept token is a candidate
             if ok.any():
                 ids, order = ids[ok].sort(dim=-1)
                 out[rows[ok]] = ids.gather(1, _inverse_cdf(vals[ok].gather(1, order), u[rows[ok]])).squeeze(1)
@@ -189,6 +192,7 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor | None, temperature: float
 
 
 # --------------------------------------------------------------------------- KV-cached steps
+
 
 def kv_cache_unsupported(model: torch.nn.Module) -> str | None:
     """Why the cached step cannot run this CoCa exactly (None: it can). Such models decode with
@@ -219,8 +223,7 @@ class _Positions:
         self.p, self.kv_len = p, hi + 1
         self.same = lo if lo == hi else None
         self.rows = torch.arange(p.numel(), device=p.device)
-        self.mask = None if lo == hi else (
-            torch.arange(hi + 1, device=p.device) <= p[:, None]).view(-1, 1, 1, hi + 1)
+        self.mask = None if lo == hi else (torch.arange(hi + 1, device=p.device) <= p[:, None]).view(-1, 1, 1, hi + 1)
 
     def write(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the newest keys/values [n, H, dh] in cache [2, n, H, L, dh]."""
@@ -232,7 +235,9 @@ class _Positions:
             cache[1, self.rows, :, self.p] = v
 
 
-def _self_attn_step(block: ResidualAttentionBlock, x: torch.Tensor, cache: torch.Tensor, pos: _Positions) -> torch.Tensor:
+def _self_attn_step(
+    block: ResidualAttentionBlock, x: torch.Tensor, cache: torch.Tensor, pos: _Positions
+) -> torch.Tensor:
     """One residual block for each row's newest position only; x [n, W]; cache [2, n, H, L, dh]
     holds the keys/values of earlier positions and receives the newest. Same math as the block's
     causal forward (pre-norm, fused q/k/v projection, SDPA, LayerScale, MLP) for the last query."""
@@ -241,7 +246,7 @@ def _self_attn_step(block: ResidualAttentionBlock, x: torch.Tensor, cache: torch
     h = a.num_heads
     qkv = F.linear(block.ln_1(x), a.in_proj_weight, a.in_proj_bias).view(n, 3, h, w // h)
     pos.write(cache, qkv[:, 1], qkv[:, 2])
-    k, v = cache[0, :, :, :pos.kv_len], cache[1, :, :, :pos.kv_len]
+    k, v = cache[0, :, :, : pos.kv_len], cache[1, :, :, : pos.kv_len]
     o = F.scaled_dot_product_attention(qkv[:, 0].unsqueeze(2), k, v, attn_mask=pos.mask)
     x = x + block.ls_1(a.out_proj(o.reshape(n, w)))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
@@ -261,7 +266,8 @@ class _Groups:
         self.n_img, self.k_max = int(s[-1]) + 1, int(slot.max()) + 1
         # rows laid out image-major without holes (the usual case before any row finishes): views only
         self.dense = n == self.n_img * self.k_max and bool(
-            (img * self.k_max + slot == torch.arange(n, device=img.device)).all())
+            (img * self.k_max + slot == torch.arange(n, device=img.device)).all()
+        )
 
     def scatter(self, q: torch.Tensor) -> torch.Tensor:
         _, h, dh = q.shape
@@ -272,7 +278,7 @@ class _Groups:
         return out.transpose(1, 2)
 
     def gather(self, o: torch.Tensor) -> torch.Tensor:
-        o = o.transpose(1, 2)                               # [B_img, k_max, H, dh]
+        o = o.transpose(1, 2)  # [B_img, k_max, H, dh]
         if self.dense:
             return o.reshape(self.n, -1)
         return o[self.img, self.slot].reshape(self.n, -1)
@@ -296,13 +302,15 @@ def _cross_attn_step(block: ResidualAttentionBlock, x: torch.Tensor, kv: torch.T
 
 # --------------------------------------------------------------------------- redraws
 
+
 class _Draws:
     """caption()'s bookkeeping for rows (key, caption index): the draw each is on, its verdicts.
     Row r's draw a uses ``row_uniforms(seed, key, index, a)``: a caption depends on its identity
     only, never on the batch, its slot, or the step its redraw started at."""
 
-    def __init__(self, cap: Captioner, keys: list[str], index: list[int], seed: int,
-                 max_attempts: int, greedy: bool) -> None:
+    def __init__(
+        self, cap: Captioner, keys: list[str], index: list[int], seed: int, max_attempts: int, greedy: bool
+    ) -> None:
         self.keys, self.index, self.seed = keys, index, seed
         self.salt, self.max_len = cap.id, cap.spec.sampling.max_len
         self.max_attempts, self.greedy, self.rule = max_attempts, greedy, cap.rule
@@ -316,21 +324,33 @@ class _Draws:
 
     def part(self, lo: int, hi: int) -> _Draws:
         sub = object.__new__(_Draws)
-        sub.__dict__.update(self.__dict__, keys=self.keys[lo:hi], index=self.index[lo:hi],
-                            attempt=self.attempt[lo:hi], text=self.text[lo:hi],
-                            rejected=collections.Counter(), row_steps=0)
+        sub.__dict__.update(
+            self.__dict__,
+            keys=self.keys[lo:hi],
+            index=self.index[lo:hi],
+            attempt=self.attempt[lo:hi],
+            text=self.text[lo:hi],
+            rejected=collections.Counter(),
+            row_steps=0,
+        )
         return sub
 
     def merge(self, sub: _Draws, lo: int) -> None:
-        self.attempt[lo:lo + len(sub)] = sub.attempt
-        self.text[lo:lo + len(sub)] = sub.text
+        self.attempt[lo : lo + len(sub)] = sub.attempt
+        self.text[lo : lo + len(sub)] = sub.text
         self.rejected.update(sub.rejected)
         self.row_steps += sub.row_steps
 
     def uniforms(self, rows: list[int]) -> torch.Tensor:
         """[len(rows), max_len] uniforms of each row's current draw."""
-        return torch.from_numpy(np.stack([row_uniforms(self.seed, self.keys[r], self.index[r], self.attempt[r],
-                                                       self.max_len, self.salt) for r in rows]))
+        return torch.from_numpy(
+            np.stack(
+                [
+                    row_uniforms(self.seed, self.keys[r], self.index[r], self.attempt[r], self.max_len, self.salt)
+                    for r in rows
+                ]
+            )
+        )
 
     def judge(self, r: int, text: str | None, reason: str | None = None) -> str:
         """Verdict on row r's draw: its clean text (final) or a reason to give it up.
@@ -346,8 +366,16 @@ class _Draws:
             return "again"
         return "drop"
 
-    def review(self, cap: Captioner, out: torch.Tensor, idx: torch.Tensor, t: torch.Tensor, tok: torch.Tensor,
-               was: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def review(
+        self,
+        cap: Captioner,
+        out: torch.Tensor,
+        idx: torch.Tensor,
+        t: torch.Tensor,
+        tok: torch.Tensor,
+        was: torch.Tensor,
+        done: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """After a step: judge the slots whose draw ended (end-of-text, pad, forced end, sentence end)
         or just completed a word. Returns the slots to redraw and a mask of slots to stop now."""
         word_end, sentence_end = cap.token_flags()
@@ -360,11 +388,11 @@ class _Draws:
         rows = idx[look]
         ids, ts, fin = out[rows].tolist(), t[look].tolist(), ended[look].tolist()
         for slot, r, row, ti, final in zip(look.tolist(), rows.tolist(), ids, ts, fin):
-            text = cap.text_of(torch.tensor(row[:ti + 1]))
+            text = cap.text_of(torch.tensor(row[: ti + 1]))
             if final:
                 verdict = self.judge(r, text)
             else:
-                words = text.lower().split()[:-1]            # the last word may still change
+                words = text.lower().split()[:-1]  # the last word may still change
                 if not self.rule.gives_up(words, self.max_len - 1 - ti):
                     continue
                 verdict = self.judge(r, None, "degenerate")
@@ -377,11 +405,19 @@ class _Draws:
 
 # --------------------------------------------------------------------------- captioner
 
+
 class Captioner:
     """A frozen CoCa model with a batched, seeded decoding loop."""
 
-    def __init__(self, spec: CaptionerSpec, model: torch.nn.Module, tokenizer, device: str = "cpu",
-                 decode_batch: int = 0, rule: DegenerationRule | None = None) -> None:
+    def __init__(
+        self,
+        spec: CaptionerSpec,
+        model: torch.nn.Module,
+        tokenizer,
+        device: str = "cpu",
+        decode_batch: int = 0,
+        rule: DegenerationRule | None = None,
+    ) -> None:
         self.spec = spec
         self.id = spec.id
         self.image_size = spec.image_size
@@ -399,9 +435,9 @@ class Captioner:
         # KV-cached decoding unless the architecture is one the cached step does not cover
         self.kv_unsupported = kv_cache_unsupported(model)
         self.use_cache = self.kv_unsupported is None
-        self.compact_every = 4     # compact finished rows out at least this often (steps) ...
-        self.compact_fraction = 0.125   # ... or as soon as this share of the batch has finished
-        self.decode_batch = decode_batch   # caption(): most rows decoded together (0 = all)
+        self.compact_every = 4  # compact finished rows out at least this often (steps) ...
+        self.compact_fraction = 0.125  # ... or as soon as this share of the batch has finished
+        self.decode_batch = decode_batch  # caption(): most rows decoded together (0 = all)
         self.rule = rule or DegenerationRule()
         self._flags: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -429,8 +465,13 @@ class Captioner:
             x = cross(x, k_x=image_embs, v_x=image_embs)
         return (dec.ln_final(x[:, -1]) @ dec.text_projection).float()
 
-    def decode(self, image_embs: torch.Tensor, uniforms: torch.Tensor | None,
-               rows: torch.Tensor | None = None, cache: bool | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        image_embs: torch.Tensor,
+        uniforms: torch.Tensor | None,
+        rows: torch.Tensor | None = None,
+        cache: bool | None = None,
+    ) -> torch.Tensor:
         """Token ids [N, L] laid out like ``CoCa.generate``: SOT, tokens, EOT, then pad for rows
         that stopped early. ``image_embs`` [B, T, W] from ``encode_images``; ``rows`` [N] the image
         of each caption row (default: one row per image); ``uniforms`` [N, max_len] samples, None
@@ -458,20 +499,20 @@ class Captioner:
         active = torch.arange(n, device=self.device)
         length = 1
         with torch.inference_mode(), autocast(self.device):
-            for t in range(1, max_len):          # t = prefix length = position being filled
+            for t in range(1, max_len):  # t = prefix length = position being filled
                 if active.numel() == 0:
                     break
                 logits = self.next_logits(image_embs[active], out[active, :t])
                 if t < s.min_len:
                     logits[:, self.eot] = float("-inf")
-                if t == max_len - 1:             # last slot: forced end, as generate does
+                if t == max_len - 1:  # last slot: forced end, as generate does
                     tok = torch.full_like(active, self.eot)
                 else:
                     u = None if uniforms is None else uniforms[active.cpu(), t]
                     tok = pick_tokens(logits, u, s.temperature, s.top_k, s.top_p)
                 out[active, t] = tok
                 length = t + 1
-                active = active[(tok != self.eot) & (tok != self.pad)]   # finished rows stop here
+                active = active[(tok != self.eot) & (tok != self.pad)]  # finished rows stop here
         return out[:, :length]
 
     # -- the KV-cached path
@@ -492,11 +533,19 @@ class Captioner:
     def _new_cache(self, blocks, n: int, max_len: int, dtype: torch.dtype) -> torch.Tensor:
         a = blocks[0].attn
         # zeros, not empty: a masked position still multiplies its value by 0, and 0 * NaN garbage is NaN
-        return torch.zeros(len(blocks), 2, n, a.num_heads, max_len, a.embed_dim // a.num_heads,
-                           dtype=dtype, device=self.device)
+        return torch.zeros(
+            len(blocks), 2, n, a.num_heads, max_len, a.embed_dim // a.num_heads, dtype=dtype, device=self.device
+        )
 
-    def _step(self, tok: torch.Tensor, pos: _Positions | int, text_cache: torch.Tensor, dec_cache: torch.Tensor,
-              cross: torch.Tensor, groups: _Groups) -> torch.Tensor:
+    def _step(
+        self,
+        tok: torch.Tensor,
+        pos: _Positions | int,
+        text_cache: torch.Tensor,
+        dec_cache: torch.Tensor,
+        cross: torch.Tensor,
+        groups: _Groups,
+    ) -> torch.Tensor:
         """Logits [n, vocab] after feeding token ``tok`` [n] at positions ``pos`` (caches hold the
         earlier ones). Python work per step: one loop over layers, nothing per head or per row."""
         if isinstance(pos, int):
@@ -507,15 +556,16 @@ class Captioner:
         x = text.token_embedding(tok).to(cast) + pe.to(cast)
         for i, block in enumerate(text.transformer.resblocks):
             x = _self_attn_step(block, x, text_cache[i], pos)
-        if text.cls_emb is None:             # without a cls token the tower's tokens are normed
+        if text.cls_emb is None:  # without a cls token the tower's tokens are normed
             x = text.ln_final(x)
         for i, (block, cross_block) in enumerate(zip(dec.resblocks, dec.cross_attn)):
             x = _self_attn_step(block, x, dec_cache[i], pos)
             x = _cross_attn_step(cross_block, x, cross[i], groups)
         return (dec.ln_final(x) @ dec.text_projection).float()
 
-    def _decode_cached(self, image_embs: torch.Tensor, rows: torch.Tensor,
-                       uniforms: torch.Tensor | None, draws: _Draws | None = None) -> torch.Tensor:
+    def _decode_cached(
+        self, image_embs: torch.Tensor, rows: torch.Tensor, uniforms: torch.Tensor | None, draws: _Draws | None = None
+    ) -> torch.Tensor:
         """The batched KV-cached loop. Each batch slot decodes one output row; with ``draws``
         (caption()'s bookkeeping) a slot whose draw is given up restarts at position 0 with the
         row's next draw, in the same batch: its image tokens and cross-attention K/V stay as they
@@ -530,41 +580,46 @@ class Captioner:
         length = 1
         with torch.inference_mode(), autocast(dev):
             used, img = torch.unique(rows, return_inverse=True)
-            cross = self.cross_kv(image_embs[used])           # once per image, not per caption
+            cross = self.cross_kv(image_embs[used])  # once per image, not per caption
             groups = _Groups(img)
             dtype = cross.dtype
             text_cache = self._new_cache(text.transformer.resblocks, n, max_len, dtype)
             dec_cache = self._new_cache(dec.resblocks, n, max_len, dtype)
-            idx = torch.arange(n, device=dev)                 # batch slot -> output row
+            idx = torch.arange(n, device=dev)  # batch slot -> output row
             p = torch.zeros(n, dtype=torch.long, device=dev)  # position each slot feeds next
             alive = torch.ones(n, dtype=torch.bool, device=dev)
             since = 0
             while True:
                 pos = _Positions(p)
                 logits = self._step(out[idx, p], pos, text_cache, dec_cache, cross, groups)
-                t = p + 1                                     # position being filled
+                t = p + 1  # position being filled
                 if draws is not None:
                     draws.row_steps += int(alive.sum())
                 short = t < s.min_len
                 if bool(short.any()):
                     logits[short, self.eot] = float("-inf")
-                tok = pick_tokens(logits, None if u is None else u[torch.arange(len(idx), device=dev), t],
-                                  s.temperature, s.top_k, s.top_p)
+                tok = pick_tokens(
+                    logits,
+                    None if u is None else u[torch.arange(len(idx), device=dev), t],
+                    s.temperature,
+                    s.top_k,
+                    s.top_p,
+                )
                 was = alive
                 out[idx[was], t[was]] = tok[was]
                 length = max(length, int(t[was].max()) + 1)
                 done = (tok == self.eot) | (tok == self.pad)
-                last = (t == max_len - 2) & ~done & was       # next slot is the forced end: no forward for it
+                last = (t == max_len - 2) & ~done & was  # next slot is the forced end: no forward for it
                 if bool(last.any()):
                     out[idx[last], max_len - 1] = self.eot
                     length = max_len
                 done = (done | last) & was
                 alive = was & ~done
-                p = torch.where(alive, t, p)                  # finished slots idle in place until compacted
+                p = torch.where(alive, t, p)  # finished slots idle in place until compacted
                 if draws is not None:
                     again, stop = draws.review(self, out, idx, t, tok, was, done)
                     alive &= ~stop
-                    if again.numel():                        # redraw those rows in their slots
+                    if again.numel():  # redraw those rows in their slots
                         out[idx[again], 1:] = self.pad
                         p[again] = 0
                         alive[again] = True
@@ -575,7 +630,7 @@ class Captioner:
                     break
                 dead, since = len(idx) - n_alive, since + 1
                 if dead and (dead >= self.compact_fraction * len(idx) or since >= self.compact_every):
-                    keep = alive.nonzero().squeeze(1)             # finished rows stop costing compute
+                    keep = alive.nonzero().squeeze(1)  # finished rows stop costing compute
                     idx, img, p = idx[keep], img[keep], p[keep]
                     if u is not None:
                         u = u[keep]
@@ -609,13 +664,12 @@ class Captioner:
         ids = row.tolist()[1:]
         for stop in (self.eot, self.pad):
             if stop in ids:
-                ids = ids[:ids.index(stop)]
+                ids = ids[: ids.index(stop)]
         return clean_caption(self.tokenizer.decode(ids))
 
     # -- the public entry point
 
-    def caption(self, views: torch.Tensor, keys: list[str], seed: int, k: int,
-                greedy: bool = False) -> CaptionBatch:
+    def caption(self, views: torch.Tensor, keys: list[str], seed: int, k: int, greedy: bool = False) -> CaptionBatch:
         """Up to k clean captions per image. An empty/degenerate draw is redrawn with attempt+1
         (at most ``sampling.max_attempts`` draws per caption), then dropped; every rejected draw
         is counted in ``rejected`` by reason. Greedy (or temperature 0) draws once, unseeded.
@@ -632,12 +686,13 @@ class Captioner:
             return CaptionBatch([[] for _ in keys])
         image_embs = self.encode_images(views)
         pairs = [(i, j) for i in range(len(keys)) for j in range(k)]
-        draws = _Draws(self, [keys[i] for i, _ in pairs], [j for _, j in pairs], seed,
-                       1 if greedy else s.max_attempts, greedy)
+        draws = _Draws(
+            self, [keys[i] for i, _ in pairs], [j for _, j in pairs], seed, 1 if greedy else s.max_attempts, greedy
+        )
         if self.use_cache:
             per = max(1, self.decode_batch // k) * k if self.decode_batch else len(pairs)
-            for lo in range(0, len(pairs), per):           # whole images per chunk; rows never interact
-                rows = torch.tensor([i for i, _ in pairs[lo:lo + per]], device=self.device)
+            for lo in range(0, len(pairs), per):  # whole images per chunk; rows never interact
+                rows = torch.tensor([i for i, _ in pairs[lo : lo + per]], device=self.device)
                 sub = draws.part(lo, lo + per)
                 u = None if greedy else sub.uniforms(list(range(len(sub))))
                 self._decode_cached(image_embs, rows, u, sub)
@@ -648,8 +703,13 @@ class Captioner:
         for (i, _), text in zip(pairs, draws.text):
             if text is not None:
                 captions[i].append(text)
-        return CaptionBatch(captions, draws.rejected, attempts=sum(a + 1 for a in draws.attempt),
-                            resampled=sum(draws.attempt), row_steps=draws.row_steps)
+        return CaptionBatch(
+            captions,
+            draws.rejected,
+            attempts=sum(a + 1 for a in draws.attempt),
+            resampled=sum(draws.attempt),
+            row_steps=draws.row_steps,
+        )
 
     def _caption_by_passes(self, image_embs: torch.Tensor, pairs: list[tuple[int, int]], draws: _Draws) -> None:
         """Reference path (no KV cache): decode every pending row to the end, judge, redraw the
@@ -666,7 +726,8 @@ class Captioner:
         return f"Captioner({self.id!r}, {self.spec.model}, size={self.image_size})"
 
 
-def load_captioner(spec: CaptionerSpec, ensemble: EnsembleSpec, device: str = "cpu",
-                   decode_batch: int = 0) -> Captioner:
+def load_captioner(
+    spec: CaptionerSpec, ensemble: EnsembleSpec, device: str = "cpu", decode_batch: int = 0
+) -> Captioner:
     model = load_model("captioner", spec, ensemble, device)
     return Captioner(spec, model, open_clip.get_tokenizer(spec.model), device, decode_batch=decode_batch)

@@ -13,6 +13,7 @@ tiny CoCas) for the two ways of captioning with an open_clip CoCa:
 ``matmul_roof`` times plain torch matmuls of one cached step's shapes (the model's own weights,
 random activations), which is as fast as that step can go on this machine without better kernels.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,9 +28,9 @@ class CocaDims:
     text_width: int
     text_layers: int
     text_mlp: int
-    text_cls: bool          # CoCa's text tower appends a cls token in the public forward
-    embed_dim: int          # contrastive text projection width (public forward only)
-    width: int              # multimodal decoder
+    text_cls: bool  # CoCa's text tower appends a cls token in the public forward
+    embed_dim: int  # contrastive text projection width (public forward only)
+    width: int  # multimodal decoder
     layers: int
     mlp: int
     heads: int
@@ -42,10 +43,19 @@ def coca_dims(model: torch.nn.Module, image_tokens: int) -> CocaDims:
     tb, db = text.transformer.resblocks[0], dec.resblocks[0]
     proj = text.text_projection
     embed = proj.shape[-1] if isinstance(proj, torch.Tensor) else proj.out_features
-    return CocaDims(text_width=tb.attn.embed_dim, text_layers=len(text.transformer.resblocks),
-                    text_mlp=tb.mlp.c_fc.out_features, text_cls=text.cls_emb is not None, embed_dim=embed,
-                    width=db.attn.embed_dim, layers=len(dec.resblocks), mlp=db.mlp.c_fc.out_features,
-                    heads=db.attn.num_heads, vocab=dec.text_projection.shape[-1], image_tokens=image_tokens)
+    return CocaDims(
+        text_width=tb.attn.embed_dim,
+        text_layers=len(text.transformer.resblocks),
+        text_mlp=tb.mlp.c_fc.out_features,
+        text_cls=text.cls_emb is not None,
+        embed_dim=embed,
+        width=db.attn.embed_dim,
+        layers=len(dec.resblocks),
+        mlp=db.mlp.c_fc.out_features,
+        heads=db.attn.num_heads,
+        vocab=dec.text_projection.shape[-1],
+        image_tokens=image_tokens,
+    )
 
 
 def _block(w: int, mlp: int) -> int:
@@ -79,7 +89,7 @@ def public_forward_flops(d: CocaDims, t: int) -> int:
     """``CoCa.forward`` on a prefix of t tokens with precomputed image tokens (one row)."""
     tt = t + 1 if d.text_cls else t
     text = d.text_layers * (tt * _block(d.text_width, d.text_mlp) + 4 * tt * tt * d.text_width)
-    text += 2 * d.text_width * d.embed_dim                          # pooled text embedding
+    text += 2 * d.text_width * d.embed_dim  # pooled text embedding
     self_ = d.layers * (t * _block(d.width, d.mlp) + 4 * t * t * d.width)
     cross = d.layers * (t * (2 * 2 * d.width * d.width + 4 * d.width * d.mlp) + 4 * t * d.image_tokens * d.width)
     return text + self_ + cross + cross_kv_flops(d) + 2 * t * d.width * d.vocab
@@ -116,6 +126,7 @@ def image_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 # --------------------------------------------------------------------------- roof
 
+
 def step_matmuls(model: torch.nn.Module, n: int, k: int, ctx: int, image_tokens: int):
     """Closures running one cached step's matmuls as plain torch calls, and their FLOPs: every
     linear with the model's own weight (same memory traffic) on random rows, the attention
@@ -136,17 +147,27 @@ def step_matmuls(model: torch.nn.Module, n: int, k: int, ctx: int, image_tokens:
     for blk in [*text.transformer.resblocks, *dec.resblocks]:
         a, h = blk.attn, blk.attn.num_heads
         dh = a.embed_dim // h
-        ops += [lin(a.in_proj_weight, a.in_proj_bias), lin(a.out_proj.weight, a.out_proj.bias),
-                lin(blk.mlp.c_fc.weight, blk.mlp.c_fc.bias), lin(blk.mlp.c_proj.weight, blk.mlp.c_proj.bias),
-                bmm(n * h, 1, dh, ctx), bmm(n * h, 1, ctx, dh)]
+        ops += [
+            lin(a.in_proj_weight, a.in_proj_bias),
+            lin(a.out_proj.weight, a.out_proj.bias),
+            lin(blk.mlp.c_fc.weight, blk.mlp.c_fc.bias),
+            lin(blk.mlp.c_proj.weight, blk.mlp.c_proj.bias),
+            bmm(n * h, 1, dh, ctx),
+            bmm(n * h, 1, ctx, dh),
+        ]
     n_img = max(1, n // k)
     for blk in dec.cross_attn:
         a, h = blk.attn, blk.attn.num_heads
         w, dh = a.embed_dim, a.embed_dim // a.num_heads
         bias = a.in_proj_bias[:w] if a.in_proj_bias is not None else None
-        ops += [lin(a.in_proj_weight[:w], bias), lin(a.out_proj.weight, a.out_proj.bias),
-                lin(blk.mlp.c_fc.weight, blk.mlp.c_fc.bias), lin(blk.mlp.c_proj.weight, blk.mlp.c_proj.bias),
-                bmm(n_img * h, k, dh, image_tokens), bmm(n_img * h, k, image_tokens, dh)]
+        ops += [
+            lin(a.in_proj_weight[:w], bias),
+            lin(a.out_proj.weight, a.out_proj.bias),
+            lin(blk.mlp.c_fc.weight, blk.mlp.c_fc.bias),
+            lin(blk.mlp.c_proj.weight, blk.mlp.c_proj.bias),
+            bmm(n_img * h, k, dh, image_tokens),
+            bmm(n_img * h, k, image_tokens, dh),
+        ]
     ops.append(lin(dec.text_projection.t(), None))
     return ops
 
@@ -157,7 +178,7 @@ def matmul_roof(model: torch.nn.Module, n: int, k: int, ctx: int, image_tokens: 
     flops = sum(f for _, f in ops)
     best = float("inf")
     with torch.inference_mode():
-        for _ in range(reps + 1):                   # the first pass warms caches and allocator
+        for _ in range(reps + 1):  # the first pass warms caches and allocator
             t = time.perf_counter()
             for fn, _ in ops:
                 fn()

@@ -6,6 +6,7 @@ with ``load_state_dict(strict=True)``), or an ``hf-hub:org/repo`` id given as th
 reads the config and weights from the repo and ignores ``pretrained``). ``check_ensemble`` checks
 all of that without loading anything, so a typo fails before a cluster spins up.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,6 +29,7 @@ MAKE_HINT = "dr make-teachers"
 
 # --------------------------------------------------------------------------- helpers
 
+
 def model_configs_dir(ensemble: EnsembleSpec) -> Path | None:
     """The ensemble's folder of extra model JSONs (always a path, relative to the ensemble file)."""
     if not ensemble.model_configs:
@@ -44,8 +46,10 @@ def register_model_configs(ensemble: EnsembleSpec) -> None:
         return
     folder = folder.resolve()
     if not folder.is_dir():
-        raise ConfigError(f"ensemble '{ensemble.name}': model_configs folder not found: {folder} "
-                          "(fix model_configs; it is relative to the ensemble file)")
+        raise ConfigError(
+            f"ensemble '{ensemble.name}': model_configs folder not found: {folder} "
+            "(fix model_configs; it is relative to the ensemble file)"
+        )
     if str(folder) not in _REGISTERED:
         open_clip.add_model_config(folder)
         _REGISTERED.add(str(folder))
@@ -53,8 +57,7 @@ def register_model_configs(ensemble: EnsembleSpec) -> None:
 
 def is_local_path(p: str | None) -> bool:
     """Same rule as ``EnsembleSpec.resolve``: a string with '/' or '.' that is no URL or hf-hub id."""
-    return not (p is None or p.startswith(("hf-hub:", "local-dir:")) or "://" in p
-                or ("/" not in p and "." not in p))
+    return not (p is None or p.startswith(("hf-hub:", "local-dir:")) or "://" in p or ("/" not in p and "." not in p))
 
 
 def is_tiny(model: str, ensemble: EnsembleSpec) -> bool:
@@ -70,8 +73,9 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def views_to_input(views: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor,
-                   device: torch.device) -> torch.Tensor:
+def views_to_input(
+    views: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """uint8 [B,3,S,S] -> float32 normalized [B,3,S,S] on ``device``; refuses a wrong size."""
     if views.dtype != torch.uint8 or views.ndim != 4 or views.shape[1] != 3:
         raise ValueError(f"expected uint8 views [B,3,S,S], got {views.dtype} {tuple(views.shape)}")
@@ -93,6 +97,7 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- text towers, unpadded
 
+
 def _text_tower(model: torch.nn.Module):
     """The parts of a CLIP text tower that can run on a sequence cut after its pooled token, or None.
 
@@ -106,15 +111,32 @@ def _text_tower(model: torch.nn.Module):
     if isinstance(t, TextTransformer):
         if t.cls_emb is not None or t.attn_mask is None or t.use_pad_mask:
             return None
-        parts = (t.token_embedding, t.positional_embedding, t.transformer, t.attn_mask, t.ln_final,
-                 t.pool_type, getattr(t, "eos_id", None), t.text_projection)
-    elif t is None and all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer",
-                                                       "attn_mask", "ln_final", "text_projection")):
+        parts = (
+            t.token_embedding,
+            t.positional_embedding,
+            t.transformer,
+            t.attn_mask,
+            t.ln_final,
+            t.pool_type,
+            getattr(t, "eos_id", None),
+            t.text_projection,
+        )
+    elif t is None and all(
+        hasattr(model, a)
+        for a in ("token_embedding", "positional_embedding", "transformer", "attn_mask", "ln_final", "text_projection")
+    ):
         if model.attn_mask is None:
             return None
-        parts = (model.token_embedding, model.positional_embedding, model.transformer, model.attn_mask,
-                 model.ln_final, getattr(model, "text_pool_type", "argmax"), getattr(model, "text_eos_id", None),
-                 model.text_projection)
+        parts = (
+            model.token_embedding,
+            model.positional_embedding,
+            model.transformer,
+            model.attn_mask,
+            model.ln_final,
+            getattr(model, "text_pool_type", "argmax"),
+            getattr(model, "text_eos_id", None),
+            model.text_projection,
+        )
     else:
         return None
     if parts[5] not in ("argmax", "eos") or not getattr(parts[2], "batch_first", False):
@@ -148,20 +170,22 @@ def encode_text_unpadded(parts, tokens: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- checks
 
-def _check_entry(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleSpec,
-                 ens_file: str) -> None:
+
+def _check_entry(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleSpec, ens_file: str) -> None:
     who = f"{kind} '{spec.id}'"
     model, pretrained = spec.model, spec.pretrained
     cfg: dict | None = None
     if model.startswith("hf-hub:"):
-        if not _HF_ID.match(model[len("hf-hub:"):]):
+        if not _HF_ID.match(model[len("hf-hub:") :]):
             raise ConfigError(f"{who}: malformed hf-hub id '{model}' (use hf-hub:org/repo)")
         if pretrained is not None:
-            raise ConfigError(f"{who}: open_clip ignores pretrained='{pretrained}' for an hf-hub: model "
-                              "(weights come from the repo); remove pretrained")
+            raise ConfigError(
+                f"{who}: open_clip ignores pretrained='{pretrained}' for an hf-hub: model "
+                "(weights come from the repo); remove pretrained"
+            )
         return
     if model.startswith("local-dir:"):
-        d = Path(model[len("local-dir:"):])
+        d = Path(model[len("local-dir:") :])
         if not (d / "open_clip_config.json").is_file():
             raise ConfigError(f"{who}: no open_clip_config.json in {d} (fix the local-dir: path)")
         return
@@ -172,12 +196,17 @@ def _check_entry(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: Ensembl
         raise ConfigError(f"{who}: unknown open_clip model '{model}' ({hint}see open_clip.list_models())")
 
     if pretrained is None:
-        fix = f"run `{MAKE_HINT} {ens_file}` after setting a checkpoint path" if is_tiny(model, ensemble) \
+        fix = (
+            f"run `{MAKE_HINT} {ens_file}` after setting a checkpoint path"
+            if is_tiny(model, ensemble)
             else "set an open_clip tag, e.g. one of open_clip.list_pretrained_tags_by_model()"
+        )
         raise ConfigError(f"{who}: no pretrained weights given ({fix}); random teachers are never used")
     if pretrained.startswith("hf-hub:"):
-        raise ConfigError(f"{who}: open_clip 3 does not load pretrained='{pretrained}' for a named model; "
-                          f"set model: {pretrained} and remove pretrained")
+        raise ConfigError(
+            f"{who}: open_clip 3 does not load pretrained='{pretrained}' for a named model; "
+            f"set model: {pretrained} and remove pretrained"
+        )
     if is_local_path(pretrained):
         path = Path(ensemble.resolve(pretrained) or "")
         if not path.is_file():
@@ -186,8 +215,9 @@ def _check_entry(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: Ensembl
     else:
         tags = open_clip.list_pretrained_tags_by_model(model)
         if pretrained not in tags:
-            raise ConfigError(f"{who}: unknown pretrained tag '{pretrained}' for '{model}' "
-                              f"(known: {', '.join(tags) or 'none'})")
+            raise ConfigError(
+                f"{who}: unknown pretrained tag '{pretrained}' for '{model}' (known: {', '.join(tags) or 'none'})"
+            )
 
     # Geometry must match the architecture: a ViT's position embedding fixes both sizes.
     size = cfg.get("vision_cfg", {}).get("image_size")
@@ -196,8 +226,10 @@ def _check_entry(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: Ensembl
     if isinstance(spec, TeacherSpec):
         ctx = cfg.get("text_cfg", {}).get("context_length", 77)
         if spec.context_length is not None and spec.context_length != ctx:
-            raise ConfigError(f"{who}: context_length {spec.context_length} but '{model}' has {ctx} "
-                              f"(set context_length: {ctx} or omit it)")
+            raise ConfigError(
+                f"{who}: context_length {spec.context_length} but '{model}' has {ctx} "
+                f"(set context_length: {ctx} or omit it)"
+            )
     else:
         _check_captioner(who, spec, cfg)
 
@@ -208,11 +240,13 @@ def _check_captioner(who: str, spec: CaptionerSpec, cfg: dict) -> None:
     s = spec.sampling
     ctx = cfg["multimodal_cfg"].get("context_length", 77)
     if not (1 <= s.min_len < s.max_len <= ctx):
-        raise ConfigError(f"{who}: need 1 <= sampling.min_len < sampling.max_len <= {ctx} "
-                          f"(got {s.min_len}, {s.max_len})")
+        raise ConfigError(
+            f"{who}: need 1 <= sampling.min_len < sampling.max_len <= {ctx} (got {s.min_len}, {s.max_len})"
+        )
     if not (0 < s.top_p <= 1) or s.top_k < 0 or s.temperature < 0 or s.max_attempts < 1:
-        raise ConfigError(f"{who}: sampling needs 0 < top_p <= 1, top_k >= 0, temperature >= 0, "
-                          f"max_attempts >= 1 (got {s})")
+        raise ConfigError(
+            f"{who}: sampling needs 0 < top_p <= 1, top_k >= 0, temperature >= 0, max_attempts >= 1 (got {s})"
+        )
 
 
 def _ensemble_file(ensemble: EnsembleSpec) -> str:
@@ -243,8 +277,10 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
 
 def _check_fields(who: str, spec: TeacherSpec | CaptionerSpec) -> None:
     if spec.interpolation not in INTERPOLATIONS:
-        raise ConfigError(f"{who}: unknown interpolation '{spec.interpolation}' "
-                          f"(set interpolation: to one of {', '.join(INTERPOLATIONS)})")
+        raise ConfigError(
+            f"{who}: unknown interpolation '{spec.interpolation}' "
+            f"(set interpolation: to one of {', '.join(INTERPOLATIONS)})"
+        )
     if any(not s > 0 for s in spec.std):
         raise ConfigError(f"{who}: std {list(spec.std)} must be > 0 per channel (use [1, 1, 1] for no scaling)")
     if isinstance(spec, TeacherSpec) and not spec.logit_scale > 0:
@@ -261,19 +297,24 @@ def _check_checkpoint_shapes(who: str, spec: TeacherSpec | CaptionerSpec, ensemb
     try:
         shapes = _safetensors_shapes(path)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{who}: {path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                          "re-download or re-create it") from None
+        raise ConfigError(
+            f"{who}: {path} is not a readable safetensors file ({type(e).__name__}: {e}); re-download or re-create it"
+        ) from None
     cfg = open_clip.get_model_config(spec.model) or {}
     embed = cfg.get("embed_dim")
     for k in ("visual.proj", "text_projection", "text.text_projection"):
         if isinstance(embed, int) and len(shapes.get(k, [])) == 2 and shapes[k][1] != embed:
-            raise ConfigError(f"{who}: checkpoint {path.name} has embedding width {shapes[k][1]} but '{spec.model}' "
-                              f"has {embed}: the checkpoint belongs to another model (fix model: or pretrained:)")
+            raise ConfigError(
+                f"{who}: checkpoint {path.name} has embedding width {shapes[k][1]} but '{spec.model}' "
+                f"has {embed}: the checkpoint belongs to another model (fix model: or pretrained:)"
+            )
     ctx = cfg.get("text_cfg", {}).get("context_length")
     pos = shapes.get("positional_embedding", [])
     if isinstance(ctx, int) and len(pos) == 2 and pos[0] != ctx:
-        raise ConfigError(f"{who}: checkpoint {path.name} has text context {pos[0]} but '{spec.model}' has {ctx}: "
-                          "the checkpoint belongs to another model (fix model: or pretrained:)")
+        raise ConfigError(
+            f"{who}: checkpoint {path.name} has text context {pos[0]} but '{spec.model}' has {ctx}: "
+            "the checkpoint belongs to another model (fix model: or pretrained:)"
+        )
 
 
 def check_ensemble(ensemble: EnsembleSpec) -> None:
@@ -293,8 +334,19 @@ def check_ensemble(ensemble: EnsembleSpec) -> None:
             _check_checkpoint_shapes(who, spec, ensemble)
 
 
-_RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
-                 "xavier_uniform_", "xavier_normal_", "orthogonal_", "constant_", "zeros_", "ones_")
+_RANDOM_INITS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "orthogonal_",
+    "constant_",
+    "zeros_",
+    "ones_",
+)
 
 
 @contextlib.contextmanager
@@ -307,6 +359,7 @@ def skip_init():
 
     def keep(tensor, *args, **kwargs):
         return tensor
+
     try:
         for owner, name, _ in saved:
             setattr(owner, name, keep)
@@ -316,16 +369,16 @@ def skip_init():
             setattr(owner, name, fn)
 
 
-def create_from_checkpoint(model_name: str, checkpoint: str, device: str | torch.device = "cpu",
-                           force_quick_gelu: bool = False) -> torch.nn.Module:
+def create_from_checkpoint(
+    model_name: str, checkpoint: str, device: str | torch.device = "cpu", force_quick_gelu: bool = False
+) -> torch.nn.Module:
     """``open_clip.create_model(model_name, pretrained=checkpoint)`` without its random init and
     without a second copy of the weights: the model is built uninitialized on ``device``, and
     open_clip's own ``load_checkpoint`` (key conversions, position-embedding resize, strict
     check) reads the file straight onto ``device`` and *assigns* its tensors as the parameters.
     Parameters keep the dtype the model was built with (a checkpoint in another dtype is cast)."""
     with skip_init():
-        model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=force_quick_gelu,
-                                       device=device)
+        model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=force_quick_gelu, device=device)
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     model.load_state_dict = functools.partial(type(model).load_state_dict, model, assign=True)
     try:
@@ -338,8 +391,9 @@ def create_from_checkpoint(model_name: str, checkpoint: str, device: str | torch
     return model
 
 
-def load_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleSpec, device: str,
-               force_quick_gelu: bool = False) -> torch.nn.Module:
+def load_model(
+    kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleSpec, device: str, force_quick_gelu: bool = False
+) -> torch.nn.Module:
     """The single load path for teachers and captioners: check, then build. A local checkpoint
     file loads through ``create_from_checkpoint`` (no random init, no second copy); tags and
     hf-hub / local-dir models through ``open_clip.create_model``."""
@@ -349,18 +403,21 @@ def load_model(kind: str, spec: TeacherSpec | CaptionerSpec, ensemble: EnsembleS
     if pretrained and is_local_path(spec.pretrained) and not spec.model.startswith(("hf-hub:", "local-dir:")):
         model = create_from_checkpoint(spec.model, pretrained, device, force_quick_gelu=force_quick_gelu)
     else:
-        model = open_clip.create_model(spec.model, pretrained=pretrained, force_quick_gelu=force_quick_gelu,
-                                       device=device)
+        model = open_clip.create_model(
+            spec.model, pretrained=pretrained, force_quick_gelu=force_quick_gelu, device=device
+        )
     return model.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- teacher
 
+
 class Teacher:
     """One frozen CLIP teacher. Inputs at ``image_size``; outputs float32 unit vectors [B, dim]."""
 
-    def __init__(self, spec: TeacherSpec, model: torch.nn.Module, tokenizer, device: str = "cpu",
-                 text_batch_size: int = 256) -> None:
+    def __init__(
+        self, spec: TeacherSpec, model: torch.nn.Module, tokenizer, device: str = "cpu", text_batch_size: int = 256
+    ) -> None:
         self.spec = spec
         self.id = spec.id
         self.image_size = spec.image_size
@@ -371,7 +428,7 @@ class Teacher:
         self.text_batch_size = text_batch_size
         self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
-        self._unpadded = _text_tower(model)      # None: this tower needs the full context
+        self._unpadded = _text_tower(model)  # None: this tower needs the full context
         self.dim = int(self._encode_tokens(tokenizer([""])).shape[1])
 
     def encode_images(self, views: torch.Tensor) -> torch.Tensor:
@@ -394,13 +451,17 @@ class Teacher:
             return torch.empty(0, self.dim, device=self.device)
         tokens = self.tokenizer(texts)
         if self._unpadded is None:
-            return torch.cat([self._encode_tokens(tokens[i:i + self.text_batch_size])
-                              for i in range(0, len(texts), self.text_batch_size)])
+            return torch.cat(
+                [
+                    self._encode_tokens(tokens[i : i + self.text_batch_size])
+                    for i in range(0, len(texts), self.text_batch_size)
+                ]
+            )
         _, _, _, _, _, pool_type, eos_id, _ = self._unpadded
         order = torch.argsort(pooled_positions(tokens, pool_type, eos_id), stable=True)
         out = torch.empty(len(texts), self.dim, device=self.device)
         for i in range(0, len(texts), self.text_batch_size):
-            rows = order[i:i + self.text_batch_size]
+            rows = order[i : i + self.text_batch_size]
             out[rows.to(self.device)] = self._encode_tokens(tokens[rows])
         return out
 
@@ -421,7 +482,9 @@ def load_teacher(spec: TeacherSpec, ensemble: EnsembleSpec, device: str = "cpu")
     model = load_model("teacher", spec, ensemble, device, force_quick_gelu=spec.force_quick_gelu)
     ctx = int(getattr(model, "context_length", 0) or 0)
     if spec.context_length is not None and ctx and spec.context_length != ctx:
-        raise ConfigError(f"teacher '{spec.id}': context_length {spec.context_length} but the model has {ctx} "
-                          f"(set context_length: {ctx} or omit it)")
+        raise ConfigError(
+            f"teacher '{spec.id}': context_length {spec.context_length} but the model has {ctx} "
+            f"(set context_length: {ctx} or omit it)"
+        )
     tokenizer = open_clip.get_tokenizer(spec.model, context_length=spec.context_length or ctx or None)
     return Teacher(spec, model, tokenizer, device)

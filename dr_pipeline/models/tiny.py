@@ -3,6 +3,7 @@
 Only models defined in the ensemble's own ``model_configs`` folder are ever faked: a real
 teacher (ViT-L-14, coca_ViT-L-14, ...) without its checkpoint is an error, never random weights.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,10 @@ def make_tiny_checkpoints(ensemble_path: str, force: bool = False) -> list[str]:
         if path.exists() and not force:
             continue
         if not is_tiny(entry.model, ensemble):
-            raise ConfigError(f"'{entry.id}': refusing to write random weights for '{entry.model}', which is not "
-                              f"defined in the ensemble's model_configs folder (download the real checkpoint to {path})")
+            raise ConfigError(
+                f"'{entry.id}': refusing to write random weights for '{entry.model}', which is not "
+                f"defined in the ensemble's model_configs folder (download the real checkpoint to {path})"
+            )
         # fork_rng: seeding must not disturb the caller's global RNG state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed_for(entry.id))

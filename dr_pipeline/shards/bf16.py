@@ -4,6 +4,7 @@ Arrow and Parquet have no bf16 type. A bf16 value is stored as its raw 16 bits i
 ``uint16`` inside ``fixed_size_list<uint16, W>`` (docs/stack.md#bf16-in-parquet explains why not
 ``fixed_size_binary``). Encoding and decoding are bit-exact and zero-copy where possible.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -59,4 +60,4 @@ def list_of_fsl_to_numpy(col: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
     flat = fsl_to_numpy(inner)
     offsets = col.offsets.to_numpy()
     base = offsets[0]
-    return [flat[offsets[i] - base: offsets[i + 1] - base] for i in range(len(col))]
+    return [flat[offsets[i] - base : offsets[i + 1] - base] for i in range(len(col))]

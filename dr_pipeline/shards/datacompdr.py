@@ -15,6 +15,7 @@ escaped by the readers, ``readers.escape_key``, so only datasets made before tha
 hold one the layout cannot carry), and each tar is written under a temporary name and renamed
 (``Folder.write_bytes``), so no partial tar is ever left behind.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,7 +36,7 @@ class UnsafeMemberError(ValueError):
     """A foreign shard member that would need unpickling or is otherwise unsafe to load."""
 
 
-DEFAULT_MAX_DECOMPRESSED = 64 << 20     # when the caller does not know the teachers' dims
+DEFAULT_MAX_DECOMPRESSED = 64 << 20  # when the caller does not know the teachers' dims
 
 
 def member_limit(total_dim: int, max_rows: int = 1024) -> int:
@@ -61,12 +62,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)     # float arrays only: np.savez pickles nothing for them
+    np.savez(buf, **arrays)  # float arrays only: np.savez pickles nothing for them
     return buf.getvalue()
 
 
-def sample_members(rows: ReinforcedRows, i: int, teachers: list[str], captioners: list[str],
-                   spec: AugSpec) -> dict[str, bytes]:
+def sample_members(
+    rows: ReinforcedRows, i: int, teachers: list[str], captioners: list[str], spec: AugSpec
+) -> dict[str, bytes]:
     """The DataCompDR members (extension -> bytes) of row ``i``."""
     key = rows.keys[i]
     if "." in key or "/" in key:
@@ -78,8 +80,12 @@ def sample_members(rows: ReinforcedRows, i: int, teachers: list[str], captioners
     params = augment.unpack(rows.aug_params[i])
     paug = {"param_aug": [augment.to_datacompdr(p, rows.widths[i], rows.heights[i], spec) for p in params]}
     image_emb = torch.cat([rows.image_emb[t][i].float() for t in teachers], dim=-1)
-    texts = [torch.cat([rows.text_emb[t][i:i + 1].float()] +
-                       ([rows.syn_emb[t][primary][i].float()] if primary else []), dim=0) for t in teachers]
+    texts = [
+        torch.cat(
+            [rows.text_emb[t][i : i + 1].float()] + ([rows.syn_emb[t][primary][i].float()] if primary else []), dim=0
+        )
+        for t in teachers
+    ]
     arrays = {"image_emb": image_emb.numpy(), "text_emb": torch.cat(texts, dim=-1).numpy()}
     for cap in captioners[1:]:
         arrays[f"syn_text_emb_{cap}"] = torch.cat([rows.syn_emb[t][cap][i].float() for t in teachers], -1).numpy()
@@ -114,13 +120,15 @@ def export_datacompdr(root: str, out_dir: str, storage_options: dict | None = No
     src = ReinforcedDataset(root, storage_options)
     dst = Folder(out_dir, storage_options)
     names = list(src.markers())
-    for name in names:                              # every key first: never fail half-way
+    for name in names:  # every key first: never fail half-way
         keys = read_table(src.shard_url(name), storage_options, columns=["key"]).column("key").to_pylist()
         bad = next((k for k in keys if not carriable(str(k or ""))), None)
         if bad is not None:
-            raise ConfigError(f"shard {name}: key {bad!r} cannot be a DataCompDR key (it holds '.', '/', '\\' or a "
-                              "control character); nothing was exported. Re-run `dr reinforce` into a new "
-                              "output: the readers now escape such keys (docs/bad-data.md)")
+            raise ConfigError(
+                f"shard {name}: key {bad!r} cannot be a DataCompDR key (it holds '.', '/', '\\' or a "
+                "control character); nothing was exported. Re-run `dr reinforce` into a new "
+                "output: the readers now escape such keys (docs/bad-data.md)"
+            )
     paths = []
     for name in names:
         rows, meta = read_shard(src.shard_url(name), storage_options)
@@ -133,8 +141,9 @@ def export_datacompdr(root: str, out_dir: str, storage_options: dict | None = No
 
 # --------------------------------------------------------------------------- reader
 
+
 def _load_npz(data: bytes, limit: int = DEFAULT_MAX_DECOMPRESSED) -> dict[str, np.ndarray]:
-    bounded.check_zip(data, limit, "npz member")      # before np.load inflates anything
+    bounded.check_zip(data, limit, "npz member")  # before np.load inflates anything
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -143,7 +152,7 @@ def _load_npz(data: bytes, limit: int = DEFAULT_MAX_DECOMPRESSED) -> dict[str, n
 
 
 def _load_pth_gz(data: bytes, limit: int = DEFAULT_MAX_DECOMPRESSED) -> dict[str, np.ndarray]:
-    raw = bounded.gunzip(data, limit, "pth.gz member")   # TooLarge past the limit
+    raw = bounded.gunzip(data, limit, "pth.gz member")  # TooLarge past the limit
     try:
         obj = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     except Exception as e:  # weights_only refuses arbitrary globals (pickle payloads)
@@ -163,7 +172,7 @@ def _parse(members: dict[str, bytes], limit: int = DEFAULT_MAX_DECOMPRESSED) -> 
         out["syn"] = syn
     if "paug.json" in members:
         p = json.loads(members["paug.json"])["param_aug"]
-        out["param_aug"] = json.loads(p) if isinstance(p, str) else p   # the HF card's string form
+        out["param_aug"] = json.loads(p) if isinstance(p, str) else p  # the HF card's string form
     arrays: dict[str, np.ndarray] = {}
     try:
         if "npz" in members:
@@ -171,15 +180,16 @@ def _parse(members: dict[str, bytes], limit: int = DEFAULT_MAX_DECOMPRESSED) -> 
         if "pth.gz" in members:
             arrays.update(_load_pth_gz(members["pth.gz"], limit))
     except bounded.TooLarge as e:
-        out.update(rejected="too_large", rejected_detail=str(e))   # a counted rejection, arrays dropped
+        out.update(rejected="too_large", rejected_detail=str(e))  # a counted rejection, arrays dropped
         arrays = {}
     out.update(arrays)
     out["json"] = json.loads(members["json"]) if "json" in members else {}
     return out
 
 
-def iter_datacompdr_tar(url: str, storage_options: dict | None = None,
-                        max_decompressed: int = DEFAULT_MAX_DECOMPRESSED) -> Iterator[dict]:
+def iter_datacompdr_tar(
+    url: str, storage_options: dict | None = None, max_decompressed: int = DEFAULT_MAX_DECOMPRESSED
+) -> Iterator[dict]:
     """Yield one dict per key: key, url, syn_text, param_aug, image_emb, text_emb, json (+ extras).
 
     Unsafe members (pickled payloads) raise ``UnsafeMemberError``; nothing is executed. An npz /

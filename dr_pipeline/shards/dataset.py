@@ -21,6 +21,7 @@ often and at the end, and a resume trusts its entries (same config hash, data fi
 listed size) so that planning 200,000 shards costs two listings and a handful of reads; only
 markers committed after the last checkpoint are read, concurrently.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,10 +44,16 @@ from dr_pipeline.storage.retry import RetryPolicy, redact_url
 
 SHARDS, MARKERS, TMP = "shards", "_markers", "_tmp"
 MANIFEST, DATASET_JSON, JOB_YAML, ENSEMBLE_YAML, CARD = (
-    "manifest.json", "dataset.json", "job.yaml", "ensemble.yaml", "README.md")
+    "manifest.json",
+    "dataset.json",
+    "job.yaml",
+    "ensemble.yaml",
+    "README.md",
+)
 
 
 # --------------------------------------------------------------------------- the marker
+
 
 @dataclass
 class ShardStats:
@@ -57,6 +64,7 @@ class ShardStats:
     ``teacher:{id}:text``, ``write``, ``commit`` and ``wait_input`` (the model loop waiting for
     decoded batches). ``captions_resampled`` counts caption rows redrawn per captioner.
     """
+
     shard: str
     input_url: str
     config_hash: str
@@ -64,10 +72,10 @@ class ShardStats:
     n_written: int
     n_rejected: int
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
-    rejected_keys: list[list[str]] = field(default_factory=list)     # [key, reason, detail], read order
+    rejected_keys: list[list[str]] = field(default_factory=list)  # [key, reason, detail], read order
     captions_rejected: dict[str, dict[str, int]] = field(default_factory=dict)
     captions_resampled: dict[str, int] = field(default_factory=dict)
-    damaged: list[dict[str, Any]] = field(default_factory=list)     # framing damage the reader skipped
+    damaged: list[dict[str, Any]] = field(default_factory=list)  # framing damage the reader skipped
     teachers: list[str] = field(default_factory=list)
     captioners: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -76,7 +84,7 @@ class ShardStats:
     finished_at: float = 0.0
     host: str = ""
     pid: int = 0
-    peak_rss: int = 0                # bytes: the writing process's peak resident memory so far
+    peak_rss: int = 0  # bytes: the writing process's peak resident memory so far
     bytes: int = 0
     sha256: str = ""
     data_file: str = ""
@@ -84,8 +92,9 @@ class ShardStats:
 
     def __post_init__(self) -> None:
         if self.n_read != self.n_written + self.n_rejected:
-            raise ValueError(f"{self.shard}: read {self.n_read} != written {self.n_written} + "
-                             f"rejected {self.n_rejected}")
+            raise ValueError(
+                f"{self.shard}: read {self.n_read} != written {self.n_written} + rejected {self.n_rejected}"
+            )
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,6 +110,7 @@ class ShardStats:
 @dataclass
 class ManifestEntry:
     """What the manifest keeps of a committed shard (enough to resume and to report)."""
+
     input_url: str
     config_hash: str
     n_read: int
@@ -114,8 +124,18 @@ class ManifestEntry:
 
     @classmethod
     def of(cls, s: ShardStats) -> ManifestEntry:
-        return cls(s.input_url, s.config_hash, s.n_read, s.n_written, s.n_rejected, s.bytes, s.sha256,
-                   dict(s.rejected_by_reason), s.finished_at, s.seconds)
+        return cls(
+            s.input_url,
+            s.config_hash,
+            s.n_read,
+            s.n_written,
+            s.n_rejected,
+            s.bytes,
+            s.sha256,
+            dict(s.rejected_by_reason),
+            s.finished_at,
+            s.seconds,
+        )
 
 
 @dataclass
@@ -127,20 +147,21 @@ class FailedShard:
     permanent: bool = False
 
 
-TIMING_KEYS = ("finished_at", "seconds", "stage_s", "started_at", "updated_at")   # differ between identical runs
+TIMING_KEYS = ("finished_at", "seconds", "stage_s", "started_at", "updated_at")  # differ between identical runs
 
 
 @dataclass
 class Manifest:
     """Every committed shard of one config, totals and failures; kept in memory by the driver
     and written (``ReinforcedDataset.write_manifest``) periodically and at the end."""
+
     config_hash: str
     teachers: list[str]
     captioners: list[str]
     n_input_shards: int
     shards: dict[str, ManifestEntry] = field(default_factory=dict)
     failed: list[FailedShard] = field(default_factory=list)
-    stage_s: Counter = field(default_factory=Counter)       # seconds per stage, summed over committed shards
+    stage_s: Counter = field(default_factory=Counter)  # seconds per stage, summed over committed shards
     captions_resampled: Counter = field(default_factory=Counter)
     started_at: float = 0.0
 
@@ -158,20 +179,27 @@ class Manifest:
         reasons: Counter = Counter()
         for e in self.shards.values():
             reasons.update(e.rejected_by_reason)
-        return {"n_written": sum(e.n_written for e in self.shards.values()),
-                "n_rejected": sum(e.n_rejected for e in self.shards.values()),
-                "bytes": sum(e.bytes for e in self.shards.values()),
-                "rejected_by_reason": dict(sorted(reasons.items()))}
+        return {
+            "n_written": sum(e.n_written for e in self.shards.values()),
+            "n_rejected": sum(e.n_rejected for e in self.shards.values()),
+            "bytes": sum(e.bytes for e in self.shards.values()),
+            "rejected_by_reason": dict(sorted(reasons.items())),
+        }
 
     def to_json(self) -> dict:
         return {
-            "schema_version": SCHEMA_VERSION, "config_hash": self.config_hash,
-            "teachers": self.teachers, "captioners": self.captioners,
-            "complete": self.complete, "n_shards": len(self.shards), "n_input_shards": self.n_input_shards,
+            "schema_version": SCHEMA_VERSION,
+            "config_hash": self.config_hash,
+            "teachers": self.teachers,
+            "captioners": self.captioners,
+            "complete": self.complete,
+            "n_shards": len(self.shards),
+            "n_input_shards": self.n_input_shards,
             **self.totals(),
             "stage_s": {k: round(v, 3) for k, v in sorted(self.stage_s.items())},
             "captions_resampled": dict(sorted(self.captions_resampled.items())),
-            "started_at": self.started_at, "updated_at": round(time.time(), 3),
+            "started_at": self.started_at,
+            "updated_at": round(time.time(), 3),
             "failed": [dataclasses.asdict(f) for f in self.failed],
             "shards": {n: dataclasses.asdict(e) for n, e in sorted(self.shards.items())},
         }
@@ -181,13 +209,19 @@ class Manifest:
         check_version(obj.get("schema_version", SCHEMA_VERSION), "manifest.json")
         entry_fields = {f.name for f in dataclasses.fields(ManifestEntry)}
         return cls(
-            config_hash=obj.get("config_hash", ""), teachers=list(obj.get("teachers", [])),
-            captioners=list(obj.get("captioners", [])), n_input_shards=int(obj.get("n_input_shards", 0)),
-            shards={n: ManifestEntry(**{k: v for k, v in e.items() if k in entry_fields})
-                    for n, e in obj.get("shards", {}).items()},
+            config_hash=obj.get("config_hash", ""),
+            teachers=list(obj.get("teachers", [])),
+            captioners=list(obj.get("captioners", [])),
+            n_input_shards=int(obj.get("n_input_shards", 0)),
+            shards={
+                n: ManifestEntry(**{k: v for k, v in e.items() if k in entry_fields})
+                for n, e in obj.get("shards", {}).items()
+            },
             failed=[FailedShard(**f) for f in obj.get("failed", [])],
-            stage_s=Counter(obj.get("stage_s", {})), captions_resampled=Counter(obj.get("captions_resampled", {})),
-            started_at=float(obj.get("started_at", 0.0)))
+            stage_s=Counter(obj.get("stage_s", {})),
+            captions_resampled=Counter(obj.get("captions_resampled", {})),
+            started_at=float(obj.get("started_at", 0.0)),
+        )
 
 
 def stage_shares(stage_s: dict[str, float], top: int = 4) -> str:
@@ -204,16 +238,19 @@ def stage_shares(stage_s: dict[str, float], top: int = 4) -> str:
 def deterministic(manifest_json: dict) -> dict:
     """A manifest (as JSON) without its timing fields: equal for two runs that wrote the same data."""
     out = {k: v for k, v in manifest_json.items() if k not in TIMING_KEYS}
-    out["shards"] = {n: {k: v for k, v in e.items() if k not in TIMING_KEYS}
-                     for n, e in manifest_json.get("shards", {}).items()}
+    out["shards"] = {
+        n: {k: v for k, v in e.items() if k not in TIMING_KEYS} for n, e in manifest_json.get("shards", {}).items()
+    }
     return out
 
 
 # --------------------------------------------------------------------------- the dataset
 
+
 @dataclass
 class Listing:
     """One listing of ``_markers/`` and one of ``shards/``: name -> size in bytes."""
+
     markers: dict[str, int]
     data: dict[str, int]
 
@@ -221,10 +258,11 @@ class Listing:
 @dataclass
 class ResumeState:
     """What planning found: the manifest of committed shards to skip, and stale markers to drop."""
-    manifest: Manifest                      # committed shards of this config (entries + carried totals)
-    stale: list[str]                        # markers of another config or with a missing/replaced data file
-    other_hashes: set[str]                  # config hashes found other than the job's
-    markers_read: int                       # marker bodies read (those a trusted manifest did not vouch for)
+
+    manifest: Manifest  # committed shards of this config (entries + carried totals)
+    stale: list[str]  # markers of another config or with a missing/replaced data file
+    other_hashes: set[str]  # config hashes found other than the job's
+    markers_read: int  # marker bodies read (those a trusted manifest did not vouch for)
 
 
 class ReinforcedDataset:
@@ -257,15 +295,22 @@ class ReinforcedDataset:
     # ---------------------------------------------------------------- reading
     def listing(self) -> Listing:
         def names(rel: str, ext: str) -> dict[str, int]:
-            return {e.name[: -len(ext)]: e.size for e in self.folder.list(rel)
-                    if not e.is_dir and e.name.endswith(ext) and not e.name.startswith(".")}
+            return {
+                e.name[: -len(ext)]: e.size
+                for e in self.folder.list(rel)
+                if not e.is_dir and e.name.endswith(ext) and not e.name.startswith(".")
+            }
+
         return Listing(names(MARKERS, ".json"), names(SHARDS, ".parquet"))
 
     def read_markers(self, names: list[str]) -> dict[str, ShardStats]:
         """The markers of ``names``, read concurrently; a marker removed since the listing is skipped."""
         got = self.folder.read_many([self.marker_rel(n) for n in names])
-        return {n: ShardStats.from_json(json.loads(got[self.marker_rel(n)]))
-                for n in names if got[self.marker_rel(n)] is not None}
+        return {
+            n: ShardStats.from_json(json.loads(got[self.marker_rel(n)]))
+            for n in names
+            if got[self.marker_rel(n)] is not None
+        }
 
     def markers(self) -> dict[str, ShardStats]:
         """Committed shards (marker present): name -> stats. Readers must go through this."""
@@ -295,7 +340,7 @@ class ReinforcedDataset:
         known = trusted.shards if trusted else {}
         unknown = [n for n in li.markers if n not in known]
         read = self.read_markers(unknown)
-        if trusted:     # carry the totals of work done by earlier runs of this config
+        if trusted:  # carry the totals of work done by earlier runs of this config
             fresh.stage_s.update(trusted.stage_s)
             fresh.captions_resampled.update(trusted.captions_resampled)
             fresh.started_at = trusted.started_at
@@ -305,12 +350,13 @@ class ReinforcedDataset:
             if e.config_hash != fresh.config_hash:
                 other.add(e.config_hash)
                 stale.append(n)
-            elif li.data.get(n) != e.bytes or n not in wanted:   # data missing / replaced: redo, unseen meanwhile
+            elif li.data.get(n) != e.bytes or n not in wanted:  # data missing / replaced: redo, unseen meanwhile
                 stale.append(n)
             elif stats is not None:
                 fresh.add(stats)
             else:
                 fresh.shards[n] = e
+
         for n, e in known.items():
             if n in li.markers:
                 consider(n, e, None)
@@ -367,8 +413,14 @@ class ReinforcedDataset:
 
     def write_job_record(self, job: JobConfig, ensemble: EnsembleSpec, config_hash: str) -> None:
         """dataset.json, job.yaml, ensemble.yaml (secrets redacted) and the dataset card."""
-        self.folder.write_json(DATASET_JSON, {"config_hash": config_hash, "schema_version": SCHEMA_VERSION,
-                                              "fingerprint": job.output_fingerprint(ensemble)})
+        self.folder.write_json(
+            DATASET_JSON,
+            {
+                "config_hash": config_hash,
+                "schema_version": SCHEMA_VERSION,
+                "fingerprint": job.output_fingerprint(ensemble),
+            },
+        )
         self.folder.write_text(JOB_YAML, yaml.safe_dump(redact(to_dict(job)), sort_keys=False))
         self.folder.write_text(ENSEMBLE_YAML, yaml.safe_dump(redact(to_dict(ensemble)), sort_keys=False))
         self.folder.write_text(CARD, dataset_card(ensemble, config_hash))
@@ -392,7 +444,8 @@ def dataset_card(ensemble: EnsembleSpec, config_hash: str) -> str:
         f"Teachers: {teachers}. Captioners: {captioners}. Config hash `{config_hash}`.\n\n"
         "One row per base sample: stored augmentation parameters, synthetic captions and bf16 "
         "teacher embeddings (raw 16-bit values in `uint16` lists). Rows join the base corpus by shard "
-        "name and `key`. Only shards with a marker in `_markers/` are committed; `manifest.json` lists them.\n")
+        "name and `key`. Only shards with a marker in `_markers/` are committed; `manifest.json` lists them.\n"
+    )
 
 
 def load_dataset_config(ds: ReinforcedDataset) -> tuple[JobConfig, EnsembleSpec]:
@@ -405,5 +458,15 @@ def load_dataset_config(ds: ReinforcedDataset) -> tuple[JobConfig, EnsembleSpec]
     return job, from_dict(EnsembleSpec, strip_redacted(yaml.safe_load(ens_text)))
 
 
-__all__ = ["FailedShard", "Listing", "Manifest", "ManifestEntry", "ReinforcedDataset", "ResumeState",
-           "ShardStats", "deterministic", "load_dataset_config", "stage_shares"]
+__all__ = [
+    "FailedShard",
+    "Listing",
+    "Manifest",
+    "ManifestEntry",
+    "ReinforcedDataset",
+    "ResumeState",
+    "ShardStats",
+    "deterministic",
+    "load_dataset_config",
+    "stage_shares",
+]

@@ -4,6 +4,7 @@
 batches into one Parquet file (bounded memory per shard), the reader turns a file back
 into ``ReinforcedRows`` with bit-exact bf16 tensors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,8 +16,16 @@ import pyarrow.parquet as pq
 import torch
 
 from dr_pipeline.shards import bf16
-from dr_pipeline.shards.schema import (ShardLayout, TeacherLayout, image_col, layout_from_metadata,
-                                       read_metadata, syn_col, syn_emb_col, text_col)
+from dr_pipeline.shards.schema import (
+    ShardLayout,
+    TeacherLayout,
+    image_col,
+    layout_from_metadata,
+    read_metadata,
+    syn_col,
+    syn_emb_col,
+    text_col,
+)
 
 
 @dataclass
@@ -28,11 +37,13 @@ class ReinforcedRows:
     widths: list[int]
     heights: list[int]
     captions: list[str]
-    aug_params: np.ndarray                                   # uint16 [B, n_aug, 8]
-    syn: dict[str, list[list[str]]] = field(default_factory=dict)         # captioner -> per row captions
-    image_emb: dict[str, torch.Tensor] = field(default_factory=dict)      # teacher -> bf16 [B, n_aug, D]
-    text_emb: dict[str, torch.Tensor] = field(default_factory=dict)       # teacher -> bf16 [B, D]
-    syn_emb: dict[str, dict[str, list[torch.Tensor]]] = field(default_factory=dict)  # teacher -> captioner -> [k_i, D] bf16
+    aug_params: np.ndarray  # uint16 [B, n_aug, 8]
+    syn: dict[str, list[list[str]]] = field(default_factory=dict)  # captioner -> per row captions
+    image_emb: dict[str, torch.Tensor] = field(default_factory=dict)  # teacher -> bf16 [B, n_aug, D]
+    text_emb: dict[str, torch.Tensor] = field(default_factory=dict)  # teacher -> bf16 [B, D]
+    syn_emb: dict[str, dict[str, list[torch.Tensor]]] = field(
+        default_factory=dict
+    )  # teacher -> captioner -> [k_i, D] bf16
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -40,10 +51,19 @@ class ReinforcedRows:
     def slice(self, sl: slice) -> ReinforcedRows:
         """Rows ``sl`` (views of the same arrays), e.g. to write a large batch in pieces."""
         return ReinforcedRows(
-            self.keys[sl], self.uids[sl], self.urls[sl], self.image_sha256[sl], self.widths[sl], self.heights[sl],
-            self.captions[sl], self.aug_params[sl], {c: v[sl] for c, v in self.syn.items()},
-            {t: v[sl] for t, v in self.image_emb.items()}, {t: v[sl] for t, v in self.text_emb.items()},
-            {t: {c: v[sl] for c, v in d.items()} for t, d in self.syn_emb.items()})
+            self.keys[sl],
+            self.uids[sl],
+            self.urls[sl],
+            self.image_sha256[sl],
+            self.widths[sl],
+            self.heights[sl],
+            self.captions[sl],
+            self.aug_params[sl],
+            {c: v[sl] for c, v in self.syn.items()},
+            {t: v[sl] for t, v in self.image_emb.items()},
+            {t: v[sl] for t, v in self.text_emb.items()},
+            {t: {c: v[sl] for c, v in d.items()} for t, d in self.syn_emb.items()},
+        )
 
     def to_table(self, layout: ShardLayout, schema: pa.Schema) -> pa.Table:
         cols: dict[str, pa.Array] = {
@@ -78,12 +98,14 @@ def leaf_paths(field: pa.Field) -> list[str]:
     pyarrow matches per-column writer options (``use_byte_stream_split``, ``use_dictionary``)
     against these leaf paths: a top-level name of a nested column silently matches nothing.
     """
+
     def walk(path: str, t: pa.DataType) -> list[str]:
         if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
             return walk(f"{path}.list.element", t.value_type)
         if pa.types.is_struct(t):
             return [p for f in t for p in walk(f"{path}.{f.name}", f.type)]
         return [path]
+
     return walk(field.name, field.type)
 
 
@@ -104,9 +126,13 @@ class ShardWriter:
         numeric = _numeric_columns(self.schema)
         leaves = {f.name: leaf_paths(f) for f in self.schema}
         self._writer = pq.ParquetWriter(
-            sink, self.schema, compression="zstd", compression_level=compression_level,
-            use_dictionary=False,   # mostly-unique strings: plain + zstd is smaller (keys, URLs, captions)
-            use_byte_stream_split=[p for n in numeric for p in leaves[n]], write_statistics=["key"],
+            sink,
+            self.schema,
+            compression="zstd",
+            compression_level=compression_level,
+            use_dictionary=False,  # mostly-unique strings: plain + zstd is smaller (keys, URLs, captions)
+            use_byte_stream_split=[p for n in numeric for p in leaves[n]],
+            write_statistics=["key"],
         )
         self.rows = 0
 
@@ -131,20 +157,26 @@ def decode_table(table: pa.Table) -> tuple[ReinforcedRows, dict]:
     n = table.num_rows
     col = table.column
     rows = ReinforcedRows(
-        keys=col("key").to_pylist(), uids=col("uid").to_pylist(), urls=col("url").to_pylist(),
-        image_sha256=col("image_sha256").to_pylist(), widths=col("width").to_pylist(),
-        heights=col("height").to_pylist(), captions=col("caption").to_pylist(),
+        keys=col("key").to_pylist(),
+        uids=col("uid").to_pylist(),
+        urls=col("url").to_pylist(),
+        image_sha256=col("image_sha256").to_pylist(),
+        widths=col("width").to_pylist(),
+        heights=col("height").to_pylist(),
+        captions=col("caption").to_pylist(),
         aug_params=bf16.fsl_to_numpy(col("aug_params")).reshape(n, layout.n_aug, 8),
     )
     for cap in layout.captioners:
         rows.syn[cap] = col(syn_col(cap)).to_pylist()
     for t in layout.teachers:
-        rows.image_emb[t.id] = bf16.bits_to_bf16(
-            bf16.fsl_to_numpy(col(image_col(t.id, layout.n_aug, t.dim)))).reshape(n, layout.n_aug, t.dim)
+        rows.image_emb[t.id] = bf16.bits_to_bf16(bf16.fsl_to_numpy(col(image_col(t.id, layout.n_aug, t.dim)))).reshape(
+            n, layout.n_aug, t.dim
+        )
         rows.text_emb[t.id] = bf16.bits_to_bf16(bf16.fsl_to_numpy(col(text_col(t.id, t.dim))))
         rows.syn_emb[t.id] = {
             cap: [bf16.bits_to_bf16(a) for a in bf16.list_of_fsl_to_numpy(col(syn_emb_col(t.id, cap, t.dim)))]
-            for cap in layout.captioners}
+            for cap in layout.captioners
+        }
     return rows, meta
 
 
@@ -165,5 +197,13 @@ def column_bytes(source) -> dict[str, int]:
     return out
 
 
-__all__ = ["ReinforcedRows", "ShardWriter", "ShardLayout", "TeacherLayout", "read_table", "decode_table", "read_shard",
-           "column_bytes"]
+__all__ = [
+    "ReinforcedRows",
+    "ShardWriter",
+    "ShardLayout",
+    "TeacherLayout",
+    "read_table",
+    "decode_table",
+    "read_shard",
+    "column_bytes",
+]

@@ -4,12 +4,13 @@ The JSON file is the source of truth (language neutral); this module turns it in
 Arrow schema for a concrete ensemble (teacher ids and dims, captioner ids, n_aug) and
 names the per-teacher columns.
 """
+
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,19 +27,25 @@ def schema_path(name: str) -> Path:
     return data_root() / "schemas" / name
 
 
-@lru_cache(maxsize=None)
+@cache
 def contract(version: int = SCHEMA_VERSION) -> dict:
     return json.loads(schema_path(f"reinforced-v{version}.json").read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def json_schema(name: str, version: int = SCHEMA_VERSION) -> dict:
     """The JSON Schema of a marker (``shard-stats``) or a manifest (``manifest``)."""
     return json.loads(schema_path(f"{name}-v{version}.schema.json").read_text())
 
 
-_SIMPLE = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "uint16": pa.uint16(),
-           "float32": pa.float32(), "binary": pa.binary()}
+_SIMPLE = {
+    "string": pa.string(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "uint16": pa.uint16(),
+    "float32": pa.float32(),
+    "binary": pa.binary(),
+}
 
 
 def parse_type(text: str) -> pa.DataType:
@@ -64,6 +71,7 @@ class TeacherLayout:
 @dataclass(frozen=True)
 class ShardLayout:
     """What a concrete dataset's shards hold: n_aug, teachers (with dims), captioners."""
+
     n_aug: int
     teachers: tuple[TeacherLayout, ...]
     captioners: tuple[str, ...]
@@ -90,13 +98,14 @@ class ShardLayout:
 
     def arrow_schema(self, metadata: dict | None = None) -> pa.Schema:
         nullable = {col["name"]: col["nullable"] for col in contract()["columns"]}
-        schema = pa.schema([pa.field(n, parse_type(t), nullable=nullable.get(n, False))
-                            for n, t in self.fields().items()])
+        schema = pa.schema(
+            [pa.field(n, parse_type(t), nullable=nullable.get(n, False)) for n, t in self.fields().items()]
+        )
         if metadata is not None:
             schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
         return schema
 
-    def with_teacher(self, tl: TeacherLayout) -> "ShardLayout":
+    def with_teacher(self, tl: TeacherLayout) -> ShardLayout:
         return ShardLayout(self.n_aug, self.teachers + (tl,), self.captioners)
 
 
@@ -140,5 +149,7 @@ class NewerSchemaError(ValueError):
 def check_version(version: object, what: str) -> None:
     """Refuse data of a newer major schema version: its columns or fields may mean other things."""
     if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise NewerSchemaError(f"{what} has schema_version {version!r}; this dr_pipeline reads up to "
-                               f"{SCHEMA_VERSION}: upgrade dr_pipeline to read it")
+        raise NewerSchemaError(
+            f"{what} has schema_version {version!r}; this dr_pipeline reads up to "
+            f"{SCHEMA_VERSION}: upgrade dr_pipeline to read it"
+        )

@@ -12,6 +12,7 @@ datasets, training runs, exports. Promises:
   them, so a failing PUT is tried ``io_attempts`` times, not ``io_attempts x 5 x 5``;
 - ``calls`` counts storage round trips by operation (the driver-at-scale benchmark reports it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,6 +38,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Entry:
     """One listing entry: the base name, the size in bytes, whether it is a folder."""
+
     name: str
     size: int
     is_dir: bool = False
@@ -75,7 +77,7 @@ class Folder:
         self.retry = retry
         self.fs, self.path = fsspec.core.url_to_fs(self.root, **single_retry_budget(self.root, storage_options))
         if hasattr(self.fs, "retries") and "retries" not in self.storage_options:
-            self.fs.retries = 1     # s3fs's own retry loop (a class attribute, 5 by default)
+            self.fs.retries = 1  # s3fs's own retry loop (a class attribute, 5 by default)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.calls: Counter = Counter()
 
@@ -117,11 +119,13 @@ class Folder:
 
     def read_bytes(self, rel: str) -> bytes | None:
         """The file's bytes, or None if it does not exist."""
+
         def read():
             try:
                 return self.fs.cat_file(self._fresh(rel))
             except FileNotFoundError:
                 return None
+
         return self._io("read", rel, read)
 
     def read_json(self, rel: str) -> dict | None:
@@ -146,8 +150,11 @@ class Folder:
         for p in {posixpath.dirname(p) for p in paths}:
             self.fs.invalidate_cache(p)
         self.calls["read"] += len(rels)
-        got = retry_call(lambda: self.fs.cat(paths, on_error="return"), f"read {len(rels)} files in "
-                         f"{redact_url(self.root)}", self.retry)
+        got = retry_call(
+            lambda: self.fs.cat(paths, on_error="return"),
+            f"read {len(rels)} files in {redact_url(self.root)}",
+            self.retry,
+        )
         out: dict[str, bytes | None] = {}
         for r, p in zip(rels, paths):
             data = got.get(p) if isinstance(got, dict) else None
@@ -162,13 +169,17 @@ class Folder:
     def list(self, rel: str = "") -> list[Entry]:
         """The entries of folder ``rel`` with sizes, fresh; [] if it does not exist. One call
         (one paginated LIST on object stores) whatever the number of files."""
+
         def ls():
             try:
                 return self.fs.ls(self._fresh(rel), detail=True)
             except FileNotFoundError:
                 return []
-        return [Entry(posixpath.basename(e["name"].rstrip("/")), int(e.get("size") or 0),
-                      e.get("type") == "directory") for e in self._io("list", rel, ls)]
+
+        return [
+            Entry(posixpath.basename(e["name"].rstrip("/")), int(e.get("size") or 0), e.get("type") == "directory")
+            for e in self._io("list", rel, ls)
+        ]
 
     def open_local(self, rel: str, mode: str = "rb"):
         """Open ``rel`` with the builtin ``open`` (local folders only: appends, streaming reads)."""
@@ -182,6 +193,7 @@ class Folder:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.local:  # tmp + fsync + rename: readers never see a half-written file
+
             def write():
                 target = Path(self.path_of(rel))
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -194,9 +206,11 @@ class Folder:
                     os.replace(tmp, target)
                 finally:
                     tmp.unlink(missing_ok=True)
-        else:           # one PUT: object stores make it visible whole or not at all
+        else:  # one PUT: object stores make it visible whole or not at all
+
             def write():
                 self.fs.pipe_file(self.path_of(rel), data)
+
         self._io("write", rel, write)
 
     def write_json(self, rel: str, obj: object, indent: int | None = 1) -> None:
@@ -208,22 +222,27 @@ class Folder:
     def put_file(self, local_file: str, rel: str) -> None:
         """Move (local folder) or upload (object store) a finished local file to ``rel``."""
         if self.local:
+
             def place():
                 target = Path(self.path_of(rel))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(local_file, target)
         else:
+
             def place():
                 self.fs.put_file(local_file, self.path_of(rel))
+
         self._io("upload", rel, place)
 
     def remove(self, rel: str) -> None:
         """Remove a file; a missing file is fine."""
+
         def rm():
             try:
                 self.fs.rm_file(self.path_of(rel))
             except FileNotFoundError:
                 pass
+
         self._io("remove", rel, rm)
 
     def remove_many(self, rels: Iterable[str]) -> None:

@@ -14,6 +14,7 @@ The kind is read from the whole exception chain (``__cause__`` / ``__context__``
 reader's ``ShardReadError`` raised *from* a ``FileNotFoundError`` counts as permanent and an
 ``OSError(EIO)`` raised from an HTTP 500 counts as transient; a permanent link wins.
 """
+
 from __future__ import annotations
 
 import errno
@@ -45,9 +46,9 @@ class RetriesExhausted(RuntimeError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 6            # calls in all (1 = no retry)
-    base_s: float = 0.5          # first backoff ceiling; doubles per attempt
-    cap_s: float = 20.0          # longest single wait
+    attempts: int = 6  # calls in all (1 = no retry)
+    base_s: float = 0.5  # first backoff ceiling; doubles per attempt
+    cap_s: float = 20.0  # longest single wait
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))] (AWS architecture blog)."""
@@ -60,26 +61,93 @@ DEFAULT_POLICY = RetryPolicy()
 # ---------------------------------------------------------------------------- classification
 
 _PERMANENT_TYPES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-                     errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EINVAL}
-_TRANSIENT_ERRNOS = {errno.EIO, errno.EREMOTEIO, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
-                     errno.ETIMEDOUT, errno.EAGAIN, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH,
-                     errno.ENETDOWN, errno.ENETRESET, errno.EBUSY, errno.ESTALE, errno.EINTR}
-_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeoutException",
-                    "InternalError", "ServiceUnavailable", "TooManyRequests", "RequestLimitExceeded",
-                    "BandwidthLimitExceeded", "OperationAborted"}
-_PERMANENT_CODES = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                    "NoSuchBucket", "NoSuchKey", "NotFound", "InvalidBucketName", "ExpiredToken",
-                    "InvalidToken", "AccountProblem"}
+_PERMANENT_ERRNOS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENAMETOOLONG,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EINVAL,
+}
+_TRANSIENT_ERRNOS = {
+    errno.EIO,
+    errno.EREMOTEIO,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EAGAIN,
+    errno.EPIPE,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ENETDOWN,
+    errno.ENETRESET,
+    errno.EBUSY,
+    errno.ESTALE,
+    errno.EINTR,
+}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+    "TooManyRequests",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "OperationAborted",
+}
+_PERMANENT_CODES = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "NoSuchBucket",
+    "NoSuchKey",
+    "NotFound",
+    "InvalidBucketName",
+    "ExpiredToken",
+    "InvalidToken",
+    "AccountProblem",
+}
 # client-library errors that mean "the request never got a usable answer" (retry), and the
 # ones that mean "this can never work" (do not); matched by class name along the MRO
-_TRANSIENT_NAMES = {"HTTPClientError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
-                    "ConnectTimeoutError", "ProxyConnectionError", "ResponseStreamingError", "IncompleteReadError",
-                    "ClientConnectionError", "ClientPayloadError", "ServerDisconnectedError", "ServerTimeoutError",
-                    "IncompleteRead", "RemoteDisconnected", "ProtocolError", "ChunkedEncodingError",
-                    "ResponseParserError", "FSTimeoutError"}
-_PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "ParamValidationError", "NoRegionError",
-                    "UnknownServiceError", "InvalidConfigError", "ProfileNotFound"}
+_TRANSIENT_NAMES = {
+    "HTTPClientError",
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ProxyConnectionError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+    "ClientConnectionError",
+    "ClientPayloadError",
+    "ServerDisconnectedError",
+    "ServerTimeoutError",
+    "IncompleteRead",
+    "RemoteDisconnected",
+    "ProtocolError",
+    "ChunkedEncodingError",
+    "ResponseParserError",
+    "FSTimeoutError",
+}
+_PERMANENT_NAMES = {
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "ParamValidationError",
+    "NoRegionError",
+    "UnknownServiceError",
+    "InvalidConfigError",
+    "ProfileNotFound",
+}
 
 
 def http_status(e: BaseException) -> int | None:
@@ -167,10 +235,9 @@ def describe(e: BaseException) -> str:
     chain = _chain(e)
     status = next((s for s in map(http_status, chain) if s is not None), None)
     code = next((c for c in map(_error_code, chain) if c is not None), None)
-    if code == str(status):     # a HEAD error has no body: botocore uses the status as the code
+    if code == str(status):  # a HEAD error has no body: botocore uses the status as the code
         code = None
-    extra = " ".join(x for x in (f"HTTP {status}" if status is not None else "", code or "")
-                     if x and x not in msg)
+    extra = " ".join(x for x in (f"HTTP {status}" if status is not None else "", code or "") if x and x not in msg)
     return f"{msg} ({extra})" if extra else msg
 
 
@@ -185,8 +252,14 @@ def redact_url(url: str) -> str:
 
 # ---------------------------------------------------------------------------- retrying
 
-def retry_call(fn: Callable[[], T], what: str, policy: RetryPolicy | None = None,
-               sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> T:
+
+def retry_call(
+    fn: Callable[[], T],
+    what: str,
+    policy: RetryPolicy | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
+) -> T:
     """Call ``fn()``; retry transient errors with exponential backoff + full jitter.
 
     Permanent errors raise ``PermanentError("{what}: {Type}: {message}")`` at once; errors of
@@ -208,8 +281,14 @@ def retry_call(fn: Callable[[], T], what: str, policy: RetryPolicy | None = None
             if attempt >= policy.attempts:
                 raise RetriesExhausted(f"{what}: still failing after {attempt} attempts: {describe(e)}") from e
             wait = policy.delay(attempt, rng)
-            log.warning("%s: transient error (attempt %d/%d), retrying in %.2fs: %s",
-                        what, attempt, policy.attempts, wait, describe(e))
+            log.warning(
+                "%s: transient error (attempt %d/%d), retrying in %.2fs: %s",
+                what,
+                attempt,
+                policy.attempts,
+                wait,
+                describe(e),
+            )
             sleep(wait)
     raise AssertionError("unreachable")
 

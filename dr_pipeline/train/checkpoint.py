@@ -6,6 +6,7 @@ stream position), ``student`` (the spec to rebuild the model), ``teachers`` (ids
 logit scales used), ``config`` (the training config as a dict). ``latest.json`` names the
 newest one and is written after it, so it never points at a half-written file.
 """
+
 from __future__ import annotations
 
 import io
@@ -59,5 +60,7 @@ def load_checkpoint(url: str, storage_options: dict | None = None) -> dict:
         data = f.read()
     ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise ValueError(f"{url}: not a dr_pipeline training checkpoint (format {ck.get('format') if isinstance(ck, dict) else type(ck).__name__})")
+        raise ValueError(
+            f"{url}: not a dr_pipeline training checkpoint (format {ck.get('format') if isinstance(ck, dict) else type(ck).__name__})"
+        )
     return ck

@@ -4,6 +4,7 @@ Loaded with :func:`dr_pipeline.config.load_yaml`: unknown keys are an error. Eve
 is documented here; ``jobs/configs/train-tiny.yaml`` and ``train-mci0-dfndr.yaml`` are
 worked examples.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,19 +26,21 @@ class StudentConfig:
     registered with ``open_clip.add_model_config``), built with random weights; its image size
     and context length come from the open_clip config unless set here.
     """
+
     arch: str = "mci0"
-    image_size: int | None = None          # 256 for MCi, 64 for tiny
-    context_length: int | None = None      # 77 for MCi, 32 for tiny
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)   # MobileCLIP2 students: no normalization
+    image_size: int | None = None  # 256 for MCi, 64 for tiny
+    context_length: int | None = None  # 77 for MCi, 32 for tiny
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # MobileCLIP2 students: no normalization
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    init_logit_scale: float = 1 / 0.07     # learned; stored as its log; clamped to max_logit_scale
+    init_logit_scale: float = 1 / 0.07  # learned; stored as its log; clamped to max_logit_scale
     max_logit_scale: float = 100.0
-    grad_checkpointing: bool = False       # recompute activations in backward (timm / open_clip towers)
+    grad_checkpointing: bool = False  # recompute activations in backward (timm / open_clip towers)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS and not _is_open_clip_model(self.arch):
-            raise ConfigError(f"student.arch must be one of {', '.join(ARCHS)} or an open_clip model name "
-                              f"(got {self.arch!r})")
+            raise ConfigError(
+                f"student.arch must be one of {', '.join(ARCHS)} or an open_clip model name (got {self.arch!r})"
+            )
         if self.image_size is not None and self.image_size < 32:
             raise ConfigError(f"student.image_size must be >= 32 (got {self.image_size})")
         if not (0 < self.init_logit_scale <= self.max_logit_scale):
@@ -56,6 +59,7 @@ class SourceConfig:
     in DataConfig; ``None`` takes DataConfig's value. ``upsampling_factor``: how often its shards
     are visited relative to a factor-1 source (per epoch: ``floor(f)`` visits plus one more with
     probability ``f - floor(f)``; with ``resampled``, the shard draw weight)."""
+
     reinforced: str | tuple[str, ...]
     base: str | tuple[str, ...] | None = None
     storage_options: dict[str, Any] | None = None
@@ -73,6 +77,7 @@ class SourceConfig:
 @dataclass(frozen=True)
 class ForeignTeacher:
     """A teacher inside DataCompDR-layout tars, where teachers are concatenated along D."""
+
     id: str
     dim: int
     logit_scale: float = 100.0
@@ -102,26 +107,27 @@ class DataConfig:
     probability and else the GT one (the synthetic-caption loss term is then dropped, as
     Apple's "no double loss": ``loss.syn_weight`` is ignored).
     """
+
     reinforced: str | tuple[str, ...]
     base: str | tuple[str, ...] | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
-    teachers: tuple[str, ...] | None = None       # teacher ids to distill from (None: every teacher in the data)
-    captioners: tuple[str, ...] | None = None     # synthetic-caption sources (None: all)
-    foreign_teachers: tuple[ForeignTeacher, ...] = ()   # DataCompDR tars: teacher ids + dims in concat order
-    foreign_aug: AugSpec = field(default_factory=AugSpec)   # DataCompDR magnitudes are at foreign_aug.size
-    exclude_shards: tuple[str, ...] = ()          # shard names held out (e.g. for evaluation)
+    teachers: tuple[str, ...] | None = None  # teacher ids to distill from (None: every teacher in the data)
+    captioners: tuple[str, ...] | None = None  # synthetic-caption sources (None: all)
+    foreign_teachers: tuple[ForeignTeacher, ...] = ()  # DataCompDR tars: teacher ids + dims in concat order
+    foreign_aug: AugSpec = field(default_factory=AugSpec)  # DataCompDR magnitudes are at foreign_aug.size
+    exclude_shards: tuple[str, ...] = ()  # shard names held out (e.g. for evaluation)
     join_key: str = "key"
-    verify_sha256: bool = True                    # Parquet rows: base image bytes must hash to image_sha256
-    resampled: bool = False                       # draw shards with replacement (long runs, many ranks)
-    shuffle_shards: bool = True                   # per-epoch shard order from (seed, epoch)
-    num_workers: int = 2                          # DataLoader workers per rank
-    worker_chunk: int = 16                        # consecutive samples a worker decodes and ships together
-    upsampling_factor: float = 1.0                # of this source, relative to extra_sources' factors
+    verify_sha256: bool = True  # Parquet rows: base image bytes must hash to image_sha256
+    resampled: bool = False  # draw shards with replacement (long runs, many ranks)
+    shuffle_shards: bool = True  # per-epoch shard order from (seed, epoch)
+    num_workers: int = 2  # DataLoader workers per rank
+    worker_chunk: int = 16  # consecutive samples a worker decodes and ships together
+    upsampling_factor: float = 1.0  # of this source, relative to extra_sources' factors
     extra_sources: tuple[SourceConfig, ...] = ()
-    syn_key_regex: str | None = None              # synthetic-caption keys to use: re.match (Apple's option)
-    sample_sequential: bool = False               # visit v: aug v % N, caption v % k (Apple's option)
-    mix_synthetic_ratio: float | None = None      # one caption per sample: synthetic w.p. ratio (Apple's)
-    cache_images: bool = False                    # decode each base image once, keep it in memory (small sets)
+    syn_key_regex: str | None = None  # synthetic-caption keys to use: re.match (Apple's option)
+    sample_sequential: bool = False  # visit v: aug v % N, caption v % k (Apple's option)
+    mix_synthetic_ratio: float | None = None  # one caption per sample: synthetic w.p. ratio (Apple's)
+    cache_images: bool = False  # decode each base image once, keep it in memory (small sets)
 
     def __post_init__(self) -> None:
         if self.join_key not in ("key", "uid"):
@@ -134,7 +140,9 @@ class DataConfig:
             try:
                 re.compile(self.syn_key_regex)
             except re.error as e:
-                raise ConfigError(f"data.syn_key_regex {self.syn_key_regex!r} is not a regular expression: {e}") from None
+                raise ConfigError(
+                    f"data.syn_key_regex {self.syn_key_regex!r} is not a regular expression: {e}"
+                ) from None
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
         if self.worker_chunk < 1:
@@ -149,12 +157,13 @@ class DataConfig:
 @dataclass(frozen=True)
 class LossConfig:
     """L = Σ_c w_c [(1−λ)·L_CLIP^c + λ·L_Distill^c] over caption kinds c ∈ {gt, syn} (docs/reference.md#loss)."""
-    lam: float = 1.0                     # λ: distillation weight; the CLIP loss gets 1 − λ
-    gt_weight: float = 1.0               # ground-truth caption terms
-    syn_weight: float = 1.0              # synthetic caption terms
-    teacher_logit_scales: dict[str, float] = field(default_factory=dict)   # override the shards' scales
-    local_loss: bool = False             # rows of the local batch only (same value/gradients, less memory)
-    kd_form: str = "summed"              # summed: Σ_k KL (paper) | apple: CE with the averaged teacher softmax
+
+    lam: float = 1.0  # λ: distillation weight; the CLIP loss gets 1 − λ
+    gt_weight: float = 1.0  # ground-truth caption terms
+    syn_weight: float = 1.0  # synthetic caption terms
+    teacher_logit_scales: dict[str, float] = field(default_factory=dict)  # override the shards' scales
+    local_loss: bool = False  # rows of the local batch only (same value/gradients, less memory)
+    kd_form: str = "summed"  # summed: Σ_k KL (paper) | apple: CE with the averaged teacher softmax
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -174,7 +183,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-6
     grad_clip: float | None = 1.0
-    ema_decay: float | None = None       # e.g. 0.9995 (MobileCLIP2-S0); None: no EMA
+    ema_decay: float | None = None  # e.g. 0.9995 (MobileCLIP2-S0); None: no EMA
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -192,9 +201,10 @@ class EvalConfig:
     """Zero-shot evaluation during training (``dr eval``'s code) on a labelled image folder
     (``DATA/<class>/*.jpg``) or base shards with synthetic-corpus labels, every ``every`` steps
     and at the end; results go to metrics.jsonl (``eval/<task>/top1``) and TensorBoard."""
+
     data: str
     every: int = 1000
-    limit: int | None = None             # at most this many samples of shard data
+    limit: int | None = None  # at most this many samples of shard data
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -203,22 +213,22 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    out_dir: str                          # checkpoints/, metrics.jsonl, curve.png, train_config.yaml
+    out_dir: str  # checkpoints/, metrics.jsonl, curve.png, train_config.yaml
     data: DataConfig
     steps: int
-    batch_size: int                       # per rank and micro-batch; global = batch_size × accum_steps × world
+    batch_size: int  # per rank and micro-batch; global = batch_size × accum_steps × world
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    seed: int = 0                         # augmentation / caption choice and model init
-    precision: str = "auto"               # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
-    device: str = "auto"                  # auto | cpu | cuda
-    checkpoint_every: int = 1000          # steps; a checkpoint is also written at the end
-    keep_checkpoints: int = 0             # keep the newest N step checkpoints (0: keep all)
+    seed: int = 0  # augmentation / caption choice and model init
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
+    keep_checkpoints: int = 0  # keep the newest N step checkpoints (0: keep all)
     log_every: int = 10
-    accum_steps: int = 1                  # micro-batches per step; the loss sees all of them (open_clip accum_freq)
-    tensorboard: bool = False             # event files in <out_dir>/tensorboard (needs the tensorboard package)
-    wandb_project: str | None = None      # also log to Weights & Biases (needs wandb)
+    accum_steps: int = 1  # micro-batches per step; the loss sees all of them (open_clip accum_freq)
+    tensorboard: bool = False  # event files in <out_dir>/tensorboard (needs the tensorboard package)
+    wandb_project: str | None = None  # also log to Weights & Biases (needs wandb)
     eval: EvalConfig | None = None
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ caption do not match, a row with inconsistent counts, an undecodable image or a
 reinforcement row without a base record is never trained on and never shifts the pairing;
 each is counted by reason in ``TrainStream.skipped``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,6 +64,7 @@ Item = dict[str, Any]
 @dataclass(frozen=True)
 class StreamState:
     """Where a rank's stream stands: the next slot to read is (epoch, shard, record)."""
+
     epoch: int = 0
     shard: int = 0
     record: int = 0
@@ -95,8 +97,9 @@ def epoch_visits(plan: DataPlan, seed: int, epoch: int) -> list[ShardPair]:
     return _numbered(out)
 
 
-def rank_shards(plan: DataPlan, cfg: DataConfig, seed: int, epoch: int, rank: int,
-                world: int) -> tuple[list[ShardPair], bool]:
+def rank_shards(
+    plan: DataPlan, cfg: DataConfig, seed: int, epoch: int, rank: int, world: int
+) -> tuple[list[ShardPair], bool]:
     """The rank's shards for ``epoch`` and whether their records are striped across ranks."""
     if cfg.resampled:
         pairs = list(plan.pairs)
@@ -122,6 +125,7 @@ def rank_shards(plan: DataPlan, cfg: DataConfig, seed: int, epoch: int, rank: in
 class Decoded:
     """A base image decoded once (``ImageCache``): the image (None: undecodable) and the sha256
     of its stored bytes."""
+
     image: Image.Image | None
     sha256: str
 
@@ -133,7 +137,7 @@ class ImageCache:
 
     def __init__(self) -> None:
         self.shards: dict[str, tuple[list[tuple[Sample | Rejected, Decoded | None]], ShardReadError | None]] = {}
-        self.tokens: dict[str, torch.Tensor] = {}      # caption -> [ctx] tokens, filled by each worker
+        self.tokens: dict[str, torch.Tensor] = {}  # caption -> [ctx] tokens, filled by each worker
 
     def fill(self, plan: DataPlan) -> ImageCache:
         for pair in plan.pairs:
@@ -153,8 +157,9 @@ class ImageCache:
                         img: Image.Image | None = decode_image(rec.image)
                     except ImageRejected:
                         img = None
-                    recs.append((dataclasses.replace(rec, image=None),
-                                 Decoded(img, hashlib.sha256(rec.image).hexdigest())))
+                    recs.append(
+                        (dataclasses.replace(rec, image=None), Decoded(img, hashlib.sha256(rec.image).hexdigest()))
+                    )
             except ShardReadError as e:
                 error = e
             self.shards[url] = (recs, error)
@@ -177,9 +182,19 @@ class JoinedDataset(IterableDataset):
     item of exactly one worker, in the order the in-order DataLoader fetches them, the
     flattened stream (``unchunk``) is the rank's slots in sequence for any worker count."""
 
-    def __init__(self, plan: DataPlan, cfg: DataConfig, seed: int, image_size: int, context_length: int,
-                 rank: int = 0, world: int = 1, start: StreamState = StreamState(), epochs: int | None = None,
-                 cache: ImageCache | None = None):
+    def __init__(
+        self,
+        plan: DataPlan,
+        cfg: DataConfig,
+        seed: int,
+        image_size: int,
+        context_length: int,
+        rank: int = 0,
+        world: int = 1,
+        start: StreamState = StreamState(),
+        epochs: int | None = None,
+        cache: ImageCache | None = None,
+    ):
         super().__init__()
         self.plan, self.cfg, self.seed = plan, cfg, seed
         self.image_size, self.context_length = image_size, context_length
@@ -193,7 +208,7 @@ class JoinedDataset(IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         size = self.cfg.worker_chunk
-        chunk, filled, mine = 0, 0, []                 # chunks since `start`; slots in the open one
+        chunk, filled, mine = 0, 0, []  # chunks since `start`; slots in the open one
         epoch = self.start.epoch
         while self.epochs is None or epoch < self.start.epoch + self.epochs:
             shards, striped = rank_shards(self.plan, self.cfg, self.seed, epoch, self.rank, self.world)
@@ -212,7 +227,7 @@ class JoinedDataset(IterableDataset):
                         if chunk % nw == wid:
                             yield _pack(mine)
                         chunk, filled, mine = chunk + 1, 0, []
-            if filled:                                 # close the epoch's last, shorter chunk
+            if filled:  # close the epoch's last, shorter chunk
                 if chunk % nw == wid:
                     yield _pack(mine)
                 chunk, filled, mine = chunk + 1, 0, []
@@ -227,8 +242,11 @@ class JoinedDataset(IterableDataset):
         index = load_index(pair, self.plan, self.seed, epoch, src.join_key, so, lazy=True)
         matched: set[str] = set()
         j = 0
-        base = (self.cache.records(pair.base_url, so) if self.cache is not None
-                else ((rec, None) for rec in iter_shard(pair.base_url, so)))
+        base = (
+            self.cache.records(pair.base_url, so)
+            if self.cache is not None
+            else ((rec, None) for rec in iter_shard(pair.base_url, so))
+        )
         try:
             for rec, dec in base:
                 jk = rec.key if isinstance(rec, Rejected) or src.join_key == "key" else rec.uid
@@ -243,15 +261,22 @@ class JoinedDataset(IterableDataset):
             if j >= first:
                 yield j, (lambda: _skip(pair.name, "?", "base_unreadable"))
             j += 1
-        for key in index.entries:                      # reinforcement rows without a base record
+        for key in index.entries:  # reinforcement rows without a base record
             if key not in matched:
                 if j >= first:
                     yield j, (lambda key=key: _skip(pair.name, key, "missing_base"))
                 j += 1
 
     # ------------------------------------------------------------------ one sample
-    def _item(self, pair: ShardPair, rec: Sample | Rejected, jk: str | None, dup: bool, index: ShardIndex,
-              dec: Decoded | None = None) -> Item:
+    def _item(
+        self,
+        pair: ShardPair,
+        rec: Sample | Rejected,
+        jk: str | None,
+        dup: bool,
+        index: ShardIndex,
+        dec: Decoded | None = None,
+    ) -> Item:
         if isinstance(rec, Rejected):
             return _skip(pair.name, rec.key, f"base_{rec.reason}")
         if jk is None:
@@ -264,22 +289,25 @@ class JoinedDataset(IterableDataset):
         if entry.error:
             return _skip(pair.name, rec.key, entry.error)
         caption = rec.caption
-        if entry.caption is not None:   # Parquet: the (cleaned) caption the teachers embedded
+        if entry.caption is not None:  # Parquet: the (cleaned) caption the teachers embedded
             if clean_caption(rec.caption) != entry.caption:
                 return _skip(pair.name, rec.key, "mismatched_caption")
             caption = entry.caption
         if not caption:
             return _skip(pair.name, rec.key, "no_caption")
-        if self.cfg.verify_sha256 and entry.sha256 and \
-                (dec.sha256 if dec is not None else hashlib.sha256(rec.image).hexdigest()) != entry.sha256:
+        if (
+            self.cfg.verify_sha256
+            and entry.sha256
+            and (dec.sha256 if dec is not None else hashlib.sha256(rec.image).hexdigest()) != entry.sha256
+        ):
             return _skip(pair.name, rec.key, "mismatched_image")
-        if dec is not None:                   # cache_images: decoded once, by the same decoder
+        if dec is not None:  # cache_images: decoded once, by the same decoder
             if dec.image is None:
                 return _skip(pair.name, rec.key, "bad_image")
             img = dec.image
         else:
             try:
-                img = decode_image(rec.image)     # the exact decode the teachers' views were made from
+                img = decode_image(rec.image)  # the exact decode the teachers' views were made from
             except ImageRejected:
                 return _skip(pair.name, rec.key, "bad_image")
         if entry.width is not None and (img.width, img.height) != (entry.width, entry.height):
@@ -293,14 +321,18 @@ class JoinedDataset(IterableDataset):
         except Exception:  # noqa: BLE001 - an odd image mode / palette must not stop training
             return _skip(pair.name, rec.key, "bad_image")
         syn = entry.syn_caption if entry.syn_caption is not None else caption
-        if entry.mixed:                 # mix_synthetic_ratio: this visit trains on the synthetic caption
+        if entry.mixed:  # mix_synthetic_ratio: this visit trains on the synthetic caption
             caption = syn
         return {
-            "key": rec.key, "shard": pair.name, "image": image,
+            "key": rec.key,
+            "shard": pair.name,
+            "image": image,
             "tokens": self._tokens(caption, syn),
             "teachers": {t: torch.from_numpy(v) for t, v in entry.emb.items()},
-            "aug_index": entry.aug_index, "syn_index": entry.syn_index,
-            "caption": caption, "syn_caption": syn,
+            "aug_index": entry.aug_index,
+            "syn_index": entry.syn_index,
+            "caption": caption,
+            "syn_caption": syn,
         }
 
     def _tokens(self, caption: str, syn: str) -> torch.Tensor:
@@ -332,8 +364,10 @@ def _identity(x: Item) -> Item:
 def _pack(items: list[Item]) -> Item:
     """A worker's chunk: every slot's (position, skip reason, key), the samples collated."""
     samples = [it for it in items if "skip" not in it]
-    return {"slots": [(it["pos"], it.get("skip"), it["key"]) for it in items],
-            "data": collate(samples) if samples else None}
+    return {
+        "slots": [(it["pos"], it.get("skip"), it["key"]) for it in items],
+        "data": collate(samples) if samples else None,
+    }
 
 
 def unchunk(items: Iterator[Item]) -> Iterator[Item]:
@@ -347,10 +381,18 @@ def unchunk(items: Iterator[Item]) -> Iterator[Item]:
             if skip is not None:
                 yield {"skip": skip, "key": key, "pos": pos}
                 continue
-            yield {"pos": pos, "key": key, "image": data["image"][i], "tokens": data["tokens"][i],
-                   "teachers": {t: v[i] for t, v in data["teachers"].items()},
-                   "aug_index": int(data["aug_index"][i]), "syn_index": int(data["syn_index"][i]),
-                   "caption": data["captions"][i], "syn_caption": data["syn_captions"][i], "shard": data["shards"][i]}
+            yield {
+                "pos": pos,
+                "key": key,
+                "image": data["image"][i],
+                "tokens": data["tokens"][i],
+                "teachers": {t: v[i] for t, v in data["teachers"].items()},
+                "aug_index": int(data["aug_index"][i]),
+                "syn_index": int(data["syn_index"][i]),
+                "caption": data["captions"][i],
+                "syn_caption": data["syn_captions"][i],
+                "shard": data["shards"][i],
+            }
             i += 1
 
 
@@ -379,24 +421,50 @@ class TrainStream:
     ``max_empty_epochs`` epochs in a row without a usable sample raise (never a silent hang).
     """
 
-    def __init__(self, plan: DataPlan, cfg: DataConfig, seed: int, batch_size: int, image_size: int,
-                 context_length: int, rank: int = 0, world: int = 1, state: StreamState = StreamState(),
-                 pin_memory: bool = False, max_empty_epochs: int = 3):
+    def __init__(
+        self,
+        plan: DataPlan,
+        cfg: DataConfig,
+        seed: int,
+        batch_size: int,
+        image_size: int,
+        context_length: int,
+        rank: int = 0,
+        world: int = 1,
+        state: StreamState = StreamState(),
+        pin_memory: bool = False,
+        max_empty_epochs: int = 3,
+    ):
         self.plan, self.cfg, self.seed, self.batch_size = plan, cfg, seed, batch_size
         self.image_size, self.context_length = image_size, context_length
         self.rank, self.world, self.state = rank, world, state
         self.pin_memory, self.max_empty_epochs = pin_memory, max_empty_epochs
         self.skipped: Counter[str] = Counter()
         self.samples = 0
-        tokenize(["warm up"], context_length)          # load the BPE once here; forked workers inherit it
-        self.cache = ImageCache().fill(plan) if cfg.cache_images else None   # before the workers fork
+        tokenize(["warm up"], context_length)  # load the BPE once here; forked workers inherit it
+        self.cache = ImageCache().fill(plan) if cfg.cache_images else None  # before the workers fork
 
     def items(self) -> Iterator[Item]:
-        ds = JoinedDataset(self.plan, self.cfg, self.seed, self.image_size, self.context_length,
-                           self.rank, self.world, self.state, cache=self.cache)
+        ds = JoinedDataset(
+            self.plan,
+            self.cfg,
+            self.seed,
+            self.image_size,
+            self.context_length,
+            self.rank,
+            self.world,
+            self.state,
+            cache=self.cache,
+        )
         nw = self.cfg.num_workers
-        loader = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity,
-                            prefetch_factor=4 if nw else None, pin_memory=self.pin_memory)
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=nw,
+            collate_fn=_identity,
+            prefetch_factor=4 if nw else None,
+            pin_memory=self.pin_memory,
+        )
         return unchunk(iter(loader))
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], StreamState]]:
@@ -413,7 +481,8 @@ class TrainStream:
                 if empty >= self.max_empty_epochs:
                     raise RuntimeError(
                         f"rank {self.rank}: {empty} epoch(s) in a row gave no usable sample "
-                        f"(skips so far: {dict(self.skipped)}); check data.base / data.reinforced pairing")
+                        f"(skips so far: {dict(self.skipped)}); check data.base / data.reinforced pairing"
+                    )
                 continue
             if "skip" in item:
                 self.skipped[item["skip"]] += 1

@@ -1,4 +1,5 @@
 """Process-group setup for torchrun / Ray Train, and small collectives on plain ints."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ class DistEnv:
     world: int
     local_rank: int
     device: torch.device
-    owns_group: bool            # we created the process group (so we destroy it)
+    owns_group: bool  # we created the process group (so we destroy it)
 
     @property
     def is_main(self) -> bool:
@@ -67,8 +68,9 @@ def mean_across_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float
     if env.world == 1 or not values:
         return values
     names = sorted(values)
-    t = torch.tensor([values[n] for n in names], dtype=torch.float64,
-                     device=env.device if env.device.type == "cuda" else "cpu")
+    t = torch.tensor(
+        [values[n] for n in names], dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu"
+    )
     dist.all_reduce(t)
     return {n: float(v) / env.world for n, v in zip(names, t.tolist())}
 

@@ -11,6 +11,7 @@ Images are resized (shortest side) and center-cropped to the student resolution.
 student is re-parameterized first (identical outputs, faster); the EMA weights are used when
 the checkpoint has them.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class EvalData:
-    pairs: list[tuple[bytes, str]] = field(default_factory=list)                   # retrieval
+    pairs: list[tuple[bytes, str]] = field(default_factory=list)  # retrieval
     tasks: dict[str, tuple[list[bytes], list[int], list[str]]] = field(default_factory=dict)  # images, labels, classes
 
 
@@ -56,10 +57,12 @@ def load_student(checkpoint: str, device: torch.device | str = "cpu", use_ema: b
 
 # --------------------------------------------------------------------------- data
 
+
 def _is_image_folder(data: str) -> bool:
     p = Path(data)
-    return p.is_dir() and any(c.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in c.iterdir())
-                              for c in p.iterdir())
+    return p.is_dir() and any(
+        c.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in c.iterdir()) for c in p.iterdir()
+    )
 
 
 def load_eval_data(data: str, storage_options: dict | None = None, limit: int | None = None) -> EvalData:
@@ -94,7 +97,7 @@ def load_eval_data(data: str, storage_options: dict | None = None, limit: int | 
                 break
     for task, (images, names) in labelled.items():
         classes = sorted(set(names) | _known_classes(task, names))
-        if images and len(classes) >= 2:          # unlabelled (real) shards: no zero-shot task
+        if images and len(classes) >= 2:  # unlabelled (real) shards: no zero-shot task
             out.tasks[task] = (images, [classes.index(n) for n in names], classes)
     return out
 
@@ -109,6 +112,7 @@ def _known_classes(task: str, names: list[str]) -> set[str]:
 
 # --------------------------------------------------------------------------- metrics
 
+
 def _decode(b: bytes, size: int) -> torch.Tensor:
     return center_view(decode_image(b), size)
 
@@ -116,16 +120,20 @@ def _decode(b: bytes, size: int) -> torch.Tensor:
 @torch.no_grad()
 def embed_images(model: Student, images: Sequence[bytes], batch_size: int = 64) -> torch.Tensor:
     dev = next(model.parameters()).device
-    feats = [model.encode_image(torch.stack([_decode(b, model.spec.image_size) for b in images[i:i + batch_size]]).to(dev))
-             for i in range(0, len(images), batch_size)]
+    feats = [
+        model.encode_image(torch.stack([_decode(b, model.spec.image_size) for b in images[i : i + batch_size]]).to(dev))
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(feats).float().cpu()
 
 
 @torch.no_grad()
 def embed_texts(model: Student, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     dev = next(model.parameters()).device
-    feats = [model.encode_text(tokenize(list(texts[i:i + batch_size]), model.spec.context_length).to(dev))
-             for i in range(0, len(texts), batch_size)]
+    feats = [
+        model.encode_text(tokenize(list(texts[i : i + batch_size]), model.spec.context_length).to(dev))
+        for i in range(0, len(texts), batch_size)
+    ]
     return torch.cat(feats).float().cpu()
 
 
@@ -136,22 +144,27 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, ks: Sequence[int] = 
     target = torch.arange(n)
     out = {}
     for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
-        rank = (s > s[target, target].unsqueeze(1)).sum(1)       # how many beat the true match
+        rank = (s > s[target, target].unsqueeze(1)).sum(1)  # how many beat the true match
         for k in ks:
             out[f"{name}_R@{k}"] = float((rank < k).float().mean())
     return out
 
 
-def zero_shot_metrics(model: Student, img: torch.Tensor, labels: Sequence[int], classes: Sequence[str],
-                      templates: Sequence[str]) -> dict[str, float]:
+def zero_shot_metrics(
+    model: Student, img: torch.Tensor, labels: Sequence[int], classes: Sequence[str], templates: Sequence[str]
+) -> dict[str, float]:
     cls = []
     for c in classes:
         e = embed_texts(model, [t.format(c) for t in templates]).mean(0)
         cls.append(e / e.norm())
     logits = img @ torch.stack(cls).T
     y = torch.tensor(list(labels))
-    out = {"top1": float((logits.argmax(1) == y).float().mean()), "n": len(y), "n_classes": len(classes),
-           "chance": 1.0 / len(classes)}
+    out = {
+        "top1": float((logits.argmax(1) == y).float().mean()),
+        "n": len(y),
+        "n_classes": len(classes),
+        "chance": 1.0 / len(classes),
+    }
     if len(classes) >= 5:
         out["top5"] = float((logits.topk(5, dim=1).indices == y.unsqueeze(1)).any(1).float().mean())
     return out
@@ -170,8 +183,10 @@ def evaluate(checkpoint: str, data: str, device: str | None = None, limit: int |
     return res
 
 
-RETRIEVAL_ONLY = ("retrieval only: the data has no labelled images (zero-shot needs an image folder "
-                  "DATA/<class>/* or synthetic-corpus labels)")
+RETRIEVAL_ONLY = (
+    "retrieval only: the data has no labelled images (zero-shot needs an image folder "
+    "DATA/<class>/* or synthetic-corpus labels)"
+)
 
 
 def evaluate_model(model: Student, ed: EvalData) -> dict:
@@ -183,8 +198,9 @@ def evaluate_model(model: Student, ed: EvalData) -> dict:
         res["retrieval"] = {"n": len(ed.pairs), **retrieval_metrics(img, embed_texts(model, [p[1] for p in ed.pairs]))}
     res["zeroshot"] = {}
     for task, (images, labels, classes) in ed.tasks.items():
-        res["zeroshot"][task] = zero_shot_metrics(model, embed_images(model, images), labels, classes,
-                                                  TEMPLATES.get(task, TEMPLATES["folder"]))
+        res["zeroshot"][task] = zero_shot_metrics(
+            model, embed_images(model, images), labels, classes, TEMPLATES.get(task, TEMPLATES["folder"])
+        )
     return res
 
 
@@ -199,8 +215,10 @@ def format_table(res: dict) -> str:
         lines.append(f"{'zero-shot':<26}{'top1':>8}{'top5':>8}{'chance':>8}{'n':>6}")
         for task, z in res["zeroshot"].items():
             top5 = f"{z['top5']:>8.3f}" if "top5" in z else f"{'-':>8}"
-            lines.append(f"  {task + ' (' + str(z['n_classes']) + ' classes)':<24}{z['top1']:>8.3f}{top5}"
-                         f"{z['chance']:>8.3f}{z['n']:>6}")
+            lines.append(
+                f"  {task + ' (' + str(z['n_classes']) + ' classes)':<24}{z['top1']:>8.3f}{top5}"
+                f"{z['chance']:>8.3f}{z['n']:>6}"
+            )
     if res.get("note"):
         lines.append(res["note"])
     return "\n".join(lines)

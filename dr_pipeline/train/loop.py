@@ -18,6 +18,7 @@ Optional logging beside metrics.jsonl: TensorBoard event files (``tensorboard: t
 Weights & Biases (``wandb_project``); ``eval`` runs ``dr eval``'s zero-shot / retrieval
 metrics every ``eval.every`` steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,7 +80,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 class TrainResult:
     step: int
     checkpoint: str | None
-    losses: list[float] = field(default_factory=list)      # per step of this run, this rank's value
+    losses: list[float] = field(default_factory=list)  # per step of this run, this rank's value
     skipped: dict[str, int] = field(default_factory=dict)
     samples: int = 0
 
@@ -98,15 +99,17 @@ class Trainer:
         self.scales = {t.id: float(cfg.loss.teacher_logit_scales.get(t.id, t.logit_scale)) for t in self.plan.teachers}
         # mix_synthetic_ratio: one caption per sample, so no separate synthetic-caption term (Apple)
         syn_weight = 0.0 if cfg.data.mix_synthetic_ratio is not None else cfg.loss.syn_weight
-        self.loss_fn = DistillClipLoss(self.scales, cfg.loss.lam, cfg.loss.gt_weight, syn_weight,
-                                       cfg.loss.local_loss, cfg.loss.kd_form)
+        self.loss_fn = DistillClipLoss(
+            self.scales, cfg.loss.lam, cfg.loss.gt_weight, syn_weight, cfg.loss.local_loss, cfg.loss.kd_form
+        )
         self.student: Student = build_student(self.spec, seed=cfg.seed).to(env.device)
         if cfg.student.grad_checkpointing:
             self.student.set_grad_checkpointing(True)
         self.ema = self._new_ema() if cfg.optim.ema_decay else None
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(param_groups(self.student, o.weight_decay), lr=o.lr, betas=o.betas,
-                                           eps=o.eps)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.student, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps
+        )
         self.step, state = 0, StreamState()
         path = ckpt.resolve(resume if resume not in (None, "latest") else cfg.out_dir) if resume else None
         if resume and resume != "latest" and path is None:
@@ -120,9 +123,18 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(self.student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        self.stream = TrainStream(self.plan, cfg.data, cfg.seed, cfg.batch_size, self.spec.image_size,
-                                  self.spec.context_length, env.rank, env.world, state,
-                                  pin_memory=env.device.type == "cuda")
+        self.stream = TrainStream(
+            self.plan,
+            cfg.data,
+            cfg.seed,
+            cfg.batch_size,
+            self.spec.image_size,
+            self.spec.context_length,
+            env.rank,
+            env.world,
+            state,
+            pin_memory=env.device.type == "cuda",
+        )
         self.amp = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
         self.metrics = MetricsLog(self.out, self.step if path else None) if env.is_main else None
         if env.is_main:
@@ -145,8 +157,10 @@ class Trainer:
     def _load(self, path: str) -> StreamState:
         ck = ckpt.load_checkpoint(path)
         if ck["student"] != self.spec.to_dict():
-            raise ConfigError(f"{path} holds a different student ({ck['student']['arch']}, "
-                              f"image {ck['student']['image_size']}) than the config")
+            raise ConfigError(
+                f"{path} holds a different student ({ck['student']['arch']}, "
+                f"image {ck['student']['image_size']}) than the config"
+            )
         self.student.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         if self.ema is not None:
@@ -157,8 +171,12 @@ class Trainer:
             state = StreamState(*data["states"][self.env.rank])
         else:  # positions are per rank: with another world size, continue at the next epoch
             state = StreamState(max(s[0] for s in data["states"]) + 1, 0, 0)
-            log.warning("checkpoint from %d rank(s), running %d: data restarts at epoch %d",
-                        data["world"], self.env.world, state.epoch)
+            log.warning(
+                "checkpoint from %d rank(s), running %d: data restarts at epoch %d",
+                data["world"],
+                self.env.world,
+                state.epoch,
+            )
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, self.step)
         return state
@@ -170,8 +188,11 @@ class Trainer:
         images = batch["image"].to(dev, non_blocking=True)
         tokens = batch["tokens"].to(dev, non_blocking=True)
         text = torch.cat([tokens[:, KINDS.index(c)] for c in kinds])
-        teachers = {t: {"image": v[:, 0].to(dev), "gt": v[:, 1].to(dev), "syn": v[:, 2].to(dev)}
-                    for t, v in batch["teachers"].items() if t in self.scales}
+        teachers = {
+            t: {"image": v[:, 0].to(dev), "gt": v[:, 1].to(dev), "syn": v[:, 2].to(dev)}
+            for t, v in batch["teachers"].items()
+            if t in self.scales
+        }
         return images, text, teachers
 
     def _features(self, images: torch.Tensor, text: torch.Tensor):
@@ -179,7 +200,7 @@ class Trainer:
         with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.amp):
             img_f, txt_f, scale = self.model(images, text)
         b = images.shape[0]
-        return img_f, {c: txt_f[i * b:(i + 1) * b] for i, c in enumerate(self.loss_fn.kinds())}, scale
+        return img_f, {c: txt_f[i * b : (i + 1) * b] for i, c in enumerate(self.loss_fn.kinds())}, scale
 
     def train_step(self, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
         """One optimizer step on a batch, or on a list of micro-batches (gradient accumulation)."""
@@ -206,8 +227,7 @@ class Trainer:
         one micro-batch at a time (the others' features cached without gradient)."""
         with torch.no_grad():
             cached = [self._features(images, text) for images, text, _ in inputs]
-        teachers = {t: {k: torch.cat([inp[2][t][k] for inp in inputs]) for k in inputs[0][2][t]}
-                    for t in inputs[0][2]}
+        teachers = {t: {k: torch.cat([inp[2][t][k] for inp in inputs]) for k in inputs[0][2][t]} for t in inputs[0][2]}
         kinds = self.loss_fn.kinds()
         last = len(inputs) - 1
         for i, (images, text, _) in enumerate(inputs):
@@ -227,7 +247,7 @@ class Trainer:
         result = TrainResult(step=self.step, checkpoint=None)
         last_ckpt_step = self.step
         t_log, samples_log = time.perf_counter(), 0
-        losses: list[torch.Tensor] = []            # read back at log steps only: no GPU sync per step
+        losses: list[torch.Tensor] = []  # read back at log steps only: no GPU sync per step
         stream = iter(self.stream)
         start = self.step
         while self.step < cfg.steps and (stop_after is None or self.step - start < stop_after):
@@ -251,7 +271,7 @@ class Trainer:
             if cfg.eval is not None and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
                 t_eval = time.perf_counter()
                 self.evaluate()
-                t_log += time.perf_counter() - t_eval          # samples/s: training time only
+                t_log += time.perf_counter() - t_eval  # samples/s: training time only
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 result.checkpoint = self.save(state)
                 last_ckpt_step = self.step
@@ -270,19 +290,28 @@ class Trainer:
     def _log(self, parts: dict[str, torch.Tensor], lr: float, state: StreamState, samples_per_s: float) -> None:
         values = {k: float(v.detach()) for k, v in parts.items()}
         values["skipped"] = float(sum(self.stream.skipped.values()))
-        values = mean_across_ranks(values, self.env)            # a collective: every rank logs
+        values = mean_across_ranks(values, self.env)  # a collective: every rank logs
         values["skipped"] = round(values["skipped"] * self.env.world)
         if self.metrics is None:
             return
-        row = {"step": self.step, "epoch": state.epoch, "lr": lr,
-               "logit_scale": float(self.student.logit_scale.detach().exp()), "samples_per_s": samples_per_s, **values}
+        row = {
+            "step": self.step,
+            "epoch": state.epoch,
+            "lr": lr,
+            "logit_scale": float(self.student.logit_scale.detach().exp()),
+            "samples_per_s": samples_per_s,
+            **values,
+        }
         self.metrics.append(row)
         for lg in self.loggers:
             lg.log({k: v for k, v in row.items() if k != "step"}, self.step)
         parts_txt = " ".join(f"{k} {values[k]:.4f}" for k in ("contrastive_loss", "distill_loss") if k in values)
-        print(f"step {self.step}/{self.cfg.steps} | loss {values['loss']:.4f} ({parts_txt}) | lr {lr:.3g} | "
-              f"scale {row['logit_scale']:.1f} | {samples_per_s:.1f} samples/s | epoch {state.epoch} | "
-              f"skipped {values['skipped']}", flush=True)
+        print(
+            f"step {self.step}/{self.cfg.steps} | loss {values['loss']:.4f} ({parts_txt}) | lr {lr:.3g} | "
+            f"scale {row['logit_scale']:.1f} | {samples_per_s:.1f} samples/s | epoch {state.epoch} | "
+            f"skipped {values['skipped']}",
+            flush=True,
+        )
 
     def evaluate(self) -> dict | None:
         """``dr eval``'s metrics of the current weights (the EMA's when there is one), main rank
@@ -291,10 +320,14 @@ class Trainer:
             return None
         from dr_pipeline.train.evaluate import evaluate_model
 
-        model = (self.ema if self.ema is not None else self.student).reparameterize()   # eval-mode copy
+        model = (self.ema if self.ema is not None else self.student).reparameterize()  # eval-mode copy
         res = evaluate_model(model, self.eval_data)
-        flat = {f"eval/{task}/{k}": float(v) for task, z in res["zeroshot"].items() for k, v in z.items()
-                if k in ("top1", "top5")}
+        flat = {
+            f"eval/{task}/{k}": float(v)
+            for task, z in res["zeroshot"].items()
+            for k, v in z.items()
+            if k in ("top1", "top5")
+        }
         flat.update({f"eval/retrieval/{k}": float(v) for k, v in res.get("retrieval", {}).items() if k != "n"})
         if self.metrics is not None:
             self.metrics.append({"step": self.step, **flat})
@@ -304,14 +337,17 @@ class Trainer:
         return res
 
     def save(self, state: StreamState) -> str | None:
-        states = all_gather_ints(state.as_list(), self.env)      # a collective: every rank calls
+        states = all_gather_ints(state.as_list(), self.env)  # a collective: every rank calls
         if not self.env.is_main:
             return None
         payload = {
-            "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "data": {"world": self.env.world, "states": states}, "student": self.spec.to_dict(),
+            "model": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data": {"world": self.env.world, "states": states},
+            "student": self.spec.to_dict(),
             "teachers": [{"id": t.id, "dim": t.dim, "logit_scale": self.scales[t.id]} for t in self.plan.teachers],
-            "config": redact(to_dict(self.cfg)), "skipped": dict(self.stream.skipped),
+            "config": redact(to_dict(self.cfg)),
+            "skipped": dict(self.stream.skipped),
         }
         if self.ema is not None:
             payload["ema"] = self.ema.state_dict()
@@ -326,7 +362,9 @@ class _TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ConfigError(f"tensorboard: true needs the tensorboard package (pip install tensorboard): {e}") from None
+            raise ConfigError(
+                f"tensorboard: true needs the tensorboard package (pip install tensorboard): {e}"
+            ) from None
         self.writer = SummaryWriter(log_dir=log_dir)
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -365,8 +403,9 @@ def _open_loggers(cfg: TrainConfig, out) -> list:
     return loggers
 
 
-def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None,
-          device: torch.device | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None, device: torch.device | None = None
+) -> TrainResult:
     """Train per ``cfg``. ``resume``: None, "latest" (the run's newest checkpoint, if any) or a
     checkpoint path. ``stop_after``: stop after that many steps of this run (a preemption
     stand-in for tests; no extra checkpoint is written)."""
@@ -382,13 +421,17 @@ def train_main(config_path: str, resume: str | None = None) -> int:
     cfg = load_train_config(config_path)
     res = train(cfg, resume)
     if res.checkpoint:
-        print(f"done: step {res.step}, checkpoint {res.checkpoint}, {res.samples} samples, "
-              f"skipped {sum(res.skipped.values())} {res.skipped or ''}".rstrip())
+        print(
+            f"done: step {res.step}, checkpoint {res.checkpoint}, {res.samples} samples, "
+            f"skipped {sum(res.skipped.values())} {res.skipped or ''}".rstrip()
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dr_pipeline.train.loop", description="train a student (torchrun-friendly)")
+    p = argparse.ArgumentParser(
+        prog="python -m dr_pipeline.train.loop", description="train a student (torchrun-friendly)"
+    )
     p.add_argument("--config", required=True)
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
     a = p.parse_args(argv)

@@ -35,6 +35,7 @@ must hold the same number of rows.
 Embeddings are L2-normalized here (teacher embeddings are stored in bf16, so their norm is
 only ≈ 1). The loss runs in float32 even under autocast.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -69,7 +70,7 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def gather_rows(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
@@ -88,8 +89,9 @@ def gather_rows(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
 
 def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Σ over rows of KL(softmax(teacher row) ‖ softmax(student row))."""
-    return F.kl_div(F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
-                    reduction="sum", log_target=True)
+    return F.kl_div(
+        F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1), reduction="sum", log_target=True
+    )
 
 
 def _ce_rows(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -111,8 +113,15 @@ class DistillClipLoss(nn.Module):
     kind whose weight is 0 is skipped entirely.
     """
 
-    def __init__(self, teacher_scales: Mapping[str, float], lam: float = 1.0, gt_weight: float = 1.0,
-                 syn_weight: float = 1.0, local_loss: bool = False, kd_form: str = "summed"):
+    def __init__(
+        self,
+        teacher_scales: Mapping[str, float],
+        lam: float = 1.0,
+        gt_weight: float = 1.0,
+        syn_weight: float = 1.0,
+        local_loss: bool = False,
+        kd_form: str = "summed",
+    ):
         super().__init__()
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
@@ -129,8 +138,13 @@ class DistillClipLoss(nn.Module):
     def kinds(self) -> list[str]:
         return [c for c in KINDS if self.weights[c] > 0]
 
-    def forward(self, image: torch.Tensor, texts: Mapping[str, torch.Tensor], logit_scale: torch.Tensor,
-                teachers: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image: torch.Tensor,
+        texts: Mapping[str, torch.Tensor],
+        logit_scale: torch.Tensor,
+        teachers: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """image [b, d]; texts {"gt"/"syn": [b, d]}; teachers {id: {"image"/"gt"/"syn": [b, D_k]}}."""
         device_type = image.device.type
         with torch.autocast(device_type=device_type, enabled=False):
@@ -154,12 +168,13 @@ class DistillClipLoss(nn.Module):
         contrastive = distill = image.new_zeros((), dtype=torch.float32)
         for c in self.kinds():
             txt_all = gather_rows(F.normalize(texts[c].float(), dim=-1), with_grad=True)
-            s_it = scale * img_all[rows] @ txt_all.T          # student logits, image -> text rows
-            s_ti = scale * txt_all[rows] @ img_all.T          # student logits, text -> image rows
+            s_it = scale * img_all[rows] @ txt_all.T  # student logits, image -> text rows
+            s_ti = scale * txt_all[rows] @ img_all.T  # student logits, text -> image rows
             labels = torch.arange(img_all.shape[0], device=image.device)[rows]
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.lam < 1):
-                clip = (F.cross_entropy(s_it, labels, reduction="sum")
-                        + F.cross_entropy(s_ti, labels, reduction="sum")) * norm
+                clip = (
+                    F.cross_entropy(s_it, labels, reduction="sum") + F.cross_entropy(s_ti, labels, reduction="sum")
+                ) * norm
             out[f"clip_{c}"] = clip
             contrastive = contrastive + self.weights[c] * (1 - self.lam) * clip
             if self.lam > 0:

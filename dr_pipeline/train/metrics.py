@@ -1,4 +1,5 @@
 """Training metrics: ``metrics.jsonl`` (one JSON row per logged step) and ``curve.png``."""
+
 from __future__ import annotations
 
 import io
@@ -20,8 +21,11 @@ class MetricsLog:
         self.rows: list[dict] = []
         if resume_step is not None:
             text = out.read_text(METRICS) or ""
-            self.rows = [r for r in (json.loads(line) for line in text.splitlines() if line.strip())
-                         if r.get("step", 0) <= resume_step]
+            self.rows = [
+                r
+                for r in (json.loads(line) for line in text.splitlines() if line.strip())
+                if r.get("step", 0) <= resume_step
+            ]
         self._write_all()
 
     def _write_all(self) -> None:
@@ -50,8 +54,12 @@ def plot_curve(rows: list[dict]) -> bytes:
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
     for k in LOSS_KEYS:
         if any(k in r for r in rows):
-            ax.plot([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r], label=k,
-                    linewidth=2 if k == "loss" else 1)
+            ax.plot(
+                [r["step"] for r in rows if k in r],
+                [r[k] for r in rows if k in r],
+                label=k,
+                linewidth=2 if k == "loss" else 1,
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("training loss")

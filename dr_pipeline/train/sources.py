@@ -23,6 +23,7 @@ captions of the first ``syn_text*`` key; v1) or ``text_emb`` [1, D] plus ``<syn 
 export) is read too. The ``json`` member's ``sha256`` is the base image's: a base image with
 other bytes is skipped (``mismatched_image``) when ``data.verify_sha256``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,9 +55,9 @@ class ShardPair:
     name: str
     base_url: str
     reinf_url: str
-    kind: str                      # PARQUET | DATACOMPDR
-    source: int = 0                # index into DataPlan.sources (0: data.reinforced)
-    visit: int = 0                 # which copy of the shard within its epoch (upsampled sources)
+    kind: str  # PARQUET | DATACOMPDR
+    source: int = 0  # index into DataPlan.sources (0: data.reinforced)
+    visit: int = 0  # which copy of the shard within its epoch (upsampled sources)
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,12 @@ class TeacherInfo:
 @dataclass(frozen=True)
 class SourcePlan:
     """What one training source reads with (``data.reinforced`` or one of ``data.extra_sources``)."""
+
     kind: str
     aug: AugSpec
     join_key: str
     storage_options: dict
-    captioners: tuple[str, ...] | None      # Parquet: resolved ids; DataCompDR: syn.json keys (None: all)
+    captioners: tuple[str, ...] | None  # Parquet: resolved ids; DataCompDR: syn.json keys (None: all)
     upsampling_factor: float = 1.0
 
     @property
@@ -86,13 +88,13 @@ class SourcePlan:
 class DataPlan:
     pairs: tuple[ShardPair, ...]
     kind: str
-    teachers: tuple[TeacherInfo, ...]         # selected, in data order
-    all_teachers: tuple[TeacherInfo, ...]     # everything in the data (DataCompDR: concat order)
-    captioners: tuple[str, ...] | None        # selected synthetic-caption sources (None: all)
-    aug: AugSpec                              # the spec the stored params were drawn with
-    base_only: tuple[str, ...] = ()           # shard names without a reinforcement shard
-    reinforced_only: tuple[str, ...] = ()     # reinforcement shards without a base shard
-    sources: tuple[SourcePlan, ...] = ()      # per source (ShardPair.source); () : one, from the fields above
+    teachers: tuple[TeacherInfo, ...]  # selected, in data order
+    all_teachers: tuple[TeacherInfo, ...]  # everything in the data (DataCompDR: concat order)
+    captioners: tuple[str, ...] | None  # selected synthetic-caption sources (None: all)
+    aug: AugSpec  # the spec the stored params were drawn with
+    base_only: tuple[str, ...] = ()  # shard names without a reinforcement shard
+    reinforced_only: tuple[str, ...] = ()  # reinforcement shards without a base shard
+    sources: tuple[SourcePlan, ...] = ()  # per source (ShardPair.source); () : one, from the fields above
     syn_key_regex: str | None = None
     sample_sequential: bool = False
     mix_synthetic_ratio: float | None = None
@@ -104,11 +106,13 @@ class DataPlan:
 
     def selects_syn_key(self, name: str, captioners: tuple[str, ...] | None) -> bool:
         """Whether synthetic-caption key / captioner ``name`` is trained on."""
-        return ((captioners is None or name in captioners)
-                and (self.syn_key_regex is None or re.match(self.syn_key_regex, name) is not None))
+        return (captioners is None or name in captioners) and (
+            self.syn_key_regex is None or re.match(self.syn_key_regex, name) is not None
+        )
 
 
 # --------------------------------------------------------------------------- planning
+
 
 def _is_dataset_dir(url: str, so: dict) -> bool:
     if any(c in url for c in "*?[{"):
@@ -193,19 +197,20 @@ def _source_pairs(cfg, so: dict) -> tuple[list[tuple[str, str, str]], str, tuple
     b, r = by_name(base_urls, "data.base"), by_name(reinf_urls, "data.reinforced")
     names = sorted((set(b) & set(r)) - set(cfg.exclude_shards))
     if not names:
-        raise ConfigError(f"no shard name is in both data.base ({len(b)} shards) and data.reinforced "
-                          f"({len(r)} shards) after exclude_shards")
-    return ([(n, b[n], r[n]) for n in names], kind, tuple(sorted(set(b) - set(r))),
-            tuple(sorted(set(r) - set(b))))
+        raise ConfigError(
+            f"no shard name is in both data.base ({len(b)} shards) and data.reinforced "
+            f"({len(r)} shards) after exclude_shards"
+        )
+    return ([(n, b[n], r[n]) for n in names], kind, tuple(sorted(set(b) - set(r))), tuple(sorted(set(r) - set(b))))
 
 
-def _source_layout(cfg: DataConfig, kind: str, first_reinf_url: str,
-                   so: dict) -> tuple[tuple[TeacherInfo, ...], AugSpec, tuple[str, ...] | None]:
+def _source_layout(
+    cfg: DataConfig, kind: str, first_reinf_url: str, so: dict
+) -> tuple[tuple[TeacherInfo, ...], AugSpec, tuple[str, ...] | None]:
     """A source's teachers (all, in data order), augmentation spec and captioners."""
     if kind == PARQUET:
         meta = _read_parquet_meta(first_reinf_url, so)
-        all_t = tuple(TeacherInfo(t["id"], int(t["dim"]), float(t.get("logit_scale", 100.0)))
-                      for t in meta["teachers"])
+        all_t = tuple(TeacherInfo(t["id"], int(t["dim"]), float(t.get("logit_scale", 100.0))) for t in meta["teachers"])
         caps = [c["id"] for c in meta["captioners"]]
         aug = from_dict(AugSpec, {k: v for k, v in meta["aug"].items()}, "shard metadata aug")
         captioners: tuple[str, ...] | None = _select("captioners", caps, cfg.captioners)
@@ -215,11 +220,13 @@ def _source_layout(cfg: DataConfig, kind: str, first_reinf_url: str,
                 raise ConfigError(f"data.syn_key_regex {cfg.syn_key_regex!r} matches none of the captioners {caps}")
     else:
         if not cfg.foreign_teachers:
-            raise ConfigError("data.foreign_teachers is required for DataCompDR tars: they concatenate the "
-                              "teachers along D, so list each teacher's id and dim in that order")
+            raise ConfigError(
+                "data.foreign_teachers is required for DataCompDR tars: they concatenate the "
+                "teachers along D, so list each teacher's id and dim in that order"
+            )
         all_t = tuple(TeacherInfo(t.id, t.dim, t.logit_scale) for t in cfg.foreign_teachers)
         aug = cfg.foreign_aug
-        captioners = cfg.captioners        # syn.json keys; checked per sample (with syn_key_regex)
+        captioners = cfg.captioners  # syn.json keys; checked per sample (with syn_key_regex)
     return all_t, aug, captioners
 
 
@@ -228,8 +235,14 @@ def make_plan(cfg: DataConfig) -> DataPlan:
     so = dict(cfg.storage_options)
     sources = [(cfg, so, cfg.join_key, cfg.upsampling_factor)]
     for extra in cfg.extra_sources:
-        sources.append((extra, dict(extra.storage_options if extra.storage_options is not None else so),
-                        extra.join_key or cfg.join_key, extra.upsampling_factor))
+        sources.append(
+            (
+                extra,
+                dict(extra.storage_options if extra.storage_options is not None else so),
+                extra.join_key or cfg.join_key,
+                extra.upsampling_factor,
+            )
+        )
     pairs: list[ShardPair] = []
     plans: list[SourcePlan] = []
     for i, (src_cfg, src_so, join_key, factor) in enumerate(sources):
@@ -243,18 +256,31 @@ def make_plan(cfg: DataConfig) -> DataPlan:
             have = {t.id: t.dim for t in all_t}
             bad = [t.id for t in teachers if have.get(t.id) != t.dim]
             if bad:
-                raise ConfigError(f"data.extra_sources[{i - 1}]: teachers {bad} missing or of another dim "
-                                  f"(has {have}); every source needs the trained teachers")
+                raise ConfigError(
+                    f"data.extra_sources[{i - 1}]: teachers {bad} missing or of another dim "
+                    f"(has {have}); every source needs the trained teachers"
+                )
         pairs += [ShardPair(n, b, r, kind, source=i) for n, b, r in named]
         plans.append(SourcePlan(kind, aug, join_key, src_so, captioners, factor))
     kind, aug, captioners, all_t, base_only, reinforced_only = first
-    return DataPlan(pairs=tuple(pairs), kind=kind, teachers=teachers, all_teachers=all_t, captioners=captioners,
-                    aug=aug, base_only=base_only, reinforced_only=reinforced_only, sources=tuple(plans),
-                    syn_key_regex=cfg.syn_key_regex, sample_sequential=cfg.sample_sequential,
-                    mix_synthetic_ratio=cfg.mix_synthetic_ratio)
+    return DataPlan(
+        pairs=tuple(pairs),
+        kind=kind,
+        teachers=teachers,
+        all_teachers=all_t,
+        captioners=captioners,
+        aug=aug,
+        base_only=base_only,
+        reinforced_only=reinforced_only,
+        sources=tuple(plans),
+        syn_key_regex=cfg.syn_key_regex,
+        sample_sequential=cfg.sample_sequential,
+        mix_synthetic_ratio=cfg.mix_synthetic_ratio,
+    )
 
 
 # --------------------------------------------------------------------------- per-sample choice
+
 
 def choose(seed: int, epoch: int, key: str, n: int, what: str, visit: int = 0) -> int:
     """Uniform index in [0, n) from (seed, epoch, key, what) -- and the shard's copy ``visit``
@@ -272,6 +298,7 @@ class Chooser:
     with ``mix_ratio``, whether the sample trains on its synthetic caption instead of the GT.
     Uniform hashed draws by default; ``sequential`` (Apple's ``sample_sequential``): the v-th
     visit takes index ``v % n`` (the synthetic-caption key is still drawn uniformly)."""
+
     seed: int
     epoch: int
     visit: int = 0
@@ -308,24 +335,25 @@ class Chooser:
 @dataclass
 class Entry:
     """What one sample trains on this epoch (or why it cannot be used)."""
+
     key: str
     aug_index: int = -1
-    aug: object = None                  # Parquet: uint16 [8] packed params; DataCompDR: the raw entry
-    syn_index: int = -1                 # index into the pooled synthetic captions; -1: none (GT reused)
+    aug: object = None  # Parquet: uint16 [8] packed params; DataCompDR: the raw entry
+    syn_index: int = -1  # index into the pooled synthetic captions; -1: none (GT reused)
     syn_caption: str | None = None
-    emb: dict[str, np.ndarray] = field(default_factory=dict)   # teacher -> float32 [3, D]: image, gt, syn
+    emb: dict[str, np.ndarray] = field(default_factory=dict)  # teacher -> float32 [3, D]: image, gt, syn
     width: int | None = None
     height: int | None = None
     sha256: str | None = None
-    caption: str | None = None          # GT caption the teachers embedded (Parquet)
-    mixed: bool = False                 # mix_synthetic_ratio: the synthetic caption replaces the GT one
+    caption: str | None = None  # GT caption the teachers embedded (Parquet)
+    mixed: bool = False  # mix_synthetic_ratio: the synthetic caption replaces the GT one
     error: str | None = None
 
 
 @dataclass
 class ShardIndex:
     entries: dict[str, Entry | Pending]  # join key -> entry, in shard order (Pending: lazy=True)
-    error: str | None = None            # the shard (or its tail) could not be read
+    error: str | None = None  # the shard (or its tail) could not be read
 
     def get(self, key: str) -> Entry | None:
         """The entry of ``key``, built now if it is still pending."""
@@ -339,6 +367,7 @@ class ShardIndex:
 class Pending:
     """A Parquet row whose Entry is built on first use (``load_index(lazy=True)``): a loader
     worker reads every row of its shards but trains on its own chunks only."""
+
     key: str
     make: Callable[[], Entry]
 
@@ -348,8 +377,15 @@ def _to_f32(bits: np.ndarray) -> np.ndarray:
     return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def load_index(pair: ShardPair, plan: DataPlan, seed: int, epoch: int, join_key: str,
-               storage_options: dict | None = None, lazy: bool = False) -> ShardIndex:
+def load_index(
+    pair: ShardPair,
+    plan: DataPlan,
+    seed: int,
+    epoch: int,
+    join_key: str,
+    storage_options: dict | None = None,
+    lazy: bool = False,
+) -> ShardIndex:
     """``lazy``: Parquet rows stay ``Pending`` until ``ShardIndex.get`` (the same entries)."""
     so = storage_options or {}
     entries: dict[str, Entry | Pending] = {}
@@ -361,15 +397,20 @@ def load_index(pair: ShardPair, plan: DataPlan, seed: int, epoch: int, join_key:
         else:
             rows = _datacompdr_entries(pair.reinf_url, so, plan, src, ch, join_key)
         for e in rows:
-            if e.key in entries:        # ambiguous: never guess which row is right
+            if e.key in entries:  # ambiguous: never guess which row is right
                 entries[e.key] = Entry(key=e.key, error="duplicate_reinforcement_key")
                 continue
             entries[e.key] = e
     except _ShardError as e:
         return ShardIndex(entries, str(e))
     except Exception as e:  # noqa: BLE001 - a bad foreign file must not kill the loader
-        log.warning("%s: reinforcement shard unreadable after %d rows: %s: %s",
-                    pair.reinf_url, len(entries), type(e).__name__, e)
+        log.warning(
+            "%s: reinforcement shard unreadable after %d rows: %s: %s",
+            pair.reinf_url,
+            len(entries),
+            type(e).__name__,
+            e,
+        )
         return ShardIndex(entries, "reinforcement_unreadable")
     return ShardIndex(entries)
 
@@ -378,8 +419,9 @@ class _ShardError(Exception):
     """Every row of the shard is unusable; the message is the counted reason."""
 
 
-def _parquet_entries(url: str, so: dict, plan: DataPlan, src: SourcePlan, ch: Chooser,
-                     join_key: str, lazy: bool = False) -> Iterator[Entry | Pending]:
+def _parquet_entries(
+    url: str, so: dict, plan: DataPlan, src: SourcePlan, ch: Chooser, join_key: str, lazy: bool = False
+) -> Iterator[Entry | Pending]:
     with fsspec.open(url, "rb", **so) as f:
         pf = pq.ParquetFile(f)
         meta = read_metadata(pf.schema_arrow)
@@ -418,8 +460,13 @@ def _parquet_batch(batch, caps, plan, n_aug, ch: Chooser, join_key, lazy: bool =
         syn_emb[t.id] = {c: bf16.list_of_fsl_to_numpy(col(syn_emb_col(t.id, c, t.dim))) for c in caps}
 
     def row(i: int) -> Entry:
-        e = Entry(key=str(keys[i] if join_key == "key" else uids[i]), width=widths[i], height=heights[i],
-                  sha256=shas[i], caption=captions[i])
+        e = Entry(
+            key=str(keys[i] if join_key == "key" else uids[i]),
+            width=widths[i],
+            height=heights[i],
+            sha256=shas[i],
+            caption=captions[i],
+        )
         pool = [(c, j) for c in caps for j in range(len(syn[c][i]))]
         if any(len(syn_emb[t.id][c][i]) != len(syn[c][i]) for t in plan.teachers for c in caps):
             e.error = "mismatched_syn_count"
@@ -439,14 +486,21 @@ def _parquet_batch(batch, caps, plan, n_aug, ch: Chooser, join_key, lazy: bool =
     for i in range(n):
         key = keys[i] if join_key == "key" else uids[i]
         if key is None:
-            yield Entry(key=f"<row without {join_key}>", width=widths[i], height=heights[i], sha256=shas[i],
-                        caption=captions[i], error="no_join_key")
+            yield Entry(
+                key=f"<row without {join_key}>",
+                width=widths[i],
+                height=heights[i],
+                sha256=shas[i],
+                caption=captions[i],
+                error="no_join_key",
+            )
         else:
             yield Pending(str(key), functools.partial(row, i)) if lazy else row(i)
 
 
-def _datacompdr_entries(url: str, so: dict, plan: DataPlan, src: SourcePlan, ch: Chooser,
-                        join_key: str) -> Iterator[Entry]:
+def _datacompdr_entries(
+    url: str, so: dict, plan: DataPlan, src: SourcePlan, ch: Chooser, join_key: str
+) -> Iterator[Entry]:
     from dr_pipeline.shards.datacompdr import iter_datacompdr_tar, member_limit
 
     offsets, o = {}, 0
@@ -454,12 +508,13 @@ def _datacompdr_entries(url: str, so: dict, plan: DataPlan, src: SourcePlan, ch:
         offsets[t.id] = (o, o + t.dim)
         o += t.dim
     total = o
-    for rec in iter_datacompdr_tar(url, so, member_limit(total)):   # bounded inflation (issue 18)
+    for rec in iter_datacompdr_tar(url, so, member_limit(total)):  # bounded inflation (issue 18)
         yield _datacompdr_entry(rec, plan, src, offsets, total, ch, join_key)
 
 
-def _syn_pools(rec: dict, plan: DataPlan, src: SourcePlan, text_emb: np.ndarray,
-               total: int) -> tuple[list[tuple[list[str], np.ndarray]], str | None]:
+def _syn_pools(
+    rec: dict, plan: DataPlan, src: SourcePlan, text_emb: np.ndarray, total: int
+) -> tuple[list[tuple[list[str], np.ndarray]], str | None]:
     """(texts, embeddings [k, ΣD]) per selected synthetic-caption key of a DataCompDR sample,
     in syn.json order, or an error reason. Embeddings: ``<key>_emb`` (per-key layout), else
     ``text_emb`` rows 1.. for the first ``syn_text*`` key (v1), else ``syn_text_emb_<suffix>``."""
@@ -474,12 +529,12 @@ def _syn_pools(rec: dict, plan: DataPlan, src: SourcePlan, text_emb: np.ndarray,
         if not plan.selects_syn_key(name, src.captioners):
             continue
         texts = list(texts or [])
-        if name == primary and text_emb.shape[0] > 1:      # v1: as Apple's v2 trainer, rows first
+        if name == primary and text_emb.shape[0] > 1:  # v1: as Apple's v2 trainer, rows first
             arr = text_emb[1:]
         else:
             arr = rec.get(f"{name}_emb")
             if arr is None and name != primary:
-                arr = rec.get(f"syn_text_emb_{name[len('syn_text_'):]}")
+                arr = rec.get(f"syn_text_emb_{name[len('syn_text_') :]}")
         if arr is None:
             if texts:
                 return [], "missing_syn_emb"
@@ -490,8 +545,9 @@ def _syn_pools(rec: dict, plan: DataPlan, src: SourcePlan, text_emb: np.ndarray,
     return pools, None
 
 
-def _datacompdr_entry(rec: dict, plan: DataPlan, src: SourcePlan, offsets: dict, total: int, ch: Chooser,
-                      join_key: str) -> Entry:
+def _datacompdr_entry(
+    rec: dict, plan: DataPlan, src: SourcePlan, offsets: dict, total: int, ch: Chooser, join_key: str
+) -> Entry:
     key = rec["key"] if join_key == "key" else rec.get("json", {}).get("uid")
     e = Entry(key=str(key if key is not None else f"<{rec['key']} without uid>"))
     sha = rec.get("json", {}).get("sha256")
@@ -501,7 +557,7 @@ def _datacompdr_entry(rec: dict, plan: DataPlan, src: SourcePlan, offsets: dict,
         return e
     image_emb, text_emb, paug = rec.get("image_emb"), rec.get("text_emb"), rec.get("param_aug")
     if image_emb is None or text_emb is None or paug is None:
-        e.error = rec.get("rejected") or "incomplete_reinforcement"     # too_large: a bounded-inflation refusal
+        e.error = rec.get("rejected") or "incomplete_reinforcement"  # too_large: a bounded-inflation refusal
         return e
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != total or text_emb.shape[1] != total:
         e.error = "mismatched_teacher_dim"

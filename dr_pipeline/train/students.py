@@ -17,6 +17,7 @@ out); its ``clip`` attribute is the open_clip model itself (``student.clip.state
 loads into ``open_clip.create_model(name)``). ``set_grad_checkpointing`` recomputes the
 towers' activations in backward (timm stages, open_clip transformers).
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,6 +39,7 @@ _TEXT_BIG = dict(vocab_size=49408, no_causal_mask=True)
 @dataclass(frozen=True)
 class StudentSpec:
     """Everything needed to rebuild a student (stored as a plain dict in checkpoints)."""
+
     arch: str
     timm_model: str
     timm_kwargs: dict[str, Any]
@@ -53,11 +55,12 @@ class StudentSpec:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
-    open_clip_model: str | None = None     # an open_clip model name: OpenClipStudent (timm_* unused)
+    open_clip_model: str | None = None  # an open_clip model name: OpenClipStudent (timm_* unused)
 
     def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> StudentSpec:
@@ -75,19 +78,61 @@ class StudentSpec:
 # Published stage layouts (docs/reference.md#mci-students); the text towers are those of
 # open_clip's MobileCLIP(2) configs. OpenCLIP model with the same layout in the comment.
 ARCHS: dict[str, dict[str, Any]] = {
-    "mci0": dict(timm_model="fastvit_mci0", embed_dim=512, text_width=512, text_heads=8,   # MobileCLIP2-S0
-                 text_layers=12, image_size=256, context_length=77),
-    "mci1": dict(timm_model="fastvit_mci1", embed_dim=512, text_width=512, text_heads=8,   # MobileCLIP-S1
-                 text_layers=12, image_size=256, context_length=77),
-    "mci2": dict(timm_model="fastvit_mci2", embed_dim=512, text_width=512, text_heads=8,   # MobileCLIP2-S2
-                 text_layers=12, image_size=256, context_length=77),
-    "mci3": dict(timm_model="fastvit_mci3", embed_dim=768, text_width=768, text_heads=12,  # MobileCLIP2-S3
-                 text_layers=12, image_size=256, context_length=77),
-    "mci4": dict(timm_model="fastvit_mci4", embed_dim=768, text_width=768, text_heads=12,  # MobileCLIP2-S4
-                 text_layers=12, image_size=256, context_length=77),
-    "tiny": dict(timm_model="fastvit_mci0", embed_dim=32, text_width=64, text_heads=2,
-                 text_layers=2, image_size=64, context_length=32,
-                 timm_kwargs=dict(layers=[1, 1, 1, 1], embed_dims=[16, 32, 64, 128])),
+    "mci0": dict(
+        timm_model="fastvit_mci0",
+        embed_dim=512,
+        text_width=512,
+        text_heads=8,  # MobileCLIP2-S0
+        text_layers=12,
+        image_size=256,
+        context_length=77,
+    ),
+    "mci1": dict(
+        timm_model="fastvit_mci1",
+        embed_dim=512,
+        text_width=512,
+        text_heads=8,  # MobileCLIP-S1
+        text_layers=12,
+        image_size=256,
+        context_length=77,
+    ),
+    "mci2": dict(
+        timm_model="fastvit_mci2",
+        embed_dim=512,
+        text_width=512,
+        text_heads=8,  # MobileCLIP2-S2
+        text_layers=12,
+        image_size=256,
+        context_length=77,
+    ),
+    "mci3": dict(
+        timm_model="fastvit_mci3",
+        embed_dim=768,
+        text_width=768,
+        text_heads=12,  # MobileCLIP2-S3
+        text_layers=12,
+        image_size=256,
+        context_length=77,
+    ),
+    "mci4": dict(
+        timm_model="fastvit_mci4",
+        embed_dim=768,
+        text_width=768,
+        text_heads=12,  # MobileCLIP2-S4
+        text_layers=12,
+        image_size=256,
+        context_length=77,
+    ),
+    "tiny": dict(
+        timm_model="fastvit_mci0",
+        embed_dim=32,
+        text_width=64,
+        text_heads=2,
+        text_layers=2,
+        image_size=64,
+        context_length=32,
+        timm_kwargs=dict(layers=[1, 1, 1, 1], embed_dims=[16, 32, 64, 128]),
+    ),
 }
 
 
@@ -96,11 +141,21 @@ def resolve_spec(cfg: StudentConfig) -> StudentSpec:
         return _open_clip_spec(cfg)
     a = dict(ARCHS[cfg.arch])
     return StudentSpec(
-        arch=cfg.arch, timm_model=a["timm_model"], timm_kwargs=a.get("timm_kwargs", {}),
-        embed_dim=a["embed_dim"], image_size=cfg.image_size or a["image_size"],
-        text_width=a["text_width"], text_heads=a["text_heads"], text_layers=a["text_layers"],
-        context_length=cfg.context_length or a["context_length"], mean=cfg.mean, std=cfg.std,
-        init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale, **_TEXT_BIG)
+        arch=cfg.arch,
+        timm_model=a["timm_model"],
+        timm_kwargs=a.get("timm_kwargs", {}),
+        embed_dim=a["embed_dim"],
+        image_size=cfg.image_size or a["image_size"],
+        text_width=a["text_width"],
+        text_heads=a["text_heads"],
+        text_layers=a["text_layers"],
+        context_length=cfg.context_length or a["context_length"],
+        mean=cfg.mean,
+        std=cfg.std,
+        init_logit_scale=cfg.init_logit_scale,
+        max_logit_scale=cfg.max_logit_scale,
+        **_TEXT_BIG,
+    )
 
 
 def _open_clip_spec(cfg: StudentConfig) -> StudentSpec:
@@ -113,16 +168,28 @@ def _open_clip_spec(cfg: StudentConfig) -> StudentSpec:
         raise ConfigError(f"student.arch {cfg.arch!r}: not an open_clip model (open_clip.list_models())")
     text = mc.get("text_cfg", {})
     if text.get("hf_tokenizer_name") or text.get("vocab_size", 49408) != 49408:
-        raise ConfigError(f"student.arch {cfg.arch!r}: its text tower uses another tokenizer than CLIP's BPE, "
-                          "which the loader tokenizes with")
+        raise ConfigError(
+            f"student.arch {cfg.arch!r}: its text tower uses another tokenizer than CLIP's BPE, "
+            "which the loader tokenizes with"
+        )
     size = mc["vision_cfg"].get("image_size", 224)
     return StudentSpec(
-        arch=cfg.arch, timm_model="", timm_kwargs={}, embed_dim=int(mc["embed_dim"]),
+        arch=cfg.arch,
+        timm_model="",
+        timm_kwargs={},
+        embed_dim=int(mc["embed_dim"]),
         image_size=cfg.image_size or int(size if isinstance(size, int) else size[0]),
-        text_width=int(text.get("width", 512)), text_heads=int(text.get("heads", 8)),
-        text_layers=int(text.get("layers", 12)), context_length=cfg.context_length or int(text.get("context_length", 77)),
-        no_causal_mask=bool(text.get("no_causal_mask", False)), mean=cfg.mean, std=cfg.std,
-        init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale, open_clip_model=cfg.arch)
+        text_width=int(text.get("width", 512)),
+        text_heads=int(text.get("heads", 8)),
+        text_layers=int(text.get("layers", 12)),
+        context_length=cfg.context_length or int(text.get("context_length", 77)),
+        no_causal_mask=bool(text.get("no_causal_mask", False)),
+        mean=cfg.mean,
+        std=cfg.std,
+        init_logit_scale=cfg.init_logit_scale,
+        max_logit_scale=cfg.max_logit_scale,
+        open_clip_model=cfg.arch,
+    )
 
 
 class VisualTower(nn.Module):
@@ -133,8 +200,9 @@ class VisualTower(nn.Module):
         import timm
 
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.timm_kwargs.items()}
-        self.trunk = timm.create_model(spec.timm_model, pretrained=False, num_classes=spec.embed_dim,
-                                       global_pool="avg", **kwargs)
+        self.trunk = timm.create_model(
+            spec.timm_model, pretrained=False, num_classes=spec.embed_dim, global_pool="avg", **kwargs
+        )
         self.head = nn.Sequential()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,9 +216,17 @@ class Student(nn.Module):
 
         self.spec = spec
         self.visual = VisualTower(spec)
-        self.text = _build_text_tower(spec.embed_dim, CLIPTextCfg(
-            context_length=spec.context_length, vocab_size=spec.vocab_size, width=spec.text_width,
-            heads=spec.text_heads, layers=spec.text_layers, no_causal_mask=spec.no_causal_mask))
+        self.text = _build_text_tower(
+            spec.embed_dim,
+            CLIPTextCfg(
+                context_length=spec.context_length,
+                vocab_size=spec.vocab_size,
+                width=spec.text_width,
+                heads=spec.text_heads,
+                layers=spec.text_layers,
+                no_causal_mask=spec.no_causal_mask,
+            ),
+        )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(spec.init_logit_scale)))
         self.register_buffer("pixel_mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -192,9 +268,13 @@ def _create_clip(spec: StudentSpec, device: str = "cpu") -> nn.Module:
     import open_clip
 
     size = open_clip.get_model_config(spec.open_clip_model)["vision_cfg"].get("image_size", 224)
-    return open_clip.create_model(spec.open_clip_model, pretrained=None, device=device,
-                                  force_image_size=spec.image_size if spec.image_size != size else None,
-                                  force_context_length=spec.context_length)
+    return open_clip.create_model(
+        spec.open_clip_model,
+        pretrained=None,
+        device=device,
+        force_image_size=spec.image_size if spec.image_size != size else None,
+        force_context_length=spec.context_length,
+    )
 
 
 class OpenClipStudent(Student):
@@ -210,11 +290,11 @@ class OpenClipStudent(Student):
         self.register_buffer("pixel_std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
 
     @property
-    def logit_scale(self) -> nn.Parameter:            # type: ignore[override]
+    def logit_scale(self) -> nn.Parameter:  # type: ignore[override]
         return self.clip.logit_scale
 
     @property
-    def visual(self) -> nn.Module:                    # type: ignore[override]
+    def visual(self) -> nn.Module:  # type: ignore[override]
         return self.clip.visual
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -262,4 +342,13 @@ def image_param_count(spec: StudentSpec) -> int:
         return sum(p.numel() for p in tower.parameters())
 
 
-__all__ = ["ARCHS", "StudentSpec", "Student", "OpenClipStudent", "resolve_spec", "build_student", "tokenize", "image_param_count"]
+__all__ = [
+    "ARCHS",
+    "StudentSpec",
+    "Student",
+    "OpenClipStudent",
+    "resolve_spec",
+    "build_student",
+    "tokenize",
+    "image_param_count",
+]

@@ -1073,11 +1073,11 @@ def bench_loader(dataset: str, job_file: str, rounds: int, image_size: int = 224
     try:
         from dr_pipeline.train.config import DataConfig
         from dr_pipeline.train.data import JoinedDataset
-        from dr_pipeline.train.sources import make_plan
+        from dr_pipeline.train.sources import plan_data
         from dr_pipeline.train.students import tokenize
 
         cfg = DataConfig(reinforced=dataset, num_workers=0)
-        plan = make_plan(cfg)
+        plan = plan_data(cfg)
 
         def reinforced() -> int:
             ds = JoinedDataset(plan, cfg, seed, image_size, context_length, epochs=1)
@@ -1243,7 +1243,7 @@ def bench_train(work: Path, quick: bool = False, image_size: int = 224, batch_si
     from dr_pipeline.train.data import TrainStream
     from dr_pipeline.train.distributed import setup
     from dr_pipeline.train.loop import Trainer, lr_at
-    from dr_pipeline.train.sources import make_plan
+    from dr_pipeline.train.sources import plan_data
     from dr_pipeline.train.students import tokenize
 
     n_shards, per_shard = (2, 64) if quick else (4, 64)
@@ -1262,7 +1262,7 @@ def bench_train(work: Path, quick: bool = False, image_size: int = 224, batch_si
     cached = DataConfig(reinforced=str(ds), cache_images=True)
     workers = default.num_workers
     res["num_workers"] = workers
-    plan = make_plan(default)
+    plan = plan_data(default)
     base_urls = expand_urls(str(work / "train-corpus" / "tar"), {})
     plain_ds = _PlainTorchvision(base_urls, image_size, 77)
     tokenize(["warm up"], 77)
@@ -1924,11 +1924,11 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(json.dumps(costs, indent=2) + "\n")
             res["costs"] = costs
             res["costs_path"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-            from dr_pipeline.plan import load_costs, make_plan, spec_from_args
+            from dr_pipeline.plan import estimate, load_costs, spec_from_args
             from dr_pipeline.plan import render as render_plan
 
             spec = spec_from_args("1.9B", [], [], str(ROOT / "teachers" / "dfndr2b.yaml"), 2, 5, 10_000)
-            res["plan_example"] = render_plan(make_plan(spec, load_costs([str(path)])))
+            res["plan_example"] = render_plan(estimate(spec, load_costs([str(path)])))
         if "train" in only:
             res["train"] = bench_train(work, quick=q)
     finally:

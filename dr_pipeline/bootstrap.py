@@ -63,14 +63,14 @@ from dr_pipeline.config import (
     load_ensemble,
     to_dict,
 )
-from dr_pipeline.corpus import synthetic as syn
+from dr_pipeline.corpus import synthetic
 from dr_pipeline.process_pool import pool_map
 
 log = logging.getLogger(__name__)
 
 SUMS = "SHA256SUMS"
 REPORT = "bootstrap.json"
-ZS_TEMPLATES = syn.ZEROSHOT_TEMPLATES
+ZS_TEMPLATES = synthetic.ZEROSHOT_TEMPLATES
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,10 @@ class BootstrapConfig:
 
 
 def clean_samples(cfg: BootstrapConfig) -> list[dict]:
-    return [syn.make_split_sample("clean", cfg.seed, i // cfg.per_shard, i % cfg.per_shard) for i in range(cfg.n_train)]
+    return [
+        synthetic.make_split_sample("clean", cfg.seed, i // cfg.per_shard, i % cfg.per_shard)
+        for i in range(cfg.n_train)
+    ]
 
 
 def centre_views(jpgs: Sequence[bytes], size: int) -> np.ndarray:
@@ -366,15 +369,15 @@ def parse_caption(text: str) -> dict:
     bg = None
     m = _BG.search(text)
     if m:
-        bg = m.group(1) if m.group(1) in syn.COLOURS else None
+        bg = m.group(1) if m.group(1) in synthetic.COLOURS else None
         text = text[: m.start()]
     objects = []
     for phrase in re.split(r",\s*|\s+and\s+", text):
         words = phrase.split()
         if not words:
             continue
-        colour = next((w for w in words if w in syn.COLOURS), None)
-        shape = next((w for w in words if w in syn.SHAPES), None)
+        colour = next((w for w in words if w in synthetic.COLOURS), None)
+        shape = next((w for w in words if w in synthetic.SHAPES), None)
         if colour or shape:
             objects.append((colour, shape))
     return {"objects": objects, "background": bg}
@@ -444,15 +447,15 @@ def caption_accuracy(captions: Sequence[Sequence[str]], labels: Sequence[dict]) 
 
 def heldout_scenes(cfg: BootstrapConfig) -> list[dict]:
     """Held-out multi-object scenes: the test split's first shard (never in the clean split)."""
-    return [syn.make_split_sample("test", cfg.seed, 0, i) for i in range(cfg.n_eval)]
+    return [synthetic.make_split_sample("test", cfg.seed, 0, i) for i in range(cfg.n_eval)]
 
 
 def zeroshot_set(cfg: BootstrapConfig) -> tuple[list[bytes], list[int], list[str]]:
-    classes = syn.zeroshot_classes()
+    classes = synthetic.zeroshot_classes()
     images, labels = [], []
     for c in range(len(classes)):
         for j in range(cfg.zeroshot_per_class):
-            images.append(syn.make_zeroshot_sample(cfg.seed, c, j)["jpg"])
+            images.append(synthetic.make_zeroshot_sample(cfg.seed, c, j)["jpg"])
             labels.append(c)
     return images, labels, [f"{c} {s}" for c, s in classes]
 

@@ -250,7 +250,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_plan(a: argparse.Namespace) -> int:
     import json
 
-    from dr_pipeline.plan import load_costs, make_plan, render, spec_from_args
+    from dr_pipeline.plan import estimate, load_costs, render, spec_from_args
 
     if not (a.ensemble or a.teacher or a.captioner):
         raise ConfigError("plan: give --ensemble FILE or --teacher MODEL[:DIM] / --captioner MODEL")
@@ -272,7 +272,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    plan = make_plan(spec, load_costs(a.costs))
+    plan = estimate(spec, load_costs(a.costs))
     print(json.dumps(plan.to_dict(), indent=2) if a.json else render(plan))
     return 0
 

@@ -337,7 +337,7 @@ def anchor_mfu() -> float:
 
 
 @dataclass
-class Plan:
+class CostEstimate:
     spec: PlanSpec
     bytes_per_sample: dict[str, float]
     raw_bytes: float
@@ -511,7 +511,7 @@ def memory_per_actor(spec: PlanSpec) -> dict[str, float]:
     return out
 
 
-def make_plan(spec: PlanSpec, sources: dict[str, dict] | None = None) -> Plan:
+def estimate(spec: PlanSpec, sources: dict[str, dict] | None = None) -> CostEstimate:
     sources = load_costs() if sources is None else sources
     rb = row_bytes(spec)
     raw = rb["total"] * spec.samples
@@ -536,7 +536,7 @@ def make_plan(spec: PlanSpec, sources: dict[str, dict] | None = None) -> Plan:
         f"estimates: MFU {spec.mfu:.2f} assumed for image towers; the public {ANCHOR['source']} implies "
         f"MFU {anchor_mfu():.2f}, shown as the conservative figure",
     ]
-    return Plan(
+    return CostEstimate(
         spec,
         rb,
         raw,
@@ -600,7 +600,7 @@ def _row_lines(name: str, c: dict) -> list[str]:
     return lines
 
 
-def render(plan: Plan) -> str:
+def render(plan: CostEstimate) -> str:
     s, rb, f, mem = plan.spec, plan.bytes_per_sample, plan.flops, plan.memory
     teachers = ", ".join(f"{m} (dim {d})" for m, d in s.teachers) or "none"
     g = {k: v / 1e9 for k, v in f.items()}

@@ -706,7 +706,7 @@ def format_markdown(res: dict) -> str:
 
 def reproduce(cfg: ReproduceConfig, only: list[str] | None = None) -> dict:
     from dr_pipeline.train.config import DataConfig
-    from dr_pipeline.train.sources import make_plan
+    from dr_pipeline.train.sources import plan_data
 
     t_all = time.time()
     lay = Layout(Path(cfg.out_dir))
@@ -718,7 +718,7 @@ def reproduce(cfg: ReproduceConfig, only: list[str] | None = None) -> dict:
     print(f"reproduce: corpora in {timings['corpora_s']}s", file=sys.stderr, flush=True)
     rep = reinforce(cfg, lay)
     timings["reinforce_s"] = rep["seconds"]
-    plan = make_plan(DataConfig(reinforced=str(lay.dataset), num_workers=0))
+    plan = plan_data(DataConfig(reinforced=str(lay.dataset), num_workers=0))
     size = cfg.train.student.image_size or 64
     vr = render_views(cfg, lay, plan, size)
     timings["views_s"] = vr["seconds"]

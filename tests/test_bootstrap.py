@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from dr_pipeline.corpus import synthetic as syn
+from dr_pipeline.corpus import synthetic
 from dr_pipeline.corpus.readers import Sample, iter_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,25 +27,25 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_splits_are_deterministic_and_distinct(tmp_path):
-    for split in syn.SPLITS:
+    for split in synthetic.SPLITS:
         a, b = tmp_path / f"{split}-a", tmp_path / f"{split}-b"
         for d in (a, b):
-            syn.make_split(split, str(d), n_shards=2, per_shard=3, seed=5, per_class=1)
+            synthetic.make_split(split, str(d), n_shards=2, per_shard=3, seed=5, per_class=1)
         assert _files(a) == _files(b), split
     other = tmp_path / "clean-other-seed"
-    syn.make_split("clean", str(other), n_shards=2, per_shard=3, seed=6)
+    synthetic.make_split("clean", str(other), n_shards=2, per_shard=3, seed=6)
     assert all(_files(other)[k] != v for k, v in _files(tmp_path / "clean-a").items())
     # No image repeats across splits (each split has its own RNG stream).
     jpgs = {
         split: {s.image for s in iter_shard(str(tmp_path / f"{split}-a" / "tar" / "shard-00000.tar"))}
-        for split in syn.SPLITS
+        for split in synthetic.SPLITS
     }
     assert not (jpgs["clean"] & jpgs["web"]) and not (jpgs["clean"] & jpgs["test"])
     # Both formats hold the same samples; the json carries the true label.
     tar = list(iter_shard(str(tmp_path / "web-a" / "tar" / "shard-00001.tar")))
     pq = list(iter_shard(str(tmp_path / "web-a" / "parquet" / "shard-00001.parquet")))
     assert [(s.key, s.image, s.caption) for s in tar] == [(s.key, s.image, s.caption) for s in pq]
-    assert all(s.meta["label"]["clean_caption"] == syn.split_caption(_attrs(s.meta["label"])) for s in tar)
+    assert all(s.meta["label"]["clean_caption"] == synthetic.split_caption(_attrs(s.meta["label"])) for s in tar)
 
 
 def test_cli_make_corpus_split(tmp_path):
@@ -70,17 +70,19 @@ def test_cli_make_corpus_split(tmp_path):
         )
         == 0
     )
-    assert len(list((tmp_path / "t" / syn.ZEROSHOT_DIR).iterdir())) == 60
+    assert len(list((tmp_path / "t" / synthetic.ZEROSHOT_DIR).iterdir())) == 60
     assert (tmp_path / "t" / "tar" / "shard-00000.tar").is_file()
     # without --split: the demo corpus, byte-identical to make_corpus
     assert main(["make-corpus", str(tmp_path / "d"), "--shards", "1", "--per-shard", "2", "--formats", "tar"]) == 0
-    syn.make_corpus(str(tmp_path / "d2"), n_shards=1, per_shard=2, formats=("tar",))
+    synthetic.make_corpus(str(tmp_path / "d2"), n_shards=1, per_shard=2, formats=("tar",))
     assert _files(tmp_path / "d") == _files(tmp_path / "d2")
 
 
-def _attrs(label: dict) -> syn.SceneAttrs:
-    return syn.SceneAttrs(
-        tuple(syn.ShapeAttrs(**{k: o[k] for k in ("shape", "colour", "size", "position")}) for o in label["objects"]),
+def _attrs(label: dict) -> synthetic.SceneAttrs:
+    return synthetic.SceneAttrs(
+        tuple(
+            synthetic.ShapeAttrs(**{k: o[k] for k in ("shape", "colour", "size", "position")}) for o in label["objects"]
+        ),
         label["background_colour"],
         label["background"],
     )
@@ -107,22 +109,22 @@ def _measure(samples: list[dict]) -> dict[str, float]:
         )
     }
     for s in samples:
-        n["unrelated"] += s["caption"] in syn.JUNK_CAPTIONS
-        if s["caption"] in syn.JUNK_CAPTIONS:
+        n["unrelated"] += s["caption"] in synthetic.JUNK_CAPTIONS
+        if s["caption"] in synthetic.JUNK_CAPTIONS:
             continue
         n["related"] += 1
         objs = s["label"]["objects"]
         parts = s["caption"].split(" - ")
-        body = next(p for p in parts if p not in syn.AFFIXES)
+        body = next(p for p in parts if p not in synthetic.AFFIXES)
         body = _BG.sub("", body)
         phrases = re.split(r", | and ", body)
         words = phrases[0].split()
         o = objs[0]
         n["colour_true"] += o["colour"] in words
-        n["colour_other"] += any(c in words for c in syn.COLOURS if c != o["colour"])
+        n["colour_other"] += any(c in words for c in synthetic.COLOURS if c != o["colour"])
         n["shape_true"] += o["shape"] in words
-        n["shape_generic"] += any(g in words for g in syn.GENERIC_NOUNS)
-        n["shape_other"] += any(x in words for x in syn.SHAPES if x != o["shape"])
+        n["shape_generic"] += any(g in words for g in synthetic.GENERIC_NOUNS)
+        n["shape_other"] += any(x in words for x in synthetic.SHAPES if x != o["shape"])
         n["extra_objects"] += len(objs) - 1
         n["extra_named"] += len(phrases) - 1
     total = len(samples)
@@ -139,10 +141,10 @@ def _measure(samples: list[dict]) -> dict[str, float]:
 
 
 def test_web_captions_are_noisy_at_the_designed_rates():
-    noise = syn.DEFAULT_WEB_NOISE
+    noise = synthetic.DEFAULT_WEB_NOISE
     n = 1200
-    web = [syn.make_split_sample("web", 0, i // 300, i % 300) for i in range(n)]
-    clean = [syn.make_split_sample("clean", 0, i // 300, i % 300) for i in range(300)]
+    web = [synthetic.make_split_sample("web", 0, i // 300, i % 300) for i in range(n)]
+    clean = [synthetic.make_split_sample("clean", 0, i // 300, i % 300) for i in range(300)]
     got = _measure(web)
     want = {
         "unrelated": noise.unrelated,
@@ -161,23 +163,23 @@ def test_web_captions_are_noisy_at_the_designed_rates():
     assert ref["unrelated"] == 0 and ref["colour_true"] == 1 and ref["shape_true"] == 1
     assert ref["colour_other"] == 0 and ref["shape_other"] == 0 and ref["extra_kept"] == 1
     # the image of a web sample does not depend on the noise model
-    quiet = syn.WebNoise(
+    quiet = synthetic.WebNoise(
         unrelated=0,
         drop_object=0,
-        colour=syn.AttrNoise(),
-        shape=syn.AttrNoise(),
-        size=syn.AttrNoise(),
-        position=syn.AttrNoise(),
-        background=syn.AttrNoise(),
+        colour=synthetic.AttrNoise(),
+        shape=synthetic.AttrNoise(),
+        size=synthetic.AttrNoise(),
+        position=synthetic.AttrNoise(),
+        background=synthetic.AttrNoise(),
         affix=0,
     )
-    s0, s1 = syn.make_split_sample("web", 0, 0, 3), syn.make_split_sample("web", 0, 0, 3, noise=quiet)
+    s0, s1 = synthetic.make_split_sample("web", 0, 0, 3), synthetic.make_split_sample("web", 0, 0, 3, noise=quiet)
     assert s0["jpg"] == s1["jpg"] and s1["caption"].startswith(s1["label"]["clean_caption"])
 
 
 def _nearest_colour(pixels: np.ndarray) -> np.ndarray:
-    names = list(syn.COLOURS)
-    pal = np.array([syn.COLOURS[c] for c in names], dtype=np.float32)
+    names = list(synthetic.COLOURS)
+    pal = np.array([synthetic.COLOURS[c] for c in names], dtype=np.float32)
     d = ((pixels[:, None, :].astype(np.float32) - pal[None]) ** 2).sum(-1)
     return np.array(names)[d.argmin(1)]
 
@@ -185,17 +187,17 @@ def _nearest_colour(pixels: np.ndarray) -> np.ndarray:
 def test_test_set_labels_match_rendered_content(tmp_path):
     from dr_pipeline.train.evaluate import load_eval_data
 
-    syn.make_split("test", str(tmp_path), n_shards=1, per_shard=4, seed=0, formats=("tar",), per_class=1)
-    rows = [json.loads(line) for line in (tmp_path / syn.ZEROSHOT_LABELS).read_text().splitlines()]
+    synthetic.make_split("test", str(tmp_path), n_shards=1, per_shard=4, seed=0, formats=("tar",), per_class=1)
+    rows = [json.loads(line) for line in (tmp_path / synthetic.ZEROSHOT_LABELS).read_text().splitlines()]
     assert len(rows) == 60 and len({r["class"] for r in rows}) == 60
     n_plain = 0
     for r in rows:
         (o,), (g,) = r["label"]["objects"], r["label"]["geometry"]
         assert r["class"] == f"{o['colour']}_{o['shape']}"
-        img = Image.open(tmp_path / syn.ZEROSHOT_DIR / r["class"] / f"{r['key']}.jpg").convert("RGB")
+        img = Image.open(tmp_path / synthetic.ZEROSHOT_DIR / r["class"] / f"{r['key']}.jpg").convert("RGB")
         assert img.size == (r["width"], r["height"])
         mask = Image.new("L", img.size, 0)
-        syn._draw_shape(ImageDraw.Draw(mask), o["shape"], g["cx"], g["cy"], g["r"], 255)
+        synthetic._draw_shape(ImageDraw.Draw(mask), o["shape"], g["cx"], g["cy"], g["r"], 255)
         inner = np.asarray(mask.filter(ImageFilter.MinFilter(5))) > 0
         ring = (np.asarray(mask.filter(ImageFilter.MaxFilter(9))) > 0) & ~(
             np.asarray(mask.filter(ImageFilter.MaxFilter(3))) > 0
@@ -208,11 +210,11 @@ def test_test_set_labels_match_rendered_content(tmp_path):
         assert o["colour"] != r["label"]["background_colour"]
     assert n_plain >= 5
     # `dr eval` reads the folder: 60 classes named "<colour> <shape>"
-    classes = load_eval_data(str(tmp_path / syn.ZEROSHOT_DIR)).tasks["folder"][2]
-    assert classes == [f"{c} {s}" for c, s in syn.zeroshot_classes()]
+    classes = load_eval_data(str(tmp_path / synthetic.ZEROSHOT_DIR)).tasks["folder"][2]
+    assert classes == [f"{c} {s}" for c, s in synthetic.zeroshot_classes()]
     # retrieval shards: clean captions that name every object
     for s in iter_shard(str(tmp_path / "tar" / "shard-00000.tar")):
-        assert isinstance(s, Sample) and s.caption == syn.split_caption(_attrs(s.meta["label"]))
+        assert isinstance(s, Sample) and s.caption == synthetic.split_caption(_attrs(s.meta["label"]))
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -221,14 +223,14 @@ def test_test_set_labels_match_rendered_content(tmp_path):
 def test_caption_accuracy_metric():
     from dr_pipeline.bootstrap import caption_accuracy, parse_caption
 
-    s = syn.make_split_sample("test", 0, 0, 1)
+    s = synthetic.make_split_sample("test", 0, 0, 1)
     assert parse_caption(
         "a small red circle on the left and a large blue star at the top, on a plain white background"
     ) == {"objects": [("red", "circle"), ("blue", "star")], "background": "white"}
     perfect = caption_accuracy([[s["caption"]]], [s["label"]])
     assert perfect["colour_word_accuracy"] == perfect["shape_word_accuracy"] == perfect["exact_match"] == 1.0
     o = s["label"]["objects"][0]
-    wrong_colour = next(c for c in syn.COLOURS if c not in {x["colour"] for x in s["label"]["objects"]})
+    wrong_colour = next(c for c in synthetic.COLOURS if c not in {x["colour"] for x in s["label"]["objects"]})
     bad = caption_accuracy([[f"a {wrong_colour} {o['shape']}"]], [s["label"]])
     assert bad["colour_word_accuracy"] == 0.0 and bad["shape_word_accuracy"] == 1.0 and bad["pair_accuracy"] == 0.0
 
@@ -357,7 +359,7 @@ def test_committed_captioner_names_the_right_colours_and_shapes(committed):
     from dr_pipeline.models.captioner import load_captioner
 
     cap = load_captioner(committed.captioners[0], committed)
-    scenes = [syn.make_split_sample("test", 0, 1, i) for i in range(48)]  # shard 1: not in bootstrap's own eval
+    scenes = [synthetic.make_split_sample("test", 0, 1, i) for i in range(48)]  # shard 1: not in bootstrap's own eval
     views = torch.from_numpy(centre_views([s["jpg"] for s in scenes], cap.image_size))
     caps = cap.caption(views, [s["key"] for s in scenes], seed=0, k=2).captions
     acc = caption_accuracy(caps, [s["label"] for s in scenes])
@@ -370,8 +372,8 @@ def test_committed_teachers_classify_zero_shot(committed):
     from dr_pipeline.bootstrap import teacher_zeroshot
     from dr_pipeline.models.teachers import load_teacher
 
-    classes = syn.zeroshot_classes()
-    images = [syn.make_zeroshot_sample(0, c, 20 + j)["jpg"] for c in range(len(classes)) for j in range(2)]
+    classes = synthetic.zeroshot_classes()
+    images = [synthetic.make_zeroshot_sample(0, c, 20 + j)["jpg"] for c in range(len(classes)) for j in range(2)]
     labels = [c for c in range(len(classes)) for _ in range(2)]
     names = [f"{c} {s}" for c, s in classes]
     for spec in committed.teachers:

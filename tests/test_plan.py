@@ -20,10 +20,10 @@ from dr_pipeline.plan import (
     anchor_mfu,
     datacompdr_bytes,
     decode_step_macs,
+    estimate,
     image_macs,
     layout,
     load_costs,
-    make_plan,
     open_clip_config,
     parse_count,
     render,
@@ -108,7 +108,7 @@ def test_plan_totals_shards_and_hours():
             "coca_ViT-L-14": {"caption_s": 2.0},
         },
     }
-    plan = make_plan(SPEC, {"m": src})
+    plan = estimate(SPEC, {"m": src})
     assert plan.shards == math.ceil(2_000_000_000 / 12_345)
     rb = row_bytes(SPEC)
     assert plan.raw_bytes == SPEC.samples * rb["total"]
@@ -167,7 +167,7 @@ def test_dfndr2b_gpu_days_are_believable():
     """`dr plan --samples 1.9B --ensemble teachers/dfndr2b.yaml`: a few hundred A100-days, H100 ~3x fewer,
     the public-anchor figure within 2x of the default, memory of one actor fits a 24 GB GPU."""
     spec = spec_from_args("1.9B", [], [], str(REPO / "teachers" / "dfndr2b.yaml"), 2, 5, 10_000, gpus=256)
-    plan = make_plan(spec, load_costs())
+    plan = estimate(spec, load_costs())
     a100, h100 = plan.compute["A100 (estimated)"], plan.compute["H100 (estimated)"]
     assert 100 < a100["device_days"] < 1000 and a100["anchor"]["device_days"] < 2 * a100["device_days"]
     assert a100["device_days"] / h100["device_days"] == pytest.approx(989 / 312)
@@ -195,7 +195,7 @@ def test_gpu_measurement_replaces_the_estimate(tmp_path):
     p = tmp_path / "costs-a100.json"
     p.write_text(json.dumps(gpu))
     spec = spec_from_args("1M", ["ViT-L-14"], [], None, 2, 0, 10_000)
-    plan = make_plan(spec, load_costs([str(p)]))
+    plan = estimate(spec, load_costs([str(p)]))
     assert "A100 (estimated)" not in plan.compute
     row = plan.compute["nvidia-a100 (measured)"]
     assert row["kind"] == "measured" and row["device"].startswith("NVIDIA A100")
@@ -263,7 +263,7 @@ def test_measured_compression_gives_disk_bytes():
         "models": {},
         "storage": {"bf16_bytes_per_value": 1.5, "aug_bytes_per_aug": 11.0, "string_ratio": 0.5, "machine": "m"},
     }
-    plan = make_plan(SPEC, {"m": src})
+    plan = estimate(SPEC, {"m": src})
     rb = row_bytes(SPEC)
     per = rb["values"] * 1.5 + SPEC.n_aug * 11.0 + (rb["strings"] + rb["ints"]) * 0.5
     assert plan.disk_bytes == pytest.approx(SPEC.samples * per)

@@ -34,6 +34,8 @@ def test_bf16_bits_match_independent_rounding():
     back = bf16.bits_to_bf16(got)
     assert back.dtype == torch.bfloat16
     np.testing.assert_array_equal(back.view(torch.uint16).numpy(), got)
+    # the numpy decoder the trainer uses gives exactly torch's bf16 -> float32
+    np.testing.assert_array_equal(bf16.bits_to_f32(got), back.float().numpy())
 
 
 def _rows(n: int, n_aug: int, dims: dict[str, int], seed: int = 0) -> ReinforcedRows:

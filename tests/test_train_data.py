@@ -27,7 +27,7 @@ from dr_pipeline.shards.schema import layout_from_metadata
 from dr_pipeline.train.config import DataConfig, ForeignTeacher
 from dr_pipeline.train.data import JoinedDataset, StreamState, TrainStream, unchunk
 from dr_pipeline.train.fake_reinforce import VIEW, image_embedding, make_fake_reinforced, text_embedding
-from dr_pipeline.train.sources import choose, make_plan
+from dr_pipeline.train.sources import choose, plan_data
 from dr_pipeline.train.students import tokenize
 
 TEACHERS = [("ta", 8, 70.0), ("tb", 12, 60.0)]
@@ -52,7 +52,7 @@ def _cfg(root: Path, **kw) -> DataConfig:
 
 
 def _epoch(cfg: DataConfig, rank=0, world=1, start=StreamState(), workers=0, epochs=1) -> list[dict]:
-    ds = JoinedDataset(make_plan(cfg), cfg, SEED, SIZE, CTX, rank, world, start, epochs=epochs)
+    ds = JoinedDataset(plan_data(cfg), cfg, SEED, SIZE, CTX, rank, world, start, epochs=epochs)
     if workers == 0:
         items = list(unchunk(iter(ds)))
     else:
@@ -146,7 +146,7 @@ def test_teacher_and_captioner_subset_by_id(world):
     assert all(set(it["teachers"]) == {"tb"} for it in items)
     assert all(it["syn_caption"].split()[2:3] == ["c2"] or "c2" in it["syn_caption"] for it in items)
     with pytest.raises(ConfigError, match="not in the reinforced data"):
-        make_plan(_cfg(world, teachers=("nope",)))
+        plan_data(_cfg(world, teachers=("nope",)))
 
 
 # --------------------------------------------------------------------------- DataCompDR tars
@@ -210,7 +210,7 @@ def test_datacompdr_tars_give_the_same_samples_as_parquet(world, truth, tmp_path
             assert torch.equal(a["teachers"][t], b["teachers"][t])
     truth.check(got[0])
     with pytest.raises(ConfigError, match="foreign_teachers"):
-        make_plan(DataConfig(reinforced=str(tmp_path / "npz"), base=str(world / "corpus" / "tar")))
+        plan_data(DataConfig(reinforced=str(tmp_path / "npz"), base=str(world / "corpus" / "tar")))
 
 
 def test_released_bf16_pth_gz_loads_safely_and_pickle_is_refused(world, tmp_path, monkeypatch):
@@ -276,7 +276,7 @@ def test_missing_and_mismatched_rows_are_counted_never_misaligned(world, truth, 
     expected = _damage(world, tmp_path / "ds")
     (tmp_path / "ds" / "_markers" / "shard-00002.json").unlink()  # uncommitted: not read at all
     cfg = DataConfig(reinforced=str(tmp_path / "ds"), num_workers=0)
-    plan = make_plan(cfg)
+    plan = plan_data(cfg)
     assert [p.name for p in plan.pairs] == ["shard-00000", "shard-00001"] and plan.base_only == ("shard-00002",)
     items = _epoch(cfg)
     skips = {it["key"]: it["skip"] for it in items if "skip" in it}
@@ -295,7 +295,7 @@ def test_missing_and_mismatched_rows_are_counted_never_misaligned(world, truth, 
 def test_no_usable_sample_raises_instead_of_hanging(world, tmp_path):
     make_corpus(str(tmp_path / "other"), n_shards=N_SHARDS, per_shard=PER_SHARD, seed=1, formats=("tar",))
     cfg = DataConfig(reinforced=str(world / "ds"), base=str(tmp_path / "other" / "tar"), num_workers=0)
-    stream = TrainStream(make_plan(cfg), cfg, SEED, batch_size=4, image_size=SIZE, context_length=CTX)
+    stream = TrainStream(plan_data(cfg), cfg, SEED, batch_size=4, image_size=SIZE, context_length=CTX)
     with pytest.raises(RuntimeError, match="no usable sample"):
         next(iter(stream))
     # same keys, other images and captions: every row is refused, 3 epochs in a row
@@ -337,7 +337,7 @@ def test_order_is_independent_of_worker_count_and_chunk_size(world):
 @pytest.mark.timeout(120)
 def test_resampled_mode_feeds_every_rank_of_a_large_world(world):
     cfg = _cfg(world, resampled=True)
-    plan = make_plan(cfg)
+    plan = plan_data(cfg)
     for rank in (0, 7):
         stream = iter(
             TrainStream(plan, cfg, SEED, batch_size=4, image_size=SIZE, context_length=CTX, rank=rank, world=16)
@@ -349,7 +349,7 @@ def test_resampled_mode_feeds_every_rank_of_a_large_world(world):
 @pytest.mark.timeout(120)
 def test_stream_state_restarts_exactly_after_the_last_batch(world):
     cfg = _cfg(world)
-    plan = make_plan(cfg)
+    plan = plan_data(cfg)
     full = iter(TrainStream(plan, cfg, SEED, batch_size=5, image_size=SIZE, context_length=CTX))
     seen = [next(full) for _ in range(6)]  # 30 samples: crosses an epoch boundary (18 / epoch)
     state = seen[3][1]
@@ -493,7 +493,7 @@ def test_syn_key_regex_selects_parquet_captioners(world):
     assert items and all("c2" in it["syn_caption"] for it in items)
     assert _sig(_epoch(_cfg(world, syn_key_regex="^c2$"))) == _sig(_epoch(_cfg(world, captioners=("c2",))))
     with pytest.raises(ConfigError, match="matches none"):
-        make_plan(_cfg(world, syn_key_regex="^nope$"))
+        plan_data(_cfg(world, syn_key_regex="^nope$"))
     with pytest.raises(ConfigError, match="not a regular expression"):
         _cfg(world, syn_key_regex="(")
 
@@ -540,7 +540,7 @@ def test_several_sources_with_upsampling_factors(world, truth, tmp_path):
         foreign_teachers=tuple(ForeignTeacher(t, d, s) for t, d, s in TEACHERS),
         foreign_aug=SPEC,
     )
-    plan = make_plan(cfg)
+    plan = plan_data(cfg)
     assert [(p.source, p.kind) for p in plan.pairs] == [(0, "parquet")] * N_SHARDS + [(1, "datacompdr")] * N_SHARDS
     visits = Counter((p.source, p.visit) for p in epoch_visits(plan, SEED, 0))
     assert visits == {(0, 0): N_SHARDS, (1, 0): N_SHARDS, (1, 1): N_SHARDS}
@@ -555,7 +555,7 @@ def test_several_sources_with_upsampling_factors(world, truth, tmp_path):
         by_key.setdefault(it["key"], []).append(it["aug_index"])
     assert any(len(set(a)) > 1 for a in by_key.values())
     # fractional factors: floor(f) visits plus one with probability f - floor(f); resampled: weights
-    half = make_plan(
+    half = plan_data(
         _cfg(
             world,
             extra_sources=(dataclasses.replace(extra, upsampling_factor=0.5),),
@@ -588,7 +588,7 @@ def test_cache_images_gives_the_same_samples_and_skips(world, tmp_path):
         [it for it in _epoch(plain) if "skip" not in it]
     )
     assert {it["key"]: it["skip"] for it in _epoch(cached) if "skip" in it} == expected
-    plan = make_plan(plain)
+    plan = plan_data(plain)
     ts = [
         TrainStream(
             plan, dataclasses.replace(c, num_workers=2), SEED, batch_size=5, image_size=SIZE, context_length=CTX

@@ -25,6 +25,11 @@ def bits_to_bf16(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a).view(torch.bfloat16)
 
 
+def bits_to_f32(a: np.ndarray) -> np.ndarray:
+    """uint16 numpy array of bf16 bits -> float32 numpy array, exactly (bf16 is the top half of fp32)."""
+    return (np.ascontiguousarray(a, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 def fsl_uint16(rows: np.ndarray) -> pa.FixedSizeListArray:
     """[n, W] uint16 array -> fixed_size_list<uint16, W> Arrow array (zero-copy)."""
     rows = np.ascontiguousarray(rows, dtype=np.uint16)

@@ -42,7 +42,7 @@ from dr_pipeline.train.data import StreamState, TrainStream
 from dr_pipeline.train.distributed import DistEnv, all_gather_ints, mean_across_ranks, setup, teardown
 from dr_pipeline.train.loss import KINDS, DistillClipLoss
 from dr_pipeline.train.metrics import MetricsLog
-from dr_pipeline.train.sources import DataPlan, make_plan
+from dr_pipeline.train.sources import DataPlan, plan_data
 from dr_pipeline.train.students import Student, build_student, resolve_spec
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, resume: str | None = None):
         self.cfg, self.env = cfg, env
         self.out = Folder(cfg.out_dir)
-        self.plan: DataPlan = make_plan(cfg.data)
+        self.plan: DataPlan = plan_data(cfg.data)
         self.spec = resolve_spec(cfg.student)
         unknown = set(cfg.loss.teacher_logit_scales) - {t.id for t in self.plan.teachers}
         if unknown:

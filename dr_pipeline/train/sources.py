@@ -230,7 +230,7 @@ def _source_layout(
     return all_t, aug, captioners
 
 
-def make_plan(cfg: DataConfig) -> DataPlan:
+def plan_data(cfg: DataConfig) -> DataPlan:
     """Pair base and reinforcement shards of every source and read the teacher / captioner layout."""
     so = dict(cfg.storage_options)
     sources = [(cfg, so, cfg.join_key, cfg.upsampling_factor)]
@@ -372,11 +372,6 @@ class Pending:
     make: Callable[[], Entry]
 
 
-def _to_f32(bits: np.ndarray) -> np.ndarray:
-    """bf16 bits (uint16) -> float32, exactly."""
-    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
 def load_index(
     pair: ShardPair,
     plan: DataPlan,
@@ -480,7 +475,7 @@ def _parquet_batch(batch, caps, plan, n_aug, ch: Chooser, join_key, lazy: bool =
         e.mixed = e.syn_index >= 0 and ch.mixed(e.key)
         for t in plan.teachers:
             s = syn_emb[t.id][c][i][j] if e.syn_index >= 0 else txt[t.id][i]
-            e.emb[t.id] = _to_f32(np.stack([img[t.id][i, e.aug_index], s if e.mixed else txt[t.id][i], s]))
+            e.emb[t.id] = bf16.bits_to_f32(np.stack([img[t.id][i, e.aug_index], s if e.mixed else txt[t.id][i], s]))
         return e
 
     for i in range(n):

@@ -260,3 +260,94 @@ def test_a_full_disk_ends_in_one_line_per_shard_and_a_summary(tmp_path, tiny_ens
     assert "disk is full" in line and "rerun the same command to resume" in line and "Traceback" not in err
     [log] = (tmp_path / "logs").glob("dr-*.log")
     assert "Traceback" in log.read_text()
+
+
+def test_dr_train_on_an_s3_dataset_made_with_secrets_uses_the_callers_credentials(
+    fake_ds, tmp_path, s3_bucket, monkeypatch
+):
+    """The reinforcement job had credentials in storage_options: job.yaml holds '***' for them.
+    Training from that dataset on S3 reads the base shards named in job.yaml with the caller's
+    options (and the environment's credentials), and no '***' ever reaches fsspec."""
+    import yaml
+
+    from dr_pipeline.train.config import DataConfig, OptimConfig, StudentConfig, TrainConfig
+    from dr_pipeline.train.loop import train
+
+    bucket, so = s3_bucket
+    fs = fsspec.filesystem("s3", **so)
+    fs.put(str(fake_ds.parent / "corpus" / "tar") + "/", f"{bucket}/corpus/", recursive=True)
+    fs.put(str(fake_ds) + "/", f"{bucket}/ds/", recursive=True)
+    job = yaml.safe_load(fs.cat_file(f"{bucket}/ds/job.yaml"))
+    job["input"] = {"urls": f"s3://{bucket}/corpus", "storage_options": {"key": "***", "secret": "***", **so}}
+    fs.pipe_file(f"{bucket}/ds/job.yaml", yaml.safe_dump(job).encode())
+    seen: list[dict] = []
+    real = fsspec.core.url_to_fs
+
+    def spy(url, **kw):
+        seen.append(kw)
+        return real(url, **kw)
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", spy)
+    cfg = TrainConfig(
+        out_dir=str(tmp_path / "run"),
+        steps=2,
+        batch_size=4,
+        log_every=1,
+        checkpoint_every=2,
+        student=StudentConfig(arch="tiny", image_size=32),
+        data=DataConfig(reinforced=f"s3://{bucket}/ds", storage_options=so, num_workers=0),
+        optim=OptimConfig(warmup_steps=1),
+    )
+    run = train(cfg)
+    assert run.step == 2 and len(run.losses) == 2
+    assert seen and not any("***" in json.dumps(kw, default=str) for kw in seen)
+
+
+def test_the_dataset_card_lets_hugging_face_datasets_load_the_root(fake_ds, monkeypatch):
+    """Needs `datasets`, which the test extra cannot hold: every release that fits fsspec 2026.9
+    (s3fs) wants huggingface-hub >= 1, and transformers 4.56 (open_clip's CoCa) wants < 1. Run it
+    with `pip install datasets` in a separate venv; the card's YAML is checked below regardless."""
+    import yaml
+
+    card = (fake_ds / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["configs"][0]["data_files"][0]["path"] == "shards/*.parquet"
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    d = datasets.load_dataset(str(fake_ds), split="train")
+    assert d.num_rows == 18 and "key" in d.column_names and "aug_params" in d.column_names
+
+
+def test_a_refused_checkpoint_ends_in_one_line(tmp_path, capsys, monkeypatch):
+    """A checkpoint holding a pickled object (not tensors and plain dicts) is refused by the safe
+    loader: one `error:` line, exit 3, the traceback only in the log file; the payload never runs."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"format": "dr_pipeline.train.checkpoint/1", "x": Payload()}))
+    monkeypatch.setenv("DR_LOG_DIR", str(tmp_path / "logs"))
+    assert dr(["eval", "--checkpoint", str(evil), "--data", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and "Traceback" not in err
+    assert not (tmp_path / "ran").exists()
+    assert "Traceback" in next((tmp_path / "logs").glob("dr-*.log")).read_text()
+
+
+def test_one_retry_budget_for_object_stores(tmp_path):
+    """s3fs's own retry loop and botocore's retries are off unless the user set them: the
+    pipeline's retry.py is the one layer (io_attempts calls, not io_attempts x 5 x 5)."""
+    from dr_pipeline.storage.folder import single_retry_budget
+
+    so = single_retry_budget("s3://bucket/x", {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}})
+    assert so["config_kwargs"]["retries"]["max_attempts"] == 1
+    assert Folder("s3://bucket/x", so).fs.retries == 1
+    mine = single_retry_budget("s3://bucket/x", {"config_kwargs": {"retries": {"max_attempts": 7}}})
+    assert mine["config_kwargs"]["retries"]["max_attempts"] == 7  # the user's choice stands
+    assert single_retry_budget(str(tmp_path), {"a": 1}) == {"a": 1}  # local: untouched

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -22,8 +23,9 @@ from dr_pipeline.bench_scale import StandInProcessor, make_scale_job, shard_name
 from dr_pipeline.cli import main as dr
 from dr_pipeline.config import load_ensemble, load_job
 from dr_pipeline.corpus.synthetic import make_corpus
+from dr_pipeline.execute.progress import Progress
 from dr_pipeline.execute.runner import plan_job, run_job
-from dr_pipeline.shards.dataset import Manifest, ReinforcedDataset
+from dr_pipeline.shards.dataset import Manifest, ReinforcedDataset, ShardStats
 from dr_pipeline.shards.schema import json_schema
 from dr_pipeline.status import job_status
 from dr_pipeline.storage.folder import Folder
@@ -351,3 +353,39 @@ def test_one_retry_budget_for_object_stores(tmp_path):
     mine = single_retry_budget("s3://bucket/x", {"config_kwargs": {"retries": {"max_attempts": 7}}})
     assert mine["config_kwargs"]["retries"]["max_attempts"] == 7  # the user's choice stands
     assert single_retry_budget(str(tmp_path), {"a": 1}) == {"a": 1}  # local: untouched
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _stats(i: int, reasons: dict) -> ShardStats:
+    return ShardStats(
+        shard=f"s{i}",
+        input_url="u",
+        config_hash="h",
+        n_read=10,
+        n_written=10 - sum(reasons.values()),
+        n_rejected=sum(reasons.values()),
+        rejected_by_reason=reasons,
+        stage_s={"read": 5.0, "caption:coca": 3.0, "teacher:a:image": 1.0},
+    )
+
+
+def test_the_console_is_a_tqdm_bar_on_a_terminal_and_plain_lines_in_a_log():
+    tty = _Tty()
+    p = Progress(3, stream=tty)
+    for i in range(3):
+        p.update(_stats(i, {"no_caption": 1}))
+    p.close()
+    out = tty.getvalue()
+    assert "\r" in out and "3/3" in out and "reinforce" in out  # a redrawn tqdm bar
+    assert "rejected 3 (no_caption 3)" in out and "caption:coca 75% teacher:a:image 25%" in out
+    log = io.StringIO()
+    p = Progress(3, stream=log, every_s=3600)
+    for i in range(3):
+        p.update(_stats(i, {"too_small": 2}))
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[3/3 shards] 24 samples, ETA 0s")  # throttled, final line
+    assert "samples/s" in lines[0] and "rejected 6 (too_small 6)" in lines[0] and "\r" not in log.getvalue()

@@ -30,7 +30,7 @@ class Progress:
         self.stream, self.every_s = stream, every_s
         self.bar = (
             tqdm(total=total, unit="shard", file=self.out, dynamic_ncols=True, smoothing=0.05, desc="reinforce")
-            if self.out.isatty() and stream is None
+            if self.out.isatty()
             else None
         )
 

@@ -19,6 +19,7 @@ from dr_pipeline.cli import main as dr
 from dr_pipeline.config import ConfigError, load_ensemble, load_job
 from dr_pipeline.corpus.readers import iter_shard
 from dr_pipeline.corpus.synthetic import make_corpus
+from dr_pipeline.execute import add_teacher
 from dr_pipeline.execute.runner import resolve_ensemble, run_job
 from dr_pipeline.models.teachers import load_teacher
 from dr_pipeline.shards.dataset import ReinforcedDataset
@@ -194,7 +195,7 @@ def test_datacompdr_export_read_by_an_independent_reader(ray_run, tmp_path):
         assert json.loads(members[f"{k}.json"])["sha256"] == rows.image_sha256[i]
 
 
-def test_adding_a_teacher_equals_a_full_run(ray_run, corpus, tiny_ensemble, tmp_path):
+def test_adding_a_teacher_equals_a_full_run(ray_run, corpus, tiny_ensemble, tmp_path, capsys):
     job, root = ray_run
     ens = yaml.safe_load(open(tiny_ensemble))
     only_a = Path(tiny_ensemble).with_name("only_a.yaml")  # beside tiny.yaml: relative paths resolve
@@ -204,7 +205,22 @@ def test_adding_a_teacher_equals_a_full_run(ray_run, corpus, tiny_ensemble, tmp_
     )
     assert run_job(partial, resolve_ensemble(partial), executor="local").ok
     assert set(all_rows(str(tmp_path / "ds"))["shard-00000"].image_emb) == {"tiny-vit-a"}
+    # a first attempt fails on shard-00001 (in-process): shard-00000 is committed with the new config
+    real = add_teacher.TeacherAdder.process
+
+    def flaky(self, url, dataset, config_hash):
+        if "shard-00001" in url:
+            raise RuntimeError("injected: node lost")
+        return real(self, url, dataset, config_hash)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(add_teacher.TeacherAdder, "process", flaky)
+        first = add_teacher.add_teachers(str(tmp_path / "ds"), tiny_ensemble, ["tiny-vit-b"], executor="local")
+    assert first.committed == ["shard-00000"] and [f.shard for f in first.failed] == ["shard-00001"]
+    capsys.readouterr()
+    # the rerun (on Ray, as users run it) resumes: only shard-00001 is computed
     assert dr(["add-teacher", str(tmp_path / "ds"), "--teachers", tiny_ensemble, "--teacher", "tiny-vit-b"]) == 0
+    assert "to 1 shard(s) (1 already had it)" in capsys.readouterr().out
     full, added = all_rows(root), all_rows(str(tmp_path / "ds"))
     for name in full:
         f, a = full[name], added[name]
@@ -218,6 +234,11 @@ def test_adding_a_teacher_equals_a_full_run(ray_run, corpus, tiny_ensemble, tmp_
         Folder(str(tmp_path / "ds")).read_json("dataset.json")["config_hash"]
         == Folder(root).read_json("dataset.json")["config_hash"]
     )
+    # per-shard commits: every marker has the new hash; the manifest is complete
+    ds = ReinforcedDataset(str(tmp_path / "ds"))
+    new_hash = ds.config_hash()
+    assert {m.config_hash for m in ds.markers().values()} == {new_hash}
+    assert ds.read_manifest().complete and ds.read_manifest().config_hash == new_hash
 
 
 def test_parquet_corpus_gives_the_same_dataset_as_tar(ray_run, corpus, tmp_path):

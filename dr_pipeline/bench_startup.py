@@ -153,13 +153,19 @@ def render_section(rows: list[dict]) -> list[str]:
             f"{r.get('actor_load_s', '?')} | {r.get('peak_rss_gib', '?')} | {r.get('peak_rss_after_shard_gib', '?')} | "
             f"{r.get('weights_gib', '?')} | {r.get('rss_per_weight', '-')} | {r.get('job_s', '?')} |"
         )
-    out += [
-        "",
-        "Budget: peak RSS <= 1.3 x weights + the bounded batch buffers. The fixed part of an actor "
-        "(Python, torch, open_clip, Ray's core worker) is ~0.5 GiB whatever the ensemble, so small "
-        "ensembles sit above the ratio; see docs/cluster.md for memory per ensemble.",
-        "",
-    ]
+    done = [r for r in rows if r.get("peak_rss_after_shard_gib") and r.get("weights_gib")]
+    if len(done) >= 2:
+        small, big = min(done, key=lambda r: r["weights_gib"]), max(done, key=lambda r: r["weights_gib"])
+        fixed = small["peak_rss_after_shard_gib"] - small["weights_gib"]
+        per = (big["peak_rss_after_shard_gib"] - fixed) / big["weights_gib"]
+        out += [
+            "",
+            "Budget: peak RSS <= 1.3 x weights + the bounded batch buffers. The fixed part of an actor (Python, "
+            f"torch, open_clip, Ray's core worker: the {small['ensemble']} row less its weights) is {fixed:.2f} GiB; "
+            f"above it the {big['ensemble']} actor holds **{per:.2f} x its weights** (one copy plus batch buffers). "
+            "Memory per ensemble: docs/cluster.md.",
+            "",
+        ]
     return out
 
 

@@ -586,6 +586,8 @@ def run_job(
     finally:  # also on Ctrl-C: what committed is in the manifest
         report.seconds = time.time() - t0
         manifest = plan.dataset.write_manifest(plan.manifest)
+        if plan.todo:  # the pool is shut down: temporary files of killed attempts can go now
+            plan.dataset.clean_tmp()
     print(
         f"done: {manifest['n_shards']}/{manifest['n_input_shards']} shards committed, "
         f"{manifest['n_written']} samples written, {manifest['n_rejected']} rejected, "

@@ -43,6 +43,22 @@ def assert_schema_valid(root: str, storage_options: dict | None = None) -> int:
     return len(names)
 
 
+def _tiny_job(tmp_path: Path, tiny_ensemble: str, per_shard: int, n_aug: int, k: int) -> Path:
+    """A 2-shard synthetic corpus and a job file reinforcing it with the tiny ensemble on CPU."""
+    make_corpus(str(tmp_path / "corpus"), n_shards=2, per_shard=per_shard, seed=0, formats=("tar",))
+    cfg = tmp_path / "job.yaml"
+    job = {
+        "input": {"urls": str(tmp_path / "corpus" / "tar")},
+        "output": {"path": str(tmp_path / "ds")},
+        "teachers": tiny_ensemble,
+        "aug": {"n_aug": n_aug, "size": 64},
+        "captions": {"k": k},
+        "execution": {"batch_size": 4, "device": "cpu"},
+    }
+    cfg.write_text(json.dumps(job))
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def fake_ds(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("contract")
@@ -61,20 +77,7 @@ def test_fake_reinforce_goes_through_the_commit_path_and_validates(fake_ds):
 
 def test_markers_of_a_real_job_match_the_schema(tmp_path, tiny_ensemble):
     """The tiny ensemble, --local: per-stage times are in every marker and summed in the manifest."""
-    make_corpus(str(tmp_path / "corpus"), n_shards=2, per_shard=3, seed=0, formats=("tar",))
-    cfg = tmp_path / "job.yaml"
-    cfg.write_text(
-        json.dumps(
-            {
-                "input": {"urls": str(tmp_path / "corpus" / "tar")},
-                "output": {"path": str(tmp_path / "ds")},
-                "teachers": tiny_ensemble,
-                "aug": {"n_aug": 2, "size": 64},
-                "captions": {"k": 2},
-                "execution": {"batch_size": 4, "device": "cpu"},
-            }
-        )
-    )
+    cfg = _tiny_job(tmp_path, tiny_ensemble, per_shard=3, n_aug=2, k=2)
     assert dr(["reinforce", "--config", str(cfg), "--local"]) == 0
     assert assert_schema_valid(str(tmp_path / "ds")) == 2
     ds = ReinforcedDataset(str(tmp_path / "ds"))
@@ -215,31 +218,13 @@ def test_dr_status_on_a_path_that_is_not_a_dataset(tmp_path, capsys):
     assert err.startswith("error:") and "not a dr_pipeline dataset" in err and len(err.strip().splitlines()) == 1
 
 
-def _enospc_job(tmp_path, tiny_ensemble) -> Path:
-    make_corpus(str(tmp_path / "corpus"), n_shards=2, per_shard=2, seed=0, formats=("tar",))
-    cfg = tmp_path / "job.yaml"
-    cfg.write_text(
-        json.dumps(
-            {
-                "input": {"urls": str(tmp_path / "corpus" / "tar")},
-                "output": {"path": str(tmp_path / "ds")},
-                "teachers": tiny_ensemble,
-                "aug": {"n_aug": 1, "size": 64},
-                "captions": {"k": 1},
-                "execution": {"batch_size": 4, "device": "cpu"},
-            }
-        )
-    )
-    return cfg
-
-
 def test_a_full_disk_ends_in_one_line_per_shard_and_a_summary(tmp_path, tiny_ensemble, monkeypatch, capsys):
     """ENOSPC while committing: each shard fails at once (permanent), one line each, exit 1, and the
     summary says a rerun resumes; when even the manifest cannot be written: one line, exit 3, the
     traceback in a log file only."""
     import errno
 
-    cfg = _enospc_job(tmp_path, tiny_ensemble)
+    cfg = _tiny_job(tmp_path, tiny_ensemble, per_shard=2, n_aug=1, k=1)
     real = Folder.write_bytes
 
     def full(self, rel, data):

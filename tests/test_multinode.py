@@ -40,6 +40,7 @@ from dr_pipeline.corpus.synthetic import make_corpus
 from dr_pipeline.shards.dataset import ReinforcedDataset, deterministic
 from dr_pipeline.validate import validate_dataset
 from tests.conftest import REPO
+from tests.test_faults import _session_pids as session_pids
 from tests.test_faults import job_file, undisturbed_run
 
 N_SHARDS, PER_SHARD = 4, 6
@@ -60,21 +61,6 @@ json.dump({"committed": sorted(map(name, r.committed)), "retried": r.retried,
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes whose session id is ``sid``."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[3]) == sid and fields[0] != "Z":
-                out.append(int(d))
-    return out
 
 
 def session_of(pid: int) -> int | None:

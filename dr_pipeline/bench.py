@@ -430,20 +430,21 @@ def captioning_notes(cap: dict) -> list[str]:
 # --------------------------------------------------------------------------- model load
 
 LOAD_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 import torch
 torch.set_num_threads(1)
 import open_clip
+from dr_pipeline.memory import peak_rss_bytes
 from dr_pipeline.models.teachers import create_from_checkpoint
 name, path, how = sys.argv[1:4]
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss0 = peak_rss_bytes() / 1024
 t = time.perf_counter()
 if how == "open_clip":
     m = open_clip.create_model(name, pretrained=path)
 else:
     m = create_from_checkpoint(name, path)
 dt = time.perf_counter() - t
-print(json.dumps({"s": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"s": dt, "peak_rss_mb": peak_rss_bytes() / 2**20,
                   "import_rss_mb": rss0 / 1024, "params_m": sum(p.numel() for p in m.parameters()) / 1e6}))
 """
 
@@ -528,7 +529,7 @@ def render_load(ld: dict) -> list[str]:
     L = [
         "## Model load",
         "",
-        "Each load in a fresh subprocess (peak RSS = `ru_maxrss`, which includes the ~"
+        "Each load in a fresh subprocess (peak RSS = `VmHWM` of that process, which includes the ~"
         f"{_f(next(iter(ld.values()))['ours']['import_rss_mb'], 0)} MB of torch + open_clip imports), alternating, "
         "the checkpoint in the page cache. Before: `open_clip.create_model(name, pretrained=path)` runs the "
         "random init of every weight, then loads the state dict and copies it in. After: "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 import yaml
 
 from dr_pipeline.config import JobConfig, load_ensemble, load_job
+from dr_pipeline.memory import peak_rss_bytes
 from dr_pipeline.shards.dataset import Manifest, ReinforcedDataset, ShardStats
 from dr_pipeline.storage.folder import Folder
 
@@ -139,9 +139,9 @@ class PlanMeasurement:
     committed: int
     markers_read: int
     todo: int
-    seconds: float  # plan_job, after the imports
-    import_s: float  # torch + open_clip (check_ensemble needs them): a fixed start-up cost
-    import_rss_mb: float  # peak RSS after those imports, before planning
+    seconds: float  # plan_job, including its ensemble check in a child process
+    check_s: float  # that check alone (torch + open_clip imports in the child): a fixed start-up cost
+    start_rss_mb: float  # the driver's RSS before planning (its imports)
     storage_calls: dict[str, int]
     peak_rss_mb: float
 
@@ -162,14 +162,14 @@ def measure_plan(job_file: str, env: dict | None = None) -> PlanMeasurement:
 
 def _plan_here(job_file: str) -> PlanMeasurement:
     from dr_pipeline.execute.runner import plan_job
+    from dr_pipeline.models.check import check_ensemble_isolated
 
     job = load_job(job_file)
     ens = load_ensemble(job.ensemble_path())
+    start_rss = peak_rss_bytes() / 2**20
     t0 = time.perf_counter()
-    import dr_pipeline.models.teachers  # noqa: F401  (what check_ensemble imports)
-
+    check_ensemble_isolated(ens)  # what plan_job runs first, timed alone
     t1 = time.perf_counter()
-    import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     plan = plan_job(job, ens)
     dt = time.perf_counter() - t1
     calls = {"list input": 1, **plan.dataset.folder.calls}
@@ -180,9 +180,9 @@ def _plan_here(job_file: str) -> PlanMeasurement:
         len(plan.todo),
         round(dt, 3),
         round(t1 - t0, 3),
-        round(import_rss, 1),
+        round(start_rss, 1),
         calls,
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_bytes() / 2**20,
     )
 
 
@@ -315,7 +315,7 @@ def measure_schedule(
         round(dt, 2),
         round(n_steady / steady_s, 1),
         round(1000 * steady_cpu / max(n_steady, 1), 3),
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_bytes() / 2**20,
         len(report.retried),
         len(report.failed),
         len(li.markers),
@@ -403,10 +403,11 @@ def render_section(d: dict) -> list[str]:
         "| measurement | result | target | |",
         "|---|---|---|---|",
         f"| plan {pl['shards']:,} shards ({pl['committed']:,} committed, {pl['markers_read']:,} marker bodies read), "
-        f"local disk | {pl['seconds']:.1f} s (+ {pl['import_s']:.1f} s imports) | <= 30 s | {ok(pl['seconds'] <= 30)} |",
+        f"local disk | {pl['seconds']:.1f} s (of which {pl['check_s']:.1f} s the ensemble check's child process) | "
+        f"<= 30 s | {ok(pl['seconds'] <= 30)} |",
         f"| same, storage calls | {calls(pl)} | O(1) listings, bodies only after the checkpoint | |",
-        f"| same, driver peak RSS | {pl['peak_rss_mb']:.0f} MB, {pl.get('import_rss_mb', 0):.0f} MB of it after the "
-        f"imports alone (torch, open_clip: `check_ensemble` needs them) | <= 1 GB | {ok(pl['peak_rss_mb'] <= 1024)} |",
+        f"| same, driver peak RSS | {pl['peak_rss_mb']:.0f} MB ({pl['start_rss_mb']:.0f} MB before planning; no torch "
+        f"in the driver: the ensemble check runs in a child process) | <= 1 GB | {ok(pl['peak_rss_mb'] <= 1024)} |",
         f"| plan {ps['shards']:,} shards on moto S3 ({ps['markers_read']:,} bodies read concurrently) | "
         f"{ps['seconds']:.1f} s | <= 3 min | {ok(ps['seconds'] <= 180)} |",
         f"| same, storage calls | {calls(ps)} | | |",

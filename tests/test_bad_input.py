@@ -258,16 +258,17 @@ def test_decode_image_modes():
 
 
 BOMB_CHILD = """
-import resource, sys
+import sys
+from dr_pipeline.memory import peak_rss_bytes
 from tests.nasty_corpus import bomb_png
 from dr_pipeline.images import ImageRejected, decode_image
 data = bomb_png(int(sys.argv[1]), int(sys.argv[2]))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_bytes() // 1024
 try:
     decode_image(data)
     print("decoded")
 except ImageRejected as e:
-    print(e.reason, len(data), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    print(e.reason, len(data), peak_rss_bytes() // 1024 - before)
 """
 
 

@@ -98,11 +98,12 @@ def test_over_limit_members_are_counted_rejections(tmp_path):
 
 
 CHILD = """
-import resource, sys
+import sys
+from dr_pipeline.memory import peak_rss_bytes
 from dr_pipeline.shards.datacompdr import iter_datacompdr_tar, member_limit
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_bytes() // 1024
 recs = list(iter_datacompdr_tar(sys.argv[1], max_decompressed=member_limit(1536)))
-print(";".join(str(r.get("rejected")) for r in recs), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(";".join(str(r.get("rejected")) for r in recs), peak_rss_bytes() // 1024 - before)
 """
 
 

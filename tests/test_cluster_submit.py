@@ -131,8 +131,9 @@ def ray_head(tmp_path_factory):
         import tempfile
 
         temp_dir = Path(tempfile.mkdtemp(prefix="drh-", dir="/tmp"))
-    gcs, dash, client, nm, om, agent, agent_grpc, rt_env, metrics = _free_ports(9)
     lo = 30000 + os.getpid() % 200 * 100  # worker ports away from Ray's default 10002-19999
+    ports = [p for p in _free_ports(30) if not lo <= p <= lo + 99]  # and away from the component ports
+    gcs, dash, client, nm, om, agent, agent_grpc, rt_env, metrics = ports[:9]
     cmd = [
         str(BIN / "ray"),
         "start",

@@ -272,12 +272,13 @@ teachers: '{teachers}'
 """
 
 RSS_CHILD = """
-import resource, sys, time
+import sys, time
+from dr_pipeline.memory import peak_rss_bytes
 from dr_pipeline.cli import main
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_bytes() // 1024
 t0 = time.time()
 code = main(["reinforce", "--config", sys.argv[1], "--local"])
-print("RESULT", code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, round(time.time() - t0, 2))
+print("RESULT", code, peak_rss_bytes() // 1024 - before, round(time.time() - t0, 2))
 """
 
 

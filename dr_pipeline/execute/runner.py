@@ -111,9 +111,9 @@ def plan_job(job: JobConfig, ensemble: EnsembleSpec, force: bool = False) -> Job
 
     O(shards) time; storage calls: one input listing, two output listings, the manifest, the
     marker bodies it does not vouch for (read concurrently), the job record."""
-    from dr_pipeline.models.teachers import check_ensemble
+    from dr_pipeline.models.check import check_ensemble_isolated
 
-    check_ensemble(ensemble)
+    check_ensemble_isolated(ensemble)  # in a child process: the driver never imports torch
     policy = retry_policy(job.execution)
     try:
         urls = retry_call(lambda: expand_urls(job.input.urls, job.input.storage_options), "list input", policy)
@@ -291,12 +291,10 @@ def _actor_class():
             return self.proc.process(url, self.dataset, config_hash)
 
         def ready(self) -> ActorInfo:
-            import resource
+            from dr_pipeline.memory import peak_rss_bytes
 
             weights = self.proc.weight_bytes() if hasattr(self.proc, "weight_bytes") else 0
-            return ActorInfo(
-                os.getpid(), round(self.load_s, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, weights
-            )
+            return ActorInfo(os.getpid(), round(self.load_s, 2), peak_rss_bytes(), weights)
 
     return ReinforceActor
 

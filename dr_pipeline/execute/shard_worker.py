@@ -14,7 +14,6 @@ import itertools
 import logging
 import os
 import queue
-import resource
 import socket
 import threading
 import time
@@ -31,6 +30,7 @@ from dr_pipeline import augment
 from dr_pipeline.config import EnsembleSpec, JobConfig, to_dict
 from dr_pipeline.corpus.readers import Rejected, Sample, clean_caption, iter_shard, shard_name
 from dr_pipeline.images import MAX_IMAGE_PIXELS, ImageRejected, decode_image  # noqa: F401 (re-export)
+from dr_pipeline.memory import peak_rss_bytes
 from dr_pipeline.models.captioner import Captioner, load_captioner
 from dr_pipeline.models.teachers import Teacher, load_teacher
 from dr_pipeline.shards.dataset import ReinforcedDataset, ShardStats
@@ -375,7 +375,7 @@ class ShardProcessor:
             started_at=round(started, 3),
             host=socket.gethostname(),
             pid=os.getpid(),
-            peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            peak_rss=peak_rss_bytes(),
         )
         try:
             return dataset.commit(tmp, stats)

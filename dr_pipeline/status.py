@@ -39,21 +39,20 @@ class JobStatus:
     stage_shares: str
     captions_resampled: dict[str, int]
     markers_after_checkpoint: int  # committed since the manifest was last written
+    finished: bool  # the driver's final manifest write happened and nothing was committed since
     teachers: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def render(self) -> str:
-        state = (
-            "finished, complete"
-            if self.complete
-            else (
-                "finished with failures"
-                if self.failed and self.last_commit_age_s and self.last_commit_age_s > WINDOW_S
-                else "running or stopped"
-            )
-        )
+        left = self.shards_total - self.shards_committed
+        if self.complete:
+            state = "finished, complete"
+        elif self.finished:
+            state = f"finished, {left} shard(s) not committed ({len(self.failed)} failed); rerun the job to resume"
+        else:
+            state = "running, or stopped before its final manifest write"
         lines = [
             f"dataset    : {self.dataset} (config {self.config_hash}; teachers {', '.join(self.teachers)})",
             f"state      : {state}",
@@ -128,5 +127,7 @@ def job_status(root: str, storage_options: dict | None = None, now: float | None
         stage_shares=stage_shares(m.stage_s),
         captions_resampled=dict(m.captions_resampled),
         markers_after_checkpoint=state.markers_read,
+        finished=bool(old is not None and old.config_hash == config_hash and old.finished_at)
+        and not state.markers_read,
         teachers=m.teachers,
     )

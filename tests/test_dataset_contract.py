@@ -192,7 +192,13 @@ def _status_checks(root: str, so: dict | None) -> None:
     assert not st.complete and (st.shards_committed, st.shards_total) == (24, 30)
     assert st.markers_after_checkpoint == 4
     assert st.shards_per_hour > 0 and st.eta_s is not None and st.eta_s > 0
-    assert "24/30 committed" in st.render()
+    assert "24/30 committed" in st.render() and not st.finished and "running" in st.render()
+    partial.finished_at = 1.0e9  # the driver's final write, then no commit since: finished, incomplete
+    for n in names[20:24]:
+        ds.uncommit(n)
+    ds.write_manifest(partial)
+    st = job_status(root, so, now=2e9)
+    assert st.finished and not st.complete and "finished, 10 shard(s) not committed" in st.render()
 
 
 def test_dr_status_finished_and_running_local(tmp_path, capsys):

@@ -583,6 +583,7 @@ def run_job(
             (run_ray if executor == "ray" else run_local)(plan, job, ensemble, report, processor)
     finally:  # also on Ctrl-C: what committed is in the manifest
         report.seconds = time.time() - t0
+        plan.manifest.finished_at = round(time.time(), 3)
         manifest = plan.dataset.write_manifest(plan.manifest)
         if plan.todo:  # the pool is shut down: temporary files of killed attempts can go now
             plan.dataset.clean_tmp()

@@ -164,6 +164,7 @@ class Manifest:
     stage_s: Counter = field(default_factory=Counter)  # seconds per stage, summed over committed shards
     captions_resampled: Counter = field(default_factory=Counter)
     started_at: float = 0.0
+    finished_at: float = 0.0  # set by the driver's final write: the run ended (complete or not)
 
     def add(self, s: ShardStats) -> None:
         """Record a committed shard (replacing an older entry of the same name)."""
@@ -199,6 +200,7 @@ class Manifest:
             "stage_s": {k: round(v, 3) for k, v in sorted(self.stage_s.items())},
             "captions_resampled": dict(sorted(self.captions_resampled.items())),
             "started_at": self.started_at,
+            "finished_at": self.finished_at,
             "updated_at": round(time.time(), 3),
             "failed": [dataclasses.asdict(f) for f in self.failed],
             "shards": {n: dataclasses.asdict(e) for n, e in sorted(self.shards.items())},
@@ -221,6 +223,7 @@ class Manifest:
             stage_s=Counter(obj.get("stage_s", {})),
             captions_resampled=Counter(obj.get("captions_resampled", {})),
             started_at=float(obj.get("started_at", 0.0)),
+            finished_at=float(obj.get("finished_at", 0.0)),
         )
 
 

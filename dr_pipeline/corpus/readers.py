@@ -425,6 +425,17 @@ class _TarScan:
             raise _Cut(f"{m.name}: archive ends after {len(data)} of {m.size} bytes")
         return data
 
+    def _lost_to_end(self, at: int, bad: int, what: str) -> Damaged:
+        """No valid header after the damage at byte ``at``: the rest of the shard is lost."""
+        self.ending = "lost"
+        return Damaged(
+            at,
+            None,
+            1 + bad,
+            None,
+            f"{what}; no valid header after it: the rest of the shard ({self.pos - at} bytes) is lost",
+        )
+
     def _resync(self) -> tuple[int | None, bytes | None, int, bool]:
         """Scan forward from ``pos`` for the next valid header. Returns (its offset, the block,
         damaged headers seen on the way, whether any non-zero byte was skipped)."""
@@ -519,14 +530,7 @@ class _TarScan:
                 if found is None and not self.members:
                     raise _NotTar(f"no tar header found ({what})")
                 if found is None:
-                    yield Damaged(
-                        at,
-                        None,
-                        1 + bad,
-                        None,
-                        f"{what}; no valid header after it: the rest of the shard ({self.pos - at} bytes) is lost",
-                    )
-                    self.ending = "lost"
+                    yield self._lost_to_end(at, bad, what)
                     if legible:
                         yield _Member(legible, b"0", 0, at, lost=what)
                     return
@@ -565,14 +569,7 @@ class _TarScan:
                     yield _Member(name, typ, size, at, lost=f"{what}: archive cut mid-member", cut=True)
                     return
                 if found is None:
-                    yield Damaged(
-                        at,
-                        None,
-                        1 + bad,
-                        None,
-                        f"{what}; no valid header after it: the rest of the shard ({self.pos - at} bytes) is lost",
-                    )
-                    self.ending = "lost"
+                    yield self._lost_to_end(at, bad, what)
                     yield _Member(name, b"0", 0, at, lost=what)
                     return
                 yield Damaged(at, found_at, 1 + bad, None, f"{what}; resynced at byte {found_at}")

@@ -587,6 +587,12 @@ class ExecutionSpec:
     # shard time so far); no deadline before 3 shards finished
     shard_timeout_min_s: float = 600.0
     manifest_every_s: float = 60.0  # the driver checkpoints manifest.json this often (and at the end)
+    # captioners: rows decoded together (0 = all batch_size x k of a batch; else chunks of whole
+    # images), and below how many busy rows free slots start later draws early (-1 = auto: 16 on
+    # CPU, the whole chunk on CUDA; 0 = never). Captions do not depend on either.
+    caption_decode_batch: int = 0
+    caption_speculate_rows: int = -1
+    caption_compile: str = "auto"  # torch.compile the decoder step: auto (on CUDA) | always | never
 
     def __post_init__(self) -> None:
         if self.shard_timeout_s < 0 or self.shard_timeout_min_s <= 0 or self.manifest_every_s <= 0:
@@ -603,6 +609,10 @@ class ExecutionSpec:
             raise ConfigError("execution: need cpus_per_actor >= 0, gpus_per_actor >= 0, actor_start_timeout_s > 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"execution.device must be auto, cpu or cuda (got {self.device!r})")
+        if self.caption_decode_batch < 0 or self.caption_speculate_rows < -1:
+            raise ConfigError("execution: need caption_decode_batch >= 0 and caption_speculate_rows >= -1")
+        if self.caption_compile not in ("auto", "always", "never"):
+            raise ConfigError(f"execution.caption_compile must be auto, always or never (got {self.caption_compile!r})")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dr_pipeline.config import load_ensemble
+from dr_pipeline.models import captioner as capmod
 from dr_pipeline.models.captioner import Captioner, DegenerationRule, clean_caption, is_degenerate
 from dr_pipeline.models.teachers import register_model_configs
 from tests.test_models import _boosted_captioner, _views
@@ -70,3 +71,29 @@ def test_default_rule_only_gives_up_on_draws_is_degenerate_rejects():
                 assert is_degenerate(clean_caption(" ".join(words))), words
                 break
     assert fired > 20
+
+
+@pytest.mark.parametrize("reject_all", [False, True])
+def test_speculative_draws_change_no_caption_and_count_their_waste(cap, monkeypatch, reject_all):
+    """Free slots start rows' next draws before the verdict on the current one: the captions,
+    rejections and attempts are those of drawing one after the other, and every row-step beyond
+    the sequential run's is a discarded speculative draw's (a draw's length is a function of its
+    identity, so the difference is exact)."""
+    if reject_all:
+        monkeypatch.setattr(capmod, "is_degenerate", lambda text, min_words=2: True)
+    views, keys = _views(6, cap.image_size, seed=5), [f"s{i}" for i in range(6)]
+    monkeypatch.setattr(cap, "speculate_rows", 0)
+    serial = cap.caption(views, keys, seed=3, k=4)
+    monkeypatch.setattr(cap, "speculate_rows", 1 << 30)
+    spec = cap.caption(views, keys, seed=3, k=4)
+    assert serial.speculated == 0 and serial.wasted_row_steps == 0
+    assert spec.speculated > 0
+    assert (spec.captions, spec.rejected, spec.attempts, spec.resampled) == (
+        serial.captions,
+        serial.rejected,
+        serial.attempts,
+        serial.resampled,
+    )
+    assert spec.row_steps - spec.wasted_row_steps == serial.row_steps
+    if reject_all:  # every draw is needed: nothing to waste
+        assert spec.wasted_row_steps == 0 and spec.captions == [[]] * 6

@@ -88,7 +88,7 @@ def test_cached_step_logits_equal_full_prefix_recompute(cap):
     with torch.inference_mode():
         used, img = torch.unique(rows, return_inverse=True)
         cross = cap.cross_kv(emb[used])
-        groups = capmod._Groups(img)
+        groups = capmod._Groups(img, cross.shape[2])
         tc = cap._new_cache(text.transformer.resblocks, n, max_len, torch.float32)
         dc = cap._new_cache(dec.resblocks, n, max_len, torch.float32)
         for t in range(1, max_len):

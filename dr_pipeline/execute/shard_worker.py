@@ -158,9 +158,18 @@ class ShardProcessor:
         self.device = resolve_device(job.execution.device)
         specs = [t for t in ensemble.teachers if teacher_ids is None or t.id in teacher_ids]
         self.teachers: list[Teacher] = [load_teacher(t, ensemble, self.device) for t in specs]
-        self.captioners: list[Captioner] = (
-            [load_captioner(c, ensemble, self.device) for c in ensemble.captioners] if with_captioners else []
-        )
+        ex = job.execution
+        self.captioners: list[Captioner] = [
+            load_captioner(
+                c,
+                ensemble,
+                self.device,
+                decode_batch=ex.caption_decode_batch,
+                speculate_rows=ex.caption_speculate_rows,
+                compile=ex.caption_compile,
+            )
+            for c in (ensemble.captioners if with_captioners else [])
+        ]
         self.layout = ShardLayout(
             job.aug.n_aug,
             tuple(TeacherLayout(t.id, t.dim) for t in self.teachers),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ from dr_pipeline.config import CaptionerSpec, EnsembleSpec
 from dr_pipeline.models.teachers import autocast, load_model, views_to_input
 
 SOT, EOT = "<start_of_text>", "<end_of_text>"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,9 +53,10 @@ class CaptionBatch:
     captions: list[list[str]]  # per image: up to k clean captions, in caption-index order
     rejected: collections.Counter = field(default_factory=collections.Counter)  # reason -> rejected samples
     attempts: int = 0  # draws decoded: first draws + redraws
-    resampled: int = 0  # redraws (draws after a caption's first), each costing only its own row
-    row_steps: int = 0  # decoder row-steps run, redraws included: the decode cost in row units
-    resampled: int = 0  # caption rows redrawn after a degenerate draw (marker: captions_resampled)
+    resampled: int = 0  # redraws (draws after a caption's first; marker: captions_resampled)
+    row_steps: int = 0  # decoder row-steps run, redraws and speculative draws included: the decode cost
+    wasted_row_steps: int = 0  # row-steps of speculative draws after the one a caption kept
+    speculated: int = 0  # draws started before the previous draw's verdict
 
 
 # --------------------------------------------------------------------------- text hygiene
@@ -256,14 +259,15 @@ class _Groups:
     """Caption rows grouped by image for cross-attention: row r is query ``slot[r]`` of image
     ``img[r]``; queries [n, H, dh] scatter to [B_img, H, k_max, dh] against the per-image K/V."""
 
-    def __init__(self, img: torch.Tensor) -> None:
+    def __init__(self, img: torch.Tensor, n_img: int) -> None:
+        """``n_img``: images in the K/V (some may have no row left since it was last compacted)."""
         n = img.numel()
         order = torch.argsort(img, stable=True)
         s = img[order]
         slot = torch.empty_like(img)
         slot[order] = torch.arange(n, device=img.device) - torch.searchsorted(s, s)
         self.img, self.slot, self.n = img, slot, n
-        self.n_img, self.k_max = int(s[-1]) + 1, int(slot.max()) + 1
+        self.n_img, self.k_max = n_img, int(slot.max()) + 1
         # rows laid out image-major without holes (the usual case before any row finishes): views only
         self.dense = n == self.n_img * self.k_max and bool(
             (img * self.k_max + slot == torch.arange(n, device=img.device)).all()
@@ -304,9 +308,16 @@ def _cross_attn_step(block: ResidualAttentionBlock, x: torch.Tensor, kv: torch.T
 
 
 class _Draws:
-    """caption()'s bookkeeping for rows (key, caption index): the draw each is on, its verdicts.
-    Row r's draw a uses ``row_uniforms(seed, key, index, a)``: a caption depends on its identity
-    only, never on the batch, its slot, or the step its redraw started at."""
+    """caption()'s bookkeeping for rows (key, caption index) and their draws. Row r's draw a uses
+    ``row_uniforms(seed, key, index, a)``, and the row keeps its first draw in attempt order that
+    passes: a caption depends on its identity only, never on the batch, its slot, the step its draw
+    started at, or whether a later draw was started early (speculation, below).
+
+    Speculation: when fewer than ``speculate_rows`` slots are busy (a step costs nearly the same
+    for a few rows more), free slots start the next draws of rows still being decoded, before the
+    current draw's verdict. A draw after the one a row keeps is discarded and not counted in
+    ``rejected`` / ``attempts``, which stay those of drawing one after the other; its steps are
+    counted in ``row_steps`` and ``wasted_row_steps``."""
 
     def __init__(
         self, cap: Captioner, keys: list[str], index: list[int], seed: int, max_attempts: int, greedy: bool
@@ -314,93 +325,154 @@ class _Draws:
         self.keys, self.index, self.seed = keys, index, seed
         self.salt, self.max_len = cap.id, cap.spec.sampling.max_len
         self.max_attempts, self.greedy, self.rule = max_attempts, greedy, cap.rule
-        self.attempt = [0] * len(keys)
-        self.text: list[str | None] = [None] * len(keys)
+        n = len(keys)
+        self.attempt = [0] * n  # the draw each row kept (or its last, if dropped)
+        self.text: list[str | None] = [None] * n
+        self.started = [1] * n  # draws started per row: 0 .. started-1
+        self.verdicts: list[dict[int, str | None]] = [{} for _ in range(n)]  # draw -> kept text, or None
+        self.reasons: list[dict[int, str]] = [{} for _ in range(n)]  # draw -> why it was given up
+        self.decided = [False] * n
         self.rejected: collections.Counter = collections.Counter()
         self.row_steps = 0
+        self.wasted_row_steps = 0
+        self.speculated = 0  # draws started before the previous draw's verdict
+        self.draw_steps: dict[tuple[int, int], int] = {}  # (row, draw) -> its decoder steps
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def part(self, lo: int, hi: int) -> _Draws:
-        sub = object.__new__(_Draws)
-        sub.__dict__.update(
-            self.__dict__,
-            keys=self.keys[lo:hi],
-            index=self.index[lo:hi],
-            attempt=self.attempt[lo:hi],
-            text=self.text[lo:hi],
-            rejected=collections.Counter(),
-            row_steps=0,
-        )
+        sub = _Draws.__new__(_Draws)
+        sub.__dict__.update(self.__dict__)
+        for name in ("keys", "index", "attempt", "text", "started", "verdicts", "reasons", "decided"):
+            setattr(sub, name, getattr(self, name)[lo:hi])
+        sub.rejected, sub.row_steps, sub.wasted_row_steps, sub.speculated = collections.Counter(), 0, 0, 0
+        sub.draw_steps = {}
         return sub
 
     def merge(self, sub: _Draws, lo: int) -> None:
         self.attempt[lo : lo + len(sub)] = sub.attempt
         self.text[lo : lo + len(sub)] = sub.text
+        self.decided[lo : lo + len(sub)] = sub.decided
         self.rejected.update(sub.rejected)
         self.row_steps += sub.row_steps
+        self.wasted_row_steps += sum(n for (r, a), n in sub.draw_steps.items() if a > sub.attempt[r])
+        self.speculated += sub.speculated
 
-    def uniforms(self, rows: list[int]) -> torch.Tensor:
-        """[len(rows), max_len] uniforms of each row's current draw."""
+    def count_steps(self, rows: torch.Tensor, draws: torch.Tensor, steps: torch.Tensor) -> None:
+        """Decoder steps of draws that just ended (or were discarded) in their slots."""
+        for r, a, n in zip(rows.tolist(), draws.tolist(), steps.tolist()):
+            self.row_steps += n
+            self.draw_steps[r, a] = n
+
+    def uniforms(self, rows: list[int], attempts: list[int] | None = None) -> torch.Tensor:
+        """[len(rows), max_len] uniforms of draw ``attempts[i]`` (default 0) of each row."""
+        attempts = attempts or [0] * len(rows)
         return torch.from_numpy(
             np.stack(
                 [
-                    row_uniforms(self.seed, self.keys[r], self.index[r], self.attempt[r], self.max_len, self.salt)
-                    for r in rows
+                    row_uniforms(self.seed, self.keys[r], self.index[r], a, self.max_len, self.salt)
+                    for r, a in zip(rows, attempts)
                 ]
             )
         )
 
-    def judge(self, r: int, text: str | None, reason: str | None = None) -> str:
-        """Verdict on row r's draw: its clean text (final) or a reason to give it up.
-        "again": redraw it; "keep" / "drop": the row is done."""
+    def judge(self, r: int, a: int, text: str | None, reason: str | None = None) -> None:
+        """Record the verdict on draw a of row r (its clean text, or why it was given up), then
+        decide the row if every draw before the first passing one has its verdict."""
         if reason is None:
             reason = "empty" if not text else "degenerate" if is_degenerate(text) else None
         if reason is None:
-            self.text[r] = text
-            return "keep"
-        self.rejected[reason] += 1
-        if self.attempt[r] + 1 < self.max_attempts:
-            self.attempt[r] += 1
-            return "again"
-        return "drop"
+            self.verdicts[r][a] = text
+        else:
+            self.verdicts[r][a], self.reasons[r][a] = None, reason
+        for b in range(self.max_attempts):
+            if b not in self.verdicts[r]:
+                return
+            if self.verdicts[r][b] is not None or b == self.max_attempts - 1:
+                self.decided[r], self.attempt[r], self.text[r] = True, b, self.verdicts[r][b]
+                self.rejected.update(self.reasons[r][c] for c in range(b + 1) if c in self.reasons[r])
+                return
+
+    def next_draw(self, r: int, speculative: bool = False) -> int | None:
+        """Start row r's next draw (its number), or None if it has none left or is decided."""
+        if self.decided[r] or self.started[r] >= self.max_attempts:
+            return None
+        self.started[r] += 1
+        self.speculated += speculative
+        return self.started[r] - 1
 
     def review(
         self,
         cap: Captioner,
-        out: torch.Tensor,
-        idx: torch.Tensor,
+        seq: torch.Tensor,
+        slot_row: torch.Tensor,
+        slot_draw: torch.Tensor,
         t: torch.Tensor,
         tok: torch.Tensor,
         was: torch.Tensor,
         done: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[list[tuple[int, int, int]], torch.Tensor]:
         """After a step: judge the slots whose draw ended (end-of-text, pad, forced end, sentence end)
-        or just completed a word. Returns the slots to redraw and a mask of slots to stop now."""
+        or just completed a word. Returns (slot, row, draw) to (re)start in those slots and a mask
+        of slots to stop now (their row is decided, or waits on an earlier draw's verdict)."""
         word_end, sentence_end = cap.token_flags()
         ended = done | (was & sentence_end[tok])
         look = (was & (ended | word_end[tok])).nonzero().squeeze(1)
         stop = torch.zeros_like(was)
-        again: list[int] = []
+        start: list[tuple[int, int, int]] = []
         if look.numel() == 0:
-            return torch.tensor(again, dtype=torch.long, device=was.device), stop
-        rows = idx[look]
-        ids, ts, fin = out[rows].tolist(), t[look].tolist(), ended[look].tolist()
-        for slot, r, row, ti, final in zip(look.tolist(), rows.tolist(), ids, ts, fin):
+            return start, stop
+        ids, ts, fin = seq[look].tolist(), t[look].tolist(), ended[look].tolist()
+        rows, draws = slot_row[look].tolist(), slot_draw[look].tolist()
+        decided_now = set()
+        for slot, r, a, row, ti, final in zip(look.tolist(), rows, draws, ids, ts, fin):
+            if self.decided[r]:
+                continue  # decided earlier in this loop: stopped below
             text = cap.text_of(torch.tensor(row[: ti + 1]))
             if final:
-                verdict = self.judge(r, text)
+                self.judge(r, a, text)
+            elif self.rule.gives_up(text.lower().split()[:-1], self.max_len - 1 - ti):  # last word may change
+                self.judge(r, a, None, "degenerate")
             else:
-                words = text.lower().split()[:-1]  # the last word may still change
-                if not self.rule.gives_up(words, self.max_len - 1 - ti):
-                    continue
-                verdict = self.judge(r, None, "degenerate")
-            if verdict == "again":
-                again.append(slot)
-            else:
+                continue
+            if self.decided[r]:
+                decided_now.add(r)
                 stop[slot] = True
-        return torch.tensor(again, dtype=torch.long, device=was.device), stop
+            elif self.verdicts[r][a] is None and (b := self.next_draw(r)) is not None:
+                start.append((slot, r, b))  # given up: the row's next draw takes over its slot
+            else:
+                stop[slot] = True  # passed (or no draws left), waits for an earlier draw's verdict
+        if decided_now:  # discard the later draws still running for rows just decided
+            stop |= was & torch.isin(slot_row, torch.tensor(sorted(decided_now), device=slot_row.device))
+            start = [x for x in start if x[1] not in decided_now]
+        return start, stop
+
+    def speculate(
+        self, free: list[int], slot_row: torch.Tensor, alive: torch.Tensor, want: int
+    ) -> list[tuple[int, int, int]]:
+        """Fill free slots with next draws of undecided rows while fewer than ``want`` slots are
+        busy, the rows with fewest draws running first."""
+        busy = int(alive.sum())
+        if busy >= want or not free:
+            return []
+        running = collections.Counter(slot_row[alive].tolist())
+        pending = sorted(
+            (n, r) for r, n in running.items() if not self.decided[r] and self.started[r] < self.max_attempts
+        )
+        out = []
+        for (_, r), slot in zip(pending, free[: want - busy]):
+            out.append((slot, r, self.next_draw(r, speculative=True)))
+        return out
+
+
+def _ids(values, device) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.long, device=device)
+
+
+def _first_slot_of(slot_row: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """For each of ``rows``, the first batch slot decoding it."""
+    return (slot_row.unsqueeze(0) == rows.unsqueeze(1)).int().argmax(dim=1)
 
 
 # --------------------------------------------------------------------------- captioner
@@ -417,6 +489,8 @@ class Captioner:
         device: str = "cpu",
         decode_batch: int = 0,
         rule: DegenerationRule | None = None,
+        speculate_rows: int = -1,
+        compile: str = "auto",
     ) -> None:
         self.spec = spec
         self.id = spec.id
@@ -438,6 +512,18 @@ class Captioner:
         self.compact_every = 4  # compact finished rows out at least this often (steps) ...
         self.compact_fraction = 0.125  # ... or as soon as this share of the batch has finished
         self.decode_batch = decode_batch  # caption(): most rows decoded together (0 = all)
+        # caption(): free slots start rows' next draws early while fewer than this many are busy.
+        # -1 = auto: the whole chunk on CUDA (a step costs about the same for any row count that
+        # small); 32 on CPU, where a step's fixed cost (streaming every weight) is that of ~15
+        # rows' compute (coca_ViT-B-32: 80 ms for 1 row, 210 for 20, 500 for 80); 0 = never.
+        if speculate_rows < 0:
+            speculate_rows = 1 << 30 if self.device.type == "cuda" else 32
+        self.speculate_rows = speculate_rows
+        # torch.compile the cached step ("auto": on CUDA only; on CPU it costs minutes of start-up
+        # for little gain, BENCHMARKS.md); a compile or run failure falls back to eager, once
+        self._compiled = None
+        if compile == "always" or (compile == "auto" and self.device.type == "cuda"):
+            self._compiled = torch.compile(self._step, dynamic=True)
         self.rule = rule or DegenerationRule()
         self._flags: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -563,75 +649,93 @@ class Captioner:
             x = _cross_attn_step(cross_block, x, cross[i], groups)
         return (dec.ln_final(x) @ dec.text_projection).float()
 
+    def _run_step(self, *args) -> torch.Tensor:
+        if self._compiled is not None:
+            try:
+                return self._compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is exact
+                log.warning("captioner '%s': compiled decoder step failed (%s); decoding eagerly", self.id, e)
+                self._compiled = None
+        return self._step(*args)
+
     def _decode_cached(
         self, image_embs: torch.Tensor, rows: torch.Tensor, uniforms: torch.Tensor | None, draws: _Draws | None = None
     ) -> torch.Tensor:
-        """The batched KV-cached loop. Each batch slot decodes one output row; with ``draws``
-        (caption()'s bookkeeping) a slot whose draw is given up restarts at position 0 with the
-        row's next draw, in the same batch: its image tokens and cross-attention K/V stay as they
-        are, only its own self-attention cache is overwritten (masked beyond its position)."""
+        """The batched KV-cached loop over batch slots, each decoding one draw into its own token
+        buffer ``seq`` (compacted with the caches). Without ``draws`` slot i decodes output row i.
+        With ``draws`` (caption()'s bookkeeping) a slot whose draw is given up restarts at position 0
+        with its row's next draw, and free slots may start next draws early (``speculate_rows``);
+        a restarted slot keeps its image tokens and cross-attention K/V, only its own self-attention
+        cache is overwritten (masked beyond its position)."""
         s = self.spec.sampling
         n, max_len = rows.numel(), s.max_len
         dev = self.device
         out = torch.full((n, max_len), self.pad, dtype=torch.long, device=dev)
         out[:, 0] = self.sot
+        seq = out.clone()
         text, dec = self.model.text, self.model.text_decoder
         u = None if uniforms is None else uniforms.to(dev)
+        want = min(n, self.speculate_rows)
         length = 1
         with torch.inference_mode(), autocast(dev):
             used, img = torch.unique(rows, return_inverse=True)
             cross = self.cross_kv(image_embs[used])  # once per image, not per caption
-            groups = _Groups(img)
+            groups = _Groups(img, cross.shape[2])
             dtype = cross.dtype
             text_cache = self._new_cache(text.transformer.resblocks, n, max_len, dtype)
             dec_cache = self._new_cache(dec.resblocks, n, max_len, dtype)
             idx = torch.arange(n, device=dev)  # batch slot -> output row
+            draw = torch.zeros(n, dtype=torch.long, device=dev)  # batch slot -> its row's draw
+            steps = torch.zeros(n, dtype=torch.long, device=dev)  # steps of the slot's current draw
             p = torch.zeros(n, dtype=torch.long, device=dev)  # position each slot feeds next
             alive = torch.ones(n, dtype=torch.bool, device=dev)
             since = 0
             while True:
                 pos = _Positions(p)
-                logits = self._step(out[idx, p], pos, text_cache, dec_cache, cross, groups)
+                slots = torch.arange(len(idx), device=dev)
+                logits = self._run_step(seq[slots, p], pos, text_cache, dec_cache, cross, groups)
                 t = p + 1  # position being filled
-                if draws is not None:
-                    draws.row_steps += int(alive.sum())
+                steps += alive
                 short = t < s.min_len
                 if bool(short.any()):
                     logits[short, self.eot] = float("-inf")
-                tok = pick_tokens(
-                    logits,
-                    None if u is None else u[torch.arange(len(idx), device=dev), t],
-                    s.temperature,
-                    s.top_k,
-                    s.top_p,
-                )
+                tok = pick_tokens(logits, None if u is None else u[slots, t], s.temperature, s.top_k, s.top_p)
                 was = alive
-                out[idx[was], t[was]] = tok[was]
-                length = max(length, int(t[was].max()) + 1)
+                seq[slots[was], t[was]] = tok[was]
                 done = (tok == self.eot) | (tok == self.pad)
                 last = (t == max_len - 2) & ~done & was  # next slot is the forced end: no forward for it
-                if bool(last.any()):
-                    out[idx[last], max_len - 1] = self.eot
-                    length = max_len
+                seq[slots[last], max_len - 1] = self.eot
                 done = (done | last) & was
                 alive = was & ~done
                 p = torch.where(alive, t, p)  # finished slots idle in place until compacted
-                if draws is not None:
-                    again, stop = draws.review(self, out, idx, t, tok, was, done)
+                if draws is None:
+                    out[idx[done]] = seq[done]
+                    if bool(done.any()):
+                        length = max(length, max_len if bool(last.any()) else int(t[done].max()) + 1)
+                else:
+                    start, stop = draws.review(self, seq, idx, draw, t, tok, was, done)
                     alive &= ~stop
-                    if again.numel():  # redraw those rows in their slots
-                        out[idx[again], 1:] = self.pad
-                        p[again] = 0
-                        alive[again] = True
+                    restart = torch.zeros_like(was)
+                    restart[_ids([x[0] for x in start], dev)] = True
+                    ended = (was & ~alive) | restart  # draws that ended (or were discarded) in their slot
+                    draws.count_steps(idx[ended], draw[ended], steps[ended])
+                    alive |= restart
+                    start += draws.speculate((~alive).nonzero().squeeze(1).tolist(), idx, alive, want)
+                    if start:  # (re)start draws in those slots
+                        sl, r, b = (_ids(c, dev) for c in zip(*start))
+                        img[sl] = img[_first_slot_of(idx, r)]  # the row's image (it has a draw running)
+                        idx[sl], draw[sl] = r, b
+                        seq[sl, 1:], p[sl], steps[sl], alive[sl] = self.pad, 0, 0, True
                         if u is not None:
-                            u[again] = draws.uniforms(idx[again].tolist()).to(u)
+                            u[sl] = draws.uniforms(r.tolist(), b.tolist()).to(u)
+                        groups = _Groups(img, cross.shape[2])
                 n_alive = int(alive.sum())
                 if n_alive == 0:
                     break
                 dead, since = len(idx) - n_alive, since + 1
                 if dead and (dead >= self.compact_fraction * len(idx) or since >= self.compact_every):
-                    keep = alive.nonzero().squeeze(1)  # finished rows stop costing compute
-                    idx, img, p = idx[keep], img[keep], p[keep]
+                    keep = alive.nonzero().squeeze(1)  # finished slots stop costing compute
+                    idx, img, p, draw, steps, seq = idx[keep], img[keep], p[keep], draw[keep], steps[keep], seq[keep]
                     if u is not None:
                         u = u[keep]
                     text_cache = text_cache.index_select(2, keep)
@@ -639,7 +743,7 @@ class Captioner:
                     used, img = torch.unique(img, return_inverse=True)
                     if used.numel() < cross.shape[2]:
                         cross = cross.index_select(2, used)
-                    groups = _Groups(img)
+                    groups = _Groups(img, cross.shape[2])
                     alive = torch.ones(len(idx), dtype=torch.bool, device=dev)
                     since = 0
         return out[:, :length]
@@ -677,7 +781,8 @@ class Captioner:
         With the KV cache all rows decode in one batch (or ``decode_batch``-row chunks of whole
         images) and a draw is judged while it is decoded (``rule``; a sentence end ends it, since
         cleaning drops the rest): a given-up draw restarts in its own slot, so a redraw costs
-        that row's steps only. Captions are a function of (seed, key, caption index) alone."""
+        that row's steps only, and while few rows are left, free slots start rows' next draws
+        early (``speculate_rows``). Captions are a function of (seed, key, caption index) alone."""
         if len(keys) != views.shape[0]:
             raise ValueError(f"{len(keys)} keys for {views.shape[0]} views")
         s = self.spec.sampling
@@ -699,6 +804,8 @@ class Captioner:
                 draws.merge(sub, lo)
         else:
             self._caption_by_passes(image_embs, pairs, draws)
+        if not all(draws.decided):  # an invariant of the loop: never return a silently short batch
+            raise RuntimeError(f"captioner '{self.id}': {draws.decided.count(False)} caption rows left undecided")
         captions: list[list[str]] = [[] for _ in keys]
         for (i, _), text in zip(pairs, draws.text):
             if text is not None:
@@ -709,25 +816,39 @@ class Captioner:
             attempts=sum(a + 1 for a in draws.attempt),
             resampled=sum(draws.attempt),
             row_steps=draws.row_steps,
+            wasted_row_steps=draws.wasted_row_steps,
+            speculated=draws.speculated,
         )
 
     def _caption_by_passes(self, image_embs: torch.Tensor, pairs: list[tuple[int, int]], draws: _Draws) -> None:
         """Reference path (no KV cache): decode every pending row to the end, judge, redraw the
         rejected ones in another full pass. Same captions as the single-pass loop."""
-        pending = list(range(len(pairs)))
+        pending = [(r, 0) for r in range(len(pairs))]
         while pending:
-            rows = torch.tensor([pairs[r][0] for r in pending], device=self.device)
-            u = None if draws.greedy else draws.uniforms(pending)
+            rows = torch.tensor([pairs[r][0] for r, _ in pending], device=self.device)
+            u = None if draws.greedy else draws.uniforms(*map(list, zip(*pending)))
             tokens = self.decode(image_embs, u, rows=rows, cache=False).cpu()
             draws.row_steps += int((tokens[:, 1:] != self.pad).sum())
-            pending = [r for r, row in zip(pending, tokens) if draws.judge(r, self.text_of(row)) == "again"]
+            for (r, a), row in zip(pending, tokens):
+                draws.judge(r, a, self.text_of(row))
+            pending = [(r, b) for r, _ in pending if (b := draws.next_draw(r)) is not None]
 
     def __repr__(self) -> str:
         return f"Captioner({self.id!r}, {self.spec.model}, size={self.image_size})"
 
 
 def load_captioner(
-    spec: CaptionerSpec, ensemble: EnsembleSpec, device: str = "cpu", decode_batch: int = 0
+    spec: CaptionerSpec,
+    ensemble: EnsembleSpec,
+    device: str = "cpu",
+    decode_batch: int = 0,
+    speculate_rows: int = -1,
+    compile: str = "auto",
 ) -> Captioner:
+    """``decode_batch``, ``speculate_rows``, ``compile``: the ``execution.caption_*`` settings;
+    they change the cost of captioning, never its captions (compile: up to float rounding)."""
     model = load_model("captioner", spec, ensemble, device)
-    return Captioner(spec, model, open_clip.get_tokenizer(spec.model), device, decode_batch=decode_batch)
+    tokenizer = open_clip.get_tokenizer(spec.model)
+    return Captioner(
+        spec, model, tokenizer, device, decode_batch=decode_batch, speculate_rows=speculate_rows, compile=compile
+    )

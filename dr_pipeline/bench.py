@@ -196,6 +196,9 @@ def bench_captioning(
             "row_steps": out.row_steps,
             "rejected": dict(out.rejected),
             "kept": sum(len(x_) for x_ in out.captions),
+            "speculated": out.speculated,
+            "wasted_row_steps": out.wasted_row_steps,
+            "speculate_rows": c.speculate_rows,
         }
         log(f"captioning {model_name} round {r + 1}/{rounds}: ours, one sampled decode, no redraws")
         t["sampled"].append(timed(lambda: c.decode(c.encode_images(views), u0, rows=rows), device)[0])
@@ -387,7 +390,13 @@ def render_captioning(cap: dict) -> list[str]:
             f"per caption vs {c['mean_steps']} for one full draw: `caption()` = **{_f(c['caption_vs_sampled'], 2)}x** "
             "one sampled decode (target <= 1.3x). Random weights make nearly every draw degenerate ('migos migos "
             "migos'); the in-decode rule gives a draw up at its first final repeated word, so a redraw costs a "
-            "few steps of one row, and a row whose three draws all fail stops early.",
+            "few steps of one row, and a row whose three draws all fail stops early. While fewer than "
+            f"{rd.get('speculate_rows', '-')} slots are busy, free slots start rows' next draws before the "
+            f"current draw's verdict: {rd.get('speculated', 0)} draws started early, "
+            f"{rd.get('wasted_row_steps', 0)} row-steps spent on draws a caption did not need (captions, "
+            "rejections and attempts are those of drawing one after the other: tests). What is left of the "
+            "gap is the tail: rows whose draws all run long decode one after the other at a few rows per step, "
+            "and a step streams every weight whatever its row count (1 row costs 40% of 20 here).",
             f"- FLOPs per caption (matmuls + attention, `dr_pipeline.models.decode_cost`, checked against torch's "
             f"FlopCounterMode in tests): public {_f(fl['public'] / 1e9, 1)} GFLOP, ours {_f(fl['ours'] / 1e9, 2)} "
             f"GFLOP (image encoder {_f(fl['image'] / 1e9, 1)} GFLOP per image, shared by {c['k']} captions): "

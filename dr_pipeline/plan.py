@@ -415,8 +415,8 @@ def _measured_seconds(spec: PlanSpec, source: dict) -> tuple[dict[str, float], l
         c = models.get(model, {})
         if "decode_s" in c:  # one draw; retries priced by the spec
             parts["caption_decode"] += spec.k * spec.draws_per_caption * c["decode_s"]
-        elif "caption_s" in c:
-            parts["caption_decode"] += spec.k * spec.draws_per_caption * c["caption_s"]
+        elif "caption_s" in c:  # an older costs file: caption() as measured, its own redraws included
+            parts["caption_decode"] += spec.k * c["caption_s"]
         else:
             missing.append(f"{model}.caption_s")
     return parts, missing

@@ -97,3 +97,25 @@ def test_speculative_draws_change_no_caption_and_count_their_waste(cap, monkeypa
     assert spec.row_steps - spec.wasted_row_steps == serial.row_steps
     if reject_all:  # every draw is needed: nothing to waste
         assert spec.wasted_row_steps == 0 and spec.captions == [[]] * 6
+
+
+def test_compiled_step_failure_falls_back_to_eager_once(cap, monkeypatch, caplog):
+    """``caption_compile``: auto compiles on CUDA only; a compiled step that fails (a compiler
+    missing or refusing a shape) logs once and the captions are the eager ones."""
+    views, keys = _views(3, cap.image_size, seed=6), ["c0", "c1", "c2"]
+    eager = cap.caption(views, keys, seed=3, k=2)
+    assert cap._compiled is None  # auto on CPU: eager
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("inductor: no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    c = Captioner(cap.spec, cap.model, cap.tokenizer, compile="always")
+    assert c._compiled is broken
+    with caplog.at_level("WARNING"):
+        out = c.caption(views, keys, seed=3, k=2)
+    assert (out.captions, out.rejected, out.attempts) == (eager.captions, eager.rejected, eager.attempts)
+    assert len(calls) == 1 and c._compiled is None
+    assert "decoding eagerly" in caplog.text

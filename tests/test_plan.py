@@ -98,7 +98,7 @@ def test_row_bytes_match_a_table_built_from_the_schema(spec):
 
 
 def test_plan_totals_shards_and_hours():
-    """Models without a config are priced from measured seconds (captions x draws per caption)."""
+    """Models without a config are priced from measured seconds (one draw x draws per caption)."""
     src = {
         "kind": "measured",
         "device": "cpu",
@@ -115,7 +115,13 @@ def test_plan_totals_shards_and_hours():
     assert plan.disk_bytes == plan.raw_bytes and "raw" in plan.disk_basis
     c = plan.compute["m"]
     texts = 1 + SPEC.k * 2
-    want = 3 * 0.5 + 3 * 0.25 + texts * (0.01 + 0.02) + SPEC.k * SPEC.draws_per_caption * 2.0
+    # caption_s is caption() as measured, its redraws included: not multiplied again
+    want = 3 * 0.5 + 3 * 0.25 + texts * (0.01 + 0.02) + SPEC.k * 2.0
+    assert c["seconds_per_sample"] == pytest.approx(want)
+    # decode_s is one sampled draw: priced at the plan's draws per kept caption
+    src["models"]["coca_ViT-L-14"] = {"caption_s": 2.0, "decode_s": 1.5}
+    c = estimate(SPEC, {"m": src}).compute["m"]
+    want += SPEC.k * (SPEC.draws_per_caption * 1.5 - 2.0)
     assert c["seconds_per_sample"] == pytest.approx(want)
     assert c["hours"] == pytest.approx(want * SPEC.samples / 3600)
     assert c["days_on_gpus"] == pytest.approx(c["hours"] / 24 / SPEC.gpus)

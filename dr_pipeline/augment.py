@@ -246,8 +246,9 @@ def magnitude(op: int, b: int, sign: int, size: int, bins: int) -> float:
     return -v if sign else v
 
 
-def _apply_op(img: torch.Tensor, name: str, mag: float) -> torch.Tensor:
-    """torchvision's RandAugment op on a uint8 CHW tensor (nearest interpolation, fill 0)."""
+def _torchvision_op(img: torch.Tensor, name: str, mag: float) -> torch.Tensor:
+    """torchvision's RandAugment op on a uint8 CHW tensor (nearest interpolation, fill 0): the
+    definition of every op; ``_apply_op`` computes the same pixels faster."""
     nearest = InterpolationMode.NEAREST
     if name == "Identity":
         return img
@@ -281,6 +282,80 @@ def _apply_op(img: torch.Tensor, name: str, mag: float) -> torch.Tensor:
     raise ValueError(f"unknown op {name}")
 
 
+GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+_MAX_GATHER_PIXELS = 255 << 16  # index codes: 2 bytes + (high byte + 1) in the third channel
+
+
+@functools.lru_cache(maxsize=32)
+def _source_index(name: str, mag: float, height: int, width: int) -> np.ndarray:
+    """A nearest-neighbour geometric op as a gather: for every output pixel the flat index of
+    the source pixel it copies (``height * width``: outside the image, fill 0). Found by running
+    torchvision's op itself on a uint8 image whose pixels spell their own index (low byte,
+    high byte, 1 + top byte): the same code path and coordinates, so the gather is bit exact."""
+    n = height * width
+    idx = torch.arange(n, dtype=torch.int64)
+    code = torch.stack([idx & 255, (idx >> 8) & 255, (idx >> 16) + 1]).to(torch.uint8).view(3, height, width)
+    out = _torchvision_op(code, name, mag).reshape(3, n).to(torch.int64)
+    src = out[0] | (out[1] << 8) | ((out[2] - 1) << 16)
+    return torch.where(out[2] == 0, n, src).to(torch.int32).numpy()
+
+
+def _gather(img: torch.Tensor, src: np.ndarray) -> torch.Tensor:
+    c, h, w = img.shape
+    flat = np.zeros((c, h * w + 1), dtype=np.uint8)  # the last pixel is the fill
+    flat[:, :-1] = img.reshape(c, h * w).numpy()
+    return torch.from_numpy(flat.take(src, axis=1).reshape(c, h, w))
+
+
+@functools.lru_cache(maxsize=64)
+def _value_table(name: str, mag: float) -> np.ndarray:
+    """A per-value op (output pixel = f(input value)) as a 256-entry table, by torchvision's op."""
+    return _torchvision_op(torch.arange(256, dtype=torch.uint8).view(1, 1, 256), name, mag).reshape(256).numpy()
+
+
+def _lookup(img: torch.Tensor, table: np.ndarray) -> torch.Tensor:
+    """``table[v]`` for every value; a [C, 256] table maps channel c through row c."""
+    x = img.numpy()
+    if table.ndim == 1:
+        return torch.from_numpy(table.take(x))
+    out = np.empty_like(x)
+    for k in range(x.shape[0]):
+        np.take(table[k], x[k], out=out[k])
+    return torch.from_numpy(out)
+
+
+def _equalize(img: torch.Tensor) -> torch.Tensor:
+    """torchvision's (PIL's) equalize in integer arithmetic: per channel, the table
+    ``lut[v] = clamp((cum_hist[v - 1] + step // 2) // step, 0, 255)``, ``lut[0] = 0``, with
+    ``step = (pixels not of the channel's top value) // 255``; a channel with step 0 is kept."""
+    c = img.shape[0]
+    x = img.reshape(c, -1)
+    table = np.empty((c, 256), dtype=np.uint8)
+    for k in range(c):
+        hist = torch.bincount(x[k], minlength=256).numpy()
+        cum = np.cumsum(hist)
+        step = (x.shape[1] - int(hist[int(np.argmax(cum))])) // 255
+        if step == 0:
+            table[k] = np.arange(256, dtype=np.uint8)
+        else:
+            table[k, 0] = 0
+            table[k, 1:] = np.clip((cum[:-1] + step // 2) // step, 0, 255)
+    return _lookup(img, table)
+
+
+def _apply_op(img: torch.Tensor, name: str, mag: float) -> torch.Tensor:
+    """``_torchvision_op``, bit for bit, on a uint8 CHW tensor; geometric ops run as a cached
+    gather, Solarize and Equalize as table lookups (the rest is torchvision's code)."""
+    if name in GEOMETRIC_OPS:
+        if img.shape[-2] * img.shape[-1] < _MAX_GATHER_PIXELS:
+            return _gather(img, _source_index(name, mag, img.shape[-2], img.shape[-1]))
+    elif name == "Solarize":
+        return _lookup(img, _value_table(name, mag))
+    elif name == "Equalize":
+        return _equalize(img)
+    return _torchvision_op(img, name, mag)
+
+
 def _rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
@@ -290,7 +365,7 @@ def replay(image: Image.Image, p: AugParams, size: int, spec: AugSpec) -> torch.
     img = _rgb(image)
     # PIL takes a float box, so the crop is exact at every output size (no integer snapping).
     view = img.resize((size, size), resample=Image.BICUBIC, box=crop_box(p, *img.size))
-    x = F.pil_to_tensor(view)
+    x = torch.from_numpy(np.asarray(view).transpose(2, 0, 1).copy())  # F.pil_to_tensor, one copy fewer
     if p.flip:
         x = F.horizontal_flip(x)
     for op, b, sign in p.ops:

@@ -326,6 +326,32 @@ def test_every_op_matches_torchvision_randaugment(size):
             assert torch.equal(replay(img, p, size, SPEC), want), name
 
 
+def _op_test_images(h: int, w: int) -> list[torch.Tensor]:
+    """Noise, a narrow value range, a constant and a half-saturated channel, all black, one dot."""
+    rng = np.random.default_rng(h * 1000 + w)
+    mixed = rng.integers(0, 256, (3, h, w), dtype=np.uint8)
+    mixed[1], mixed[2, :, : w // 2] = 77, 255
+    dot = np.zeros((3, h, w), np.uint8)
+    dot[:, 0, 0] = 200
+    arrays = [rng.integers(0, 256, (3, h, w), dtype=np.uint8), rng.integers(40, 90, (3, h, w), dtype=np.uint8)]
+    return [torch.from_numpy(a) for a in (*arrays, mixed, np.zeros((3, h, w), np.uint8), dot)]
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (63, 63), (17, 31), (3, 3)])
+def test_fast_ops_are_torchvision_ops_bit_for_bit(hw):
+    """replay's gathers and table lookups give exactly torchvision's pixels (teachers and
+    trainer share replay, so the stored params must keep meaning the same view)."""
+    from dr_pipeline.augment import NO_MAGNITUDE_OPS, _apply_op, _torchvision_op
+
+    for x in _op_test_images(*hw):
+        for op, name in enumerate(OPS):
+            for b in (9,) if op in NO_MAGNITUDE_OPS else (0, 1, 9, 30):
+                for sign in (0, 1) if op in SIGNED_OPS else (0,):
+                    m = magnitude(op, b, sign, max(hw), 31)
+                    want, got = _torchvision_op(x, name, m), _apply_op(x, name, m)
+                    assert got.dtype == want.dtype and torch.equal(got, want), (hw, name, b, sign)
+
+
 def test_center_view_matches_open_clip_eval_preprocess():
     img = noise_image(300, 200)
     x = center_view(img, 128)

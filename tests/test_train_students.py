@@ -168,3 +168,24 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(arch, tiny_cli
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)
+
+
+def test_tokenize_is_open_clip_simple_tokenizer():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    texts = [
+        "",
+        "a red circle",
+        "A  Photo of   the CAT's toy &amp; <b>dog</b>",
+        "naïve café – “quoted” 🐈 emoji",
+        "x" * 300,
+        "word " * 100,
+        "日本語のキャプション",
+        "tab\tnew\nline\r\nend; it's 1,234.5 m² — don't",
+        "<start_of_text> hi <end_of_text>",
+    ]
+    for ctx in (77, 32, 4):
+        want = SimpleTokenizer(context_length=ctx)(texts, ctx)
+        assert torch.equal(tokenize(texts, ctx), want)
+        assert torch.equal(tokenize(texts, ctx), want)  # words memoized now
+    assert tokenize([], 77).shape == (0, 77)

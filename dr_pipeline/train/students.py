@@ -323,16 +323,45 @@ def build_student(spec: StudentSpec, seed: int | None = None) -> Student:
     return cls(spec)
 
 
+_MAX_WORDS = 1 << 18  # memoized words per tokenizer (a few tens of MB at most)
+
+
 @lru_cache(maxsize=4)
 def _tokenizer(context_length: int):
     from open_clip.tokenizer import SimpleTokenizer
 
-    return SimpleTokenizer(context_length=context_length)
+    tok = SimpleTokenizer(context_length=context_length)
+    tok.word_ids = {}  # word -> its BPE ids (``tokenize``)
+    return tok
+
+
+def _encode(tok, text: str) -> list[int]:
+    """open_clip ``SimpleTokenizer.encode``: the same cleaning, split and byte-level BPE, with each
+    word's ids memoized (the loader's per-sample cost is mostly Python per word)."""
+    words, ids = tok.word_ids, []
+    for word in tok.pat.findall(tok.clean_fn(text)):
+        got = words.get(word)
+        if got is None:
+            bpe = tok.bpe("".join(tok.byte_encoder[b] for b in word.encode("utf-8")))
+            got = [tok.encoder[t] for t in bpe.split(" ")]
+            if len(words) < _MAX_WORDS:
+                words[word] = got
+        ids += got
+    return ids
 
 
 def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
-    """CLIP BPE tokens [N, context_length] (truncated, end-of-text kept), as open_clip does."""
-    return _tokenizer(context_length)(texts, context_length)
+    """CLIP BPE tokens [N, context_length] (truncated, end-of-text kept), exactly open_clip's
+    ``SimpleTokenizer(texts, context_length)``."""
+    tok = _tokenizer(context_length)
+    rows = []
+    for text in texts:
+        ids = [tok.sot_token_id, *_encode(tok, text), tok.eot_token_id]
+        if len(ids) > context_length:
+            ids = ids[:context_length]
+            ids[-1] = tok.eot_token_id
+        rows.append(ids + [0] * (context_length - len(ids)))
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), context_length)
 
 
 def image_param_count(spec: StudentSpec) -> int:

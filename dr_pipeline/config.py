@@ -293,7 +293,12 @@ def is_secret_name(name: object) -> bool:
 
 
 def redact(obj: Any) -> Any:
-    """Copy of a plain dict/list tree with secret-looking values replaced (for logs and dumps)."""
+    """Plain dict/list tree of ``obj`` (config dataclasses or plain data) with the secret-looking
+    values of free-form mappings (``storage_options``) replaced, for logs and dumps. A config
+    dataclass's field names are the schema, never secrets (``join_key``, ``syn_key_regex``), so
+    a dumped config loads back (``from_dict(cls, strip_redacted(dumped))``)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: redact(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
         return {k: (REDACTED if is_secret_name(k) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

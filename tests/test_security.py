@@ -217,3 +217,19 @@ def test_pth_gz_of_plain_tensors_still_loads(tmp_path):
             t.addfile(info, io.BytesIO(data))
     (rec,) = iter_datacompdr_tar(str(path))
     assert rec["image_emb"].shape == (2, 4)
+
+
+def test_dumped_configs_keep_schema_fields_and_load_back():
+    """Config field names are the schema, never secrets: a dumped train config with ``join_key``
+    and ``syn_key_regex`` loads back equal; its storage options are still redacted."""
+    from dr_pipeline.config import from_dict
+    from dr_pipeline.train.config import DataConfig
+
+    cfg = DataConfig(reinforced="s3://b/ds", join_key="uid", syn_key_regex="^syn_text$", storage_options=dict(SECRETS))
+    dumped = redact(cfg)
+    assert dumped["join_key"] == "uid" and dumped["syn_key_regex"] == "^syn_text$"
+    assert "SENTINEL" not in json.dumps(dumped) and "AKIDSENTINELKEY0001" not in json.dumps(dumped)
+    back = from_dict(DataConfig, strip_redacted(dumped), "dumped")
+    assert back == DataConfig(
+        reinforced="s3://b/ds", join_key="uid", syn_key_regex="^syn_text$", storage_options={"client_kwargs": {}}
+    )

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from dr_pipeline.config import ConfigError, EnsembleSpec, JobConfig, from_dict, redact, strip_redacted, to_dict
+from dr_pipeline.config import ConfigError, EnsembleSpec, JobConfig, from_dict, redact, strip_redacted
 from dr_pipeline.shards.schema import SCHEMA_VERSION, check_version
 from dr_pipeline.storage.folder import Folder, file_digest
 from dr_pipeline.storage.retry import RetryPolicy, redact_url
@@ -424,8 +424,8 @@ class ReinforcedDataset:
                 "fingerprint": job.output_fingerprint(ensemble),
             },
         )
-        self.folder.write_text(JOB_YAML, yaml.safe_dump(redact(to_dict(job)), sort_keys=False))
-        self.folder.write_text(ENSEMBLE_YAML, yaml.safe_dump(redact(to_dict(ensemble)), sort_keys=False))
+        self.folder.write_text(JOB_YAML, yaml.safe_dump(redact(job), sort_keys=False))
+        self.folder.write_text(ENSEMBLE_YAML, yaml.safe_dump(redact(ensemble), sort_keys=False))
         self.folder.write_text(CARD, dataset_card(ensemble, config_hash))
 
     def changed_keys(self, job: JobConfig, ensemble: EnsembleSpec) -> list[str]:

@@ -425,9 +425,13 @@ def captioning_notes(cap: dict) -> list[str]:
             out.append(
                 f"{name}: `caption()` is {c['ratio_public']:.1f}x the public pattern, under the {target:g}x "
                 f"target by {100 * (1 - c['ratio_public'] / target):.0f}%. The FLOP ratio is "
-                f"{c['flop_ratio']:.1f}x, so the rest must come from running faster per FLOP than "
-                f"`generate` ({c['public_gflops']:.0f} GFLOP/s on large prefix matmuls vs our "
-                f"{c['decoder_gflops']:.0f} on {c['n_images'] * c['k']}-row steps)."
+                f"{c['flop_ratio']:.1f}x, and the public call runs its large prefix matmuls at "
+                f"{c['public_gflops']:.0f} GFLOP/s where our {c['n_images'] * c['k']}-row steps reach "
+                f"{c['decoder_gflops']:.0f} ({c['decoder_vs_roof']:.2f}x of the fp32 matmul roof of those "
+                "shapes), so the ratio cannot pass FLOP ratio x efficiency ratio without fewer FLOPs "
+                "per caption (a quarter of a step is the vocabulary projection, which exact top-p needs "
+                "in full) or lower precision (this CPU has no bf16 matmul units; on CUDA the decoder "
+                f"runs bf16), plus the redraws' {c['caption_vs_sampled']:.2f}x."
             )
         if c["caption_vs_sampled"] > 1.3:
             out.append(f"{name}: `caption()` costs {c['caption_vs_sampled']:.2f}x one sampled decode (target 1.3x).")

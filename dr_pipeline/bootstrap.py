@@ -462,24 +462,13 @@ def zeroshot_set(cfg: BootstrapConfig) -> tuple[list[bytes], list[int], list[str
 
 @torch.no_grad()
 def teacher_zeroshot(teacher, images: Sequence[bytes], labels: Sequence[int], classes: Sequence[str]) -> dict:
-    """Zero-shot top-1 of a loaded ``Teacher`` (colour x shape, and colour / shape alone)."""
+    """Zero-shot top-1 of a loaded ``Teacher`` (colour x shape, and colour / shape alone): its
+    centre views and the domain's prompts through ``dr eval``'s ``zero_shot_metrics``."""
+    from dr_pipeline.train.evaluate import zero_shot_metrics
+
     views = torch.from_numpy(centre_views(images, teacher.image_size))
     img = torch.cat([teacher.encode_images(views[i : i + 256]) for i in range(0, len(views), 256)])
-    cls = torch.stack(
-        [F.normalize(teacher.encode_texts([t.format(c) for t in ZS_TEMPLATES]).mean(0), dim=0) for c in classes]
-    )
-    pred = (img @ cls.T).argmax(1)
-    y = torch.tensor(list(labels))
-    pc = [classes[i].split() for i in pred.tolist()]
-    yc = [classes[i].split() for i in y.tolist()]
-    return {
-        "top1": round(float((pred == y).float().mean()), 4),
-        "colour": round(float(np.mean([a[0] == b[0] for a, b in zip(pc, yc)])), 4),
-        "shape": round(float(np.mean([a[1] == b[1] for a, b in zip(pc, yc)])), 4),
-        "n": len(y),
-        "n_classes": len(classes),
-        "chance": round(1 / len(classes), 4),
-    }
+    return zero_shot_metrics(teacher.encode_texts, img, labels, classes, ZS_TEMPLATES, factors=("colour", "shape"))
 
 
 def evaluate_ensemble(

@@ -7,11 +7,14 @@ The experiment of the MobileCLIP papers at laptop scale, on the synthetic domain
 2. ``dr reinforce`` of the web split with the real synthetic teachers (``teachers/synthetic.yaml``,
    made by ``dr bootstrap``): N seeded augmentations, 2 CLIP teachers, k CoCa captions;
 3. the same tiny MCi student trained for the same steps and batch size, per seed, as
-     plain    CLIP loss on the GT captions, fresh online RRC + RandAugment every epoch;
+     plain    CLIP loss on the GT captions, nothing from the teachers (λ = 0, no synthetic
+              captions), fresh RandomResizedCrop + RandAugment every visit
+              (``data.augmentation: fresh``), as standard CLIP training;
      full     the paper's recipe: λ = 1 distillation from the ensemble, GT + synthetic caption
-              terms, the stored augmentations replayed;
+              terms;
    and, as ablations, ``kd`` (λ = 1, GT captions only) and ``syn`` (λ = 0: CLIP loss on GT +
-   synthetic captions), both on the replayed augmentations;
+   synthetic captions); the reinforced variants replay the N stored augmentations (the views
+   the teachers embedded), the plain one draws new ones from the same spec and sampler;
 4. zero-shot accuracy and retrieval every ``eval_every`` steps; ``accuracy_vs_steps.png``,
    ``results.json``, ``results.md`` and the **steps-to-accuracy ratio**: the steps the
    reinforced student needs to reach the plain student's final zero-shot accuracy, as a
@@ -19,27 +22,26 @@ The experiment of the MobileCLIP papers at laptop scale, on the synthetic domain
    accuracy a trailing mean over ``smooth_evals`` evaluations, see ``smoothed``), per
    seed, then mean ± std over seeds.
 
-How the trainer is used. Each run builds the project's ``Trainer`` (``dr_pipeline/train/loop.py``:
-student, optimizer, ``DistillClipLoss`` with the run's λ and caption weights, and its
-``train_step``: forward, loss, clipping, logit-scale clamp) and the trainer's learning-rate
-schedule; the per-sample choices of the reinforced runs (which stored augmentation, which
-synthetic caption, the teachers' embeddings of exactly those) come from the trainer's own
-``sources.load_index``. Only the data path is an adapter: the replayed views are rendered
-once per (sample, augmentation) and kept in memory (the trainer's loader re-decodes every
-sample every step, too slow for 8 runs on 2 CPUs), batches are drawn from a seeded global
-permutation per epoch, and the plain runs draw fresh augmentation params per (seed, epoch,
-sample) with the same sampler and replay code (``augment.sample_params`` / ``replay``) —
-an online mode the trainer does not have. Runs train in parallel processes, one thread each,
-so each run is a deterministic function of its seed on a given machine.
+Every run is ``dr train``: a ``TrainConfig`` (``_train_config``; the trainer writes it to the run
+directory as ``train_config.yaml``) and ``Trainer.run()`` of ``dr_pipeline/train/loop.py``: the product's loader
+(``TrainStream`` over the reinforced dataset, ``data.cache_images`` so each base image is
+decoded once), its learning-rate schedule, ``train_step`` and checkpoints. The curves are the
+trainer's periodic evaluation (``eval: {data: [zero-shot folder, held-out shard], every}``,
+``dr eval``'s ``evaluate_model``), plus one evaluation before the first step. Runs train in
+parallel processes, one thread each, so each run is a deterministic function of its seed on
+a given machine.
+
+What the trainer's loader does not have, and the experiment therefore does not do: a
+sample-level shuffle (records of a shard are read in order, so the corpus is cut into shards
+smaller than a batch, see ``jobs/configs/reproduce.yaml``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,8 +50,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from dr_pipeline.config import ConfigError, from_dict, load_yaml, to_dict
 from dr_pipeline.process_pool import pool_map
@@ -93,14 +93,20 @@ class Variant:
     lam: float
     gt_weight: float = 1.0
     syn_weight: float = 0.0
-    online_aug: bool = False  # True: fresh RRC + RandAugment params per epoch (plain)
+    augmentation: str = "stored"  # the run's data.augmentation: stored (replayed) | fresh (online)
+
+    def __post_init__(self) -> None:
+        if self.augmentation not in ("stored", "fresh"):
+            raise ConfigError(f"variant {self.name}: augmentation must be stored or fresh (got {self.augmentation!r})")
+        if self.augmentation == "fresh" and self.lam > 0:
+            raise ConfigError(f"variant {self.name}: fresh augmentation has no teacher embeddings; it needs lam: 0")
 
 
 DEFAULT_VARIANTS = (
-    Variant("plain", "plain: CLIP on GT captions, online augmentation", lam=0.0, online_aug=True),
-    Variant("kd", "KD only: lambda=1, GT captions, replayed augs", lam=1.0),
-    Variant("syn", "synthetic captions only: lambda=0, GT + syn captions, replayed augs", lam=0.0, syn_weight=1.0),
-    Variant("full", "reinforced: lambda=1, GT + syn captions, replayed augs", lam=1.0, syn_weight=1.0),
+    Variant("plain", "plain: CLIP on GT captions, fresh augmentation", lam=0.0, augmentation="fresh"),
+    Variant("kd", "KD only: lambda=1, GT captions", lam=1.0),
+    Variant("syn", "synthetic captions only: lambda=0, GT + syn captions", lam=0.0, syn_weight=1.0),
+    Variant("full", "reinforced: lambda=1, GT + syn captions", lam=1.0, syn_weight=1.0),
 )
 
 
@@ -178,9 +184,6 @@ class Layout:
     def runs(self) -> Path:
         return self.root / "runs"
 
-    def views(self, size: int) -> Path:
-        return self.root / f"views{size}.npy"
-
 
 def _web_urls(cfg: ReproduceConfig, lay: Layout) -> str:
     n = cfg.corpus.web_shards
@@ -246,12 +249,13 @@ def reinforce(cfg: ReproduceConfig, lay: Layout) -> dict:
 
 
 def _train_config(cfg: ReproduceConfig, lay: Layout, v: Variant, seed: int):
-    from dr_pipeline.train.config import DataConfig, LossConfig, TrainConfig
+    """The run's ``dr train`` config: the reinforced web split, ``v``'s loss, periodic eval."""
+    from dr_pipeline.train.config import DataConfig, EvalConfig, LossConfig, TrainConfig
 
     t = cfg.train
     return TrainConfig(
         out_dir=str(lay.runs / f"{v.name}-s{seed}"),
-        data=DataConfig(reinforced=str(lay.dataset), num_workers=0),
+        data=DataConfig(reinforced=str(lay.dataset), num_workers=0, cache_images=True, augmentation=v.augmentation),
         steps=t.steps,
         batch_size=t.batch_size,
         student=t.student,
@@ -263,256 +267,70 @@ def _train_config(cfg: ReproduceConfig, lay: Layout, v: Variant, seed: int):
         checkpoint_every=t.steps,
         keep_checkpoints=1,
         log_every=t.eval_every,
+        eval=EvalConfig(data=(str(lay.zeroshot), str(lay.test / "tar")), every=t.eval_every),
     )
 
 
-def _base_images(plan) -> dict[str, Any]:
-    """key -> decoded base image (RGB PIL), for every pair of the plan."""
-    from dr_pipeline.corpus.readers import Sample, iter_shard
-    from dr_pipeline.images import decode_image
+# The curve's names for the trainer's eval rows (zero-shot folder + held-out retrieval).
+CURVE_KEYS = {
+    "eval/folder/top1": "top1",
+    "eval/folder/colour": "colour",
+    "eval/folder/shape": "shape",
+    "eval/retrieval/image_to_text_R@1": "i2t_R@1",
+    "eval/retrieval/text_to_image_R@1": "t2i_R@1",
+    "eval/retrieval/image_to_text_R@5": "i2t_R@5",
+    "eval/retrieval/text_to_image_R@5": "t2i_R@5",
+}
 
-    out = {}
-    for pair in plan.pairs:
-        for s in iter_shard(pair.base_url):
-            if isinstance(s, Sample) and s.image is not None:
-                out[s.key] = (decode_image(s.image), hashlib.sha256(s.image).hexdigest(), s.caption)
+
+def curve_rows(evals: list[dict], losses: list[float], window: int) -> list[dict]:
+    """The trainer's eval rows as the curve: ``CURVE_KEYS`` + the mean training loss of the
+    ``window`` steps before each evaluation (``losses``: per step, from step 1)."""
+    out = []
+    for row in evals:
+        r = {"step": row["step"], **{name: row[k] for k, name in CURVE_KEYS.items()}}
+        if row["step"] > 0:
+            r["loss"] = float(np.mean(losses[max(0, row["step"] - window) : row["step"]]))
+        out.append(r)
     return out
 
 
-def _render_shard(args: tuple) -> tuple[list[str], np.ndarray]:
-    """Every stored augmentation of one shard replayed at ``size`` (the views the student sees)."""
-    pair_base, pair_reinf, size, aug = args
-    import pyarrow.parquet as pq
-
-    from dr_pipeline import augment
-    from dr_pipeline.corpus.readers import Sample, iter_shard
-    from dr_pipeline.images import decode_image
-    from dr_pipeline.shards import bf16
-
-    torch.set_num_threads(1)
-    imgs = {s.key: decode_image(s.image) for s in iter_shard(pair_base) if isinstance(s, Sample) and s.image}
-    t = pq.read_table(pair_reinf, columns=["key", "aug_params"])
-    keys = t.column("key").to_pylist()
-    params = bf16.fsl_to_numpy(t.column("aug_params")).reshape(len(keys), -1, 8)
-    views = np.empty((len(keys), params.shape[1], 3, size, size), np.uint8)
-    for i, k in enumerate(keys):
-        for j, p in enumerate(augment.unpack(params[i])):
-            views[i, j] = augment.replay(imgs[k], p, size, aug).numpy()
-    return keys, views
-
-
-def render_views(cfg: ReproduceConfig, lay: Layout, plan, size: int) -> dict:
-    """Render every (sample, stored augmentation) view once: ``views{size}.npy`` + its keys."""
-    path = lay.views(size)
-    meta_path = path.with_suffix(".json")
-    stamp = {"dataset": json.loads((lay.dataset / "dataset.json").read_text())["config_hash"], "size": size}
-    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("stamp") == stamp:
-        return {"seconds": 0.0, "cached": True}
-    t0 = time.time()
-    tasks = [(p.base_url, p.reinf_url, size, plan.aug) for p in plan.pairs]
-    results = pool_map(_render_shard, tasks, cfg.train.jobs)
-    keys = [k for ks, _ in results for k in ks]
-    np.save(path, np.concatenate([v for _, v in results]), allow_pickle=False)
-    meta_path.write_text(json.dumps({"stamp": stamp, "keys": keys}))
-    return {
-        "seconds": round(time.time() - t0, 1),
-        "cached": False,
-        "views": int(sum(v.shape[0] * v.shape[1] for _, v in results)),
-    }
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-class EvalSet:
-    """Zero-shot folder (60 colour x shape classes) + retrieval pairs, decoded once."""
-
-    def __init__(self, lay: Layout, image_size: int):
-        from dr_pipeline.augment import center_view
-        from dr_pipeline.train.evaluate import TEMPLATES, load_eval_data
-
-        def _decode(b: bytes, size: int) -> torch.Tensor:
-            return center_view(Image.open(io.BytesIO(b)), size)
-
-        zs = load_eval_data(str(lay.zeroshot)).tasks["folder"]
-        images, self.labels, self.classes = zs
-        self.views = torch.stack([_decode(b, image_size) for b in images])
-        pairs = load_eval_data(str(lay.test / "tar")).pairs
-        self.pair_views = torch.stack([_decode(b, image_size) for b, _ in pairs])
-        self.pair_texts = [c for _, c in pairs]
-        self.templates = TEMPLATES["folder"]
-
-    @torch.no_grad()
-    def __call__(self, model) -> dict[str, float]:
-        from dr_pipeline.train.evaluate import embed_texts, retrieval_metrics
-
-        was_training = model.training
-        model.eval()
-        try:
-            img = torch.cat([model.encode_image(self.views[i : i + 256]) for i in range(0, len(self.views), 256)])
-            cls = embed_texts(model, [t.format(c) for c in self.classes for t in self.templates])
-            cls = F.normalize(cls.view(len(self.classes), len(self.templates), -1).mean(1), dim=-1)
-            pred = (img @ cls.T).argmax(1).tolist()
-            pc = [self.classes[p].split() for p in pred]
-            yc = [self.classes[y].split() for y in self.labels]
-            pimg = torch.cat(
-                [model.encode_image(self.pair_views[i : i + 256]) for i in range(0, len(self.pair_views), 256)]
-            )
-            ret = retrieval_metrics(pimg, embed_texts(model, self.pair_texts))
-        finally:
-            model.train(was_training)
-        return {
-            "top1": float(np.mean([p == y for p, y in zip(pred, self.labels)])),
-            "colour": float(np.mean([a[0] == b[0] for a, b in zip(pc, yc)])),
-            "shape": float(np.mean([a[1] == b[1] for a, b in zip(pc, yc)])),
-            "i2t_R@1": ret["image_to_text_R@1"],
-            "t2i_R@1": ret["text_to_image_R@1"],
-            "i2t_R@5": ret["image_to_text_R@5"],
-            "t2i_R@5": ret["text_to_image_R@5"],
-        }
-
-
-# --------------------------------------------------------------------------- one run
-
-
-class _Batches:
-    """The adapter data path: batches in the trainer's collate format, epoch by epoch."""
-
-    def __init__(self, trainer, v: Variant, seed: int, lay: Layout, size: int):
-        from dr_pipeline.train.sources import load_index
-
-        self.trainer, self.v, self.seed, self.size = trainer, v, seed, size
-        self.plan = trainer.plan
-        self.ctx = trainer.spec.context_length
-        self.base = _base_images(self.plan)
-        self.keys = sorted(self.base)
-        self._tok: dict[str, torch.Tensor] = {}
-        self._load_index = load_index
-        if not v.online_aug:
-            meta = json.loads(lay.views(size).with_suffix(".json").read_text())
-            self.views = np.load(lay.views(size), mmap_mode="r", allow_pickle=False)
-            self.row = {k: i for i, k in enumerate(meta["keys"])}
-
-    def _tokens(self, text: str) -> torch.Tensor:
-        from dr_pipeline.train.students import tokenize
-
-        t = self._tok.get(text)
-        if t is None:
-            t = self._tok[text] = tokenize([text], self.ctx)[0]
-        return t
-
-    def _epoch(self, epoch: int) -> list[dict]:
-        from dr_pipeline import augment
-
-        rng = np.random.default_rng([self.seed, epoch, 0xB47C])
-        order = [self.keys[i] for i in rng.permutation(len(self.keys))]
-        items = []
-        if self.v.online_aug:
-            aug_seed = int.from_bytes(hashlib.sha256(f"online|{self.seed}|{epoch}".encode()).digest()[:8], "big") >> 1
-            for k in order:
-                img, _, cap = self.base[k]
-                p = augment.sample_params(self.plan.aug, aug_seed, k, 0, img.width, img.height)
-                items.append(
-                    {
-                        "key": k,
-                        "image": augment.replay(img, p, self.size, self.plan.aug),
-                        "caption": cap,
-                        "syn": cap,
-                        "teachers": {},
-                    }
-                )
-            return items
-        entries = {}
-        for pair in self.plan.pairs:
-            idx = self._load_index(pair, self.plan, self.seed, epoch, "key")
-            if idx.error:
-                raise RuntimeError(f"{pair.reinf_url}: {idx.error}")
-            entries.update(idx.entries)
-        for k in order:
-            e = entries[k]
-            img, sha, cap = self.base[k]
-            if e.error or e.sha256 != sha or e.caption != cap:
-                raise RuntimeError(f"{k}: reinforcement row does not match its base sample ({e.error})")
-            items.append(
-                {
-                    "key": k,
-                    "image": torch.from_numpy(np.array(self.views[self.row[k], e.aug_index])),
-                    "caption": cap,
-                    "syn": e.syn_caption if e.syn_caption is not None else cap,
-                    "teachers": {t: torch.from_numpy(x) for t, x in e.emb.items()},
-                }
-            )
-        return items
-
-    def __iter__(self):
-        b = self.trainer.cfg.batch_size
-        epoch = 0
-        while True:
-            items = self._epoch(epoch)
-            for i in range(0, len(items) - b + 1, b):
-                chunk = items[i : i + b]
-                yield {
-                    "image": torch.stack([it["image"] for it in chunk]),
-                    "tokens": torch.stack(
-                        [torch.stack([self._tokens(it["caption"]), self._tokens(it["syn"])]) for it in chunk]
-                    ),
-                    "teachers": {t: torch.stack([it["teachers"][t] for it in chunk]) for t in chunk[0]["teachers"]},
-                }
-            epoch += 1
-
-
 def run_one(args: tuple) -> dict:
-    """Train one (variant, seed) and evaluate it every ``eval_every`` steps (process entry)."""
+    """Train one (variant, seed) with ``dr train``'s Trainer (process entry)."""
     cfg, lay, v, seed = args
     torch.set_num_threads(1)
-    from dr_pipeline.train.data import StreamState
     from dr_pipeline.train.distributed import setup, teardown
-    from dr_pipeline.train.loop import Trainer, lr_at
+    from dr_pipeline.train.loop import Trainer
 
     t0 = time.time()
     tcfg = _train_config(cfg, lay, v, seed)
+    shutil.rmtree(tcfg.out_dir, ignore_errors=True)  # a fresh run, not a resume
     env = setup("cpu")
     try:
         trainer = Trainer(tcfg, env)
-        evalset = EvalSet(lay, trainer.spec.image_size)
-        batches = iter(_Batches(trainer, v, seed, lay, trainer.spec.image_size))
-        curve = [{"step": 0, **evalset(trainer.student)}]
-        t_train = 0.0
-        losses = []
-        for step in range(tcfg.steps):
-            batch = next(batches)
-            t1 = time.time()
-            lr = lr_at(step, tcfg.optim, tcfg.steps)
-            for g in trainer.optimizer.param_groups:
-                g["lr"] = lr
-            parts = trainer.train_step(batch)
-            trainer.step += 1
-            t_train += time.time() - t1
-            losses.append(float(parts["loss"].detach()))
-            if trainer.step % cfg.train.eval_every == 0 or trainer.step == tcfg.steps:
-                row = {
-                    "step": trainer.step,
-                    **evalset(trainer.student),
-                    "loss": float(np.mean(losses[-cfg.train.eval_every :])),
-                }
-                curve.append(row)
-                print(
-                    f"[{v.name}-s{seed}] step {row['step']}/{tcfg.steps} zero-shot top1 {row['top1']:.3f} "
-                    f"(colour {row['colour']:.3f} shape {row['shape']:.3f}) i2t R@1 {row['i2t_R@1']:.3f} "
-                    f"loss {row['loss']:.3f}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        ckpt = trainer.save(StreamState())
+        trainer.evaluate()  # the untrained student: the curve starts at step 0
+        t1 = time.time()
+        res = trainer.run()
+        t_train = time.time() - t1
     finally:
         teardown(env)
+    curve = curve_rows(trainer.evals, res.losses, cfg.train.eval_every)
+    last = curve[-1]
+    print(
+        f"[{v.name}-s{seed}] step {last['step']}/{tcfg.steps} zero-shot top1 {last['top1']:.3f} "
+        f"(colour {last['colour']:.3f} shape {last['shape']:.3f}) i2t R@1 {last['i2t_R@1']:.3f} "
+        f"in {time.time() - t0:.0f}s",
+        file=sys.stderr,
+        flush=True,
+    )
     return {
         "variant": v.name,
         "seed": seed,
         "curve": curve,
-        "checkpoint": ckpt,
+        "checkpoint": res.checkpoint,
+        "skipped": res.skipped,
         "seconds": round(time.time() - t0, 1),
-        "train_seconds": round(t_train, 1),
+        "train_seconds": round(t_train, 1),  # the trainer's run(), evaluations included
     }
 
 
@@ -582,7 +400,7 @@ def analyse(cfg: ReproduceConfig, runs: list[dict]) -> dict:
             "lam": v.lam,
             "gt_weight": v.gt_weight,
             "syn_weight": v.syn_weight,
-            "online_aug": v.online_aug,
+            "augmentation": v.augmentation,
             "final_top1": _stats([f["top1"] for f in final]),
             "final_colour": _stats([f["colour"] for f in final]),
             "final_shape": _stats([f["shape"] for f in final]),
@@ -677,8 +495,8 @@ def format_markdown(res: dict) -> str:
         + (f"; {h['not_reached']} seed(s) never reached it" if h.get("not_reached") else "")
         + ".",
         "",
-        "| variant | λ | GT / syn caption weights | augmentation | seeds | final zero-shot top-1 | colour | shape | "
-        "i2t R@1 | t2i R@1 | steps to plain's final (fraction) |",
+        "| variant | λ | GT / syn caption weights | augmentation | seeds | final zero-shot top-1 | colour | "
+        "shape | i2t R@1 | t2i R@1 | steps to plain's final (fraction) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
@@ -687,16 +505,16 @@ def format_markdown(res: dict) -> str:
             ratio += f" ({r['not_reached']} not reached)"
         lines.append(
             f"| {name} | {r['lam']:g} | {r['gt_weight']:g} / {r['syn_weight']:g} | "
-            f"{'online RRC+RandAugment' if r['online_aug'] else 'replayed (stored)'} | {len(r['seeds'])} | "
+            f"{r.get('augmentation', 'stored')} | {len(r['seeds'])} | "
             f"{_pm(r['final_top1'])} | {_pm(r['final_colour'])} | {_pm(r['final_shape'])} | "
             f"{_pm(r['final_i2t_R@1'])} | {_pm(r['final_t2i_R@1'])} | {ratio} |"
         )
     t = res["timings"]
     lines += [
         "",
-        f"Timings: corpora {t['corpora_s']:.0f}s, reinforcement {t['reinforce_s']:.0f}s, view rendering "
-        f"{t['views_s']:.0f}s, {t['n_runs']} training runs {t['train_s']:.0f}s, total {t['total_s']:.0f}s "
-        f"({t['cpus']} CPUs).",
+        f"Timings: corpora {t['corpora_s']:.0f}s, reinforcement {t['reinforce_s']:.0f}s, "
+        f"{t['n_runs']} training runs (`dr train`'s Trainer, {res['config']['train']['jobs']} at a time) "
+        f"{t['train_s']:.0f}s, total {t['total_s']:.0f}s ({t['cpus']} CPUs).",
     ]
     return "\n".join(lines)
 
@@ -705,9 +523,6 @@ def format_markdown(res: dict) -> str:
 
 
 def reproduce(cfg: ReproduceConfig, only: list[str] | None = None) -> dict:
-    from dr_pipeline.train.config import DataConfig
-    from dr_pipeline.train.sources import plan_data
-
     t_all = time.time()
     lay = Layout(Path(cfg.out_dir))
     lay.root.mkdir(parents=True, exist_ok=True)
@@ -718,11 +533,6 @@ def reproduce(cfg: ReproduceConfig, only: list[str] | None = None) -> dict:
     print(f"reproduce: corpora in {timings['corpora_s']}s", file=sys.stderr, flush=True)
     rep = reinforce(cfg, lay)
     timings["reinforce_s"] = rep["seconds"]
-    plan = plan_data(DataConfig(reinforced=str(lay.dataset), num_workers=0))
-    size = cfg.train.student.image_size or 64
-    vr = render_views(cfg, lay, plan, size)
-    timings["views_s"] = vr["seconds"]
-    print(f"reproduce: views {vr}", file=sys.stderr, flush=True)
 
     tasks = []
     for v in cfg.variants:
@@ -730,8 +540,6 @@ def reproduce(cfg: ReproduceConfig, only: list[str] | None = None) -> dict:
             continue
         seeds = cfg.train.seeds if v.name in (cfg.baseline, cfg.target) else cfg.train.ablation_seeds
         tasks += [(cfg, lay, v, s) for s in seeds]
-    # Longest first (the plain runs also render their augmentations online).
-    tasks.sort(key=lambda t: (not t[2].online_aug, t[3]))
     t0 = time.time()
     runs = pool_map(run_one, tasks, cfg.train.jobs)
     timings["train_s"] = round(time.time() - t0, 1)

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 ENSEMBLE = REPO / "teachers" / "synthetic.yaml"
@@ -88,6 +89,13 @@ def test_every_artifact_is_written(toy):
         assert Path(r["checkpoint"]).is_file()
     rows = res["analysis"]["variants"]
     assert set(rows) == {"plain", "kd", "syn", "full"} and rows["full"]["seeds"] == [0, 1]
+    assert {n: r["augmentation"] for n, r in rows.items()} == {
+        "plain": "fresh",
+        "kd": "stored",
+        "syn": "stored",
+        "full": "stored",
+    }
+    assert "| plain | 0 | 1 / 0 | fresh |" in md
     assert len(rows["plain"]["ratio_per_seed"]) == 2 and all(0 <= r <= 1 for r in rows["plain"]["ratio_per_seed"])
     h = res["analysis"]["headline"]
     assert len(h["ratio_per_seed"]) + h["not_reached"] == 2
@@ -112,11 +120,58 @@ def _stored_rows(dataset: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def test_runs_are_dr_train_runs_through_trainer_run(toy, monkeypatch):
+    """Each run is ``Trainer.run()`` of ``dr train`` (its loader, schedule and periodic eval):
+    the written train_config.yaml is the run's config, the curve is the trainer's eval rows
+    (also in metrics.jsonl), and a rerun of the seed gives the same curve."""
+    from dr_pipeline import reproduce as rp
+    from dr_pipeline.config import from_dict, strip_redacted
+    from dr_pipeline.train import loop
+    from dr_pipeline.train.config import TrainConfig
+    from dr_pipeline.train.data import TrainStream
+
+    cfg, res = toy
+    calls, streams, teachers_seen = [], [], []
+    real_run, real_iter = loop.Trainer.run, TrainStream.__iter__
+
+    def spy_run(self, *a, **k):
+        calls.append(self.cfg)
+        return real_run(self, *a, **k)
+
+    def spy_iter(self):
+        streams.append(self)
+        for batch, state in real_iter(self):
+            teachers_seen.append(batch["teachers"])
+            yield batch, state
+
+    monkeypatch.setattr(loop.Trainer, "run", spy_run)
+    monkeypatch.setattr(TrainStream, "__iter__", spy_iter)
+    plain = next(v for v in cfg.variants if v.name == "plain")
+    lay = rp.Layout(Path(cfg.out_dir))
+    again = rp.run_one((cfg, lay, plain, 1))
+    tcfg = rp._train_config(cfg, lay, plain, 1)
+    assert calls == [tcfg] and len(streams) == 1 and streams[0].cfg.cache_images
+    # the plain baseline: fresh online augmentation, so its batches carry no teacher embeddings
+    assert tcfg.data.augmentation == "fresh" and streams[0].cfg.augmentation == "fresh"
+    assert teachers_seen and all(t == {} for t in teachers_seen)
+    written = yaml.safe_load((Path(tcfg.out_dir) / "train_config.yaml").read_text())
+    assert written["data"]["augmentation"] == "fresh"
+    assert from_dict(TrainConfig, strip_redacted(written), "train_config.yaml") == tcfg
+    first = next(r for r in res["runs"] if (r["variant"], r["seed"]) == ("plain", 1))
+    assert again["curve"] == first["curve"]
+    rows = [json.loads(line) for line in (Path(tcfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/folder/top1" in r]
+    assert [r["step"] for r in evals] == [row["step"] for row in again["curve"]] == [0, 2, 4]
+    for r, row in zip(evals, again["curve"]):
+        assert {name: r[k] for k, name in rp.CURVE_KEYS.items()} == {n: row[n] for n in rp.CURVE_KEYS.values()}
+    assert "loss" in again["curve"][-1] and "loss" not in again["curve"][0]
+
+
 def test_reinforced_student_learns_from_stored_teacher_embeddings(toy, monkeypatch):
     """No teacher or captioner is loaded while a reinforced student trains and is evaluated;
-    its batches carry the stored bf16 embeddings of the augmentation whose view it sees; its
-    distillation term is the loss of those stored embeddings; the run is a pure function of
-    the seed (same curve as in the full run)."""
+    its batches (the trainer's own loader) carry the stored bf16 embeddings of the
+    augmentation whose view it sees; its distillation term is the loss of those stored
+    embeddings; the run is a pure function of the seed (same curve as in the full run)."""
     import dr_pipeline.models.captioner as captioner
     import dr_pipeline.models.teachers as teachers
     from dr_pipeline import reproduce as rp
@@ -141,26 +196,13 @@ def test_reinforced_student_learns_from_stored_teacher_embeddings(toy, monkeypat
     env = setup("cpu")
     try:
         trainer = Trainer(rp._train_config(cfg, lay, full, 0), env)
-        batches = rp._Batches(trainer, full, 0, lay, trainer.spec.image_size)
-        items = batches._epoch(0)
-        keys = list(batches.keys)
-        assert set(stored) == set(keys)
-        for it in items[:8]:
-            match = [
-                k
-                for k in keys
-                if all(
-                    any(np.array_equal(it["teachers"][t][0].numpy(), row) for row in stored[k][t]) for t in stored[k]
-                )
-            ]
-            assert match == [it["key"]], "a row's teacher image embeddings are not its own stored rows"
-            augs = [
-                {j for j, row in enumerate(stored[it["key"]][t]) if np.array_equal(it["teachers"][t][0].numpy(), row)}
-                for t in stored[it["key"]]
-            ]
-            assert set.intersection(*augs), "the teachers' embeddings come from different augmentations"
-        batch = next(iter(batches))
+        batch, _ = next(iter(trainer.stream))
         assert set(batch["teachers"]) == {"syn-vit-a", "syn-vit-b"}
+        assert set(batch["keys"]) <= set(stored)
+        for i, key in enumerate(batch["keys"]):
+            a = int(batch["aug_index"][i])
+            for t in stored[key]:
+                assert np.array_equal(batch["teachers"][t][i, 0].numpy(), stored[key][t][a]), (key, t)
         # the distillation part, recomputed from the batch's stored embeddings on the same weights
         with torch.no_grad():
             kinds = trainer.loss_fn.kinds()
@@ -179,3 +221,21 @@ def test_reinforced_student_learns_from_stored_teacher_embeddings(toy, monkeypat
         assert float(parts["loss"].detach()) > 0
     finally:
         teardown(env)
+
+
+def test_plain_runs_on_fresh_augmentation_and_reinforced_runs_on_stored_views(tmp_path):
+    """The run configs: plain (λ = 0) draws fresh RRC + RandAugment every visit, as standard
+    CLIP training; full / kd / syn replay the stored views the teachers embedded. A variant
+    asking for distillation on fresh views is refused."""
+    from dr_pipeline import reproduce as rp
+    from dr_pipeline.config import ConfigError
+
+    for cfg in (rp.ReproduceConfig(), rp.load_reproduce_config(REPO / "jobs" / "configs" / "reproduce.yaml")):
+        lay = rp.Layout(tmp_path)
+        aug = {v.name: rp._train_config(cfg, lay, v, 0).data.augmentation for v in cfg.variants}
+        assert aug == {"plain": "fresh", "kd": "stored", "syn": "stored", "full": "stored"}
+        assert all(rp._train_config(cfg, lay, v, 0).loss.lam == 0 for v in cfg.variants if aug[v.name] == "fresh")
+    with pytest.raises(ConfigError, match="fresh augmentation has no teacher embeddings"):
+        rp.Variant("bad", "KD on fresh views", lam=1.0, augmentation="fresh")
+    with pytest.raises(ConfigError, match="augmentation must be stored or fresh"):
+        rp.Variant("bad", "typo", lam=0.0, augmentation="online")

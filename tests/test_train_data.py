@@ -25,7 +25,7 @@ from dr_pipeline.shards.datacompdr import write_datacompdr_tar
 from dr_pipeline.shards.parquet_io import ShardWriter, read_shard
 from dr_pipeline.shards.schema import layout_from_metadata
 from dr_pipeline.train.config import DataConfig, ForeignTeacher
-from dr_pipeline.train.data import JoinedDataset, StreamState, TrainStream, unchunk
+from dr_pipeline.train.data import JoinedDataset, StreamState, TrainStream, fresh_seed, unchunk
 from dr_pipeline.train.fake_reinforce import VIEW, image_embedding, make_fake_reinforced, text_embedding
 from dr_pipeline.train.sources import choose, plan_data
 from dr_pipeline.train.students import tokenize
@@ -600,3 +600,107 @@ def test_cache_images_gives_the_same_samples_and_skips(world, tmp_path):
     for _ in range(5):  # 25 samples: across an epoch boundary
         (a, sa), (b, sb) = next(streams[0]), next(streams[1])
         assert a["keys"] == b["keys"] and sa == sb and torch.equal(a["image"], b["image"])
+
+
+# --------------------------------------------------------------------------- fresh augmentation
+
+
+def _fresh_image(truth: Truth, key: str, epoch: int, visit: int = 0) -> torch.Tensor:
+    """The view ``data.augmentation: fresh`` must give: new params from the reinforcement's
+    sampler and spec, keyed by (seed, epoch, visit, key), replayed at the student size."""
+    img = Image.open(io.BytesIO(truth.base[key].image))
+    p = augment.sample_params(SPEC, fresh_seed(SEED, epoch, visit), key, 0, img.width, img.height)
+    return augment.replay(img, p, SIZE, SPEC)
+
+
+def _stored_images(truth: Truth, key: str) -> list[torch.Tensor]:
+    rows, i = truth.rows[key]
+    img = Image.open(io.BytesIO(truth.base[key].image))
+    return [augment.replay(img, p, SIZE, SPEC) for p in augment.unpack(rows.aug_params[i])]
+
+
+def test_fresh_augmentation_draws_new_params_every_epoch_without_teacher_embeddings(world, truth):
+    cfg = _cfg(world, augmentation="fresh")
+    e0, e1 = _epoch(cfg), _epoch(cfg, start=StreamState(epoch=1))
+    assert len(e0) == N_SHARDS * PER_SHARD and not [it for it in e0 + e1 if "skip" in it]
+    for e, items in ((0, e0), (1, e1)):
+        for it in items:
+            assert torch.equal(it["image"], _fresh_image(truth, it["key"], e))
+            assert it["teachers"] == {} and it["aug_index"] == -1
+    by_key = {it["key"]: it for it in e1}
+    # the same sample, another epoch: other params, another view
+    assert sum(not torch.equal(it["image"], by_key[it["key"]]["image"]) for it in e0) >= len(e0) - 1
+    # ... and not one of the stored views (the reinforcement's draws)
+    assert sum(any(torch.equal(it["image"], s) for s in _stored_images(truth, it["key"])) for it in e0) <= 1
+    # the same (seed, epoch): the same views, whatever the worker count
+    again = _epoch(cfg, workers=2)
+    assert [it["key"] for it in again] == [it["key"] for it in e0]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, e0))
+    # another seed: other views
+    other = JoinedDataset(plan_data(cfg), cfg, SEED + 1, SIZE, CTX, epochs=1)
+    other_items = {it["key"]: it for it in unchunk(iter(other)) if "key" in it and "image" in it}
+    assert sum(not torch.equal(it["image"], other_items[it["key"]]["image"]) for it in e0) >= len(e0) - 1
+    # captions are drawn as in stored mode (they do not depend on the view)
+    stored = {it["key"]: it for it in _epoch(_cfg(world))}
+    assert all(
+        (it["caption"], it["syn_caption"], it["syn_index"])
+        == (stored[it["key"]]["caption"], stored[it["key"]]["syn_caption"], stored[it["key"]]["syn_index"])
+        for it in e0
+    )
+
+
+def test_fresh_augmentation_of_an_upsampled_source_draws_per_visit(world, truth):
+    """Two copies of a shard in one epoch are two visits: each its own fresh view."""
+    cfg = _cfg(world, augmentation="fresh", upsampling_factor=2.0)
+    items = _epoch(cfg)
+    assert len(items) == 2 * N_SHARDS * PER_SHARD
+    views = {}
+    for it in items:
+        visits = views.setdefault(it["key"], [])
+        visits.append(it["image"])
+    for key, imgs in views.items():
+        assert len(imgs) == 2
+        got = {v: _fresh_image(truth, key, 0, v) for v in (0, 1)}
+        assert all(any(torch.equal(img, g) for g in got.values()) for img in imgs)
+    assert sum(not torch.equal(a, b) for a, b in views.values()) >= len(views) - 1
+
+
+@pytest.mark.timeout(120)
+def test_fresh_augmentation_stream_restarts_exactly_after_the_last_batch(world):
+    cfg = _cfg(world, augmentation="fresh", cache_images=True)
+    plan = plan_data(cfg)
+    full = iter(TrainStream(plan, cfg, SEED, batch_size=5, image_size=SIZE, context_length=CTX))
+    seen = [next(full) for _ in range(6)]  # 30 samples: crosses an epoch boundary (18 / epoch)
+    assert all(b["teachers"] == {} for b, _ in seen)
+    state = seen[3][1]
+    resumed = iter(
+        TrainStream(
+            plan,
+            dataclasses.replace(cfg, num_workers=2),
+            SEED,
+            batch_size=5,
+            image_size=SIZE,
+            context_length=CTX,
+            state=state,
+        )
+    )
+    for want, want_state in seen[4:]:
+        got, got_state = next(resumed)
+        assert got["keys"] == want["keys"] and got_state == want_state
+        assert torch.equal(got["image"], want["image"]) and torch.equal(got["tokens"], want["tokens"])
+        assert got["teachers"] == {}
+
+
+def test_fresh_augmentation_with_distillation_is_refused():
+    from dr_pipeline.train.config import LossConfig, TrainConfig
+
+    data = DataConfig(reinforced="ds", augmentation="fresh")
+    with pytest.raises(ConfigError, match=r"fresh views have no teacher embeddings.*loss\.lam: 0 \(got 1\.0\)"):
+        TrainConfig(out_dir="o", data=data, steps=1, batch_size=2)  # loss.lam defaults to 1
+    with pytest.raises(ConfigError, match="loss.lam: 0"):
+        TrainConfig(out_dir="o", data=data, steps=1, batch_size=2, loss=LossConfig(lam=0.5))
+    ok = TrainConfig(out_dir="o", data=data, steps=1, batch_size=2, loss=LossConfig(lam=0.0, syn_weight=1.0))
+    assert ok.data.augmentation == "fresh"
+    assert DataConfig(reinforced="ds").augmentation == "stored"
+    with pytest.raises(ConfigError, match="data.augmentation must be 'stored' or 'fresh'"):
+        DataConfig(reinforced="ds", augmentation="online")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -86,6 +87,32 @@ def test_resume_after_k_steps_reproduces_the_uninterrupted_run(dataset, tmp_path
     _assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
     rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_fresh_augmentation_run_trains_without_teachers_and_resumes_exactly(dataset, tmp_path):
+    """data.augmentation: fresh (a CLIP baseline: λ = 0, new views every visit) through the
+    Trainer: no teacher embedding reaches the loss, and a resumed run is bit-exact."""
+    from dr_pipeline.train.config import LossConfig
+
+    kw = dict(
+        data=DataConfig(reinforced=str(dataset / "ds"), num_workers=0, augmentation="fresh"),
+        loss=LossConfig(lam=0.0, syn_weight=1.0),
+        steps=4,
+        checkpoint_every=2,
+    )
+    full = train(_cfg(dataset, tmp_path / "a", **kw))
+    assert full.step == 4 and all(math.isfinite(x) for x in full.losses)
+    cfg = _cfg(dataset, tmp_path / "b", **kw)
+    first = train(cfg, stop_after=2)
+    rest = train(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=2)), resume="latest")
+    assert first.losses + rest.losses == full.losses
+    _assert_same_state(
+        load_checkpoint(resolve(str(tmp_path / "a")))["model"], load_checkpoint(resolve(str(tmp_path / "b")))["model"]
+    )
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(not any(k.startswith("distill_") and r[k] for k in r) for r in rows)
+    with pytest.raises(ConfigError, match="fresh views have no teacher embeddings"):
+        _cfg(dataset, tmp_path / "c", data=kw["data"])  # loss.lam defaults to 1: KD + fresh
 
 
 def _dr(*args: str) -> int:
@@ -367,6 +394,7 @@ def test_tensorboard_logging_and_zero_shot_eval_every_k_steps(dataset, tmp_path)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/folder/top1" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["eval/folder/top1"] <= 1 for r in evals)
+    assert res.evals == evals  # the run's eval rows come back with its result too
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events
     acc = EventAccumulator(str(out / "tensorboard"))

@@ -15,6 +15,7 @@ from typing import Any
 from dr_pipeline.config import AugSpec, ConfigError, load_yaml
 
 ARCHS = ("tiny", "mci0", "mci1", "mci2", "mci3", "mci4")
+AUGMENTATIONS = ("stored", "fresh")  # data.augmentation
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,14 @@ class DataConfig:
     ``mix_synthetic_ratio``: each sample trains on one caption, the synthetic one with this
     probability and else the GT one (the synthetic-caption loss term is then dropped, as
     Apple's "no double loss": ``loss.syn_weight`` is ignored).
+
+    ``augmentation``: ``stored`` (default) replays one of the N augmentations stored per sample
+    (the view the teachers embedded); ``fresh`` draws new RandomResizedCrop + RandAugment params
+    on every visit of a sample, with the dataset's augmentation spec and the reinforcement's
+    sampler (``augment.sample_params``), deterministically from (seed, epoch, visit, key) --
+    the online augmentation of standard CLIP training, for baselines. Fresh views have no
+    teacher embeddings: the batches carry none and ``loss.lam`` must be 0; synthetic captions
+    can still be used.
     """
 
     reinforced: str | tuple[str, ...]
@@ -128,6 +137,7 @@ class DataConfig:
     sample_sequential: bool = False  # visit v: aug v % N, caption v % k (Apple's option)
     mix_synthetic_ratio: float | None = None  # one caption per sample: synthetic w.p. ratio (Apple's)
     cache_images: bool = False  # decode each base image once, keep it in memory (small sets)
+    augmentation: str = "stored"  # stored: replay the stored views | fresh: new params every visit
 
     def __post_init__(self) -> None:
         if self.join_key not in ("key", "uid"):
@@ -143,6 +153,8 @@ class DataConfig:
                 raise ConfigError(
                     f"data.syn_key_regex {self.syn_key_regex!r} is not a regular expression: {e}"
                 ) from None
+        if self.augmentation not in AUGMENTATIONS:
+            raise ConfigError(f"data.augmentation must be 'stored' or 'fresh' (got {self.augmentation!r})")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
         if self.worker_chunk < 1:
@@ -200,9 +212,10 @@ class OptimConfig:
 class EvalConfig:
     """Zero-shot evaluation during training (``dr eval``'s code) on a labelled image folder
     (``DATA/<class>/*.jpg``) or base shards with synthetic-corpus labels, every ``every`` steps
-    and at the end; results go to metrics.jsonl (``eval/<task>/top1``) and TensorBoard."""
+    and at the end; results go to metrics.jsonl (``eval/<task>/top1``) and TensorBoard.
+    ``data`` may list several paths (e.g. a labelled folder and a held-out shard for retrieval)."""
 
-    data: str
+    data: str | tuple[str, ...]
     every: int = 1000
     limit: int | None = None  # at most this many samples of shard data
 
@@ -244,6 +257,11 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda (got {self.device!r})")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.keep_checkpoints < 0:
             raise ConfigError("checkpoint_every and log_every must be >= 1, keep_checkpoints >= 0")
+        if self.data.augmentation == "fresh" and self.loss.lam > 0:
+            raise ConfigError(
+                f"data.augmentation: fresh views have no teacher embeddings, so distillation is "
+                f"impossible: set loss.lam: 0 (got {self.loss.lam}) or use augmentation: stored"
+            )
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

@@ -28,6 +28,15 @@ before the loader workers start; the forked workers share it copy-on-write. Epoc
 replay the stored augmentations from the decoded images without reading or decoding a byte
 of the base corpus again; the samples are identical to the uncached ones.
 
+**Fresh augmentation** (``data.augmentation: fresh``, for baselines). Instead of replaying a
+stored augmentation, each visit of a sample draws new RandomResizedCrop + RandAugment params
+with the source's augmentation spec (the one the reinforcement drew the stored params with)
+and the same sampler, ``augment.sample_params``, keyed by (seed, epoch, visit, join key)
+(``fresh_seed``) and replayed with the same ``augment.replay``: a pure function of the slot,
+so the batches still do not depend on the worker count and a resumed run is still exact.
+No stored view is used, so the samples carry no teacher embeddings (``teachers`` is empty,
+``aug_index`` -1); the GT and synthetic captions are drawn as in stored mode.
+
 **Skips.** A base record without a reinforcement row, a row whose image bytes, size or
 caption do not match, a row with inconsistent counts, an undecodable image or a
 reinforcement row without a base record is never trained on and never shifts the pairing;
@@ -37,6 +46,7 @@ each is counted by reason in ``TrainStream.skipped``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -254,7 +264,7 @@ class JoinedDataset(IterableDataset):
                 if jk is not None:
                     matched.add(jk)
                 if j >= first:
-                    yield j, (lambda rec=rec, jk=jk, dup=dup, dec=dec: self._item(pair, rec, jk, dup, index, dec))
+                    yield j, functools.partial(self._item, pair, rec, jk, dup, index, dec, epoch)
                 j += 1
         except ShardReadError as e:
             log.warning("base shard %s unreadable after %d records: %s", pair.base_url, j, e)
@@ -276,6 +286,7 @@ class JoinedDataset(IterableDataset):
         dup: bool,
         index: ShardIndex,
         dec: Decoded | None = None,
+        epoch: int = 0,
     ) -> Item:
         if isinstance(rec, Rejected):
             return _skip(pair.name, rec.key, f"base_{rec.reason}")
@@ -312,12 +323,19 @@ class JoinedDataset(IterableDataset):
                 return _skip(pair.name, rec.key, "bad_image")
         if entry.width is not None and (img.width, img.height) != (entry.width, entry.height):
             return _skip(pair.name, rec.key, "mismatched_size")
+        fresh = self.cfg.augmentation == "fresh"
+        spec = self.plan.source(pair).aug
         try:
-            params = self._params(pair, entry, img)
+            if fresh:  # new params for this visit, the reinforcement's sampler and spec
+                params = augment.sample_params(
+                    spec, fresh_seed(self.seed, epoch, pair.visit), jk, 0, img.width, img.height
+                )
+            else:
+                params = self._params(pair, entry, img)
         except ValueError:
             return _skip(pair.name, rec.key, "bad_aug_params")
         try:
-            image = augment.replay(img, params, self.image_size, self.plan.source(pair).aug)
+            image = augment.replay(img, params, self.image_size, spec)
         except Exception:  # noqa: BLE001 - an odd image mode / palette must not stop training
             return _skip(pair.name, rec.key, "bad_image")
         syn = entry.syn_caption if entry.syn_caption is not None else caption
@@ -328,8 +346,9 @@ class JoinedDataset(IterableDataset):
             "shard": pair.name,
             "image": image,
             "tokens": self._tokens(caption, syn),
-            "teachers": {t: torch.from_numpy(v) for t, v in entry.emb.items()},
-            "aug_index": entry.aug_index,
+            # fresh views: no teacher embedded them, so none is carried
+            "teachers": {} if fresh else {t: torch.from_numpy(v) for t, v in entry.emb.items()},
+            "aug_index": -1 if fresh else entry.aug_index,
             "syn_index": entry.syn_index,
             "caption": caption,
             "syn_caption": syn,
@@ -351,6 +370,15 @@ class JoinedDataset(IterableDataset):
         if pair.kind == DATACOMPDR:
             return augment.from_datacompdr(entry.aug, img.width, img.height, self.plan.source(pair).aug)
         return augment.unpack(np.asarray(entry.aug))[0]
+
+
+def fresh_seed(seed: int, epoch: int, visit: int = 0) -> int:
+    """The ``augment.sample_params`` seed of a fresh-augmentation visit (``data.augmentation:
+    fresh``; index 0, the sample's join key as key): a 63-bit hash of (seed, epoch, visit), so
+    the draws are new per visit and not the reinforcement's (job seed, key, 0..N-1) draws of
+    the stored views."""
+    h = hashlib.sha256(f"fresh|{int(seed)}|{int(epoch)}|{int(visit)}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
 
 
 def _skip(shard: str, key: str, reason: str) -> Item:
@@ -398,8 +426,9 @@ def unchunk(items: Iterator[Item]) -> Iterator[Item]:
 
 def collate(items: list[Item]) -> dict[str, Any]:
     """Samples -> a batch: uint8 images [B,3,S,S], tokens [B,2,ctx] (GT, synthetic), teacher
-    embeddings {id: float32 [B,3,D]} (image view, GT caption, synthetic caption), and per
-    sample its key, shard, augmentation / synthetic-caption indices and both captions."""
+    embeddings {id: float32 [B,3,D]} (image view, GT caption, synthetic caption; none with
+    fresh augmentation), and per sample its key, shard, augmentation (-1: fresh) /
+    synthetic-caption indices and both captions."""
     return {
         "image": torch.stack([it["image"] for it in items]),
         "tokens": torch.stack([it["tokens"] for it in items]),

@@ -7,15 +7,21 @@
   typically a held-out shard: retrieval R@1/R@5 over its (image, caption) pairs, plus
   zero-shot classification of the samples whose json carries a synthetic-corpus ``label``
   with one object (tasks ``shape`` and ``colour``).
+Several ``data`` paths are evaluated together (their pairs pooled, their tasks side by side).
 Images are resized (shortest side) and center-cropped to the student resolution. The
 student is re-parameterized first (identical outputs, faster); the EMA weights are used when
 the checkpoint has them.
+
+``zero_shot_metrics`` is the package's one zero-shot classifier: ``dr eval``, the trainer's
+periodic evaluation (``dr reproduce``'s curves) and ``dr bootstrap``'s teacher report all
+call it. When the classes are the synthetic domain's "<colour> <shape>" names it also scores
+each word of the predicted class (``colour``, ``shape``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +43,26 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Decoded views are kept between evaluations (the trainer's periodic eval) up to this size.
+VIEW_CACHE_BYTES = 512 << 20
+
+
 @dataclass
 class EvalData:
     pairs: list[tuple[bytes, str]] = field(default_factory=list)  # retrieval
     tasks: dict[str, tuple[list[bytes], list[int], list[str]]] = field(default_factory=dict)  # images, labels, classes
+    _views: dict[tuple[str | None, int], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def views(self, name: str | None, images: Sequence[bytes], size: int) -> torch.Tensor:
+        """uint8 [N, 3, size, size] centre views of ``images`` (``name``: a task, None: the pairs),
+        decoded once while they fit in ``VIEW_CACHE_BYTES``."""
+        got = self._views.get((name, size))
+        if got is None:
+            got = decode_views(images, size)
+            held = sum(v.numel() for v in self._views.values())
+            if held + got.numel() <= VIEW_CACHE_BYTES:
+                self._views[(name, size)] = got
+        return got
 
 
 def load_student(checkpoint: str, device: torch.device | str = "cpu", use_ema: bool = True) -> tuple[Student, dict]:
@@ -65,7 +87,20 @@ def _is_image_folder(data: str) -> bool:
     )
 
 
-def load_eval_data(data: str, storage_options: dict | None = None, limit: int | None = None) -> EvalData:
+def load_eval_data(
+    data: str | Sequence[str], storage_options: dict | None = None, limit: int | None = None
+) -> EvalData:
+    """Retrieval pairs and zero-shot tasks of one path, or of several pooled (``limit``: per path)."""
+    if not isinstance(data, str):
+        out = EvalData()
+        for d in data:
+            one = load_eval_data(d, storage_options, limit)
+            clash = set(one.tasks) & set(out.tasks)
+            if clash:
+                raise ConfigError(f"eval data: task(s) {sorted(clash)} come from more than one path ({list(data)})")
+            out.pairs += one.pairs
+            out.tasks.update(one.tasks)
+        return out
     out = EvalData()
     if _is_image_folder(data):
         classes = sorted(c.name for c in Path(data).iterdir() if c.is_dir())
@@ -106,8 +141,20 @@ def _known_classes(task: str, names: list[str]) -> set[str]:
     """The synthetic corpus' full class list when the labels come from it (fixed chance level)."""
     from dr_pipeline.corpus import synthetic
 
-    known = {"shape": set(synthetic.SHAPES), "colour": set(synthetic.COLOURS)}.get(task, set())
-    return known if set(names) <= known else set()
+    for known in {"shape": (synthetic.SPLIT_SHAPES, synthetic.SHAPES), "colour": (synthetic.COLOURS,)}.get(task, ()):
+        if set(names) <= set(known):  # the splits draw 5 of the 8 shapes: chance is 1/5 there
+            return set(known)
+    return set()
+
+
+def class_factors(classes: Sequence[str]) -> tuple[str, ...]:
+    """("colour", "shape") when every class is a synthetic-domain "<colour> <shape>" name."""
+    from dr_pipeline.corpus import synthetic
+
+    parts = [c.split() for c in classes]
+    if parts and all(len(p) == 2 and p[0] in synthetic.COLOURS and p[1] in synthetic.SHAPES for p in parts):
+        return ("colour", "shape")
+    return ()
 
 
 # --------------------------------------------------------------------------- metrics
@@ -117,14 +164,23 @@ def _decode(b: bytes, size: int) -> torch.Tensor:
     return center_view(decode_image(b), size)
 
 
+def decode_views(images: Sequence[bytes], size: int) -> torch.Tensor:
+    """uint8 [N, 3, size, size]: each image resized (shortest side, bicubic) and centre-cropped."""
+    if not images:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return torch.stack([_decode(b, size) for b in images])
+
+
+@torch.no_grad()
+def embed_views(model: Student, views: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    feats = [model.encode_image(views[i : i + batch_size].to(dev)) for i in range(0, len(views), batch_size)]
+    return torch.cat(feats).float().cpu()
+
+
 @torch.no_grad()
 def embed_images(model: Student, images: Sequence[bytes], batch_size: int = 64) -> torch.Tensor:
-    dev = next(model.parameters()).device
-    feats = [
-        model.encode_image(torch.stack([_decode(b, model.spec.image_size) for b in images[i : i + batch_size]]).to(dev))
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(feats).float().cpu()
+    return embed_views(model, decode_views(images, model.spec.image_size), batch_size)
 
 
 @torch.no_grad()
@@ -150,23 +206,38 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, ks: Sequence[int] = 
     return out
 
 
+@torch.no_grad()
 def zero_shot_metrics(
-    model: Student, img: torch.Tensor, labels: Sequence[int], classes: Sequence[str], templates: Sequence[str]
+    encode_texts: Callable[[list[str]], torch.Tensor],
+    img: torch.Tensor,
+    labels: Sequence[int],
+    classes: Sequence[str],
+    templates: Sequence[str],
+    factors: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    cls = []
-    for c in classes:
-        e = embed_texts(model, [t.format(c) for t in templates]).mean(0)
-        cls.append(e / e.norm())
-    logits = img @ torch.stack(cls).T
+    """Zero-shot classification of unit-norm image features ``img`` [N, D].
+
+    Each class is the normalized mean of ``encode_texts`` (texts -> unit-norm [T, D]; a
+    student's ``embed_texts`` or a teacher's ``encode_texts``) over ``templates``; the
+    prediction is the most similar class. ``top1`` (``top5`` from 5 classes); ``factors``
+    (default: ``class_factors(classes)``) name the space-separated words of a class name, each
+    scored alone: ``colour`` = the predicted class's first word is the true one's."""
+    texts = [t.format(c) for c in classes for t in templates]
+    emb = encode_texts(texts).float().cpu().view(len(classes), len(templates), -1).mean(1)
+    logits = img.float().cpu() @ torch.nn.functional.normalize(emb, dim=-1).T
     y = torch.tensor(list(labels))
+    pred = logits.argmax(1)
     out = {
-        "top1": float((logits.argmax(1) == y).float().mean()),
+        "top1": float((pred == y).float().mean()),
         "n": len(y),
         "n_classes": len(classes),
         "chance": 1.0 / len(classes),
     }
     if len(classes) >= 5:
         out["top5"] = float((logits.topk(5, dim=1).indices == y.unsqueeze(1)).any(1).float().mean())
+    words = [c.split() for c in classes]
+    for i, name in enumerate(class_factors(classes) if factors is None else factors):
+        out[name] = float(sum(words[p][i] == words[t][i] for p, t in zip(pred.tolist(), y.tolist())) / max(1, len(y)))
     return out
 
 
@@ -193,13 +264,18 @@ def evaluate_model(model: Student, ed: EvalData) -> dict:
     """Retrieval (``retrieval``, when there are >= 2 pairs) and zero-shot (``zeroshot``: task ->
     metrics) of a student in eval mode: ``dr eval``'s and the trainer's periodic evaluation."""
     res: dict = {}
+    size = model.spec.image_size
     if len(ed.pairs) >= 2:
-        img = embed_images(model, [p[0] for p in ed.pairs])
+        img = embed_views(model, ed.views(None, [p[0] for p in ed.pairs], size))
         res["retrieval"] = {"n": len(ed.pairs), **retrieval_metrics(img, embed_texts(model, [p[1] for p in ed.pairs]))}
     res["zeroshot"] = {}
     for task, (images, labels, classes) in ed.tasks.items():
         res["zeroshot"][task] = zero_shot_metrics(
-            model, embed_images(model, images), labels, classes, TEMPLATES.get(task, TEMPLATES["folder"])
+            lambda texts: embed_texts(model, texts),
+            embed_views(model, ed.views(task, images, size)),
+            labels,
+            classes,
+            TEMPLATES.get(task, TEMPLATES["folder"]),
         )
     return res
 
@@ -215,9 +291,10 @@ def format_table(res: dict) -> str:
         lines.append(f"{'zero-shot':<26}{'top1':>8}{'top5':>8}{'chance':>8}{'n':>6}")
         for task, z in res["zeroshot"].items():
             top5 = f"{z['top5']:>8.3f}" if "top5" in z else f"{'-':>8}"
+            words = "".join(f"  {k} {z[k]:.3f}" for k in ("colour", "shape") if k in z)
             lines.append(
                 f"  {task + ' (' + str(z['n_classes']) + ' classes)':<24}{z['top1']:>8.3f}{top5}"
-                f"{z['chance']:>8.3f}{z['n']:>6}"
+                f"{z['chance']:>8.3f}{z['n']:>6}{words}"
             )
     if res.get("note"):
         lines.append(res["note"])

@@ -34,7 +34,7 @@ import torch
 import yaml
 from torch import nn
 
-from dr_pipeline.config import ConfigError, redact, to_dict
+from dr_pipeline.config import ConfigError, redact
 from dr_pipeline.storage.folder import Folder
 from dr_pipeline.train import checkpoint as ckpt
 from dr_pipeline.train.config import OptimConfig, TrainConfig, load_train_config
@@ -83,6 +83,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per step of this run, this rank's value
     skipped: dict[str, int] = field(default_factory=dict)
     samples: int = 0
+    evals: list[dict] = field(default_factory=list)  # the eval rows of this run (``Trainer.evaluate``)
 
 
 class Trainer:
@@ -138,9 +139,10 @@ class Trainer:
         self.amp = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
         self.metrics = MetricsLog(self.out, self.step if path else None) if env.is_main else None
         if env.is_main:
-            self.out.write_bytes("train_config.yaml", yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False).encode())
+            self.out.write_bytes("train_config.yaml", yaml.safe_dump(redact(cfg), sort_keys=False).encode())
         self.loggers = _open_loggers(cfg, self.out) if env.is_main else []
         self.eval_data = None
+        self.evals: list[dict] = []  # every ``evaluate()`` row, {"step", "eval/<task>/<metric>", ...}
         if cfg.eval is not None and env.is_main:
             from dr_pipeline.train.evaluate import load_eval_data
 
@@ -249,7 +251,7 @@ class Trainer:
         t_log, samples_log = time.perf_counter(), 0
         losses: list[torch.Tensor] = []  # read back at log steps only: no GPU sync per step
         stream = iter(self.stream)
-        start = self.step
+        start, first_eval = self.step, len(self.evals)
         while self.step < cfg.steps and (stop_after is None or self.step - start < stop_after):
             micro = []
             for _ in range(cfg.accum_steps):
@@ -281,6 +283,7 @@ class Trainer:
         for lg in self.loggers:
             lg.flush()
         result.step = self.step
+        result.evals = self.evals[first_eval:]
         result.skipped = dict(self.stream.skipped)
         result.samples = self.stream.samples
         if result.checkpoint is None and last_ckpt_step == self.step and self.step > 0:
@@ -315,7 +318,9 @@ class Trainer:
 
     def evaluate(self) -> dict | None:
         """``dr eval``'s metrics of the current weights (the EMA's when there is one), main rank
-        only; rows ``{"step", "eval/<task>/top1", ...}`` in metrics.jsonl and the loggers."""
+        only; rows ``{"step", "eval/<task>/top1", ...}`` in metrics.jsonl, the loggers and
+        ``self.evals``. ``run()`` calls it every ``eval.every`` steps and at the end; call it
+        before ``run()`` for the untrained model's row."""
         if self.eval_data is None:
             return None
         from dr_pipeline.train.evaluate import evaluate_model
@@ -326,9 +331,10 @@ class Trainer:
             f"eval/{task}/{k}": float(v)
             for task, z in res["zeroshot"].items()
             for k, v in z.items()
-            if k in ("top1", "top5")
+            if k not in ("n", "n_classes", "chance")
         }
         flat.update({f"eval/retrieval/{k}": float(v) for k, v in res.get("retrieval", {}).items() if k != "n"})
+        self.evals.append({"step": self.step, **flat})
         if self.metrics is not None:
             self.metrics.append({"step": self.step, **flat})
         for lg in self.loggers:
@@ -346,7 +352,7 @@ class Trainer:
             "data": {"world": self.env.world, "states": states},
             "student": self.spec.to_dict(),
             "teachers": [{"id": t.id, "dim": t.dim, "logit_scale": self.scales[t.id]} for t in self.plan.teachers],
-            "config": redact(to_dict(self.cfg)),
+            "config": redact(self.cfg),
             "skipped": dict(self.stream.skipped),
         }
         if self.ema is not None:
@@ -399,7 +405,7 @@ def _open_loggers(cfg: TrainConfig, out) -> list:
             raise ConfigError(f"tensorboard: true needs a local out_dir (got {cfg.out_dir})")
         loggers.append(_TensorBoard(out.path_of("tensorboard")))
     if cfg.wandb_project:
-        loggers.append(_WandB(cfg.wandb_project, cfg.out_dir.rstrip("/").rsplit("/", 1)[-1], redact(to_dict(cfg))))
+        loggers.append(_WandB(cfg.wandb_project, cfg.out_dir.rstrip("/").rsplit("/", 1)[-1], redact(cfg)))
     return loggers
 
 

@@ -347,11 +347,13 @@ def test_resampled_mode_feeds_every_rank_of_a_large_world(world):
 
 
 @pytest.mark.timeout(120)
-def test_stream_state_restarts_exactly_after_the_last_batch(world):
-    cfg = _cfg(world)
+@pytest.mark.parametrize("kw", [{}, {"augmentation": "fresh", "cache_images": True}], ids=["stored", "fresh"])
+def test_stream_state_restarts_exactly_after_the_last_batch(world, kw):
+    cfg = _cfg(world, **kw)
     plan = plan_data(cfg)
     full = iter(TrainStream(plan, cfg, SEED, batch_size=5, image_size=SIZE, context_length=CTX))
     seen = [next(full) for _ in range(6)]  # 30 samples: crosses an epoch boundary (18 / epoch)
+    assert all((b["teachers"] == {}) == bool(kw) for b, _ in seen)  # fresh views carry no teachers
     state = seen[3][1]
     resumed = iter(
         TrainStream(
@@ -364,11 +366,12 @@ def test_stream_state_restarts_exactly_after_the_last_batch(world):
             state=state,
         )
     )
-    for want, _ in seen[4:]:
-        got, _ = next(resumed)
-        assert got["keys"] == want["keys"]
-        assert torch.equal(got["image"], want["image"])
-        assert torch.equal(got["teachers"]["ta"], want["teachers"]["ta"])
+    for want, want_state in seen[4:]:
+        got, got_state = next(resumed)
+        assert got["keys"] == want["keys"] and got_state == want_state
+        assert torch.equal(got["image"], want["image"]) and torch.equal(got["tokens"], want["tokens"])
+        assert got["teachers"].keys() == want["teachers"].keys()
+        assert all(torch.equal(got["teachers"][t], want["teachers"][t]) for t in want["teachers"])
 
 
 # --------------------------------------------------------------------------- parity with Apple's trainer
@@ -663,32 +666,6 @@ def test_fresh_augmentation_of_an_upsampled_source_draws_per_visit(world, truth)
         got = {v: _fresh_image(truth, key, 0, v) for v in (0, 1)}
         assert all(any(torch.equal(img, g) for g in got.values()) for img in imgs)
     assert sum(not torch.equal(a, b) for a, b in views.values()) >= len(views) - 1
-
-
-@pytest.mark.timeout(120)
-def test_fresh_augmentation_stream_restarts_exactly_after_the_last_batch(world):
-    cfg = _cfg(world, augmentation="fresh", cache_images=True)
-    plan = plan_data(cfg)
-    full = iter(TrainStream(plan, cfg, SEED, batch_size=5, image_size=SIZE, context_length=CTX))
-    seen = [next(full) for _ in range(6)]  # 30 samples: crosses an epoch boundary (18 / epoch)
-    assert all(b["teachers"] == {} for b, _ in seen)
-    state = seen[3][1]
-    resumed = iter(
-        TrainStream(
-            plan,
-            dataclasses.replace(cfg, num_workers=2),
-            SEED,
-            batch_size=5,
-            image_size=SIZE,
-            context_length=CTX,
-            state=state,
-        )
-    )
-    for want, want_state in seen[4:]:
-        got, got_state = next(resumed)
-        assert got["keys"] == want["keys"] and got_state == want_state
-        assert torch.equal(got["image"], want["image"]) and torch.equal(got["tokens"], want["tokens"])
-        assert got["teachers"] == {}
 
 
 def test_fresh_augmentation_with_distillation_is_refused():

@@ -263,8 +263,28 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# A field added after outputs were written, whose default keeps the old behaviour, carries
+# ``metadata=SINCE_DEFAULT``: it enters the output hash only when set to another value, so the
+# datasets made before it still resume.
+SINCE_DEFAULT = {"hash": "unless_default"}
+
+
+def _hash_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {
+            f.name: _hash_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.metadata.get("hash") == "unless_default" and getattr(obj, f.name) == f.default)
+        }
+    if isinstance(obj, (list, tuple)):
+        return [_hash_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _hash_dict(v) for k, v in obj.items()}
+    return obj
+
+
 def stable_hash(obj: Any) -> str:
-    blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":")).encode()
+    blob = json.dumps(_hash_dict(obj), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -471,6 +491,15 @@ class SamplingSpec:
     max_len: int = 30  # tokens, incl. start token
     min_len: int = 5
     max_attempts: int = 3  # resample a degenerate caption at most this often
+    # A draw is given up while it is decoded (and redrawn at once) when its finished words hold
+    # one word this many times in a row (3: only draws the final check rejects anyway, so no
+    # caption changes; 0 = off), or a run of this many words without a letter (0 = off).
+    give_up_repeat: int = field(default=3, metadata=SINCE_DEFAULT)
+    give_up_nonword_run: int = field(default=0, metadata=SINCE_DEFAULT)
+
+    def __post_init__(self) -> None:
+        if self.give_up_repeat < 0 or self.give_up_nonword_run < 0:
+            raise ConfigError("sampling: need give_up_repeat >= 0 and give_up_nonword_run >= 0")
 
 
 @dataclass(frozen=True)

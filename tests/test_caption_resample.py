@@ -119,3 +119,23 @@ def test_compiled_step_failure_falls_back_to_eager_once(cap, monkeypatch, caplog
     assert (out.captions, out.rejected, out.attempts) == (eager.captions, eager.rejected, eager.attempts)
     assert len(calls) == 1 and c._compiled is None
     assert "decoding eagerly" in caplog.text
+
+
+def test_give_up_rule_comes_from_the_sampling_config_and_old_hashes_hold(cap):
+    """``sampling.give_up_*`` sets the in-decode rule; at their defaults they stay out of the
+    output hash, so datasets made before the fields existed still resume."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from dr_pipeline.config import SamplingSpec, stable_hash
+
+    old = {"top_p": 0.9, "top_k": 0, "temperature": 1.0, "max_len": 30, "min_len": 5, "max_attempts": 3}
+    ref = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    assert stable_hash(SamplingSpec()) == ref
+    assert stable_hash(SamplingSpec(give_up_nonword_run=2)) != ref
+    assert stable_hash(SamplingSpec(give_up_repeat=4)) != ref
+    strict = dataclasses.replace(cap.spec.sampling, give_up_nonword_run=2, give_up_repeat=0)
+    c = Captioner(dataclasses.replace(cap.spec, sampling=strict), cap.model, cap.tokenizer)
+    assert c.rule == DegenerationRule(repeat=0, nonword_run=2)
+    assert cap.rule == DegenerationRule()

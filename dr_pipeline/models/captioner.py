@@ -100,7 +100,8 @@ class DegenerationRule:
     rule only fires on draws ``is_degenerate`` is certain to reject at the end (a word three times
     in a row; too few words with a letter left possible), so it changes no caption, only the
     steps wasted. ``nonword_run`` > 0 is stricter (a run of that many words without a letter):
-    it changes which captions pass, so it belongs in the output-hashed sampling config."""
+    it changes which captions pass, so it is set in the output-hashed sampling config
+    (``sampling.give_up_repeat`` / ``give_up_nonword_run``)."""
 
     repeat: int = 3  # same word this many times in a row (3 = is_degenerate's; others change captions)
     nonword_run: int = 0  # 0 = off
@@ -524,7 +525,8 @@ class Captioner:
         self._compiled = None
         if compile == "always" or (compile == "auto" and self.device.type == "cuda"):
             self._compiled = torch.compile(self._step, dynamic=True)
-        self.rule = rule or DegenerationRule()
+        sp = spec.sampling
+        self.rule = rule or DegenerationRule(repeat=sp.give_up_repeat, nonword_run=sp.give_up_nonword_run)
         self._flags: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- building blocks (``next_logits`` is the full-prefix reference step; ``_step`` the cached one)

@@ -429,12 +429,15 @@ def captioning_notes(cap: dict) -> list[str]:
                 f"{c['public_gflops']:.0f} GFLOP/s where our {c['n_images'] * c['k']}-row steps reach "
                 f"{c['decoder_gflops']:.0f} ({c['decoder_vs_roof']:.2f}x of the fp32 matmul roof of those "
                 "shapes), so the ratio cannot pass FLOP ratio x efficiency ratio without fewer FLOPs "
-                "per caption (a quarter of a step is the vocabulary projection, which exact top-p needs "
-                "in full) or lower precision (this CPU has no bf16 matmul units; on CUDA the decoder "
+                "per caption (the vocabulary projection, which exact top-p needs in full, is 23% of a B-32 "
+                "step and 17% of an L-14 one) or lower precision (this CPU has no bf16 matmul units; on CUDA the decoder "
                 f"runs bf16), plus the redraws' {c['caption_vs_sampled']:.2f}x."
             )
         if c["caption_vs_sampled"] > 1.3:
-            out.append(f"{name}: `caption()` costs {c['caption_vs_sampled']:.2f}x one sampled decode (target 1.3x).")
+            out.append(
+                f"{name}: `caption()` costs {c['caption_vs_sampled']:.2f}x one sampled decode (target 1.3x): the "
+                "serial tail of rows whose draws all run long, at a few rows per step (section 1)."
+            )
         if c["decoder_vs_roof"] < 0.8:
             out.append(
                 f"{name}: decoder at {c['decoder_vs_roof']:.2f}x of the matmul roof, under 0.8x: the rest "

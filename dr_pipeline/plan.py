@@ -373,14 +373,19 @@ STAGE_EFF = {"teacher_images": "image", "teacher_texts": "text", "caption_images
 
 
 def _row(spec: PlanSpec, flops: dict[str, float], eff: dict[str, float], kind: str, device: str, note: str) -> dict:
-    """Seconds per sample = FLOPs / efficiency per stage; then hours, days on G GPUs, shards/hour."""
+    """Seconds per sample = FLOPs / efficiency per stage; then the row (``_timing_row``)."""
     parts = {s: (f / eff[STAGE_EFF[s]] if f and STAGE_EFF[s] in eff else 0.0) for s, f in flops.items()}
     missing = [s for s, f in flops.items() if f and STAGE_EFF[s] not in eff]
+    return _timing_row(spec, parts, eff, missing, kind=kind, device=device, note=note)
+
+
+def _timing_row(spec: PlanSpec, parts: dict[str, float], eff: dict[str, float], missing: list[str], **info) -> dict:
+    """A device's row from its seconds per sample by stage: hours, days on G GPUs, shards/hour."""
     sec = sum(parts.values())
     hours = sec * spec.samples / 3600
     return {
-        "kind": kind,
-        "device": device,
+        "kind": info.pop("kind"),
+        "device": info.pop("device"),
         "seconds_per_sample": sec,
         "parts": parts,
         "hours": hours,
@@ -390,7 +395,7 @@ def _row(spec: PlanSpec, flops: dict[str, float], eff: dict[str, float], kind: s
         "shards_per_hour": spec.gpus * 3600 / (sec * spec.per_shard) if sec else math.inf,
         "efficiency": eff,
         "missing": missing,
-        "note": note,
+        **info,
     }
 
 
@@ -437,24 +442,17 @@ def _measured_rows(spec: PlanSpec, sources: dict[str, dict]) -> dict[str, dict]:
     rows = {}
     for name, src in sources.items():
         parts, missing = per_sample_seconds(spec, src)
-        sec = sum(parts.values())
-        hours = sec * spec.samples / 3600
         gpu = (src.get("machine") or {}).get("gpu")
-        rows[name] = {
-            "kind": "measured",
-            "device": gpu or src.get("device", "?"),
-            "seconds_per_sample": sec,
-            "parts": parts,
-            "hours": hours,
-            "device_days": hours / 24,
-            "gpus": spec.gpus,
-            "days_on_gpus": hours / 24 / spec.gpus,
-            "shards_per_hour": spec.gpus * 3600 / (sec * spec.per_shard) if sec else math.inf,
-            "efficiency": efficiencies(src, spec.configs),
-            "missing": missing,
-            "note": src.get("note", ""),
-            "gpu_kind": _gpu_kind(src),
-        }
+        rows[name] = _timing_row(
+            spec,
+            parts,
+            efficiencies(src, spec.configs),
+            missing,
+            kind="measured",
+            device=gpu or src.get("device", "?"),
+            note=src.get("note", ""),
+            gpu_kind=_gpu_kind(src),
+        )
     return rows
 
 

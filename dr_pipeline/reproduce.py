@@ -118,6 +118,7 @@ class TrainRuns:
     seeds: tuple[int, ...] = (0, 1, 2)  # baseline and target variants
     ablation_seeds: tuple[int, ...] = (0,)  # the other variants
     jobs: int = 2  # runs in parallel processes, 1 thread each
+    long_factor: int = 3  # one more baseline run (first seed) of long_factor x steps: plain's plateau; 0: none
     student: StudentConfig = field(default_factory=lambda: StudentConfig(arch="tiny", image_size=64, context_length=32))
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
@@ -128,6 +129,8 @@ class TrainRuns:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 2 or self.eval_every < 1 or self.jobs < 1 or not self.seeds:
             raise ConfigError("train: need steps >= 1, batch_size >= 2, eval_every >= 1, jobs >= 1, seeds")
+        if self.long_factor < 0 or self.long_factor == 1:
+            raise ConfigError(f"train.long_factor must be 0 (no long run) or >= 2 (got {self.long_factor})")
 
 
 @dataclass(frozen=True)
@@ -248,15 +251,28 @@ def reinforce(cfg: ReproduceConfig, lay: Layout) -> dict:
     return {"seconds": round(report.seconds, 1), "committed": len(report.committed), "skipped": len(report.skipped)}
 
 
-def _train_config(cfg: ReproduceConfig, lay: Layout, v: Variant, seed: int):
+def run_name(v: Variant, seed: int, steps: int, cfg: ReproduceConfig) -> str:
+    return f"{v.name}-s{seed}" if steps == cfg.train.steps else f"{v.name}-{steps}steps-s{seed}"
+
+
+def reinforce_core_seconds(lay: Layout) -> float:
+    """The reinforcement's cost however many runs it took (resumes included): the sum of its
+    shards' wall seconds from their markers, each shard processed by a one-thread actor."""
+    from dr_pipeline.shards.dataset import ReinforcedDataset
+
+    return round(sum(m.seconds for m in ReinforcedDataset(str(lay.dataset)).markers().values()), 1)
+
+
+def _train_config(cfg: ReproduceConfig, lay: Layout, v: Variant, seed: int, steps: int | None = None):
     """The run's ``dr train`` config: the reinforced web split, ``v``'s loss, periodic eval."""
     from dr_pipeline.train.config import DataConfig, EvalConfig, LossConfig, TrainConfig
 
     t = cfg.train
+    steps = steps or t.steps
     return TrainConfig(
-        out_dir=str(lay.runs / f"{v.name}-s{seed}"),
+        out_dir=str(lay.runs / run_name(v, seed, steps, cfg)),
         data=DataConfig(reinforced=str(lay.dataset), num_workers=0, cache_images=True, augmentation=v.augmentation),
-        steps=t.steps,
+        steps=steps,
         batch_size=t.batch_size,
         student=t.student,
         loss=LossConfig(lam=v.lam, gt_weight=v.gt_weight, syn_weight=v.syn_weight),
@@ -264,7 +280,7 @@ def _train_config(cfg: ReproduceConfig, lay: Layout, v: Variant, seed: int):
         seed=seed,
         precision="fp32",
         device="cpu",
-        checkpoint_every=t.steps,
+        checkpoint_every=steps,
         keep_checkpoints=1,
         log_every=t.eval_every,
         eval=EvalConfig(data=(str(lay.zeroshot), str(lay.test / "tar")), every=t.eval_every),
@@ -297,13 +313,13 @@ def curve_rows(evals: list[dict], losses: list[float], window: int) -> list[dict
 
 def run_one(args: tuple) -> dict:
     """Train one (variant, seed) with ``dr train``'s Trainer (process entry)."""
-    cfg, lay, v, seed = args
+    cfg, lay, v, seed, steps = args
     torch.set_num_threads(1)
     from dr_pipeline.train.distributed import setup, teardown
     from dr_pipeline.train.loop import Trainer
 
     t0 = time.time()
-    tcfg = _train_config(cfg, lay, v, seed)
+    tcfg = _train_config(cfg, lay, v, seed, steps)
     shutil.rmtree(tcfg.out_dir, ignore_errors=True)  # a fresh run, not a resume
     env = setup("cpu")
     try:
@@ -317,7 +333,7 @@ def run_one(args: tuple) -> dict:
     curve = curve_rows(trainer.evals, res.losses, cfg.train.eval_every)
     last = curve[-1]
     print(
-        f"[{v.name}-s{seed}] step {last['step']}/{tcfg.steps} zero-shot top1 {last['top1']:.3f} "
+        f"[{run_name(v, seed, steps, cfg)}] step {last['step']}/{tcfg.steps} zero-shot top1 {last['top1']:.3f} "
         f"(colour {last['colour']:.3f} shape {last['shape']:.3f}) i2t R@1 {last['i2t_R@1']:.3f} "
         f"in {time.time() - t0:.0f}s",
         file=sys.stderr,
@@ -326,6 +342,7 @@ def run_one(args: tuple) -> dict:
     return {
         "variant": v.name,
         "seed": seed,
+        "steps": steps,
         "curve": curve,
         "checkpoint": res.checkpoint,
         "skipped": res.skipped,
@@ -374,9 +391,15 @@ def _stats(xs: list[float]) -> dict:
     }
 
 
-def analyse(cfg: ReproduceConfig, runs: list[dict]) -> dict:
-    by = {(r["variant"], r["seed"]): {**r, "curve": smoothed(r["curve"], cfg.smooth_evals)} for r in runs}
+def analyse(cfg: ReproduceConfig, runs: list[dict], reinforce_core_s: float | None = None) -> dict:
+    """Per variant: final accuracies and the steps-to-accuracy ratio against the baseline of the
+    same seed and steps; headline: that ratio for the target, plus (with a long baseline run)
+    the ratio against the baseline's best accuracy, and the costs in core-seconds
+    (``reinforce_core_s``: the one-time reinforcement; runs train on one thread each)."""
     steps = cfg.train.steps
+    smooth = [{**r, "curve": smoothed(r["curve"], cfg.smooth_evals)} for r in runs]
+    by = {(r["variant"], r["seed"]): r for r in smooth if r.get("steps", steps) == steps}
+    long = next((r for r in smooth if r.get("steps", steps) != steps and r["variant"] == cfg.baseline), None)
     base = cfg.baseline
     rows = {}
     for v in cfg.variants:
@@ -421,7 +444,56 @@ def analyse(cfg: ReproduceConfig, runs: list[dict]) -> dict:
         "efficiency": (1 / ratio["mean"]) if ratio and ratio["mean"] > 0 else None,
         "target_met": bool(ratio and not tgt.get("not_reached") and ratio["mean"] <= 1 / 3),
     }
+    targets = [by[(cfg.target, s)] for s in sorted(s for (n, s) in by if n == cfg.target)]
+    if long is not None:
+        headline["vs_best"] = versus_best(long, targets)
+    headline["cost"] = costs(
+        [by[k] for k in by if k[0] == cfg.baseline], targets, headline.get("ratio_per_seed") or [], reinforce_core_s
+    )
+    if long is not None and headline["vs_best"]["ratio_per_seed"]:
+        vb = headline["vs_best"]
+        per_step = long["train_seconds"] / long["steps"] if long.get("train_seconds") else None
+        headline["cost"]["plain_to_best_core_s"] = per_step and round(per_step * vb["plain_best_step"], 1)
     return {"variants": rows, "headline": headline}
+
+
+def versus_best(long: dict, targets: list[dict]) -> dict:
+    """The long baseline run's best (smoothed) top-1 and where it got it, how much its last half
+    added (a plateau: about 0), and the steps each target run needs to reach that best, as a
+    fraction of the steps the baseline needed (None: never reached in its steps)."""
+    curve = long["curve"]
+    best = max(curve, key=lambda r: r["top1"])
+    half = min(curve, key=lambda r: abs(r["step"] - long["steps"] / 2))
+    reach = [steps_to_reach(t["curve"], best["top1"]) for t in targets]
+    ratios = [r / best["step"] for r in reach if r is not None and best["step"] > 0]
+    return {
+        "plain_steps": long["steps"],
+        "plain_seed": long["seed"],
+        "plain_best_top1": best["top1"],
+        "plain_best_step": best["step"],
+        "plain_final_top1": curve[-1]["top1"],
+        "plain_last_half_gain": curve[-1]["top1"] - half["top1"],
+        "target_best_top1": _stats([max(r["top1"] for r in t["curve"]) for t in targets]) if targets else None,
+        "target_steps_to_plain_best": reach,
+        "ratio_per_seed": ratios,
+        "ratio": _stats(ratios) if ratios else None,
+        "not_reached": sum(r is None for r in reach),
+    }
+
+
+def costs(plain: list[dict], targets: list[dict], ratios: list[float], reinforce_core_s: float | None) -> dict:
+    """Core-seconds to the baseline's final accuracy: the baseline's whole run against the
+    target's run up to the step it reaches it, with and without the one-time reinforcement."""
+    sec = lambda rs: float(np.mean([r["train_seconds"] / r["steps"] for r in rs])) if rs else None  # noqa: E731
+    p, t = sec([r for r in plain if r.get("train_seconds")]), sec([r for r in targets if r.get("train_seconds")])
+    out: dict[str, Any] = {"reinforce_core_s": reinforce_core_s, "plain_s_per_step": p, "target_s_per_step": t}
+    if p and t and ratios:
+        steps = plain[0]["steps"]
+        out["plain_to_final_core_s"] = round(p * steps, 1)
+        out["target_to_plain_final_core_s"] = round(t * steps * float(np.mean(ratios)), 1)
+        if reinforce_core_s is not None:
+            out["target_incl_reinforce_core_s"] = round(out["target_to_plain_final_core_s"] + reinforce_core_s, 1)
+    return out
 
 
 def plot(cfg: ReproduceConfig, runs: list[dict], path: Path) -> None:
@@ -436,8 +508,19 @@ def plot(cfg: ReproduceConfig, runs: list[dict], path: Path) -> None:
         (axes[0], "top1", "zero-shot colour x shape top-1 (60 classes)"),
         (axes[1], "i2t_R@1", "image->text retrieval R@1 (held-out clean captions)"),
     ):
+        for r in runs:
+            if r["variant"] == cfg.baseline and r.get("steps", cfg.train.steps) != cfg.train.steps:
+                steps = [row["step"] for row in r["curve"]]
+                ax.plot(
+                    steps,
+                    [row[metric] for row in r["curve"]],
+                    color="tab:gray",
+                    linestyle=":",
+                    linewidth=1.4,
+                    label=f"{r['variant']}, {r['steps']} steps (seed {r['seed']})",
+                )
         for v in cfg.variants:
-            rs = [r for r in runs if r["variant"] == v.name]
+            rs = [r for r in runs if r["variant"] == v.name and r.get("steps", cfg.train.steps) == cfg.train.steps]
             if not rs:
                 continue
             steps = [row["step"] for row in rs[0]["curve"]]
@@ -448,7 +531,11 @@ def plot(cfg: ReproduceConfig, runs: list[dict], path: Path) -> None:
             if len(rs) > 1:
                 ax.fill_between(steps, ys.min(0), ys.max(0), color=c, alpha=0.15)
         if metric == "top1":
-            base = [smoothed(r["curve"], cfg.smooth_evals)[-1]["top1"] for r in runs if r["variant"] == cfg.baseline]
+            base = [
+                smoothed(r["curve"], cfg.smooth_evals)[-1]["top1"]
+                for r in runs
+                if r["variant"] == cfg.baseline and r.get("steps", cfg.train.steps) == cfg.train.steps
+            ]
             if base:
                 ax.axhline(
                     float(np.mean(base)),
@@ -509,6 +596,7 @@ def format_markdown(res: dict) -> str:
             f"{_pm(r['final_top1'])} | {_pm(r['final_colour'])} | {_pm(r['final_shape'])} | "
             f"{_pm(r['final_i2t_R@1'])} | {_pm(r['final_t2i_R@1'])} | {ratio} |"
         )
+    lines += _long_and_cost_lines(h)
     t = res["timings"]
     lines += [
         "",
@@ -517,6 +605,42 @@ def format_markdown(res: dict) -> str:
         f"{t['train_s']:.0f}s, total {t['total_s']:.0f}s ({t['cpus']} CPUs).",
     ]
     return "\n".join(lines)
+
+
+def _long_and_cost_lines(h: dict) -> list[str]:
+    out = []
+    vb = h.get("vs_best")
+    if vb:
+        reach = (
+            f"the reinforced student reaches it at **{_pm(vb['ratio'])}** of those steps (per seed "
+            + ", ".join("not reached" if r is None else f"{r:.0f}" for r in vb["target_steps_to_plain_best"])
+            + " steps)"
+            if vb["ratio"]
+            else "the reinforced student does not reach it in its steps"
+        )
+        out += [
+            "",
+            f"Against plain's best: a plain run of {vb['plain_steps']} steps (seed {vb['plain_seed']}) peaks at "
+            f"zero-shot top-1 **{vb['plain_best_top1']:.3f}** at step {vb['plain_best_step']} (final "
+            f"{vb['plain_final_top1']:.3f}; its last half added {vb['plain_last_half_gain']:+.3f}); {reach}. "
+            f"Best reinforced top-1 in its steps: {_pm(vb['target_best_top1'])}.",
+        ]
+    c = h.get("cost") or {}
+    if c.get("target_to_plain_final_core_s") is not None:
+        line = (
+            f"Cost in core-seconds (one thread per run and per reinforcement actor): plain to its final accuracy "
+            f"{c['plain_to_final_core_s']:.0f}s; reinforced to the same accuracy {c['target_to_plain_final_core_s']:.0f}s "
+            f"of training"
+        )
+        if c.get("reinforce_core_s") is not None:
+            line += (
+                f" + {c['reinforce_core_s']:.0f}s one-time reinforcement = {c['target_incl_reinforce_core_s']:.0f}s "
+                "(the reinforcement is paid once for every student trained on the dataset)"
+            )
+        if c.get("plain_to_best_core_s") is not None:
+            line += f"; plain to its best {c['plain_to_best_core_s']:.0f}s"
+        out += ["", line + "."]
+    return out
 
 
 # --------------------------------------------------------------------------- driver
@@ -533,13 +657,16 @@ def reproduce(cfg: ReproduceConfig, only: list[str] | None = None) -> dict:
     print(f"reproduce: corpora in {timings['corpora_s']}s", file=sys.stderr, flush=True)
     rep = reinforce(cfg, lay)
     timings["reinforce_s"] = rep["seconds"]
+    rep["core_s"] = reinforce_core_seconds(lay)
 
     tasks = []
     for v in cfg.variants:
         if only and v.name not in only:
             continue
         seeds = cfg.train.seeds if v.name in (cfg.baseline, cfg.target) else cfg.train.ablation_seeds
-        tasks += [(cfg, lay, v, s) for s in seeds]
+        tasks += [(cfg, lay, v, s, cfg.train.steps) for s in seeds]
+        if v.name == cfg.baseline and cfg.train.long_factor:
+            tasks.insert(0, (cfg, lay, v, cfg.train.seeds[0], cfg.train.long_factor * cfg.train.steps))  # longest first
     t0 = time.time()
     runs = pool_map(run_one, tasks, cfg.train.jobs)
     timings["train_s"] = round(time.time() - t0, 1)
@@ -550,7 +677,7 @@ def reproduce(cfg: ReproduceConfig, only: list[str] | None = None) -> dict:
         "timings": timings,
         "reinforce": rep,
         "runs": runs,
-        "analysis": analyse(cfg, runs),
+        "analysis": analyse(cfg, runs, rep["core_s"]),
         "torch": torch.__version__,
     }
     out = Path(cfg.results_dir)

@@ -312,6 +312,41 @@ def test_analyse_ratio_per_seed():
     assert res["variants"]["plain"]["ratio_per_seed"] == pytest.approx([1.0, 1.0])
 
 
+def test_analyse_against_a_long_plain_run_and_core_seconds():
+    from dr_pipeline.reproduce import ReproduceConfig, TrainRuns, analyse
+
+    cfg = ReproduceConfig(train=TrainRuns(steps=100, seeds=(0,)), smooth_evals=1)
+    row = lambda step, x: {"step": step, "top1": x, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0}  # noqa: E731
+    plain = {"variant": "plain", "seed": 0, "steps": 100, "train_seconds": 50.0, "curve": [row(0, 0), row(100, 0.2)]}
+    long = {
+        "variant": "plain",
+        "seed": 0,
+        "steps": 300,
+        "train_seconds": 120.0,
+        "curve": [row(0, 0), row(100, 0.3), row(150, 0.4), row(200, 0.5), row(300, 0.45)],
+    }
+    full = {
+        "variant": "full",
+        "seed": 0,
+        "steps": 100,
+        "train_seconds": 80.0,
+        "curve": [row(0, 0), row(50, 0.4), row(100, 0.6)],
+    }
+    h = analyse(cfg, [long, plain, full], reinforce_core_s=30.0)["headline"]
+    assert h["ratio_per_seed"] == pytest.approx([0.25])  # 0.2 reached at step 25 of 100
+    vb = h["vs_best"]
+    assert (vb["plain_best_top1"], vb["plain_best_step"], vb["plain_final_top1"]) == (0.5, 200, 0.45)
+    assert vb["plain_last_half_gain"] == pytest.approx(0.45 - 0.4)  # step 150 is half of 300
+    assert vb["target_steps_to_plain_best"] == pytest.approx([75.0]) and vb["ratio_per_seed"] == pytest.approx([0.375])
+    c = h["cost"]
+    assert c["plain_to_final_core_s"] == 50.0 and c["target_to_plain_final_core_s"] == pytest.approx(20.0)
+    assert c["target_incl_reinforce_core_s"] == pytest.approx(50.0) and c["plain_to_best_core_s"] == pytest.approx(80.0)
+    # a target that never gets there is counted, not dropped
+    slow = {**full, "curve": [row(0, 0), row(100, 0.3)]}
+    vb = analyse(cfg, [long, plain, slow])["headline"]["vs_best"]
+    assert vb["not_reached"] == 1 and vb["ratio"] is None and vb["target_steps_to_plain_best"] == [None]
+
+
 def test_smoothed_curves_make_the_ratio_conservative():
     from dr_pipeline.reproduce import ReproduceConfig, TrainRuns, analyse, smoothed
 

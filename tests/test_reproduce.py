@@ -74,17 +74,18 @@ def test_every_artifact_is_written(toy):
     assert on_disk["analysis"] == json.loads(json.dumps(res["analysis"]))
     md = (results / "results.md").read_text()
     assert "Steps-to-accuracy ratio" in md and all(f"| {v} |" in md for v in ("plain", "kd", "syn", "full"))
-    # 2 seeds for plain and full, 1 for each ablation; evaluations at steps 0, 2, 4
-    assert sorted((r["variant"], r["seed"]) for r in res["runs"]) == [
-        ("full", 0),
-        ("full", 1),
-        ("kd", 0),
-        ("plain", 0),
-        ("plain", 1),
-        ("syn", 0),
+    # 2 seeds for plain and full, 1 for each ablation, one plain run of 3 x 4 steps; evaluations every 2 steps
+    assert sorted((r["variant"], r["seed"], r["steps"]) for r in res["runs"]) == [
+        ("full", 0, 4),
+        ("full", 1, 4),
+        ("kd", 0, 4),
+        ("plain", 0, 4),
+        ("plain", 0, 12),
+        ("plain", 1, 4),
+        ("syn", 0, 4),
     ]
     for r in res["runs"]:
-        assert [row["step"] for row in r["curve"]] == [0, 2, 4]
+        assert [row["step"] for row in r["curve"]] == list(range(0, r["steps"] + 1, 2))
         assert all(0.0 <= row["top1"] <= 1.0 and 0.0 <= row["i2t_R@1"] <= 1.0 for row in r["curve"])
         assert Path(r["checkpoint"]).is_file()
     rows = res["analysis"]["variants"]
@@ -99,9 +100,20 @@ def test_every_artifact_is_written(toy):
     assert len(rows["plain"]["ratio_per_seed"]) == 2 and all(0 <= r <= 1 for r in rows["plain"]["ratio_per_seed"])
     h = res["analysis"]["headline"]
     assert len(h["ratio_per_seed"]) + h["not_reached"] == 2
+    vb = h["vs_best"]  # the long plain run: its best, and the reinforced runs against it
+    assert vb["plain_steps"] == 12 and len(vb["target_steps_to_plain_best"]) == 2
+    assert vb["plain_best_top1"] == max(r["top1"] for r in smoothed_long(res, cfg))
+    assert h["cost"]["reinforce_core_s"] > 0 and "Against plain's best" in md
     # the same seed trains the same student: two plain seeds differ, the run is reproducible below
-    plain = {r["seed"]: r["curve"] for r in res["runs"] if r["variant"] == "plain"}
+    plain = {r["seed"]: r["curve"] for r in res["runs"] if r["variant"] == "plain" and r["steps"] == 4}
     assert plain[0] != plain[1]
+
+
+def smoothed_long(res, cfg):
+    from dr_pipeline.reproduce import smoothed
+
+    (long,) = [r for r in res["runs"] if r["steps"] == 12]
+    return smoothed(long["curve"], cfg.smooth_evals)
 
 
 def _stored_rows(dataset: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -148,7 +160,7 @@ def test_runs_are_dr_train_runs_through_trainer_run(toy, monkeypatch):
     monkeypatch.setattr(TrainStream, "__iter__", spy_iter)
     plain = next(v for v in cfg.variants if v.name == "plain")
     lay = rp.Layout(Path(cfg.out_dir))
-    again = rp.run_one((cfg, lay, plain, 1))
+    again = rp.run_one((cfg, lay, plain, 1, cfg.train.steps))
     tcfg = rp._train_config(cfg, lay, plain, 1)
     assert calls == [tcfg] and len(streams) == 1 and streams[0].cfg.cache_images
     # the plain baseline: fresh online augmentation, so its batches carry no teacher embeddings
@@ -157,7 +169,7 @@ def test_runs_are_dr_train_runs_through_trainer_run(toy, monkeypatch):
     written = yaml.safe_load((Path(tcfg.out_dir) / "train_config.yaml").read_text())
     assert written["data"]["augmentation"] == "fresh"
     assert from_dict(TrainConfig, strip_redacted(written), "train_config.yaml") == tcfg
-    first = next(r for r in res["runs"] if (r["variant"], r["seed"]) == ("plain", 1))
+    first = next(r for r in res["runs"] if (r["variant"], r["seed"], r["steps"]) == ("plain", 1, 4))
     assert again["curve"] == first["curve"]
     rows = [json.loads(line) for line in (Path(tcfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/folder/top1" in r]
@@ -185,7 +197,7 @@ def test_reinforced_student_learns_from_stored_teacher_embeddings(toy, monkeypat
     monkeypatch.setattr(captioner, "load_captioner", refuse)
     full = next(v for v in cfg.variants if v.name == "full")
     lay = rp.Layout(Path(cfg.out_dir))
-    again = rp.run_one((cfg, lay, full, 0))
+    again = rp.run_one((cfg, lay, full, 0, cfg.train.steps))
     first = next(r for r in res["runs"] if (r["variant"], r["seed"]) == ("full", 0))
     assert again["curve"] == first["curve"]
 

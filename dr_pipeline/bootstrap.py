@@ -21,9 +21,11 @@ Training, per model
   optim    AdamW (β 0.9/0.98, wd 0.1 on weights only), warmup + cosine (the trainer's
            ``lr_at``), grad clip 1, logit scale clamped to 100.
 
-Determinism: every model trains in one thread, from ``torch.manual_seed(hash(seed, id))``
-with a seeded batch order, so a run is a pure function of (config, seed) on a given machine
-(float results can differ across CPU types). ``jobs`` models train in parallel processes.
+Determinism: every model trains in a fixed number of threads (``jobs`` // the models of its
+phase: the teachers one each, the captioner alone all of them), from
+``torch.manual_seed(hash(seed, id))`` with a seeded batch order, so a run is a pure function
+of (config, seed) on a given machine (float results can differ across CPU types and thread
+counts). ``jobs`` models train in parallel processes.
 Checkpoints are stored as float16 safetensors (open_clip casts on load) to keep the committed
 set under 20 MB; ``SHA256SUMS`` beside them is ``sha256sum -c`` compatible, and
 ``bootstrap.json`` records the config, losses, timings, the teachers' zero-shot accuracy and
@@ -80,7 +82,8 @@ class BootstrapConfig:
     per_shard: int = 1000  # clean-split layout (sample i -> shard i // per_shard)
     clip_steps: int = 3000  # per CLIP teacher
     coca_steps: int = 3000
-    batch_size: int = 64  # 32 minimal pairs
+    batch_size: int = 64  # whole minimal groups of the clean split
+    group: int = synthetic.CLEAN_GROUP  # scenes per minimal group (twins with other shapes)
     lr: float = 2e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100
@@ -96,8 +99,10 @@ class BootstrapConfig:
     dtype: str = "float16"  # checkpoint storage: float16 | float32
 
     def __post_init__(self) -> None:
-        if self.n_train < self.batch_size or self.batch_size < 2 or self.batch_size % 2:
-            raise ConfigError("bootstrap: need n_train >= batch_size >= 2 and an even batch_size (twins)")
+        if self.group < 1 or self.n_train < self.batch_size or self.batch_size < 2 or self.batch_size % self.group:
+            raise ConfigError("bootstrap: need n_train >= batch_size >= 2, batch_size a multiple of group >= 1")
+        if self.per_shard % self.group:
+            raise ConfigError("bootstrap: per_shard must be a multiple of group (groups do not span shards)")
         if min(self.clip_steps, self.coca_steps) < 1 or self.jobs < 1 or self.per_shard < 1:
             raise ConfigError("bootstrap: steps, jobs and per_shard must be >= 1")
         if self.dtype not in ("float16", "float32"):
@@ -109,7 +114,7 @@ class BootstrapConfig:
 
 def clean_samples(cfg: BootstrapConfig) -> list[dict]:
     return [
-        synthetic.make_split_sample("clean", cfg.seed, i // cfg.per_shard, i % cfg.per_shard)
+        synthetic.make_split_sample("clean", cfg.seed, i // cfg.per_shard, i % cfg.per_shard, group=cfg.group)
         for i in range(cfg.n_train)
     ]
 
@@ -224,7 +229,7 @@ def train_model(
 
     from dr_pipeline.models.teachers import register_model_configs
     from dr_pipeline.train.config import OptimConfig
-    from dr_pipeline.train.loop import lr_at, param_groups
+    from dr_pipeline.train.loop import lr_at, make_optimizer
     from dr_pipeline.train.loss import DistillClipLoss
 
     register_model_configs(ensemble)
@@ -246,17 +251,18 @@ def train_model(
     optim = OptimConfig(
         lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
     )
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=optim.betas, eps=1e-6)
-    n, b = len(imgs) // 2 * 2, cfg.batch_size
+    opt = make_optimizer(model, optim)
+    g, b = cfg.group, cfg.batch_size
+    n = len(imgs) // g * g
     per_epoch = n // b
     order: np.ndarray | None = None
     hist: list[dict] = []
     max_log = math.log(cfg.max_logit_scale)
     for step in range(steps):
         epoch, j = divmod(step, per_epoch)
-        if j == 0:  # twins (2i, 2i+1: minimal pairs of the clean split) stay in one batch
-            pairs = np.random.default_rng([cfg.seed, model_seed(0, spec.id) & 0xFFFFFFFF, epoch]).permutation(n // 2)
-            order = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
+        if j == 0:  # a minimal group (g consecutive scenes of the clean split) stays in one batch
+            groups = np.random.default_rng([cfg.seed, model_seed(0, spec.id) & 0xFFFFFFFF, epoch]).permutation(n // g)
+            order = (g * groups[:, None] + np.arange(g)).reshape(-1)
         idx = torch.from_numpy(order[j * b : (j + 1) * b])
         x = (imgs[idx].float() / 255.0 - mean) / std
         t = tok[idx]
@@ -312,8 +318,8 @@ def train_model(
 
 def _worker(args: tuple) -> tuple[str, dict]:
     """Process entry: train one model in one thread, save it to ``path``; returns (path, stats)."""
-    kind, spec, ensemble, views_path, tokens_path, cfg, path, init_path = args
-    torch.set_num_threads(1)
+    kind, spec, ensemble, views_path, tokens_path, cfg, path, init_path, threads = args
+    torch.set_num_threads(threads)
     views = np.load(views_path, mmap_mode="r", allow_pickle=False)
     tokens = np.load(tokens_path, allow_pickle=False)
     init = None
@@ -595,7 +601,12 @@ def bootstrap(
         # Two phases: the teachers, then the captioner (its image tower starts from a trained teacher's).
         phases = [[t for t in tasks if t[0] == "teacher"], [t for t in tasks if t[0] == "captioner"]]
         print(f"bootstrap: training {len(tasks)} model(s), {cfg.jobs} at a time", file=sys.stderr, flush=True)
-        results = [r for phase in phases if phase for r in pool_map(_worker, phase, cfg.jobs)]
+        # A phase of fewer models than jobs gives each model the spare cores (its thread count is
+        # part of the run's identity: bootstrap.json records it).
+        threads = {t[1].id: max(1, cfg.jobs // len(phase)) for phase in phases for t in phase}
+        results = [
+            r for phase in phases if phase for r in pool_map(_worker, [(*t, threads[t[1].id]) for t in phase], cfg.jobs)
+        ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     folder = Path(ens.resolve(entries[0][1].pretrained)).parent
@@ -617,7 +628,7 @@ def bootstrap(
             for path, stats in results
         },
         "train_seconds": round(time.time() - t_all, 1),
-        "threads_per_model": 1,
+        "threads_per_model": threads,
         "torch": torch.__version__,
     }
     if evaluate:

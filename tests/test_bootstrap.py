@@ -177,6 +177,30 @@ def test_web_captions_are_noisy_at_the_designed_rates():
     assert s0["jpg"] == s1["jpg"] and s1["caption"].startswith(s1["label"]["clean_caption"])
 
 
+@pytest.mark.parametrize("group", [2, 4])
+def test_clean_split_comes_in_minimal_groups(group):
+    """Every scene of a group is the group's first with other shapes for some objects: the same
+    colours, sizes, positions and background, and a caption that differs in shape words only."""
+    for base in range(0, 4 * group, group):
+        scenes = [synthetic.make_split_sample("clean", 0, 0, base + j, group=group) for j in range(group)]
+        first = scenes[0]["label"]
+        for s in scenes[1:]:
+            lab = s["label"]
+            assert lab["background_colour"] == first["background_colour"] and lab["background"] == first["background"]
+            assert [(o["colour"], o["size"], o["position"]) for o in lab["objects"]] == [
+                (o["colour"], o["size"], o["position"]) for o in first["objects"]
+            ]
+            assert [o["shape"] for o in lab["objects"]] != [o["shape"] for o in first["objects"]]
+            words, ref = s["caption"].replace(",", " ,").split(), scenes[0]["caption"].replace(",", " ,").split()
+            assert len(words) == len(ref)
+            assert all(a == b or {a, b} <= set(synthetic.SPLIT_SHAPES) for a, b in zip(words, ref))
+    # the default is the module's CLEAN_GROUP (what `dr make-corpus --split clean` writes)
+    default = synthetic.make_split_sample("clean", 0, 0, 1)
+    assert default == synthetic.make_split_sample("clean", 0, 0, 1, group=synthetic.CLEAN_GROUP)
+    with pytest.raises(ValueError, match="group"):
+        synthetic.make_split_sample("clean", 0, 0, 1, group=0)
+
+
 def _nearest_colour(pixels: np.ndarray) -> np.ndarray:
     names = list(synthetic.COLOURS)
     pal = np.array([synthetic.COLOURS[c] for c in names], dtype=np.float32)

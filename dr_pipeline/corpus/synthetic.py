@@ -315,6 +315,7 @@ SPLITS = ("clean", "web", "test")
 _STREAM = {"clean": 101, "web": 102, "test": 103, "zeroshot": 104}
 _NOISE_STREAM = 7
 _CAPTION_STREAM = 11
+CLEAN_GROUP = 2  # clean-split scenes per minimal group (make_split_sample)
 SPLIT_SIDE = (128, 176)
 SPLIT_ASPECT = (0.9, 1.1)
 SPLIT_BACKGROUNDS = BACKGROUNDS + ("noise",)
@@ -561,19 +562,25 @@ def split_caption(attrs: SceneAttrs, rng: np.random.Generator | None = None) -> 
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def make_split_sample(split: str, seed: int, shard: int, idx: int, noise: WebNoise = DEFAULT_WEB_NOISE) -> dict:
+def make_split_sample(
+    split: str, seed: int, shard: int, idx: int, noise: WebNoise = DEFAULT_WEB_NOISE, group: int | None = None
+) -> dict:
     """One sample of a split, same fields as ``make_sample``. The label (json) always holds the
     true attributes and geometry; only a web sample's caption is noisy (its clean caption is in
     ``label["clean_caption"]``). Captions use a noise RNG of their own, so a web image does not
     depend on the noise rates.
 
-    The clean split comes in *minimal pairs*, like a curated set with hard negatives: an odd
-    index is the twin of the even one before it (same colours, sizes, positions, background,
-    texture, jitter; other shapes for some objects), so captions cannot be told apart by colour
-    alone and a model trained on pairs in one batch must learn shapes."""
+    The clean split comes in *minimal groups* of ``group`` (default ``CLEAN_GROUP``), like a
+    curated set with hard negatives: index ``idx`` with ``idx % group != 0`` is a twin of the
+    group's first scene (same colours, sizes, positions, background, texture, jitter; other
+    shapes for some objects), so captions cannot be told apart by colour alone and a model
+    trained on whole groups in one batch must learn shapes."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    twin = split == "clean" and idx % 2 == 1
+    group = CLEAN_GROUP if group is None else group
+    if group < 1:
+        raise ValueError(f"group must be >= 1 (got {group})")
+    twin = idx % group if split == "clean" else 0
     rng = np.random.default_rng([seed, _STREAM[split], shard, idx - twin])
     width, height = _split_size(rng)
     reshape = np.random.default_rng([seed, _STREAM[split], shard, idx, _NOISE_STREAM]) if twin else None

@@ -214,6 +214,15 @@ def init_image_tower(model: torch.nn.Module, teacher_state: dict[str, torch.Tens
     return sorted(copied)
 
 
+def epoch_order(cfg: BootstrapConfig, entry_id: str, epoch: int, n: int) -> np.ndarray:
+    """The epoch's sample order: a seeded permutation of the minimal groups (``cfg.group``
+    consecutive scenes), each group kept together, so a batch (a multiple of the group size)
+    holds whole groups."""
+    g = cfg.group
+    groups = np.random.default_rng([cfg.seed, model_seed(0, entry_id) & 0xFFFFFFFF, epoch]).permutation(n // g)
+    return (g * groups[:, None] + np.arange(g)).reshape(-1)
+
+
 def train_model(
     kind: str,
     spec: TeacherSpec | CaptionerSpec,
@@ -252,17 +261,16 @@ def train_model(
         lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
     )
     opt = make_optimizer(model, optim)
-    g, b = cfg.group, cfg.batch_size
-    n = len(imgs) // g * g
+    b = cfg.batch_size
+    n = len(imgs) // cfg.group * cfg.group
     per_epoch = n // b
     order: np.ndarray | None = None
     hist: list[dict] = []
     max_log = math.log(cfg.max_logit_scale)
     for step in range(steps):
         epoch, j = divmod(step, per_epoch)
-        if j == 0:  # a minimal group (g consecutive scenes of the clean split) stays in one batch
-            groups = np.random.default_rng([cfg.seed, model_seed(0, spec.id) & 0xFFFFFFFF, epoch]).permutation(n // g)
-            order = (g * groups[:, None] + np.arange(g)).reshape(-1)
+        if j == 0:
+            order = epoch_order(cfg, spec.id, epoch, n)
         idx = torch.from_numpy(order[j * b : (j + 1) * b])
         x = (imgs[idx].float() / 255.0 - mean) / std
         t = tok[idx]

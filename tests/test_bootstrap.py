@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from dr_pipeline.config import ConfigError
 from dr_pipeline.corpus import synthetic
 from dr_pipeline.corpus.readers import Sample, iter_shard
 
@@ -259,13 +260,28 @@ def test_caption_accuracy_metric():
     assert bad["colour_word_accuracy"] == 0.0 and bad["shape_word_accuracy"] == 1.0 and bad["pair_accuracy"] == 0.0
 
 
+@pytest.mark.parametrize("group", [2, 4])
+def test_bootstrap_batches_hold_whole_minimal_groups(group):
+    from dr_pipeline.bootstrap import BootstrapConfig, epoch_order
+
+    cfg = BootstrapConfig(n_train=64, per_shard=16, batch_size=16, group=group)
+    orders = [epoch_order(cfg, "syn-vit-a", e, 64) for e in range(2)]
+    for order in orders:
+        assert sorted(order) == list(range(64))  # every scene once an epoch
+        for batch in order.reshape(-1, 16):
+            assert all(sum(i // group == g for i in batch) in (0, group) for g in range(64 // group))
+    assert not np.array_equal(*orders)  # a new order every epoch
+    with pytest.raises(ConfigError, match="multiple of group"):
+        BootstrapConfig(n_train=64, per_shard=16, batch_size=18, group=4)
+
+
 def test_bootstrap_tiny_budget_is_deterministic_and_loads(tmp_path):
     from dr_pipeline.bootstrap import SUMS, BootstrapConfig, bootstrap, read_sums
     from dr_pipeline.config import load_ensemble
     from dr_pipeline.models.captioner import load_captioner
     from dr_pipeline.models.teachers import load_teacher
 
-    cfg = BootstrapConfig(n_train=32, per_shard=16, clip_steps=2, coca_steps=2, batch_size=16, jobs=1)
+    cfg = BootstrapConfig(n_train=32, per_shard=16, clip_steps=3, coca_steps=3, batch_size=16, jobs=1)  # 2 epochs
     threads = torch.get_num_threads()
     a = bootstrap(str(ENSEMBLE), cfg, out_dir=str(tmp_path / "a"), evaluate=False)
     assert torch.get_num_threads() == threads
@@ -277,7 +293,7 @@ def test_bootstrap_tiny_budget_is_deterministic_and_loads(tmp_path):
         "syn-coca.safetensors",
     }
     assert (tmp_path / "a" / SUMS).read_bytes() == (tmp_path / "b" / SUMS).read_bytes()
-    assert a["models"]["syn-coca"]["steps"] == 2
+    assert a["models"]["syn-coca"]["steps"] == 3
     other = bootstrap(
         str(ENSEMBLE),
         BootstrapConfig(**{**cfg.__dict__, "seed": 1}),

@@ -80,7 +80,7 @@ class BootstrapConfig:
     seed: int = 0
     n_train: int = 12_000  # clean-split images
     per_shard: int = 1000  # clean-split layout (sample i -> shard i // per_shard)
-    clip_steps: int = 3000  # per CLIP teacher
+    clip_steps: int = 6000  # per CLIP teacher (3000: shape 0.31 zero-shot; 6000: 0.44, docs/reproduce.md)
     coca_steps: int = 3000
     batch_size: int = 64  # whole minimal groups of the clean split
     group: int = synthetic.CLEAN_GROUP  # scenes per minimal group (twins with other shapes)

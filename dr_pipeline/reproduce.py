@@ -450,10 +450,6 @@ def analyse(cfg: ReproduceConfig, runs: list[dict], reinforce_core_s: float | No
     headline["cost"] = costs(
         [by[k] for k in by if k[0] == cfg.baseline], targets, headline.get("ratio_per_seed") or [], reinforce_core_s
     )
-    if long is not None and headline["vs_best"]["ratio_per_seed"]:
-        vb = headline["vs_best"]
-        per_step = long["train_seconds"] / long["steps"] if long.get("train_seconds") else None
-        headline["cost"]["plain_to_best_core_s"] = per_step and round(per_step * vb["plain_best_step"], 1)
     return {"variants": rows, "headline": headline}
 
 
@@ -466,7 +462,9 @@ def versus_best(long: dict, targets: list[dict]) -> dict:
     half = min(curve, key=lambda r: abs(r["step"] - long["steps"] / 2))
     reach = [steps_to_reach(t["curve"], best["top1"]) for t in targets]
     ratios = [r / best["step"] for r in reach if r is not None and best["step"] > 0]
+    per_step = _seconds_per_step([long])
     return {
+        "plain_to_best_core_s": round(per_step * best["step"], 1) if per_step else None,
         "plain_steps": long["steps"],
         "plain_seed": long["seed"],
         "plain_best_top1": best["top1"],
@@ -481,11 +479,16 @@ def versus_best(long: dict, targets: list[dict]) -> dict:
     }
 
 
+def _seconds_per_step(runs: list[dict]) -> float | None:
+    """Mean training seconds per step (evaluations included) of the runs that were timed."""
+    timed = [r["train_seconds"] / r["steps"] for r in runs if r.get("train_seconds")]
+    return float(np.mean(timed)) if timed else None
+
+
 def costs(plain: list[dict], targets: list[dict], ratios: list[float], reinforce_core_s: float | None) -> dict:
     """Core-seconds to the baseline's final accuracy: the baseline's whole run against the
     target's run up to the step it reaches it, with and without the one-time reinforcement."""
-    sec = lambda rs: float(np.mean([r["train_seconds"] / r["steps"] for r in rs])) if rs else None  # noqa: E731
-    p, t = sec([r for r in plain if r.get("train_seconds")]), sec([r for r in targets if r.get("train_seconds")])
+    p, t = _seconds_per_step(plain), _seconds_per_step(targets)
     out: dict[str, Any] = {"reinforce_core_s": reinforce_core_s, "plain_s_per_step": p, "target_s_per_step": t}
     if p and t and ratios:
         steps = plain[0]["steps"]
@@ -637,8 +640,8 @@ def _long_and_cost_lines(h: dict) -> list[str]:
                 f" + {c['reinforce_core_s']:.0f}s one-time reinforcement = {c['target_incl_reinforce_core_s']:.0f}s "
                 "(the reinforcement is paid once for every student trained on the dataset)"
             )
-        if c.get("plain_to_best_core_s") is not None:
-            line += f"; plain to its best {c['plain_to_best_core_s']:.0f}s"
+        if vb and vb.get("plain_to_best_core_s") is not None:
+            line += f"; plain to its best {vb['plain_to_best_core_s']:.0f}s"
         out += ["", line + "."]
     return out
 

@@ -325,7 +325,7 @@ def train_model(
 
 
 def _worker(args: tuple) -> tuple[str, dict]:
-    """Process entry: train one model in one thread, save it to ``path``; returns (path, stats)."""
+    """Process entry: train one model on ``threads`` threads, save it to ``path``; returns (path, stats)."""
     kind, spec, ensemble, views_path, tokens_path, cfg, path, init_path, threads = args
     torch.set_num_threads(threads)
     views = np.load(views_path, mmap_mode="r", allow_pickle=False)

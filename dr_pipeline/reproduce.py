@@ -251,6 +251,11 @@ def reinforce(cfg: ReproduceConfig, lay: Layout) -> dict:
     return {"seconds": round(report.seconds, 1), "committed": len(report.committed), "skipped": len(report.skipped)}
 
 
+def is_long(run: dict, cfg: ReproduceConfig) -> bool:
+    """Whether ``run`` is the long baseline run (``train.long_factor``), not one of the equal-step runs."""
+    return run.get("steps", cfg.train.steps) != cfg.train.steps
+
+
 def run_name(v: Variant, seed: int, steps: int, cfg: ReproduceConfig) -> str:
     return f"{v.name}-s{seed}" if steps == cfg.train.steps else f"{v.name}-{steps}steps-s{seed}"
 
@@ -398,8 +403,8 @@ def analyse(cfg: ReproduceConfig, runs: list[dict], reinforce_core_s: float | No
     (``reinforce_core_s``: the one-time reinforcement; runs train on one thread each)."""
     steps = cfg.train.steps
     smooth = [{**r, "curve": smoothed(r["curve"], cfg.smooth_evals)} for r in runs]
-    by = {(r["variant"], r["seed"]): r for r in smooth if r.get("steps", steps) == steps}
-    long = next((r for r in smooth if r.get("steps", steps) != steps and r["variant"] == cfg.baseline), None)
+    by = {(r["variant"], r["seed"]): r for r in smooth if not is_long(r, cfg)}
+    long = next((r for r in smooth if is_long(r, cfg) and r["variant"] == cfg.baseline), None)
     base = cfg.baseline
     rows = {}
     for v in cfg.variants:
@@ -512,7 +517,7 @@ def plot(cfg: ReproduceConfig, runs: list[dict], path: Path) -> None:
         (axes[1], "i2t_R@1", "image->text retrieval R@1 (held-out clean captions)"),
     ):
         for r in runs:
-            if r["variant"] == cfg.baseline and r.get("steps", cfg.train.steps) != cfg.train.steps:
+            if r["variant"] == cfg.baseline and is_long(r, cfg):
                 steps = [row["step"] for row in r["curve"]]
                 ax.plot(
                     steps,
@@ -523,7 +528,7 @@ def plot(cfg: ReproduceConfig, runs: list[dict], path: Path) -> None:
                     label=f"{r['variant']}, {r['steps']} steps (seed {r['seed']})",
                 )
         for v in cfg.variants:
-            rs = [r for r in runs if r["variant"] == v.name and r.get("steps", cfg.train.steps) == cfg.train.steps]
+            rs = [r for r in runs if r["variant"] == v.name and not is_long(r, cfg)]
             if not rs:
                 continue
             steps = [row["step"] for row in rs[0]["curve"]]
@@ -537,7 +542,7 @@ def plot(cfg: ReproduceConfig, runs: list[dict], path: Path) -> None:
             base = [
                 smoothed(r["curve"], cfg.smooth_evals)[-1]["top1"]
                 for r in runs
-                if r["variant"] == cfg.baseline and r.get("steps", cfg.train.steps) == cfg.train.steps
+                if r["variant"] == cfg.baseline and not is_long(r, cfg)
             ]
             if base:
                 ax.axhline(

@@ -117,7 +117,7 @@ class TrainRuns:
     eval_every: int = 25
     seeds: tuple[int, ...] = (0, 1, 2)  # baseline and target variants
     ablation_seeds: tuple[int, ...] = (0,)  # the other variants
-    jobs: int = 2  # runs in parallel processes, 1 thread each
+    jobs: int = 2  # runs in parallel processes, 1 thread each (more than the cores: they share them)
     long_factor: int = 3  # one more baseline run (first seed) of long_factor x steps: plain's plateau; 0: none
     student: StudentConfig = field(default_factory=lambda: StudentConfig(arch="tiny", image_size=64, context_length=32))
     optim: OptimConfig = field(
@@ -330,9 +330,9 @@ def run_one(args: tuple) -> dict:
     try:
         trainer = Trainer(tcfg, env)
         trainer.evaluate()  # the untrained student: the curve starts at step 0
-        t1 = time.time()
+        t1, c1 = time.time(), time.process_time()
         res = trainer.run()
-        t_train = time.time() - t1
+        t_train, c_train = time.time() - t1, time.process_time() - c1
     finally:
         teardown(env)
     curve = curve_rows(trainer.evals, res.losses, cfg.train.eval_every)
@@ -353,6 +353,8 @@ def run_one(args: tuple) -> dict:
         "skipped": res.skipped,
         "seconds": round(time.time() - t0, 1),
         "train_seconds": round(t_train, 1),  # the trainer's run(), evaluations included
+        # its CPU time: core-seconds on one thread, whatever else shares the cores (train.jobs)
+        "train_cpu_seconds": round(c_train, 1),
     }
 
 
@@ -485,8 +487,10 @@ def versus_best(long: dict, targets: list[dict]) -> dict:
 
 
 def _seconds_per_step(runs: list[dict]) -> float | None:
-    """Mean training seconds per step (evaluations included) of the runs that were timed."""
-    timed = [r["train_seconds"] / r["steps"] for r in runs if r.get("train_seconds")]
+    """Mean training core-seconds per step (evaluations included) of the runs that were timed:
+    their CPU time on one thread (``train_cpu_seconds``), which more runs than cores at a time
+    (``train.jobs``) do not inflate as they do the wall clock."""
+    timed = [r["train_cpu_seconds"] / r["steps"] for r in runs if r.get("train_cpu_seconds")]
     return float(np.mean(timed)) if timed else None
 
 

@@ -337,7 +337,7 @@ def _op_test_images(h: int, w: int) -> list[torch.Tensor]:
     return [torch.from_numpy(a) for a in (*arrays, mixed, np.zeros((3, h, w), np.uint8), dot)]
 
 
-@pytest.mark.parametrize("hw", [(64, 64), (63, 63), (17, 31), (3, 3)])
+@pytest.mark.parametrize("hw", [(64, 64), (63, 63), (17, 31), (3, 3), (224, 161)])
 def test_fast_ops_are_torchvision_ops_bit_for_bit(hw):
     """replay's gathers and table lookups give exactly torchvision's pixels (teachers and
     trainer share replay, so the stored params must keep meaning the same view)."""

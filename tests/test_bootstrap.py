@@ -357,19 +357,25 @@ def test_analyse_against_a_long_plain_run_and_core_seconds():
 
     cfg = ReproduceConfig(train=TrainRuns(steps=100, seeds=(0,)), smooth_evals=1)
     row = lambda step, x: {"step": step, "top1": x, "colour": 0, "shape": 0, "i2t_R@1": 0, "t2i_R@1": 0}  # noqa: E731
-    plain = {"variant": "plain", "seed": 0, "steps": 100, "train_seconds": 50.0, "curve": [row(0, 0), row(100, 0.2)]}
+    plain = {
+        "variant": "plain",
+        "seed": 0,
+        "steps": 100,
+        "train_cpu_seconds": 50.0,
+        "curve": [row(0, 0), row(100, 0.2)],
+    }
     long = {
         "variant": "plain",
         "seed": 0,
         "steps": 300,
-        "train_seconds": 120.0,
+        "train_cpu_seconds": 120.0,
         "curve": [row(0, 0), row(100, 0.3), row(150, 0.4), row(200, 0.5), row(300, 0.45)],
     }
     full = {
         "variant": "full",
         "seed": 0,
         "steps": 100,
-        "train_seconds": 80.0,
+        "train_cpu_seconds": 80.0,
         "curve": [row(0, 0), row(50, 0.4), row(100, 0.6)],
     }
     h = analyse(cfg, [long, plain, full], reinforce_core_s=30.0)["headline"]

@@ -681,3 +681,30 @@ def test_fresh_augmentation_with_distillation_is_refused():
     assert DataConfig(reinforced="ds").augmentation == "stored"
     with pytest.raises(ConfigError, match="data.augmentation must be 'stored' or 'fresh'"):
         DataConfig(reinforced="ds", augmentation="online")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_the_slot_stream_cut_in_batch_sizes(world, tmp_path, workers):
+    """TrainStream cuts its batches straight from the workers' chunks (``_join``): with skips
+    inside chunks and batches spanning chunks, every field equals the per-slot stream's
+    samples taken batch_size at a time."""
+    _damage(world, tmp_path / "ds")
+    cfg = DataConfig(reinforced=str(tmp_path / "ds"), num_workers=workers, worker_chunk=3)
+    samples = [it for it in _epoch(cfg, epochs=2) if "skip" not in it]
+    stream = iter(TrainStream(plan_data(cfg), cfg, SEED, batch_size=5, image_size=SIZE, context_length=CTX))
+    for b in range(len(samples) // 5):
+        batch, state = next(stream)
+        want = samples[5 * b : 5 * b + 5]
+        assert batch["keys"] == [it["key"] for it in want]
+        assert state == StreamState(*want[-1]["pos"][:2], want[-1]["pos"][2] + 1)
+        assert torch.equal(batch["image"], torch.stack([it["image"] for it in want]))
+        assert torch.equal(batch["tokens"], torch.stack([it["tokens"] for it in want]))
+        assert batch["tokens"].dtype == torch.long and batch["aug_index"].dtype == torch.long
+        assert batch["aug_index"].tolist() == [it["aug_index"] for it in want]
+        assert batch["syn_index"].tolist() == [it["syn_index"] for it in want]
+        for field, name in (("captions", "caption"), ("syn_captions", "syn_caption"), ("shards", "shard")):
+            assert batch[field] == [it[name] for it in want]
+        assert batch["teachers"].keys() == want[0]["teachers"].keys() != set()
+        for t in want[0]["teachers"]:
+            assert batch["teachers"][t].dtype == torch.float32
+            assert torch.equal(batch["teachers"][t], torch.stack([it["teachers"][t] for it in want]))

@@ -189,3 +189,29 @@ def test_tokenize_is_open_clip_simple_tokenizer():
         assert torch.equal(tokenize(texts, ctx), want)
         assert torch.equal(tokenize(texts, ctx), want)  # words memoized now
     assert tokenize([], 77).shape == (0, 77)
+
+
+def test_ascii_fast_cleaning_is_open_clips_cleaning():
+    """The printable-ASCII shortcut of ``_clean`` skips ftfy and HTML unescaping: on random
+    ASCII text (every printable character, spaces runs, entities, control characters that
+    must take the full path) it gives exactly open_clip's ``_clean_lower``."""
+    import random
+
+    from open_clip.tokenizer import _clean_lower
+
+    from dr_pipeline.train.students import _clean, _tokenizer
+
+    tok = _tokenizer(77)
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(32, 127)] + [" "] * 20 + ["\t", "\n", "\r", "\x1b", "\x00", "\x7f"]
+    pieces = ["&amp;", "&lt;b&gt;", "&#39;", "''", "--", "..."]
+    texts = []
+    for _ in range(3000):
+        parts = [rng.choice(alphabet) for _ in range(rng.randint(0, 40))]
+        if rng.random() < 0.2:
+            parts.insert(rng.randint(0, len(parts)), rng.choice(pieces))
+        texts.append("".join(parts))
+    fast = [t for t in texts if t.isascii() and t.isprintable() and "&" not in t]
+    assert 1000 < len(fast) < len(texts)  # both paths are exercised
+    for t in texts:
+        assert _clean(tok, t) == _clean_lower(t), repr(t)

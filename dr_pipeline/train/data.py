@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from dr_pipeline import augment
 from dr_pipeline.corpus.readers import Rejected, Sample, ShardReadError, clean_caption, iter_shard
@@ -347,7 +347,7 @@ class JoinedDataset(IterableDataset):
             "image": image,
             "tokens": self._tokens(caption, syn),
             # fresh views: no teacher embedded them, so none is carried
-            "teachers": {} if fresh else {t: torch.from_numpy(v) for t, v in entry.emb.items()},
+            "teachers": {} if fresh else dict(entry.emb),  # float32 [3, D] numpy
             "aug_index": -1 if fresh else entry.aug_index,
             "syn_index": entry.syn_index,
             "caption": caption,
@@ -390,12 +390,26 @@ def _identity(x: Item) -> Item:
 
 
 def _pack(items: list[Item]) -> Item:
-    """A worker's chunk: every slot's (position, skip reason, key), the samples collated."""
+    """A worker's chunk: every slot's (position, skip reason, key) and the samples' fields
+    stacked (``_join`` cuts batches from them). The images are stacked by ``default_collate``,
+    which in a worker writes straight into shared memory (one copy; the tensor then travels as
+    a file descriptor); the small arrays (tokens, embeddings, indices) travel as numpy, pickled
+    inline: each shared tensor costs the receiver a socket round trip, more than a few kB."""
     samples = [it for it in items if "skip" not in it]
-    return {
-        "slots": [(it["pos"], it.get("skip"), it["key"]) for it in items],
-        "data": collate(samples) if samples else None,
-    }
+    data = None
+    if samples:
+        data = {
+            "image": default_collate([it["image"] for it in samples]),
+            "tokens": np.stack([it["tokens"].numpy() for it in samples]),
+            "teachers": {t: np.stack([it["teachers"][t] for it in samples]) for t in samples[0]["teachers"]},
+            "keys": [it["key"] for it in samples],
+            "aug_index": np.array([it["aug_index"] for it in samples], dtype=np.int64),
+            "syn_index": np.array([it["syn_index"] for it in samples], dtype=np.int64),
+            "captions": [it["caption"] for it in samples],
+            "syn_captions": [it["syn_caption"] for it in samples],
+            "shards": [it["shard"] for it in samples],
+        }
+    return {"slots": [(it["pos"], it.get("skip"), it["key"]) for it in items], "data": data}
 
 
 def unchunk(items: Iterator[Item]) -> Iterator[Item]:
@@ -405,6 +419,11 @@ def unchunk(items: Iterator[Item]) -> Iterator[Item]:
             yield chunk
             continue
         data, i = chunk["data"], 0
+        if data is not None:
+            tokens, teachers = (
+                torch.from_numpy(data["tokens"]),
+                {t: torch.from_numpy(v) for t, v in data["teachers"].items()},
+            )
         for pos, skip, key in chunk["slots"]:
             if skip is not None:
                 yield {"skip": skip, "key": key, "pos": pos}
@@ -413,8 +432,8 @@ def unchunk(items: Iterator[Item]) -> Iterator[Item]:
                 "pos": pos,
                 "key": key,
                 "image": data["image"][i],
-                "tokens": data["tokens"][i],
-                "teachers": {t: v[i] for t, v in data["teachers"].items()},
+                "tokens": tokens[i],
+                "teachers": {t: v[i] for t, v in teachers.items()},
                 "aug_index": int(data["aug_index"][i]),
                 "syn_index": int(data["syn_index"][i]),
                 "caption": data["captions"][i],
@@ -422,24 +441,6 @@ def unchunk(items: Iterator[Item]) -> Iterator[Item]:
                 "shard": data["shards"][i],
             }
             i += 1
-
-
-def collate(items: list[Item]) -> dict[str, Any]:
-    """Samples -> a batch: uint8 images [B,3,S,S], tokens [B,2,ctx] (GT, synthetic), teacher
-    embeddings {id: float32 [B,3,D]} (image view, GT caption, synthetic caption; none with
-    fresh augmentation), and per sample its key, shard, augmentation (-1: fresh) /
-    synthetic-caption indices and both captions."""
-    return {
-        "image": torch.stack([it["image"] for it in items]),
-        "tokens": torch.stack([it["tokens"] for it in items]),
-        "teachers": {t: torch.stack([it["teachers"][t] for it in items]) for t in items[0]["teachers"]},
-        "keys": [it["key"] for it in items],
-        "aug_index": torch.tensor([it["aug_index"] for it in items]),
-        "syn_index": torch.tensor([it["syn_index"] for it in items]),
-        "captions": [it["caption"] for it in items],
-        "syn_captions": [it["syn_caption"] for it in items],
-        "shards": [it["shard"] for it in items],
-    }
 
 
 class TrainStream:
@@ -473,7 +474,8 @@ class TrainStream:
         tokenize(["warm up"], context_length)  # load the BPE once here; forked workers inherit it
         self.cache = ImageCache().fill(plan) if cfg.cache_images else None  # before the workers fork
 
-    def items(self) -> Iterator[Item]:
+    def chunks(self) -> Iterator[Item]:
+        """The rank's chunks and epoch markers from ``state`` on, as the loader workers ship them."""
         ds = JoinedDataset(
             self.plan,
             self.cfg,
@@ -494,13 +496,15 @@ class TrainStream:
             prefetch_factor=4 if nw else None,
             pin_memory=self.pin_memory,
         )
-        return unchunk(iter(loader))
+        return iter(loader)
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], StreamState]]:
-        buf: list[Item] = []
-        markers, got, empty = 0, 0, 0
-        for item in self.items():
-            if "epoch_end" in item:
+        # Batches are cut straight from the workers' chunks: a batch is the runs of consecutive
+        # samples it takes from one or more chunks (``_join``), with no per-sample objects here.
+        runs: list[tuple[dict[str, Any], int, int]] = []  # (chunk data, first, end) in order
+        have, markers, got, empty = 0, 0, 0, 0
+        for chunk in self.chunks():
+            if "epoch_end" in chunk:
                 markers += 1
                 if markers < max(1, self.cfg.num_workers):
                     continue
@@ -513,13 +517,44 @@ class TrainStream:
                         f"(skips so far: {dict(self.skipped)}); check data.base / data.reinforced pairing"
                     )
                 continue
-            if "skip" in item:
-                self.skipped[item["skip"]] += 1
-                continue
-            buf.append(item)
-            got += 1
-            if len(buf) == self.batch_size:
-                self.samples += len(buf)
-                e, s, j = item["pos"]
-                batch, buf = collate(buf), []
-                yield batch, StreamState(e, s, j + 1)
+            data, i, first = chunk["data"], 0, 0
+            for pos, skip, _ in chunk["slots"]:
+                if skip is not None:
+                    self.skipped[skip] += 1
+                    continue
+                i, have, got = i + 1, have + 1, got + 1
+                if have == self.batch_size:
+                    runs.append((data, first, i))
+                    self.samples += have
+                    e, s, j = pos
+                    yield _join(runs), StreamState(e, s, j + 1)
+                    runs, have, first = [], 0, i
+            if i > first:
+                runs.append((data, first, i))
+
+
+def _join(runs: list[tuple[dict[str, Any], int, int]]) -> dict[str, Any]:
+    """A batch from runs ``data[first:end]`` of shipped chunks (``_pack``): uint8 images
+    [B,3,S,S], tokens [B,2,ctx] (GT, synthetic), teacher embeddings {id: float32 [B,3,D]}
+    (image view, GT caption, synthetic caption; none with fresh augmentation), and per sample
+    its key, shard, augmentation (-1: fresh) / synthetic-caption indices and both captions."""
+
+    def cat(get) -> torch.Tensor:
+        parts = [get(d)[a:b] for d, a, b in runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def arr(name: str) -> torch.Tensor:
+        return cat(lambda d: torch.from_numpy(d[name]))
+
+    first = runs[0][0]
+    return {
+        "image": cat(lambda d: d["image"]),
+        "tokens": arr("tokens"),
+        "teachers": {t: cat(lambda d, t=t: torch.from_numpy(d["teachers"][t])) for t in first["teachers"]},
+        "keys": [k for d, a, b in runs for k in d["keys"][a:b]],
+        "aug_index": arr("aug_index"),
+        "syn_index": arr("syn_index"),
+        "captions": [c for d, a, b in runs for c in d["captions"][a:b]],
+        "syn_captions": [c for d, a, b in runs for c in d["syn_captions"][a:b]],
+        "shards": [c for d, a, b in runs for c in d["shards"][a:b]],
+    }

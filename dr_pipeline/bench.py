@@ -1406,7 +1406,9 @@ def train_section(tb: dict | None) -> list[str]:
         f"images held in memory). Both make {tb['batch_size']}-sample batches at {tb['image_size']} px; samples/s "
         f"after 8 warm-up batches (start-up, prefetch buffers), {tb['batches_per_round']} batches per round, "
         f"median of {tb['rounds']} alternating "
-        f"rounds. `cache_images: true` decodes every base image once before the workers fork "
+        "rounds. Both tokenize with the project's `tokenize` (open_clip's `SimpleTokenizer` tokens; words "
+        "memoized, printable ASCII without ftfy), so the baseline is not slowed by open_clip's own tokenizer. "
+        "`cache_images: true` decodes every base image once before the workers fork "
         f"({_f(tb['cache_fill_s'], 1)} s here) and keeps it in memory.",
         "",
         "| loader | samples/s per round |",

@@ -1283,6 +1283,7 @@ def bench_train(work: Path, quick: bool = False, image_size: int = 224, batch_si
     cached = DataConfig(reinforced=str(ds), cache_images=True)
     workers = default.num_workers
     res["num_workers"] = workers
+    res["worker_chunk"] = default.worker_chunk
     plan = plan_data(default)
     base_urls = expand_urls(str(work / "train-corpus" / "tar"), {})
     plain_ds = _PlainTorchvision(base_urls, image_size, 77)
@@ -1399,7 +1400,9 @@ def train_section(tb: dict | None) -> list[str]:
         "",
         f"Data: {tb['samples']} synthetic-corpus images (96-320 px JPEGs) reinforced in the product's layout "
         "(`train.fake_reinforce`: 2 teachers x 64-d, 10 stored augmentations, 5 synthetic captions). "
-        f"`dr train`'s loader is `TrainStream` with the config defaults ({tb['num_workers']} workers, chunks of 16): "
+        f"`dr train`'s loader is `TrainStream` with the config defaults ({tb['num_workers']} workers, chunks of "
+        f"{tb.get('worker_chunk', 16)}; a batch smaller than a chunk is a view of it, a larger one is joined "
+        "from several chunks with one copy): "
         "join with the reinforcement shard, sha256 check, stored augmentation replayed, embeddings looked up, GT "
         "+ synthetic captions tokenized, batches in order. The baseline is a torchvision `DataLoader` with as many "
         "workers (`RandomResizedCrop(scale=(0.08, 1))` + `RandAugment(2, 9)`, GT caption tokenized, encoded "

@@ -112,7 +112,7 @@ DEFAULT_VARIANTS = (
 
 @dataclass(frozen=True)
 class TrainRuns:
-    steps: int = 400
+    steps: int = 350
     batch_size: int = 64
     eval_every: int = 25
     seeds: tuple[int, ...] = (0, 1, 2)  # baseline and target variants

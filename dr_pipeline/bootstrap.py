@@ -7,25 +7,25 @@ resolution, width and embedding width, ``teachers/models/dr-syn-*.json``) and on
 captions, the stand-in for DFN-2B / MSCOCO-38k). The checkpoints load through the normal
 teacher path (``teachers/synthetic.yaml`` -> ``load_teacher`` / ``load_captioner``).
 
-Training, per model
-  data     clean-split sample i = (shard i // per_shard, index i % per_shard), the same bytes
-           ``dr make-corpus --split clean`` writes; each image as the *centre view* at the
-           model's resolution (what ``dr reinforce`` shows a captioner; teachers see the seeded
-           crops of the web split at reinforcement time);
-  CLIP     the project's loss module, ``DistillClipLoss`` with λ = 0 (plain CLIP loss, GT captions);
-  CoCa     CLIP loss + 2 x captioning cross-entropy. The cross-entropy runs over the domain's
-           vocabulary only (every token of every clean caption, ~60 ids) plus one "everything
-           else" class with logit log(n_other): the decoder's projection columns of the other
-           49k tokens are zero and stay zero (their gradient is zero), so their logits are
-           exactly 0 and this *is* the full-vocabulary cross-entropy, at 1/800 of the cost;
+Training, per model, with ``dr train``'s ``Trainer`` (``train_config`` is its config)
+  data     the clean split written as webdataset tars of ``per_shard`` scenes, read by the
+           trainer's loader as a base corpus alone (``data.reinforced: null``), each image as
+           its *centre view* at the model's resolution (``augmentation: center``: what ``dr
+           reinforce`` shows a captioner; teachers see the seeded crops of the web split at
+           reinforcement time). Shards hold whole minimal groups and the batch size is a
+           multiple of the group, so a batch holds whole groups;
+  CLIP     the trainer's loss, ``DistillClipLoss`` with λ = 0 (plain CLIP loss, GT captions);
+  CoCa     CLIP loss + 2 x captioning cross-entropy (``loss.caption_weight``) over the domain's
+           vocabulary (every token of every clean caption, ~60 ids: ``loss.caption_vocab``,
+           exact, train/coca.py), the image trunk initialised from ``syn-vit-a``
+           (``student.init_from``);
   optim    AdamW (β 0.9/0.98, wd 0.1 on weights only), warmup + cosine (the trainer's
            ``lr_at``), grad clip 1, logit scale clamped to 100.
 
-Determinism: every model trains in a fixed number of threads (``jobs`` // the models of its
-phase: the teachers one each, the captioner alone all of them), from
-``torch.manual_seed(hash(seed, id))`` with a seeded batch order, so a run is a pure function
-of (config, seed) on a given machine (float results can differ across CPU types and thread
-counts). ``jobs`` models train in parallel processes.
+Determinism: every model trains in one thread, from its seed ``model_seed(seed, id)`` (model
+init and the loader's shard order), so a run is a pure function of (config, seed) on a given
+machine (float results can differ across CPU types and thread counts). ``jobs`` models train
+in parallel processes: the teachers, then the captioner.
 Checkpoints are stored as float16 safetensors (open_clip casts on load) to keep the committed
 set under 20 MB; ``SHA256SUMS`` beside them is ``sha256sum -c`` compatible, and
 ``bootstrap.json`` records the config, losses, timings, the teachers' zero-shot accuracy and
@@ -40,7 +40,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -53,7 +52,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from PIL import Image
 
@@ -67,6 +65,7 @@ from dr_pipeline.config import (
 )
 from dr_pipeline.corpus import synthetic
 from dr_pipeline.process_pool import pool_map
+from dr_pipeline.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ ZS_TEMPLATES = synthetic.ZEROSHOT_TEMPLATES
 class BootstrapConfig:
     seed: int = 0
     n_train: int = 12_000  # clean-split images
-    per_shard: int = 1000  # clean-split layout (sample i -> shard i // per_shard)
+    per_shard: int = 32  # clean-split shard size: batches are cut from shuffled shards, so small ones vary them
     clip_steps: int = 6000  # per CLIP teacher (3000: shape 0.31 zero-shot; 6000: 0.44, docs/reproduce.md)
     coca_steps: int = 3000
     batch_size: int = 64  # whole minimal groups of the clean split
@@ -101,8 +100,10 @@ class BootstrapConfig:
     def __post_init__(self) -> None:
         if self.group < 1 or self.n_train < self.batch_size or self.batch_size < 2 or self.batch_size % self.group:
             raise ConfigError("bootstrap: need n_train >= batch_size >= 2, batch_size a multiple of group >= 1")
-        if self.per_shard % self.group:
-            raise ConfigError("bootstrap: per_shard must be a multiple of group (groups do not span shards)")
+        if self.per_shard % self.group or self.n_train % self.per_shard:
+            raise ConfigError(
+                "bootstrap: per_shard must be a multiple of group (groups do not span shards) and divide n_train"
+            )
         if min(self.clip_steps, self.coca_steps) < 1 or self.jobs < 1 or self.per_shard < 1:
             raise ConfigError("bootstrap: steps, jobs and per_shard must be >= 1")
         if self.dtype not in ("float16", "float32"):
@@ -112,11 +113,13 @@ class BootstrapConfig:
 # --------------------------------------------------------------------------- data
 
 
-def clean_samples(cfg: BootstrapConfig) -> list[dict]:
-    return [
-        synthetic.make_split_sample("clean", cfg.seed, i // cfg.per_shard, i % cfg.per_shard, group=cfg.group)
-        for i in range(cfg.n_train)
-    ]
+def write_clean_corpus(cfg: BootstrapConfig, out_dir: str) -> str:
+    """The clean split the models train on, as webdataset tars of ``per_shard`` scenes
+    (``dr make-corpus --split clean``); returns the shards' glob."""
+    synthetic.make_split(
+        "clean", out_dir, cfg.n_train // cfg.per_shard, cfg.per_shard, cfg.seed, ("tar",), per_class=0, group=cfg.group
+    )
+    return f"{out_dir}/tar/*.tar"
 
 
 def centre_views(jpgs: Sequence[bytes], size: int) -> np.ndarray:
@@ -131,211 +134,120 @@ def centre_views(jpgs: Sequence[bytes], size: int) -> np.ndarray:
     return out
 
 
-def tokenizer_for(spec: TeacherSpec | CaptionerSpec):
-    import open_clip
-
-    ctx = getattr(spec, "context_length", None)
-    return open_clip.get_tokenizer(spec.model, **({"context_length": ctx} if ctx else {}))
-
-
 def model_seed(seed: int, entry_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"dr-bootstrap:{seed}:{entry_id}".encode()).digest()[:8], "big") >> 1
 
 
 # --------------------------------------------------------------------------- training
 
-
-def _init_decoder(model: torch.nn.Module, vocab: torch.Tensor) -> None:
-    """What open_clip's (broken) ``MultimodalTransformer.init_parameters`` means to do, and the
-    decoder projection's columns outside the domain vocabulary set to zero."""
-    dec = model.text_decoder
-    w = dec.width
-    proj_std, attn_std, fc_std = (w**-0.5) * ((2 * dec.layers) ** -0.5), w**-0.5, (2 * w) ** -0.5
-    with torch.no_grad():
-        for block in [*dec.resblocks, *dec.cross_attn]:
-            torch.nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            torch.nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        keep = torch.zeros(dec.text_projection.shape[1], dtype=torch.bool)
-        keep[vocab] = True
-        torch.nn.init.normal_(dec.text_projection, std=w**-0.5)
-        dec.text_projection[:, ~keep] = 0.0
+# The ViT trunk a captioner's image tower takes from a trained teacher (patch embedding,
+# class / position embeddings, blocks); its pooling and projection stay fresh (a CoCa pools
+# with attention).
+TRUNK_KEYS = r"visual\.(conv1\.|class_embedding$|positional_embedding$|ln_pre\.|transformer\.)"
 
 
-def decoder_hidden(model: torch.nn.Module, image_embs: torch.Tensor, token_embs: torch.Tensor) -> torch.Tensor:
-    """``MultimodalTransformer.forward`` without the final vocabulary projection."""
-    dec = model.text_decoder
-    t = token_embs.shape[1]
-    x = token_embs
-    for block, cross in zip(dec.resblocks, dec.cross_attn):
-        x = block(x, attn_mask=dec.attn_mask[:t, :t])
-        x = cross(x, k_x=image_embs, v_x=image_embs)
-    return dec.ln_final(x)
-
-
-def caption_loss(
-    model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocab: torch.Tensor, remap: torch.Tensor
-) -> torch.Tensor:
-    """Full-vocabulary cross-entropy, computed over the domain vocabulary + one lumped class.
-
-    Columns outside ``vocab`` are zero, so each of the n_other other tokens has logit 0 and
-    together they weigh n_other·e⁰: one extra logit log(n_other). Pad (0) is ignored."""
-    proj = model.text_decoder.text_projection
-    logits = hidden @ proj[:, vocab]  # [B, L, |V|]
-    n_other = proj.shape[1] - vocab.numel()
-    lump = torch.full_like(logits[..., :1], math.log(n_other))
-    logits = torch.cat([logits, lump], dim=-1)
-    return F.cross_entropy(logits.flatten(0, 1), remap[labels].flatten(), ignore_index=-100)
-
-
-def domain_vocab(token_rows: torch.Tensor, n_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted domain token ids, map full id -> index in them; pad -> -100; others -> lump index)."""
-    ids = torch.unique(token_rows)
-    vocab = ids[ids != 0]
-    remap = torch.full((n_vocab,), vocab.numel(), dtype=torch.long)  # unseen tokens -> the lump
-    remap[vocab] = torch.arange(vocab.numel())
-    remap[0] = -100
-    return vocab, remap
-
-
-def init_image_tower(model: torch.nn.Module, teacher_state: dict[str, torch.Tensor]) -> list[str]:
-    """Copy a trained CLIP teacher's ViT trunk (patch embedding, class/position embeddings,
-    blocks) into the captioner's image tower; returns the copied keys. The pooling and
-    projection stay fresh (a CoCa pools with attention)."""
-    own = model.visual.state_dict()
-    trunk = ("conv1.", "class_embedding", "positional_embedding", "ln_pre.", "transformer.")
-    copied = {
-        k: teacher_state[f"visual.{k}"].float()
-        for k in own
-        if k.startswith(trunk) and f"visual.{k}" in teacher_state and teacher_state[f"visual.{k}"].shape == own[k].shape
-    }
-    model.visual.load_state_dict(copied, strict=False)
-    return sorted(copied)
-
-
-def epoch_order(cfg: BootstrapConfig, entry_id: str, epoch: int, n: int) -> np.ndarray:
-    """The epoch's sample order: a seeded permutation of the minimal groups (``cfg.group``
-    consecutive scenes), each group kept together, so a batch (a multiple of the group size)
-    holds whole groups."""
-    g = cfg.group
-    groups = np.random.default_rng([cfg.seed, model_seed(0, entry_id) & 0xFFFFFFFF, epoch]).permutation(n // g)
-    return (g * groups[:, None] + np.arange(g)).reshape(-1)
-
-
-def train_model(
-    kind: str,
-    spec: TeacherSpec | CaptionerSpec,
-    ensemble: EnsembleSpec,
-    views: np.ndarray,
-    tokens: np.ndarray,
-    cfg: BootstrapConfig,
-    init: dict[str, torch.Tensor] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train one model (from scratch; a captioner's image tower from ``init``, a teacher's state);
-    returns (state dict, stats). Runs in one thread."""
+def context_length(spec: TeacherSpec | CaptionerSpec) -> int:
     import open_clip
 
+    return getattr(spec, "context_length", None) or open_clip.get_model_config(spec.model)["text_cfg"].get(
+        "context_length", 77
+    )
+
+
+def train_config(
+    kind: str,
+    spec: TeacherSpec | CaptionerSpec,
+    cfg: BootstrapConfig,
+    corpus: str,
+    out_dir: str,
+    init: str | None = None,
+    vocab: tuple[int, ...] | None = None,
+) -> TrainConfig:
+    """The ``dr train`` config of one model: the clean corpus alone, centre views, GT captions,
+    the CLIP loss (+ the CoCa caption loss over ``vocab`` for a captioner), on the CPU."""
+    from dr_pipeline.train.config import DataConfig, LossConfig, OptimConfig, StudentConfig, TrainConfig
+
+    steps = cfg.clip_steps if kind == "teacher" else cfg.coca_steps
+    captioner = kind == "captioner"
+    return TrainConfig(
+        out_dir=out_dir,
+        data=DataConfig(reinforced=None, base=corpus, augmentation="center", cache_images=True, num_workers=0),
+        steps=steps,
+        batch_size=cfg.batch_size,
+        student=StudentConfig(
+            arch=spec.model,
+            image_size=spec.image_size,
+            context_length=context_length(spec),
+            mean=tuple(spec.mean),
+            std=tuple(spec.std),
+            max_logit_scale=cfg.max_logit_scale,
+            init_from=init,
+            init_keys=TRUNK_KEYS,
+        ),
+        loss=LossConfig(
+            lam=0.0,
+            gt_weight=cfg.clip_loss_weight,
+            syn_weight=0.0,
+            caption_weight=cfg.caption_loss_weight if captioner else 0.0,
+            caption_vocab=vocab if captioner else None,
+        ),
+        optim=OptimConfig(
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            warmup_steps=cfg.warmup_steps,
+            weight_decay=cfg.weight_decay,
+            betas=(0.9, 0.98),
+            grad_clip=1.0,
+        ),
+        seed=model_seed(cfg.seed, spec.id),
+        precision="fp32",
+        device="cpu",
+        checkpoint_every=steps,
+        keep_checkpoints=1,
+        log_every=50,
+    )
+
+
+def train_model(kind: str, spec, ensemble: EnsembleSpec, tcfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train one model with ``dr train``'s ``Trainer``; returns (open_clip state dict, stats)."""
     from dr_pipeline.models.teachers import register_model_configs
-    from dr_pipeline.train.config import OptimConfig
-    from dr_pipeline.train.loop import lr_at, make_optimizer
-    from dr_pipeline.train.loss import DistillClipLoss
+    from dr_pipeline.train import checkpoint as ckpt
+    from dr_pipeline.train.loop import train
+    from dr_pipeline.train.metrics import METRICS
 
     register_model_configs(ensemble)
-    steps = cfg.clip_steps if kind == "teacher" else cfg.coca_steps
-    t0 = time.time()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(model_seed(cfg.seed, spec.id))
-        model = open_clip.create_model(spec.model, pretrained=None)
-        tok = torch.from_numpy(tokens).long()
-        if kind == "captioner":
-            vocab, remap = domain_vocab(tok, model.text_decoder.text_projection.shape[1])
-            _init_decoder(model, vocab)
-    copied = init_image_tower(model, init) if init is not None else []
-    model.train()
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    imgs = torch.from_numpy(views)
-    clip_loss = DistillClipLoss({}, lam=0.0, gt_weight=1.0, syn_weight=0.0)
-    optim = OptimConfig(
-        lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
-    )
-    opt = make_optimizer(model, optim)
-    b = cfg.batch_size
-    n = len(imgs) // cfg.group * cfg.group
-    per_epoch = n // b
-    order: np.ndarray | None = None
-    hist: list[dict] = []
-    max_log = math.log(cfg.max_logit_scale)
-    for step in range(steps):
-        epoch, j = divmod(step, per_epoch)
-        if j == 0:
-            order = epoch_order(cfg, spec.id, epoch, n)
-        idx = torch.from_numpy(order[j * b : (j + 1) * b])
-        x = (imgs[idx].float() / 255.0 - mean) / std
-        t = tok[idx]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, optim, steps)
-        if kind == "teacher":
-            img_f, txt_f = model.encode_image(x), model.encode_text(t)
-            parts = clip_loss(img_f, {"gt": txt_f}, model.logit_scale.exp())
-            loss, row = parts["loss"], {"clip": float(parts["loss"].detach())}
-        else:
-            img_latent, image_embs = model._encode_image(x)
-            txt_latent, token_embs = model._encode_text(t)
-            parts = clip_loss(img_latent, {"gt": txt_latent}, model.logit_scale.exp())
-            cap = caption_loss(model, decoder_hidden(model, image_embs, token_embs[:, :-1]), t[:, 1:], vocab, remap)
-            loss = cfg.clip_loss_weight * parts["loss"] + cfg.caption_loss_weight * cap
-            row = {"clip": float(parts["loss"].detach()), "caption": float(cap.detach())}
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, max_log)
-        if step % 50 == 0 or step == steps - 1:
-            row.update(
-                step=step + 1,
-                lr=opt.param_groups[0]["lr"],
-                logit_scale=float(model.logit_scale.detach().exp()),
-                seconds=round(time.time() - t0, 1),
-            )
-            hist.append(row)
-            print(
-                f"[{spec.id}] step {step + 1}/{steps} "
-                + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step",)),
-                file=sys.stderr,
-                flush=True,
-            )
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    t0, c0 = time.time(), time.process_time()
+    res = train(tcfg)
+    if res.skipped:
+        raise RuntimeError(f"bootstrap {spec.id}: the loader skipped clean-split samples {res.skipped}")
+    model = ckpt.load_checkpoint(res.checkpoint)["model"]
+    state = {k.removeprefix("clip."): v.contiguous() for k, v in model.items()}
+    rows = [json.loads(line) for line in (Path(tcfg.out_dir) / METRICS).read_text().splitlines() if line.strip()]
+    keep = ("step", "loss", "contrastive_loss", "caption_loss", "lr", "logit_scale", "samples_per_s")
     stats = {
         "id": spec.id,
         "model": spec.model,
         "kind": kind,
-        "steps": steps,
+        "steps": res.step,
         "seconds": round(time.time() - t0, 1),
-        "logit_scale": float(model.logit_scale.detach().exp()),
-        "loss_history": hist,
-        "params": int(sum(p.numel() for p in model.parameters())),
+        "cpu_seconds": round(time.process_time() - c0, 1),
+        "logit_scale": float(state["logit_scale"].exp()),
+        "loss_history": [{k: r[k] for k in keep if k in r} for r in rows],
+        "params": int(sum(v.numel() for k, v in state.items() if v.is_floating_point() and k != "attn_mask")),
+        "samples": res.samples,
     }
     if kind == "captioner":
-        stats["domain_vocab_size"] = int(vocab.numel())
-        stats["image_tower_init"] = {"from": cfg.captioner_backbone, "tensors": len(copied)} if copied else None
+        stats["domain_vocab_size"] = len(tcfg.loss.caption_vocab or ())
+        init = tcfg.student.init_from
+        stats["image_tower_init"] = {"from": Path(init).name, "keys": TRUNK_KEYS} if init else None
     return state, stats
 
 
 def _worker(args: tuple) -> tuple[str, dict]:
     """Process entry: train one model on ``threads`` threads, save it to ``path``; returns (path, stats)."""
-    kind, spec, ensemble, views_path, tokens_path, cfg, path, init_path, threads = args
+    kind, spec, ensemble, tcfg, cfg, path, threads = args
     torch.set_num_threads(threads)
-    views = np.load(views_path, mmap_mode="r", allow_pickle=False)
-    tokens = np.load(tokens_path, allow_pickle=False)
-    init = None
-    if init_path:
-        from safetensors.torch import load_file
-
-        init = load_file(init_path)
-    state, stats = train_model(kind, spec, ensemble, np.array(views), tokens, cfg, init)
+    state, stats = train_model(kind, spec, ensemble, tcfg)
     save_checkpoint(state, path, cfg, spec)
     return path, stats
 
@@ -545,6 +457,16 @@ def _entries(ens: EnsembleSpec, only: Sequence[str] | None) -> list[tuple[str, T
     return entries
 
 
+def caption_vocab(corpus: str, ctx: int) -> tuple[int, ...]:
+    """The token ids of every caption of the corpus (the captioner's ``loss.caption_vocab``)."""
+    from dr_pipeline.corpus.readers import Sample, expand_urls, iter_shard
+    from dr_pipeline.train.coca import domain_vocab
+    from dr_pipeline.train.students import tokenize
+
+    captions = sorted({r.caption for u in expand_urls(corpus) for r in iter_shard(u) if isinstance(r, Sample)})
+    return domain_vocab(tokenize(captions, ctx))
+
+
 def relocate(ensemble_path: str, out_dir: str) -> str:
     """A copy of the ensemble file in ``out_dir`` whose checkpoints are ``out_dir/<file name>`` and
     whose model_configs is absolute (for test runs and trial budgets; the real file is untouched)."""
@@ -579,39 +501,35 @@ def bootstrap(
     entries = _entries(ens, only)
     from dr_pipeline.models.teachers import register_model_configs
 
-    register_model_configs(ens)  # the tokenizers read the context length from the model JSONs
-    t0 = time.time()
-    samples = clean_samples(cfg)
-    jpgs = [s["jpg"] for s in samples]
-    print(
-        f"bootstrap: rendered {len(samples)} clean-split images in {time.time() - t0:.1f}s", file=sys.stderr, flush=True
-    )
+    register_model_configs(ens)  # the students' configs and context lengths come from the model JSONs
     work = tempfile.mkdtemp(prefix="dr-bootstrap-")
     try:
+        t0 = time.time()
+        corpus = write_clean_corpus(cfg, os.path.join(work, "clean"))
+        print(
+            f"bootstrap: wrote {cfg.n_train} clean-split scenes in {time.time() - t0:.1f}s", file=sys.stderr, flush=True
+        )
         tasks = []
-        views_cache: dict[int, str] = {}
         for kind, spec in entries:
-            if spec.image_size not in views_cache:
-                p = os.path.join(work, f"views{spec.image_size}.npy")
-                np.save(p, centre_views(jpgs, spec.image_size), allow_pickle=False)
-                views_cache[spec.image_size] = p
-            tp = os.path.join(work, f"tokens-{spec.id}.npy")
-            np.save(tp, tokenizer_for(spec)([s["caption"] for s in samples]).numpy(), allow_pickle=False)
-            init = None
-            if kind == "captioner" and cfg.captioner_backbone:
-                init = ens.resolve(ens.teacher(cfg.captioner_backbone).pretrained)
-                if cfg.captioner_backbone not in {s.id for _, s in entries} and not Path(init).is_file():
-                    raise ConfigError(
-                        f"bootstrap: the captioner starts from teacher {cfg.captioner_backbone!r}, "
-                        f"whose checkpoint {init} does not exist yet (train it too)"
-                    )
-            tasks.append((kind, spec, ens, views_cache[spec.image_size], tp, cfg, ens.resolve(spec.pretrained), init))
+            init, vocab = None, None
+            if kind == "captioner":
+                vocab = caption_vocab(corpus, context_length(spec))
+                if cfg.captioner_backbone:
+                    init = ens.resolve(ens.teacher(cfg.captioner_backbone).pretrained)
+                    if cfg.captioner_backbone not in {s.id for _, s in entries} and not Path(init).is_file():
+                        raise ConfigError(
+                            f"bootstrap: the captioner starts from teacher {cfg.captioner_backbone!r}, "
+                            f"whose checkpoint {init} does not exist yet (train it too)"
+                        )
+            tcfg = train_config(kind, spec, cfg, corpus, os.path.join(work, "runs", spec.id), init, vocab)
+            tasks.append((kind, spec, ens, tcfg, cfg, ens.resolve(spec.pretrained)))
         # Two phases: the teachers, then the captioner (its image tower starts from a trained teacher's).
         phases = [[t for t in tasks if t[0] == "teacher"], [t for t in tasks if t[0] == "captioner"]]
         print(f"bootstrap: training {len(tasks)} model(s), {cfg.jobs} at a time", file=sys.stderr, flush=True)
-        # A phase of fewer models than jobs gives each model the spare cores (its thread count is
-        # part of the run's identity: bootstrap.json records it).
-        threads = {t[1].id: max(1, cfg.jobs // len(phase)) for phase in phases for t in phase}
+        # One thread per model: these small matrices do not pay for a second thread (the captioner
+        # on two threads ran at 0.39 s a step, on one at 0.27). The thread count is part of the
+        # run's identity (float sums); bootstrap.json records it.
+        threads = {t[1].id: 1 for t in tasks}
         results = [
             r for phase in phases if phase for r in pool_map(_worker, [(*t, threads[t[1].id]) for t in phase], cfg.jobs)
         ]

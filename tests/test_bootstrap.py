@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -261,18 +262,36 @@ def test_caption_accuracy_metric():
 
 
 @pytest.mark.parametrize("group", [2, 4])
-def test_bootstrap_batches_hold_whole_minimal_groups(group):
-    from dr_pipeline.bootstrap import BootstrapConfig, epoch_order
+def test_bootstrap_batches_hold_whole_minimal_groups(group, tmp_path):
+    """The trainer's loader on bootstrap's config: every scene once an epoch, each batch whole
+    minimal groups (twins share shard and idx // group), new batches every epoch."""
+    from dr_pipeline.bootstrap import BootstrapConfig, train_config, write_clean_corpus
+    from dr_pipeline.config import load_ensemble
+    from dr_pipeline.models.teachers import register_model_configs
+    from dr_pipeline.train.data import TrainStream
+    from dr_pipeline.train.sources import plan_data
 
-    cfg = BootstrapConfig(n_train=64, per_shard=16, batch_size=16, group=group)
-    orders = [epoch_order(cfg, "syn-vit-a", e, 64) for e in range(2)]
-    for order in orders:
-        assert sorted(order) == list(range(64))  # every scene once an epoch
-        for batch in order.reshape(-1, 16):
-            assert all(sum(i // group == g for i in batch) in (0, group) for g in range(64 // group))
-    assert not np.array_equal(*orders)  # a new order every epoch
+    ens = load_ensemble(ENSEMBLE)
+    register_model_configs(ens)
+    cfg = BootstrapConfig(n_train=64, per_shard=8, batch_size=16, group=group)
+    corpus = write_clean_corpus(cfg, str(tmp_path / "clean"))
+    tcfg = train_config("teacher", ens.teachers[0], cfg, corpus, str(tmp_path / "run"))
+    assert tcfg.data.reinforced is None and tcfg.data.augmentation == "center" and tcfg.loss.lam == 0
+    stream = iter(TrainStream(plan_data(tcfg.data), tcfg.data, tcfg.seed, 16, 48, 40))
+    epochs = []
+    for _ in range(2):
+        batches = [next(stream)[0]["keys"] for _ in range(64 // 16)]
+        keys = [k for b in batches for k in b]
+        assert sorted(keys) == sorted(synthetic.sample_key(i // 8, i % 8) for i in range(64))
+        for b in batches:
+            groups = Counter((k[:5], int(k[5:]) // group) for k in b)
+            assert set(groups.values()) == {group}
+        epochs.append(batches)
+    assert epochs[0] != epochs[1]
     with pytest.raises(ConfigError, match="multiple of group"):
         BootstrapConfig(n_train=64, per_shard=16, batch_size=18, group=4)
+    with pytest.raises(ConfigError, match="divide n_train"):
+        BootstrapConfig(n_train=60, per_shard=16, batch_size=16, group=4)
 
 
 def test_bootstrap_tiny_budget_is_deterministic_and_loads(tmp_path):

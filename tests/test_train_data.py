@@ -679,8 +679,65 @@ def test_fresh_augmentation_with_distillation_is_refused():
     ok = TrainConfig(out_dir="o", data=data, steps=1, batch_size=2, loss=LossConfig(lam=0.0, syn_weight=1.0))
     assert ok.data.augmentation == "fresh"
     assert DataConfig(reinforced="ds").augmentation == "stored"
-    with pytest.raises(ConfigError, match="data.augmentation must be 'stored' or 'fresh'"):
+    with pytest.raises(ConfigError, match="data.augmentation must be one of stored, fresh, center"):
         DataConfig(reinforced="ds", augmentation="online")
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_base_corpus_alone_with_centre_views(world, cache):
+    """``reinforced: null``: every base record of every shard once an epoch, in shard order
+    within a shard, its own caption in both caption slots, the centre view, no teachers."""
+    base = {
+        s.key: s
+        for n in range(N_SHARDS)
+        for s in iter_shard(str(world / "corpus" / "tar" / f"shard-{n:05d}.tar"))
+        if isinstance(s, Sample)
+    }
+    cfg = DataConfig(
+        reinforced=None,
+        base=str(world / "corpus" / "tar" / "*.tar"),
+        augmentation="center",
+        cache_images=cache,
+        num_workers=0,
+        worker_chunk=4,
+    )
+    plan = plan_data(cfg)
+    assert plan.teachers == () and len(plan.pairs) == N_SHARDS
+    items = _epoch(cfg, epochs=2)
+    assert not [it for it in items if "skip" in it]
+    first, second = items[: len(items) // 2], items[len(items) // 2 :]
+    assert sorted(it["key"] for it in first) == sorted(base) == sorted(it["key"] for it in second)
+    for run in (first, second):  # records of a shard stay consecutive and in order
+        keys = [it["key"] for it in run]
+        for n in range(N_SHARDS):
+            own = [k for k in keys if k.startswith(f"{n:05d}")]
+            i = keys.index(own[0])
+            assert keys[i : i + PER_SHARD] == sorted(own)
+    for it in items:
+        rec = base[it["key"]]
+        want = augment.center_view(Image.open(io.BytesIO(rec.image)), SIZE)
+        assert torch.equal(it["image"], want)
+        assert torch.equal(it["tokens"], tokenize([rec.caption, rec.caption], CTX))
+        assert it["teachers"] == {} and it["aug_index"] == -1 and it["syn_caption"] == rec.caption
+    fresh = dataclasses.replace(cfg, augmentation="fresh")
+    views = {it["key"]: it["image"] for it in _epoch(fresh)}
+    assert all(v.shape == (3, SIZE, SIZE) for v in views.values())
+    assert sum(not torch.equal(views[it["key"]], it["image"]) for it in first) >= len(first) - 1
+
+
+def test_base_corpus_alone_is_checked():
+    from dr_pipeline.train.config import LossConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="data.base is required"):
+        DataConfig(reinforced=None, augmentation="center")
+    with pytest.raises(ConfigError, match="no stored views"):
+        DataConfig(reinforced=None, base="b/*.tar")
+    with pytest.raises(ConfigError, match="no teachers"):
+        DataConfig(reinforced=None, base="b/*.tar", augmentation="fresh", teachers=("ta",))
+    data = DataConfig(reinforced=None, base="b/*.tar", augmentation="center")
+    with pytest.raises(ConfigError, match="center views have no teacher embeddings"):
+        TrainConfig(out_dir="o", data=data, steps=1, batch_size=2)
+    TrainConfig(out_dir="o", data=data, steps=1, batch_size=2, loss=LossConfig(lam=0.0))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -642,10 +642,12 @@ def make_split(
     per_class: int = 4,
     noise: WebNoise = DEFAULT_WEB_NOISE,
     storage_options: dict | None = None,
+    group: int | None = None,
 ) -> list[str]:
     """Write a split: shards under ``{out_dir}/{tar,parquet}/`` as ``make_corpus`` lays them out;
     for ``test`` also ``{out_dir}/zeroshot/<colour>_<shape>/<key>.jpg`` (``per_class`` images per
     class, all 60 classes) and ``{out_dir}/zeroshot.jsonl`` (key, class, label, geometry).
+    ``group``: the clean split's minimal-group size (``make_split_sample``).
     Returns the written shard URLs (tar first, then parquet)."""
     unknown = set(formats) - {"tar", "parquet"}
     if unknown:
@@ -654,7 +656,7 @@ def make_split(
     out = out_dir.rstrip("/")
     written: dict[str, list[str]] = {fmt: [] for fmt in formats}
     for shard in range(n_shards):
-        samples = [make_split_sample(split, seed, shard, i, noise) for i in range(per_shard)]
+        samples = [make_split_sample(split, seed, shard, i, noise, group) for i in range(per_shard)]
         for fmt in formats:
             url = f"{out}/{fmt}/shard-{shard:05d}.{fmt}"
             with fsspec.open(url, "wb", **so) as f:

@@ -15,7 +15,7 @@ from typing import Any
 from dr_pipeline.config import AugSpec, ConfigError, load_yaml
 
 ARCHS = ("tiny", "mci0", "mci1", "mci2", "mci3", "mci4")
-AUGMENTATIONS = ("stored", "fresh")  # data.augmentation
+AUGMENTATIONS = ("stored", "fresh", "center")  # data.augmentation
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,17 @@ class StudentConfig:
     init_logit_scale: float = 1 / 0.07  # learned; stored as its log; clamped to max_logit_scale
     max_logit_scale: float = 100.0
     grad_checkpointing: bool = False  # recompute activations in backward (timm / open_clip towers)
+    # start from another model's weights: the tensors of ``init_from`` (a safetensors file or an
+    # open_clip checkpoint of the same layout) whose names ``re.match`` ``init_keys`` and whose
+    # shapes match, e.g. a CoCa's image trunk from a trained CLIP (``dr bootstrap``); fresh runs only
+    init_from: str | None = None
+    init_keys: str = ".*"
 
     def __post_init__(self) -> None:
+        try:
+            re.compile(self.init_keys)
+        except re.error as e:
+            raise ConfigError(f"student.init_keys {self.init_keys!r} is not a regular expression: {e}") from None
         if self.arch not in ARCHS and not _is_open_clip_model(self.arch):
             raise ConfigError(
                 f"student.arch must be one of {', '.join(ARCHS)} or an open_clip model name (got {self.arch!r})"
@@ -114,16 +123,26 @@ class DataConfig:
     sampler (``augment.sample_params``), deterministically from (seed, epoch, visit, key) --
     the online augmentation of standard CLIP training, for baselines. Fresh views have no
     teacher embeddings: the batches carry none and ``loss.lam`` must be 0; synthetic captions
-    can still be used.
+    can still be used. ``center``: no augmentation, every visit the centre view at the
+    student's resolution (shortest side resized, centre crop: open_clip's eval preprocess, the
+    view ``dr reinforce`` gives a captioner); no teacher embeddings either.
+
+    ``reinforced: null`` trains on the base corpus alone (``base`` required; GT captions, no
+    teachers, no synthetic captions; ``augmentation`` fresh or center; no ``extra_sources``):
+    plain CLIP training, e.g. of the synthetic domain's own teachers (``dr bootstrap``).
+    Records are read in shard order and batches are cut from the stream of shuffled shards, so
+    shards of a multiple of g records keep consecutive groups of g (minimal pairs) in one
+    batch when ``batch_size`` is a multiple of g.
     """
 
-    reinforced: str | tuple[str, ...]
+    reinforced: str | tuple[str, ...] | None
     base: str | tuple[str, ...] | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     teachers: tuple[str, ...] | None = None  # teacher ids to distill from (None: every teacher in the data)
     captioners: tuple[str, ...] | None = None  # synthetic-caption sources (None: all)
     foreign_teachers: tuple[ForeignTeacher, ...] = ()  # DataCompDR tars: teacher ids + dims in concat order
-    foreign_aug: AugSpec = field(default_factory=AugSpec)  # DataCompDR magnitudes are at foreign_aug.size
+    # DataCompDR magnitudes are at foreign_aug.size; with reinforced: null, fresh views use this spec
+    foreign_aug: AugSpec = field(default_factory=AugSpec)
     exclude_shards: tuple[str, ...] = ()  # shard names held out (e.g. for evaluation)
     join_key: str = "key"
     verify_sha256: bool = True  # Parquet rows: base image bytes must hash to image_sha256
@@ -158,7 +177,16 @@ class DataConfig:
                     f"data.syn_key_regex {self.syn_key_regex!r} is not a regular expression: {e}"
                 ) from None
         if self.augmentation not in AUGMENTATIONS:
-            raise ConfigError(f"data.augmentation must be 'stored' or 'fresh' (got {self.augmentation!r})")
+            raise ConfigError(
+                f"data.augmentation must be one of {', '.join(AUGMENTATIONS)} (got {self.augmentation!r})"
+            )
+        if self.reinforced is None:
+            if self.base is None:
+                raise ConfigError("data: reinforced: null trains on the base corpus alone, so data.base is required")
+            if self.augmentation == "stored":
+                raise ConfigError("data: a base corpus alone has no stored views: set augmentation: fresh or center")
+            if self.extra_sources or self.teachers or self.foreign_teachers or self.captioners:
+                raise ConfigError("data: reinforced: null has no teachers, captioners or extra sources to select")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
         if self.worker_chunk < 1:
@@ -180,8 +208,19 @@ class LossConfig:
     teacher_logit_scales: dict[str, float] = field(default_factory=dict)  # override the shards' scales
     local_loss: bool = False  # rows of the local batch only (same value/gradients, less memory)
     kd_form: str = "summed"  # summed: Σ_k KL (paper) | apple: CE with the averaged teacher softmax
+    # CoCa students: + caption_weight × the captioning cross-entropy of the GT caption (open_clip
+    # CoCa's caption loss). ``caption_vocab``: the token ids the captions use (None: all); the
+    # decoder's projection columns of every other token start at zero and are held there, so
+    # their logits are exactly 0 and the loss lumps them into one class of logit log(n_other):
+    # the full-vocabulary cross-entropy's value and gradients at a fraction of the cost (train/coca.py)
+    caption_weight: float = 0.0
+    caption_vocab: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.caption_weight < 0:
+            raise ConfigError("loss.caption_weight must be >= 0")
+        if self.caption_vocab is not None and (not self.caption_vocab or min(self.caption_vocab) < 1):
+            raise ConfigError("loss.caption_vocab: give token ids >= 1 (0 is padding), or null for all")
         if not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"loss.lam must be in [0, 1] (got {self.lam})")
         if self.kd_form not in ("summed", "apple"):
@@ -261,11 +300,13 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda (got {self.device!r})")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.keep_checkpoints < 0:
             raise ConfigError("checkpoint_every and log_every must be >= 1, keep_checkpoints >= 0")
-        if self.data.augmentation == "fresh" and self.loss.lam > 0:
+        if (self.data.augmentation != "stored" or self.data.reinforced is None) and self.loss.lam > 0:
             raise ConfigError(
-                f"data.augmentation: fresh views have no teacher embeddings, so distillation is "
-                f"impossible: set loss.lam: 0 (got {self.loss.lam}) or use augmentation: stored"
+                f"data.augmentation: {self.data.augmentation} views have no teacher embeddings, so "
+                f"distillation is impossible: set loss.lam: 0 (got {self.loss.lam}) or use augmentation: stored"
             )
+        if self.loss.caption_weight > 0 and self.accum_steps > 1:
+            raise ConfigError("loss.caption_weight with accum_steps > 1 is not supported")
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

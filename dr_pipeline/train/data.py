@@ -36,6 +36,13 @@ and the same sampler, ``augment.sample_params``, keyed by (seed, epoch, visit, j
 so the batches still do not depend on the worker count and a resumed run is still exact.
 No stored view is used, so the samples carry no teacher embeddings (``teachers`` is empty,
 ``aug_index`` -1); the GT and synthetic captions are drawn as in stored mode.
+``data.augmentation: center`` shows every visit the centre view instead (no augmentation);
+with ``cache_images`` each image's view is computed once and kept with the decoded image.
+
+**Base corpus alone** (``data.reinforced: null``). The shards are the base shards, every
+record trains on its own caption (GT and "synthetic" slots both hold it), with fresh or
+centre views: plain CLIP training on a corpus, as ``dr bootstrap`` trains the synthetic
+domain's teachers.
 
 **Skips.** A base record without a reinforcement row, a row whose image bytes, size or
 caption do not match, a row with inconsistent counts, an undecodable image or a
@@ -138,6 +145,7 @@ class Decoded:
 
     image: Image.Image | None
     sha256: str
+    views: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # size -> centre view (memo)
 
 
 class ImageCache:
@@ -323,21 +331,29 @@ class JoinedDataset(IterableDataset):
                 return _skip(pair.name, rec.key, "bad_image")
         if entry.width is not None and (img.width, img.height) != (entry.width, entry.height):
             return _skip(pair.name, rec.key, "mismatched_size")
-        fresh = self.cfg.augmentation == "fresh"
+        mode = self.cfg.augmentation
         spec = self.plan.source(pair).aug
         try:
-            if fresh:  # new params for this visit, the reinforcement's sampler and spec
+            if mode == "fresh":  # new params for this visit, the reinforcement's sampler and spec
                 params = augment.sample_params(
                     spec, fresh_seed(self.seed, epoch, pair.visit), jk, 0, img.width, img.height
                 )
-            else:
+            elif mode == "stored":
                 params = self._params(pair, entry, img)
         except ValueError:
             return _skip(pair.name, rec.key, "bad_aug_params")
         try:
-            image = augment.replay(img, params, self.image_size, spec)
+            if mode == "center" and dec is not None:  # the same view every visit: computed once
+                image = dec.views.get(self.image_size)
+                if image is None:
+                    image = dec.views[self.image_size] = augment.center_view(img, self.image_size)
+            elif mode == "center":
+                image = augment.center_view(img, self.image_size)
+            else:
+                image = augment.replay(img, params, self.image_size, spec)
         except Exception:  # noqa: BLE001 - an odd image mode / palette must not stop training
             return _skip(pair.name, rec.key, "bad_image")
+        stored = mode == "stored"
         syn = entry.syn_caption if entry.syn_caption is not None else caption
         if entry.mixed:  # mix_synthetic_ratio: this visit trains on the synthetic caption
             caption = syn
@@ -346,9 +362,9 @@ class JoinedDataset(IterableDataset):
             "shard": pair.name,
             "image": image,
             "tokens": self._tokens(caption, syn),
-            # fresh views: no teacher embedded them, so none is carried
-            "teachers": {} if fresh else dict(entry.emb),  # float32 [3, D] numpy
-            "aug_index": -1 if fresh else entry.aug_index,
+            # fresh and centre views: no teacher embedded them, so none is carried
+            "teachers": dict(entry.emb) if stored else {},  # float32 [3, D] numpy
+            "aug_index": entry.aug_index if stored else -1,
             "syn_index": entry.syn_index,
             "caption": caption,
             "syn_caption": syn,

@@ -37,13 +37,14 @@ from torch import nn
 from dr_pipeline.config import ConfigError, redact
 from dr_pipeline.storage.folder import Folder
 from dr_pipeline.train import checkpoint as ckpt
+from dr_pipeline.train.coca import CaptionLoss, init_decoder, is_coca
 from dr_pipeline.train.config import OptimConfig, TrainConfig, load_train_config
 from dr_pipeline.train.data import StreamState, TrainStream
 from dr_pipeline.train.distributed import DistEnv, all_gather_ints, mean_across_ranks, setup, teardown
 from dr_pipeline.train.loss import KINDS, DistillClipLoss
 from dr_pipeline.train.metrics import MetricsLog
 from dr_pipeline.train.sources import DataPlan, plan_data
-from dr_pipeline.train.students import Student, build_student, resolve_spec
+from dr_pipeline.train.students import Student, build_student, init_from, resolve_spec, weights_of
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +113,20 @@ class Trainer:
         self.loss_fn = DistillClipLoss(
             self.scales, cfg.loss.lam, cfg.loss.gt_weight, syn_weight, cfg.loss.local_loss, cfg.loss.kd_form
         )
-        self.student: Student = build_student(self.spec, seed=cfg.seed).to(env.device)
+        path = ckpt.resolve(resume if resume not in (None, "latest") else cfg.out_dir) if resume else None
+        if resume and resume != "latest" and path is None:
+            raise ConfigError(f"--resume {resume}: no checkpoint there")
+        self.student: Student = build_student(self.spec, seed=cfg.seed)
+        self.caption_loss = self._caption_setup(fresh=path is None)
+        if path is None and cfg.student.init_from:
+            init_from(self.student, cfg.student.init_from, cfg.student.init_keys)
+        self.student.to(env.device)
         if cfg.student.grad_checkpointing:
             self.student.set_grad_checkpointing(True)
         self.ema = self._new_ema() if cfg.optim.ema_decay else None
         o = cfg.optim
         self.optimizer = make_optimizer(self.student, o)
         self.step, state = 0, StreamState()
-        path = ckpt.resolve(resume if resume not in (None, "latest") else cfg.out_dir) if resume else None
-        if resume and resume != "latest" and path is None:
-            raise ConfigError(f"--resume {resume}: no checkpoint there")
         if path is not None:
             state = self._load(path)
         elif resume == "latest":
@@ -156,6 +161,27 @@ class Trainer:
             self.eval_data = load_eval_data(cfg.eval.data, limit=cfg.eval.limit)
             if not self.eval_data.pairs and not self.eval_data.tasks:
                 raise ConfigError(f"eval.data {cfg.eval.data}: no labelled images and no image-caption pairs")
+
+    def _caption_setup(self, fresh: bool) -> CaptionLoss | None:
+        """``loss.caption_weight``: the CoCa caption loss; on a fresh start, the decoder's init
+        (seeded from the run's seed) with the columns outside ``loss.caption_vocab`` zeroed."""
+        lc = self.cfg.loss
+        if not lc.caption_weight:
+            return None
+        model = weights_of(self.student)
+        if not is_coca(model):
+            raise ConfigError(f"loss.caption_weight needs a CoCa student (student.arch {self.cfg.student.arch!r})")
+        if lc.gt_weight == 0:
+            raise ConfigError("loss.caption_weight: the caption loss is on the GT captions, so gt_weight must be > 0")
+        n_vocab = model.text_decoder.text_projection.shape[1]
+        if lc.caption_vocab is not None and max(lc.caption_vocab) >= n_vocab:
+            raise ConfigError(f"loss.caption_vocab: token ids must be < {n_vocab}")
+        if fresh:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed + 1)
+                vocab = None if lc.caption_vocab is None else torch.tensor(lc.caption_vocab)
+                init_decoder(model, vocab)
+        return CaptionLoss(n_vocab, lc.caption_vocab)
 
     def _new_ema(self) -> Student:
         ema = copy.deepcopy(self.student)
@@ -205,11 +231,28 @@ class Trainer:
         return images, text, teachers
 
     def _features(self, images: torch.Tensor, text: torch.Tensor):
-        """(image features [b, d], {kind: text features [b, d]}, logit scale)."""
-        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            img_f, txt_f, scale = self.model(images, text)
+        """(image features [b, d], {kind: text features [b, d]}, logit scale); with the caption
+        loss also the decoder's hidden states of the GT captions (the first b text rows)."""
         b = images.shape[0]
-        return img_f, {c: txt_f[i * b : (i + 1) * b] for i, c in enumerate(self.loss_fn.kinds())}, scale
+        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = (
+                self.model(images, text, caption_rows=b) if self.caption_loss is not None else self.model(images, text)
+            )
+        img_f, txt_f, scale = out[:3]
+        feats = img_f, {c: txt_f[i * b : (i + 1) * b] for i, c in enumerate(self.loss_fn.kinds())}, scale
+        return (*feats, out[3]) if self.caption_loss is not None else feats
+
+    def _loss(self, images: torch.Tensor, text: torch.Tensor, teachers: dict) -> dict[str, torch.Tensor]:
+        """The loss parts of one (micro-)batch: ``DistillClipLoss``'s, plus the caption loss."""
+        feats = self._features(images, text)
+        parts = self.loss_fn(*feats[:3], teachers)
+        if self.caption_loss is not None:
+            with torch.autocast(self.env.device.type, enabled=False):
+                labels = text[: images.shape[0], 1:]  # GT tokens: kinds()[0] is "gt"
+                cap = self.caption_loss(weights_of(self.student), feats[3].float(), labels)
+            parts["caption_loss"] = cap
+            parts["loss"] = parts["loss"] + self.cfg.loss.caption_weight * cap
+        return parts
 
     def train_step(self, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
         """One optimizer step on a batch, or on a list of micro-batches (gradient accumulation)."""
@@ -217,9 +260,7 @@ class Trainer:
         inputs = [self._inputs(b) for b in micro]
         self.optimizer.zero_grad(set_to_none=True)
         if len(micro) == 1:
-            images, text, teachers = inputs[0]
-            img_f, txt_f, scale = self._features(images, text)
-            parts = self.loss_fn(img_f, txt_f, scale, teachers)
+            parts = self._loss(*inputs[0])
             parts["loss"].backward()
         else:
             parts = self._accumulate(inputs)
@@ -315,7 +356,9 @@ class Trainer:
         self.metrics.append(row)
         for lg in self.loggers:
             lg.log({k: v for k, v in row.items() if k != "step"}, self.step)
-        parts_txt = " ".join(f"{k} {values[k]:.4f}" for k in ("contrastive_loss", "distill_loss") if k in values)
+        parts_txt = " ".join(
+            f"{k} {values[k]:.4f}" for k in ("contrastive_loss", "distill_loss", "caption_loss") if k in values
+        )
         print(
             f"step {self.step}/{self.cfg.steps} | loss {values['loss']:.4f} ({parts_txt}) | lr {lr:.3g} | "
             f"scale {row['logit_scale']:.1f} | {samples_per_s:.1f} samples/s | epoch {state.epoch} | "

@@ -47,7 +47,7 @@ from dr_pipeline.shards.schema import image_col, layout_from_metadata, read_meta
 from dr_pipeline.train.config import DataConfig
 
 log = logging.getLogger(__name__)
-PARQUET, DATACOMPDR = "parquet", "datacompdr"
+PARQUET, DATACOMPDR, BASE = "parquet", "datacompdr", "base"  # BASE: data.reinforced null
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ShardPair:
     name: str
     base_url: str
     reinf_url: str
-    kind: str  # PARQUET | DATACOMPDR
+    kind: str  # PARQUET | DATACOMPDR | BASE (no reinforcement shard: reinf_url "")
     source: int = 0  # index into DataPlan.sources (0: data.reinforced)
     visit: int = 0  # which copy of the shard within its epoch (upsampled sources)
 
@@ -158,6 +158,17 @@ def _source_pairs(cfg, so: dict) -> tuple[list[tuple[str, str, str]], str, tuple
     names. ``cfg``: the DataConfig or a SourceConfig (reinforced, base, exclude_shards)."""
     job = None
     src = cfg.reinforced
+    if src is None:  # the base corpus alone
+        try:
+            base_urls = expand_urls(cfg.base, so)
+        except ShardReadError as e:
+            raise ConfigError(f"data.base: {e}") from None
+        named = sorted((shard_name(u), u) for u in base_urls if shard_name(u) not in cfg.exclude_shards)
+        if len({n for n, _ in named}) != len(named):
+            raise ConfigError("data.base: two shards with the same name")
+        if not named:
+            raise ConfigError(f"data.base: no shards left after exclude_shards ({len(base_urls)} found)")
+        return [(n, u, "") for n, u in named], BASE, (), ()
     if isinstance(src, str) and _is_dataset_dir(src, so):
         reinf_urls, job = _dataset_dir(src, so)
         if not reinf_urls:
@@ -208,6 +219,8 @@ def _source_layout(
     cfg: DataConfig, kind: str, first_reinf_url: str, so: dict
 ) -> tuple[tuple[TeacherInfo, ...], AugSpec, tuple[str, ...] | None]:
     """A source's teachers (all, in data order), augmentation spec and captioners."""
+    if kind == BASE:  # fresh views drawn with foreign_aug's spec; no teachers, no captioners
+        return (), cfg.foreign_aug, None
     if kind == PARQUET:
         meta = _read_parquet_meta(first_reinf_url, so)
         all_t = tuple(TeacherInfo(t["id"], int(t["dim"]), float(t.get("logit_scale", 100.0))) for t in meta["teachers"])
@@ -354,9 +367,12 @@ class Entry:
 class ShardIndex:
     entries: dict[str, Entry | Pending]  # join key -> entry, in shard order (Pending: lazy=True)
     error: str | None = None  # the shard (or its tail) could not be read
+    base_only: bool = False  # no reinforcement shard: every base record trains on its own caption
 
     def get(self, key: str) -> Entry | None:
         """The entry of ``key``, built now if it is still pending."""
+        if self.base_only:
+            return Entry(key=key)
         e = self.entries.get(key)
         if isinstance(e, Pending):
             e = self.entries[key] = e.make()
@@ -382,6 +398,8 @@ def load_index(
     lazy: bool = False,
 ) -> ShardIndex:
     """``lazy``: Parquet rows stay ``Pending`` until ``ShardIndex.get`` (the same entries)."""
+    if pair.kind == BASE:
+        return ShardIndex({}, base_only=True)
     so = storage_options or {}
     entries: dict[str, Entry | Pending] = {}
     src = plan.source(pair)

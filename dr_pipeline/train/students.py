@@ -303,6 +303,19 @@ class OpenClipStudent(Student):
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.clip.encode_text(tokens, normalize=normalize)
 
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, caption_rows: int = 0):
+        """As ``Student.forward``; with ``caption_rows`` > 0 (a CoCa) also the decoder's hidden
+        states of the first ``caption_rows`` texts, teacher-forced on their images
+        ([caption_rows, L - 1, width]; ``train/coca.py`` turns them into the caption loss)."""
+        if not caption_rows:
+            return super().forward(images, tokens)
+        from dr_pipeline.train.coca import decoder_hidden
+
+        img_latent, img_tokens = self.clip._encode_image(self.preprocess(images))
+        txt_latent, token_embs = self.clip._encode_text(tokens)
+        hidden = decoder_hidden(self.clip, img_tokens, token_embs[:caption_rows, :-1])
+        return img_latent, txt_latent, self.logit_scale.exp(), hidden
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.clip.set_grad_checkpointing(enable)
 
@@ -312,6 +325,38 @@ class OpenClipStudent(Student):
         m = copy.deepcopy(self).eval()
         m.clip = reparameterize_model(m.clip, inplace=True)
         return m
+
+
+def weights_of(student: Student) -> nn.Module:
+    """The module whose state dict has open_clip's names (an open_clip student's model)."""
+    return student.clip if isinstance(student, OpenClipStudent) else student
+
+
+def init_from(student: Student, path: str, keys: str = ".*") -> list[str]:
+    """Copy the tensors of checkpoint ``path`` (safetensors, or a torch state dict / open_clip
+    checkpoint) whose names ``re.match(keys)`` and whose shapes match into the student
+    (``student.init_from``); returns the copied names. None copied is an error."""
+    import re
+
+    from dr_pipeline.config import ConfigError
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        src = load_file(path)
+    else:
+        src = torch.load(path, map_location="cpu", weights_only=True)
+        src = src.get("state_dict", src) if isinstance(src, dict) else {}
+        src = {k.removeprefix("module."): v for k, v in src.items() if isinstance(v, torch.Tensor)}
+    target = weights_of(student)
+    own = target.state_dict()
+    copied = {
+        k: v.to(own[k].dtype) for k, v in src.items() if re.match(keys, k) and k in own and v.shape == own[k].shape
+    }
+    if not copied:
+        raise ConfigError(f"student.init_from {path}: no tensor matches init_keys {keys!r} by name and shape")
+    target.load_state_dict(copied, strict=False)
+    return sorted(copied)
 
 
 def build_student(spec: StudentSpec, seed: int | None = None) -> Student:

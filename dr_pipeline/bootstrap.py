@@ -526,9 +526,9 @@ def bootstrap(
         # Two phases: the teachers, then the captioner (its image tower starts from a trained teacher's).
         phases = [[t for t in tasks if t[0] == "teacher"], [t for t in tasks if t[0] == "captioner"]]
         print(f"bootstrap: training {len(tasks)} model(s), {cfg.jobs} at a time", file=sys.stderr, flush=True)
-        # One thread per model: these small matrices do not pay for a second thread (the captioner
-        # on two threads ran at 0.39 s a step, on one at 0.27). The thread count is part of the
-        # run's identity (float sums); bootstrap.json records it.
+        # One thread per model, as the committed checkpoints were trained: the thread count is
+        # part of the run's identity (float sums); bootstrap.json records it. (The captioner alone
+        # would gain from the idle core: 0.39 s a step on two threads against 0.46 on one.)
         threads = {t[1].id: 1 for t in tasks}
         results = [
             r for phase in phases if phase for r in pool_map(_worker, [(*t, threads[t[1].id]) for t in phase], cfg.jobs)

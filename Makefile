@@ -37,7 +37,7 @@ reproduce: $(STAMP)
 	$(DR) reproduce --config jobs/configs/reproduce.yaml
 
 # Regenerate the committed teachers (teachers/synthetic/: checkpoints, SHA256SUMS, bootstrap.json;
-# ~53 min on 2 CPUs, bit-identical on the same machine type and thread counts).
+# ~63 min on 2 CPUs, bit-identical on the same machine type and thread counts).
 bootstrap: $(STAMP)
 	$(DR) bootstrap teachers/synthetic.yaml
 

@@ -165,7 +165,7 @@ def train_config(
 ) -> TrainConfig:
     """The ``dr train`` config of one model: the clean corpus alone, centre views, GT captions,
     the CLIP loss (+ the CoCa caption loss over ``vocab`` for a captioner), on the CPU."""
-    from dr_pipeline.train.config import DataConfig, LossConfig, OptimConfig, StudentConfig, TrainConfig
+    from dr_pipeline.train.config import DataConfig, LossConfig, OptimConfig, StudentConfig
 
     steps = cfg.clip_steps if kind == "teacher" else cfg.coca_steps
     captioner = kind == "captioner"

@@ -78,6 +78,7 @@ def cmd_bootstrap(a: argparse.Namespace) -> int:
         for k, v in (
             ("seed", a.seed),
             ("n_train", a.n_train),
+            ("per_shard", a.per_shard),
             ("clip_steps", a.clip_steps),
             ("coca_steps", a.coca_steps),
             ("batch_size", a.batch_size),
@@ -351,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ensemble", nargs="?", default="teachers/synthetic.yaml", help="ensemble file")
     s.add_argument("--seed", type=int)
     s.add_argument("--n-train", type=int, help="clean-split images (default 12000)")
+    s.add_argument("--per-shard", type=int, help="clean-split scenes per shard (default 32)")
     s.add_argument("--clip-steps", type=int, help="steps per CLIP teacher")
     s.add_argument("--coca-steps", type=int, help="captioner steps")
     s.add_argument("--batch-size", type=int, help="training batch size")

@@ -153,6 +153,16 @@ def _select(kind: str, have: list[str], want: tuple[str, ...] | None) -> tuple[s
     return tuple(want)
 
 
+def _by_name(urls: list[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for u in urls:
+        n = shard_name(u)
+        if n in out:
+            raise ConfigError(f"{what}: two shards named {n!r} ({out[n]}, {u})")
+        out[n] = u
+    return out
+
+
 def _source_pairs(cfg, so: dict) -> tuple[list[tuple[str, str, str]], str, tuple[str, ...], tuple[str, ...]]:
     """One source's (name, base url, reinforcement url) pairs, kind, base-only and reinforced-only
     names. ``cfg``: the DataConfig or a SourceConfig (reinforced, base, exclude_shards)."""
@@ -163,12 +173,11 @@ def _source_pairs(cfg, so: dict) -> tuple[list[tuple[str, str, str]], str, tuple
             base_urls = expand_urls(cfg.base, so)
         except ShardReadError as e:
             raise ConfigError(f"data.base: {e}") from None
-        named = sorted((shard_name(u), u) for u in base_urls if shard_name(u) not in cfg.exclude_shards)
-        if len({n for n, _ in named}) != len(named):
-            raise ConfigError("data.base: two shards with the same name")
-        if not named:
-            raise ConfigError(f"data.base: no shards left after exclude_shards ({len(base_urls)} found)")
-        return [(n, u, "") for n, u in named], BASE, (), ()
+        b = _by_name(base_urls, "data.base")
+        names = sorted(set(b) - set(cfg.exclude_shards))
+        if not names:
+            raise ConfigError(f"data.base: no shards left after exclude_shards ({len(b)} found)")
+        return [(n, b[n], "") for n in names], BASE, (), ()
     if isinstance(src, str) and _is_dataset_dir(src, so):
         reinf_urls, job = _dataset_dir(src, so)
         if not reinf_urls:
@@ -196,16 +205,7 @@ def _source_pairs(cfg, so: dict) -> tuple[list[tuple[str, str, str]], str, tuple
     except ShardReadError as e:
         raise ConfigError(f"data.base: {e}") from None
 
-    def by_name(urls: list[str], what: str) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for u in urls:
-            n = shard_name(u)
-            if n in out:
-                raise ConfigError(f"{what}: two shards named {n!r} ({out[n]}, {u})")
-            out[n] = u
-        return out
-
-    b, r = by_name(base_urls, "data.base"), by_name(reinf_urls, "data.reinforced")
+    b, r = _by_name(base_urls, "data.base"), _by_name(reinf_urls, "data.reinforced")
     names = sorted((set(b) & set(r)) - set(cfg.exclude_shards))
     if not names:
         raise ConfigError(

@@ -3,6 +3,7 @@ form equals the full one, and ``student.init_from`` copies exactly the matching 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,7 @@ def test_trainer_trains_a_coca_student_from_a_clip_trunk(tmp_path):
         teardown(env)
     res = train(cfg)
     assert res.step == 2 and res.samples >= 16 and not res.skipped
-    rows = [r for r in map(__import__("json").loads, open(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
+    rows = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
     assert len(rows) == 2 and all(r["caption_loss"] > 0 for r in rows)
     assert rows[0]["loss"] == pytest.approx(rows[0]["contrastive_loss"] + 2.0 * rows[0]["caption_loss"], rel=1e-5)
     assert "model" in ckpt.load_checkpoint(res.checkpoint)

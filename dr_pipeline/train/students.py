@@ -338,16 +338,11 @@ def init_from(student: Student, path: str, keys: str = ".*") -> list[str]:
     (``student.init_from``); returns the copied names. None copied is an error."""
     import re
 
+    from open_clip.factory import load_state_dict  # safetensors or torch; "state_dict", "module." handled
+
     from dr_pipeline.config import ConfigError
 
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        src = load_file(path)
-    else:
-        src = torch.load(path, map_location="cpu", weights_only=True)
-        src = src.get("state_dict", src) if isinstance(src, dict) else {}
-        src = {k.removeprefix("module."): v for k, v in src.items() if isinstance(v, torch.Tensor)}
+    src = {k: v for k, v in load_state_dict(path, weights_only=True).items() if isinstance(v, torch.Tensor)}
     target = weights_of(student)
     own = target.state_dict()
     copied = {
